@@ -1,0 +1,125 @@
+"""The forward process on a quarter circle, and the discrete schedules expressed on its angle.
+
+x_eta = cos(eta) x0 + sin(eta) eps, eta in [0, pi/2]: eta = 0 is data, eta = pi/2 is pure noise.
+In the usual VP notation alpha = cos(eta), sigma = sin(eta), alpha_bar = cos^2(eta), and the
+half log-SNR used by DPM-Solver is lambda = log(alpha / sigma) = log(cot(eta)).
+
+Every function here is a plain function over tensors; none holds state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+ETA_MAX = math.pi / 2
+
+
+def expand_like(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-sample vector (B,) so it broadcasts against a batch x of shape (B, ...)."""
+    return v.reshape(v.shape[0], *([1] * (x.dim() - 1)))
+
+
+def q_sample(x0: torch.Tensor, eps: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
+    """x_eta = cos(eta) x0 + sin(eta) eps, with eta one value per sample."""
+    c, s = expand_like(torch.cos(eta), x0), expand_like(torch.sin(eta), x0)
+    return c * x0 + s * eps
+
+
+def velocity(x0: torch.Tensor, eps: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
+    """v = dx/deta = -sin(eta) x0 + cos(eta) eps: the ODE's right-hand side for given (x0, eps)."""
+    c, s = expand_like(torch.cos(eta), x0), expand_like(torch.sin(eta), x0)
+    return -s * x0 + c * eps
+
+
+def log_snr_half(eta: torch.Tensor) -> torch.Tensor:
+    """lambda = log(cot(eta)); -inf at eta = pi/2 and +inf at eta = 0 (DPM-Solver's time)."""
+    return torch.log(torch.cos(eta)) - torch.log(torch.sin(eta))
+
+
+def eta_from_alpha_bar(alpha_bar: torch.Tensor) -> torch.Tensor:
+    """The angle of a VP schedule's alpha_bar: eta = arccos(sqrt(alpha_bar))."""
+    return torch.arccos(torch.sqrt(alpha_bar.clamp(0.0, 1.0)))
+
+
+def alpha_bar_from_eta(eta: torch.Tensor) -> torch.Tensor:
+    return torch.cos(eta) ** 2
+
+
+def betas_from_alpha_bar(alpha_bar: torch.Tensor, max_beta: float = 0.999) -> torch.Tensor:
+    """beta_t = 1 - alpha_bar_t / alpha_bar_{t-1} for t = 1..T (alpha_bar_0 = 1), clipped where it
+    reaches 1 (the last angle step ends at alpha_bar = 0, which would make beta_T exactly 1)."""
+    prev = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
+    return (1.0 - alpha_bar / prev).clamp(max=max_beta)
+
+
+def alpha_bar_from_betas(betas: torch.Tensor) -> torch.Tensor:
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def angle_etas(T: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The discrete angle schedule: eta_t = (t / T)(pi / 2) for t = 0..T (T + 1 values)."""
+    return torch.arange(T + 1, dtype=dtype) / T * ETA_MAX
+
+
+def angle_alpha_bar(T: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """alpha_bar_t = cos^2(eta_t) for t = 1..T."""
+    return alpha_bar_from_eta(angle_etas(T, dtype)[1:])
+
+
+def angle_betas(T: int, max_beta: float = 0.999, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """beta_t = 1 - cos^2(eta_t) / cos^2(eta_{t-1}) for t = 1..T, clipped at max_beta."""
+    return betas_from_alpha_bar(angle_alpha_bar(T, dtype), max_beta)
+
+
+def linear_betas(
+    T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """DDPM's linear-beta VP schedule, beta_t for t = 1..T."""
+    return torch.linspace(beta_start, beta_end, T, dtype=dtype)
+
+
+def scaled_linear_betas(
+    T: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """The 'scaled_linear' schedule (linear in sqrt(beta)) used by latent diffusion models."""
+    return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=dtype) ** 2
+
+
+def cosine_alpha_bar(T: int, s: float = 0.008, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Nichol & Dhariwal's cosine schedule (alpha_bar_t for t = 1..T, with beta capped at 0.999)."""
+    t = torch.arange(T + 1, dtype=dtype) / T
+    f = torch.cos((t + s) / (1 + s) * ETA_MAX) ** 2
+    betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    return alpha_bar_from_betas(betas)
+
+
+def linear_etas(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """The linear-beta schedule as an angle per discrete t = 1..T, so an eps model trained on it
+    lives on the same eta axis as the angle schedule."""
+    return eta_from_alpha_bar(alpha_bar_from_betas(linear_betas(T, beta_start, beta_end)))
+
+
+def eta_to_timestep(eta: torch.Tensor, etas: torch.Tensor) -> torch.Tensor:
+    """Fractional index into an increasing table of angles (etas[k] for timestep k), linear
+    between entries and clamped to [0, len - 1]: how a discrete-time network is asked about an
+    angle it never saw during training."""
+    etas = etas.to(eta.device, torch.float64)
+    e = eta.to(torch.float64).clamp(etas[0], etas[-1])
+    hi = torch.searchsorted(etas, e).clamp(1, len(etas) - 1)
+    lo = hi - 1
+    w = (e - etas[lo]) / (etas[hi] - etas[lo]).clamp_min(1e-20)
+    return (lo.to(torch.float64) + w).to(eta.dtype)
+
+
+def uniform_eta_grid(steps: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The default sampling grid: steps + 1 angles from pi/2 down to 0, uniform in eta."""
+    return torch.linspace(ETA_MAX, 0.0, steps + 1, dtype=dtype)
+
+
+def grid_eta(i: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """eta at index i of a uniform grid with `steps` steps, for per-sample (i, steps) vectors.
+    Same values as uniform_eta_grid, computed without materialising a grid per sample."""
+    i64, n64 = i.to(torch.float64), steps.to(torch.float64)
+    return ETA_MAX * (1.0 - i64 / n64)

@@ -1,0 +1,12 @@
+import subprocess
+import sys
+
+
+def test_model_imports_no_web_or_queue_package():
+    code = (
+        "import sys, model, model.solvers, model.registry, model.loss, model.format, model.unet;"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'fastapi','starlette','uvicorn','redis','rq','httpx','prometheus_client'});"
+        "print(','.join(bad)); sys.exit(1 if bad else 0)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, f"model imports web/queue packages: {r.stdout} {r.stderr}"

@@ -1,0 +1,73 @@
+import math
+
+import torch
+
+from model import schedule as S
+
+
+def test_angle_schedule_identities():
+    T = 1000
+    etas = S.angle_etas(T)
+    assert etas[0] == 0 and torch.isclose(etas[-1], torch.tensor(math.pi / 2, dtype=torch.float64))
+    ab = S.angle_alpha_bar(T)
+    assert torch.allclose(ab, torch.cos(etas[1:]) ** 2)
+    betas = S.angle_betas(T)
+    # beta_t = 1 - cos^2(eta_t) / cos^2(eta_{t-1}); the last one reaches 1 and is clipped
+    expected = 1 - torch.cos(etas[1:]) ** 2 / torch.cos(etas[:-1]) ** 2
+    assert torch.allclose(betas[:-1], expected[:-1])
+    assert expected[-1] == 1.0 and betas[-1] == 0.999
+    # cumprod(1 - beta) gives alpha_bar back wherever no clipping happened
+    assert torch.allclose(S.alpha_bar_from_betas(betas)[:-1], ab[:-1], rtol=1e-9, atol=1e-12)
+    assert (betas[1:] >= betas[:-1]).all(), "angle betas increase with t"
+
+
+def test_eta_round_trips():
+    eta = torch.linspace(0, math.pi / 2, 101, dtype=torch.float64)
+    assert torch.allclose(S.eta_from_alpha_bar(S.alpha_bar_from_eta(eta)), eta, atol=1e-7)
+    ab = torch.linspace(0, 1, 101, dtype=torch.float64)
+    assert torch.allclose(S.alpha_bar_from_eta(S.eta_from_alpha_bar(ab)), ab, atol=1e-12)
+
+
+def test_linear_beta_schedule_on_eta_axis():
+    betas = S.linear_betas(1000)
+    assert torch.isclose(betas[0], torch.tensor(1e-4, dtype=torch.float64)) and torch.isclose(betas[-1], torch.tensor(0.02, dtype=torch.float64))
+    etas = S.linear_etas(1000)
+    ab = S.alpha_bar_from_betas(betas)
+    assert etas.shape == (1000,)
+    assert (etas[1:] > etas[:-1]).all()
+    assert torch.allclose(torch.cos(etas) ** 2, ab)
+    # DDPM's alpha_bar_T is about 4e-5: the linear schedule stops short of pi/2
+    assert 1.55 < etas[-1] < math.pi / 2
+    assert torch.isclose(ab[-1], torch.tensor(4.04e-5, dtype=torch.float64), rtol=0.02)
+
+
+def test_eta_to_timestep_interpolates_and_clamps():
+    etas = S.linear_etas(1000)
+    t = S.eta_to_timestep(etas[[0, 10, 999]], etas)
+    assert torch.allclose(t, torch.tensor([0.0, 10.0, 999.0], dtype=torch.float64))
+    mid = (etas[10] + etas[11]) / 2
+    assert abs(S.eta_to_timestep(mid[None], etas).item() - 10.5) < 1e-6
+    out = S.eta_to_timestep(torch.tensor([0.0, math.pi / 2], dtype=torch.float64), etas)
+    assert out.tolist() == [0.0, 999.0]
+
+
+def test_grid_eta_matches_uniform_grid():
+    for steps in (1, 7, 50):
+        grid = S.uniform_eta_grid(steps)
+        i = torch.arange(steps + 1)
+        assert torch.allclose(S.grid_eta(i, torch.full_like(i, steps)), grid)
+        assert grid[0] == math.pi / 2 and grid[-1] == 0
+
+
+def test_forward_process_and_velocity():
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    eta = torch.tensor([0.0, 0.3, 1.0, math.pi / 2])
+    x = S.q_sample(x0, eps, eta)
+    assert torch.allclose(x[0], x0[0]) and torch.allclose(x[3], eps[3], atol=1e-6)
+    # v is the derivative of x along eta
+    h = 1e-3
+    dx = (S.q_sample(x0, eps, eta + h) - S.q_sample(x0, eps, eta - h)) / (2 * h)
+    assert torch.allclose(S.velocity(x0, eps, eta), dx, atol=1e-3)
+    lam = S.log_snr_half(torch.tensor([math.pi / 4]))
+    assert abs(lam.item()) < 1e-6
