@@ -1,0 +1,116 @@
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model.data import DataError, load_cifar10, load_images, load_mnist, read_idx
+from model.format import load_model
+from model.train import TrainingError, TrainSettings, Trainer, train
+
+
+def blobs(n=64, size=8, seed=0) -> torch.Tensor:
+    """Made-up data: a bright square at a random place on a dark background (uint8, 1 channel)."""
+    g = torch.Generator().manual_seed(seed)
+    img = torch.zeros(n, 1, size, size, dtype=torch.uint8)
+    pos = torch.randint(0, size - 3, (n, 2), generator=g)
+    for k, (i, j) in enumerate(pos.tolist()):
+        img[k, 0, i : i + 3, j : j + 3] = 255
+    return img
+
+
+def settings(tmp_path, **kw) -> TrainSettings:
+    base = dict(config="tiny", data="made-up", out=str(tmp_path / "run"), steps=6, batch=8, lr=2e-3, warmup=2,
+                checkpoint_every=3, seed=0)
+    base.update(kw)
+    return TrainSettings(**base)
+
+
+@pytest.mark.parametrize("objective", ["dual", "eps", "x0"])
+def test_loss_falls(tmp_path, objective):
+    torch.manual_seed(0)
+    trainer = Trainer(settings(tmp_path, objective=objective, batch=16, lr=3e-3, warmup=5), images=blobs(256))
+    losses = [trainer.train_step() for _ in range(50)]
+    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
+    assert last < 0.7 * first, (objective, first, last)
+
+
+def test_resume_is_bit_exact(tmp_path):
+    data = blobs()
+    straight = train(settings(tmp_path / "a", steps=6), progress=False, images=data)
+    train(settings(tmp_path / "b", steps=3), progress=False, images=data)
+    resumed = train(settings(tmp_path / "b", steps=6), resume=True, progress=False, images=data)
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # and the exported folder is a servable model with the training facts
+    m = load_model(resumed)
+    assert m.config["training"]["steps"] == 6 and m.config["prediction"] == "x0_eps"
+
+
+def test_resume_refuses_changed_settings(tmp_path):
+    train(settings(tmp_path, steps=3), progress=False, images=blobs())
+    with pytest.raises(TrainingError, match="lr: checkpoint 0.002, now 0.001"):
+        train(settings(tmp_path, steps=6, lr=1e-3), resume=True, progress=False, images=blobs())
+    with pytest.raises(TrainingError, match="already holds a checkpoint"):
+        train(settings(tmp_path, steps=6), progress=False, images=blobs())
+
+
+def write_idx(path, arr: np.ndarray, gz: bool):
+    header = struct.pack(">HBB", 0, 8, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    data = header + arr.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if gz else data)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_mnist_idx_loader(tmp_path, gz):
+    imgs = np.random.default_rng(0).integers(0, 256, (5, 28, 28))
+    suffix = ".gz" if gz else ""
+    write_idx(tmp_path / f"t10k-images-idx3-ubyte{suffix}", imgs, gz)
+    write_idx(tmp_path / f"t10k-labels-idx1-ubyte{suffix}", np.arange(5), gz)
+    x, y = load_mnist(tmp_path)
+    assert x.shape == (5, 1, 28, 28) and x.dtype == torch.uint8
+    assert np.array_equal(x[:, 0].numpy(), imgs) and y.tolist() == [0, 1, 2, 3, 4]
+    assert load_images(tmp_path, 32, 1).shape == (5, 1, 32, 32)  # resized to a config's size
+
+
+def test_bad_data_gives_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="no such file or folder"):
+        load_images(tmp_path / "missing", 28, 1)
+    bad = tmp_path / "t10k-images-idx3-ubyte"
+    write_idx(bad, np.zeros((4, 28, 28)), gz=False)
+    bad.write_bytes(bad.read_bytes()[:-100])
+    with pytest.raises(DataError, match="promises 3136 bytes"):
+        read_idx(bad)
+    bad.write_bytes(b"\x1f\x8b garbage")
+    with pytest.raises(DataError, match="corrupt gzip"):
+        read_idx(bad)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        load_images(tmp_path / "empty", 28, 1)
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "a.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="a.png: cannot read image"):
+        load_images(tmp_path / "pics", 28, 1)
+    with pytest.raises(TrainingError, match="unknown objective"):
+        Trainer(settings(tmp_path, objective="v"), images=blobs())
+
+
+def test_image_folder_and_cifar_binary(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(tmp_path / "imgs" / "r.png")
+    Image.new("RGB", (30, 30), (0, 0, 255)).save(tmp_path / "imgs" / "b.jpg")
+    x = load_images(tmp_path / "imgs", 16, 3)
+    assert x.shape == (2, 3, 16, 16)
+    assert x[1, 0].float().mean() > 200 and x[0, 2].float().mean() > 200  # b.jpg sorts first
+    rec = np.zeros((3, 3073), dtype=np.uint8)
+    rec[:, 0] = [1, 2, 3]
+    rec[:, 1:] = 7
+    (tmp_path / "cifar").mkdir()
+    (tmp_path / "cifar" / "data_batch_1.bin").write_bytes(rec.tobytes())
+    imgs, labels = load_cifar10(tmp_path / "cifar")
+    assert imgs.shape == (3, 3, 32, 32) and labels.tolist() == [1, 2, 3] and int(imgs.max()) == 7
