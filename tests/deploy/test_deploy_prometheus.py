@@ -44,7 +44,7 @@ LABEL_VALUES = {
 }
 STATUS_VALUES = {
     "arcdiff_http_requests": ["200", "202", "429", "500"],
-    "arcdiff_generation_requests": ["200", "202", "429"],
+    "arcdiff_generation_requests": ["queued", "finished", "failed"],
     "arcdiff_worker_jobs": ["finished", "failed"],
 }
 
