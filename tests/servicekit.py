@@ -1,0 +1,193 @@
+"""Helpers for the service and worker tests: real redis-server, real worker and API processes,
+tiny models made on the spot, and reference images computed with model.solvers.sample."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def make_models(folder: Path) -> Path:
+    """Two tiny (8x8x1) models with random weights: 'tiny' (dual head) and 'tiny-eps'."""
+    from model.configs import get_config
+    from model.format import make_config, save_model
+    from model.unet import UNet
+
+    for name, prediction, seed in (("tiny", "x0_eps", 0), ("tiny-eps", "eps", 1)):
+        torch.manual_seed(seed)
+        cfg = get_config("tiny", heads=2 if prediction == "x0_eps" else 1)
+        save_model(folder / name, UNet(cfg), make_config(name, cfg, prediction, {"steps": 0}))
+    return folder
+
+
+class RedisServer:
+    """A throwaway redis-server on a free loopback port (never the machine's 6379)."""
+
+    def __init__(self, workdir: Path):
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(workdir), "--protected-mode", "yes"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        import redis
+
+        self.client = redis.Redis(port=self.port)
+        wait_until(self._up, 10, "redis-server")
+
+    def _up(self) -> bool:
+        import redis
+
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
+        try:
+            return bool(self.client.ping())
+        except redis.ConnectionError:
+            return False
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        self.client.close()
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def child_env(model_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ARCDIFF_")}
+    env.update({"ARCDIFF_MODEL_DIR": str(model_dir), "ARCDIFF_TORCH_THREADS": "1", "ARCDIFF_LOG_LEVEL": "INFO",
+                "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    env.update(extra)
+    return env
+
+
+def start_worker(redis_url: str, model_dir: Path, log: Path, models: tuple[str, ...] = ("tiny",), max_batch: int = 8,
+                 **env: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "service.cli", "worker", "--redis", redis_url, "--max-batch", str(max_batch),
+           "--metrics-port", "0", "--device", "cpu"]
+    for m in models:
+        cmd += ["--model", m]
+    return subprocess.Popen(cmd, cwd=REPO, env=child_env(model_dir, **env), stdout=log.open("ab"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def workers_on(redis_url: str, model: str) -> int:
+    import redis
+    from rq import Queue, Worker
+
+    conn = redis.Redis.from_url(redis_url)
+    try:
+        return len(Worker.all(queue=Queue(f"arcdiff:{model}", connection=conn)))
+    finally:
+        conn.close()
+
+
+def wait_workers(redis_url: str, model: str, count: int, procs: list[subprocess.Popen], timeout: float = 90) -> None:
+    def ready() -> bool:
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"worker exited early with {p.returncode}")
+        return workers_on(redis_url, model) >= count
+
+    wait_until(ready, timeout, f"{count} worker(s) on {model}", interval=0.2)
+
+
+def start_api(port: int, model_dir: Path, log: Path, redis_url: str | None = None, **env: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--host", "127.0.0.1"]
+    if redis_url:
+        cmd += ["--redis", redis_url]
+    return subprocess.Popen(cmd, cwd=REPO, env=child_env(model_dir, **env), stdout=log.open("ab"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode
+
+
+def png_pixels(data: bytes | str) -> np.ndarray:
+    """PNG bytes (or base64) -> uint8 array; asserts nothing, returns (H, W) or (H, W, C)."""
+    raw = base64.b64decode(data) if isinstance(data, str) else data
+    with Image.open(io.BytesIO(raw)) as im:
+        im.load()
+        return np.array(im)
+
+
+def png_info(data: bytes | str) -> tuple[str, tuple[int, int]]:
+    raw = base64.b64decode(data) if isinstance(data, str) else data
+    with Image.open(io.BytesIO(raw)) as im:
+        return im.format + ":" + im.mode, im.size
+
+
+_loaded: dict[tuple[str, str], Any] = {}
+
+
+def reference(model_dir: Path, model: str, steps: int, solver: str, seed: int, n: int) -> tuple[torch.Tensor, np.ndarray]:
+    """What image k of a request must be: model.solvers.sample with per-image generators.
+
+    Returns the float samples (n, C, H, W) and the uint8 pixels (n, H, W) of one-channel models."""
+    from model.registry import ModelRegistry
+    from model.rng import image_generator, image_seed, initial_noise
+    from model.solvers import sample
+    from worker.encode import to_uint8
+
+    key = (str(model_dir), model)
+    if key not in _loaded:
+        _loaded[key] = ModelRegistry(model_dir).load(model)
+    loaded = _loaded[key]
+    gens = [image_generator(image_seed(seed, k)) for k in range(n)]
+    x_T = torch.stack([initial_noise(loaded.image_shape, g) for g in gens])
+    with torch.inference_mode():
+        x = sample(loaded.denoiser, x_T, steps, solver, generator=gens)
+    return x, to_uint8(x).numpy()[:, 0]
+
+
+def assert_images_match(images: list[dict], model_dir: Path, model: str, steps: int, solver: str, seed: int) -> None:
+    """API images (base64) equal the reference, up to one grey level (float rounding at .5)."""
+    _, want = reference(model_dir, model, steps, solver, seed, len(images))
+    for k, im in enumerate(images):
+        assert im["index"] == k and im["seed"] == (seed + k) % 2**32
+        got = png_pixels(im["png_base64"]).astype(int)
+        diff = np.abs(got - want[k].astype(int)).max()
+        assert diff <= 1, f"{solver} image {k}: differs from the reference by {diff} grey levels"

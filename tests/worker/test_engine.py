@@ -1,0 +1,201 @@
+"""The continuous-batching engine in-process, on real tiny models (no Redis, no HTTP)."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from model.registry import ModelRegistry
+from model.solvers import SOLVERS
+from servicekit import png_info, png_pixels, reference
+from worker.batch import bucket_for, bucket_sizes
+from worker.engine import Engine, GenerationFailed
+from worker.jobs import GenerationSpec
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    reg = ModelRegistry(model_dir)
+    return {name: reg.load(name) for name in ("tiny", "tiny-eps")}
+
+
+def spec(id, steps=4, solver="ddim", seed=0, n=1, model="tiny"):
+    return GenerationSpec(id=id, model=model, steps=steps, solver=solver, seed=seed, n=n, submitted_at=time.time())
+
+
+def make_engine(loaded, start=True, **kw):
+    kw.setdefault("max_batch", 8)
+    eng = Engine(loaded, worker="test", keep_samples=True, **kw)
+    return eng.start() if start else eng
+
+
+def test_buckets():
+    assert bucket_sizes(1) == [1]
+    assert bucket_sizes(8) == [1, 2, 4, 8]
+    assert bucket_sizes(12) == [1, 2, 4, 8, 12]
+    assert [bucket_for(n, bucket_sizes(12)) for n in (1, 3, 5, 9, 12)] == [1, 4, 8, 12, 12]
+    with pytest.raises(ValueError):
+        bucket_for(13, bucket_sizes(12))
+
+
+def test_every_solver_matches_the_reference_sampler(loaded, model_dir):
+    """All solvers at once in one batch (mixed steps too), each image as model.solvers.sample gives it."""
+    eng = make_engine(loaded, max_batch=16)
+    try:
+        specs = [spec(f"s{i}", steps=2 + i, solver=s, seed=100 * i, n=2) for i, s in enumerate(SOLVERS)]
+        specs.append(spec("eps", steps=3, solver="heun", seed=5, n=2, model="tiny-eps"))
+        futures = [eng.submit(s) for s in specs]
+        for s, fut in zip(specs, futures):
+            res = fut.result(120)
+            want, want_px = reference(model_dir, s.model, s.steps, s.solver, s.seed, s.n)
+            got = res.extra["samples"]
+            assert torch.allclose(got, want, atol=1e-5), f"{s.solver}: max diff {(got - want).abs().max():.2e}"
+            assert res.nfe == {"euler": 1, "heun": 2, "rk4": 4}.get(s.solver, 1) * s.steps
+            for k, im in enumerate(res.images):
+                assert (im.index, im.seed) == (k, s.seed + k)
+                assert png_info(im.png) == ("PNG:L", (8, 8))
+                assert np.abs(png_pixels(im.png).astype(int) - want_px[k].astype(int)).max() <= 1
+    finally:
+        eng.close()
+
+
+def test_same_seed_same_image_whatever_the_batch(loaded):
+    """An image depends only on its seed: alone, in a crowd, or as image k of a larger request."""
+    eng = make_engine(loaded, max_batch=8)
+    try:
+        alone = eng.submit(spec("alone", steps=6, solver="ddpm", seed=42, n=3)).result(60)
+        crowd = [eng.submit(spec(f"c{i}", steps=3 + i, solver="ddpm", seed=1000 + i, n=2)) for i in range(3)]
+        again = eng.submit(spec("again", steps=6, solver="ddpm", seed=42, n=3))
+        shifted = eng.submit(spec("shifted", steps=6, solver="ddpm", seed=44, n=1))
+        for f in crowd:
+            f.result(60)
+        again, shifted = again.result(60), shifted.result(60)
+        assert again.metrics.batch_sizes != alone.metrics.batch_sizes  # really ran in a different batch
+        a, b = alone.extra["samples"], again.extra["samples"]
+        assert torch.allclose(a, b, atol=1e-5)
+        assert torch.allclose(a[2], shifted.extra["samples"][0], atol=1e-5)  # image 2 of seed 42 = seed 44
+        assert (a[0] - a[1]).abs().max() > 0.1  # different index, different image
+    finally:
+        eng.close()
+
+
+def test_short_request_finishes_while_long_one_runs(loaded):
+    eng = make_engine(loaded, max_batch=8)
+    try:
+        long = eng.submit(spec("long", steps=400, solver="rk4", n=2))
+        wait = time.monotonic() + 30
+        while eng.status("long") != "running" and time.monotonic() < wait:
+            time.sleep(0.01)
+        short = eng.submit(spec("short", steps=2, solver="euler", n=1)).result(60)
+        assert not long.done(), "the short request waited for the long one"
+        assert short.metrics.batch_sizes == [3]  # it shared the long one's batch
+        eng.fail("long", "test is done with it")
+        with pytest.raises(GenerationFailed, match="test is done"):
+            long.result(10)
+    finally:
+        eng.close()
+
+
+def test_batch_sizes_show_shared_batches_and_forward_sees_only_buckets(loaded):
+    shapes = []
+    base = loaded["tiny"].denoiser
+
+    def forward(x, eta):
+        shapes.append(x.shape[0])
+        return base(x, eta)
+
+    eng = make_engine(loaded, start=False, max_batch=8, forwards={"tiny": forward})
+    try:
+        futs = [eng.submit(spec("a", steps=5, n=3)), eng.submit(spec("b", steps=2, n=2))]
+        eng.start()
+        a, b = (f.result(60) for f in futs)
+        assert b.metrics.batch_sizes == [5]
+        assert a.metrics.batch_sizes == [3, 5]
+        assert set(shapes) <= {1, 2, 4, 8} and 8 in shapes and 4 in shapes  # 5 -> 8, 3 -> 4
+    finally:
+        eng.close()
+
+
+def test_non_finite_sample_fails_its_job_not_the_batch(loaded, model_dir):
+    """Fault injection around the real model: row 0 (job 'bad') turns NaN at the third evaluation."""
+    base = loaded["tiny"].denoiser
+    calls = {"n": 0}
+
+    def forward(x, eta):
+        x0, eps = base(x, eta)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            x0 = x0.clone()
+            x0[0] = float("nan")
+        return x0, eps
+
+    eng = make_engine(loaded, start=False, max_batch=8, forwards={"tiny": forward})
+    try:
+        bad = eng.submit(spec("bad", steps=5, solver="ddim", seed=1, n=2))
+        good = eng.submit(spec("good", steps=5, solver="ddim", seed=9, n=2))
+        eng.start()
+        with pytest.raises(GenerationFailed, match="non-finite"):
+            bad.result(60)
+        res = good.result(60)
+        want, _ = reference(model_dir, "tiny", 5, "ddim", 9, 2)
+        assert torch.allclose(res.extra["samples"], want, atol=1e-5)
+        assert eng.held() == 0 and eng.running_images("tiny") == 0
+    finally:
+        eng.close()
+
+
+def test_timeout_fails_the_job(loaded):
+    eng = make_engine(loaded, max_batch=2)
+    try:
+        fut = eng.submit(spec("slow", steps=1000, solver="rk4", n=1), timeout_s=0.3)
+        with pytest.raises(GenerationFailed, match="timed out"):
+            fut.result(30)
+    finally:
+        eng.close()
+
+
+def test_take_back_unstarted_and_running(loaded):
+    """What a stopping worker does: unstarted jobs come back at once, running ones on take_all."""
+    eng = make_engine(loaded, max_batch=2)
+    try:
+        running = eng.submit(spec("run", steps=1000, solver="rk4", n=2))
+        queued = eng.submit(spec("wait", steps=2, n=1))
+        deadline = time.monotonic() + 30
+        while eng.status("run") != "running" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert eng.status("wait") == "queued" and not eng.has_room("tiny")
+        assert [s.id for s in eng.take_unstarted()] == ["wait"]
+        assert queued.cancelled()
+        assert [s.id for s in eng.take_all()] == ["run"]
+        assert running.cancelled()
+        assert eng.wait_idle(5)
+        deadline = time.monotonic() + 10
+        while eng.running_images("tiny") and time.monotonic() < deadline:  # rows dropped at the next tick
+            time.sleep(0.01)
+        assert eng.running_images("tiny") == 0 and eng.has_room("tiny")
+    finally:
+        eng.close()
+
+
+def test_many_concurrent_submitters(loaded):
+    """Submissions from several threads while the batch runs: every job completes exactly once."""
+    eng = make_engine(loaded, max_batch=4)
+    results = {}
+    try:
+        def submit(i):
+            results[i] = eng.submit(spec(f"t{i}", steps=1 + i % 4, solver=SOLVERS[i % len(SOLVERS)], seed=i, n=1 + i % 3))
+
+        threads = [threading.Thread(target=submit, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, fut in results.items():
+            assert len(fut.result(120).images) == 1 + i % 3
+        assert eng.held() == 0
+    finally:
+        eng.close()

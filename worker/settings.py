@@ -1,0 +1,68 @@
+"""Settings of the engine and the RQ worker, read from ARCDIFF_* environment variables.
+
+An empty variable counts as unset. Command-line flags override these (the CLI passes them as
+constructor arguments, which pydantic-settings ranks above the environment).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def split_list(value: object) -> object:
+    """'a, b,c' -> ['a', 'b', 'c'] for list settings given as one environment string."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ARCDIFF_", env_ignore_empty=True, extra="ignore")
+
+    # where jobs come from and what to serve
+    redis_url: str | None = Field(None, description="Redis URL; unset: the API runs the engine in-process")
+    model_dir: Path | None = Field(None, description="folder of model folders; unset: the bundled models")
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="models to serve (comma-separated); empty: every model in model_dir"
+    )
+
+    # the engine
+    device: str = Field("auto", description="auto, cpu, mps, cuda or cuda:N")
+    max_batch: int = Field(32, ge=1, le=1024, description="images in one network evaluation")
+    encode_threads: int = Field(2, ge=1, le=64, description="threads that PNG-encode finished images")
+    amp: Literal["none", "bf16", "fp16"] = Field("none", description="autocast dtype for the network on CUDA")
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = Field(
+        "none", description="torch.compile mode, one warm-up per batch bucket; reduce-overhead adds CUDA graphs"
+    )
+    channels_last: bool = Field(False, description="run the network in channels-last memory format")
+    torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads for the engine process")
+
+    # RQ job lifecycle
+    result_ttl_s: int = Field(3600, ge=1, description="seconds a finished generation is kept")
+    failure_ttl_s: int = Field(86400, ge=1, description="seconds a failed generation is kept")
+    job_timeout_s: int = Field(600, ge=1, description="a generation running longer than this fails")
+    heartbeat_s: int = Field(10, ge=1, description="seconds between heartbeats of the jobs a worker holds")
+    worker_ttl_s: int = Field(60, ge=5, description="a worker missing heartbeats this long is considered dead")
+    drain_timeout_s: float = Field(25.0, ge=0, description="on SIGTERM, seconds to finish running jobs before requeueing")
+    worker_name: str | None = Field(None, description="RQ worker name; unset: host.pid.random")
+    worker_metrics_port: int = Field(9101, ge=0, le=65535, description="worker's Prometheus port; 0: none")
+    log_level: str = Field("INFO", description="logging level")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, v: object) -> object:
+        return split_list(v)
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str) -> str:
+        if not DEVICE_PATTERN.match(v):
+            raise ValueError(f"device must be auto, cpu, mps, cuda or cuda:N, got {v!r}")
+        return v
