@@ -231,5 +231,6 @@ def test_dashboard_and_rule_expressions_evaluate_on_real_series(stack):
         except PromQLError as e:
             errors.append(f"{where}: {e}")
     assert not errors, "\n".join(errors)
+    print(f"dashboard queries without data after {REQUESTS} generations: {empty}")
     must = [w for w in empty if any(f"panel {t!r}" in w for t in MUST_HAVE_DATA)]
     assert not must, f"panels without data after {REQUESTS} generations: {must} (all empty: {empty})"
