@@ -4,6 +4,7 @@ tiny models made on the spot, and reference images computed with model.solvers.s
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import shutil
@@ -13,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -178,9 +179,20 @@ def reference(model_dir: Path, model: str, steps: int, solver: str, seed: int, n
     loaded = _loaded[key]
     gens = [image_generator(image_seed(seed, k)) for k in range(n)]
     x_T = torch.stack([initial_noise(loaded.image_shape, g) for g in gens])
-    with torch.inference_mode():
+    with one_thread(), torch.inference_mode():
         x = sample(loaded.denoiser, x_T, steps, solver, generator=gens)
     return x, to_uint8(x).numpy()[:, 0]
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Tiny models are all overhead: intra-op threads only fight over a busy 2-core machine."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
 
 
 def assert_images_match(images: list[dict], model_dir: Path, model: str, steps: int, solver: str, seed: int) -> None:

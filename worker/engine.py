@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from collections import deque
@@ -41,6 +42,14 @@ log = logging.getLogger("arcdiff.engine")
 
 Forward = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 PAD_ETA = math.pi / 4  # eta for padding rows: any finite value, their outputs are dropped
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class GenerationFailed(Exception):
@@ -256,6 +265,7 @@ class Engine:
     def _run(self) -> None:
         log.info("engine on %s: models %s, max batch %d, buckets %s", self.device, ", ".join(self._runners),
                  self.max_batch, self.buckets)
+        self._sample_memory()
         with torch.inference_mode():
             while True:
                 with self._cond:
@@ -289,12 +299,17 @@ class Engine:
             self._close(t, error=f"timed out after {t.timeout_s:g} s")
 
     def _sample_memory(self) -> None:
-        if self.device.type != "cuda":
-            return
+        """Device memory in use, once a second: CUDA's allocator on a GPU, the process's RSS on CPU."""
         now = time.monotonic()
-        if now >= self._next_memory_sample:
-            self._next_memory_sample = now + 1.0
-            m.DEVICE_MEMORY.labels(str(self.device)).set(torch.cuda.memory_allocated(self.device))
+        if now < self._next_memory_sample:
+            return
+        self._next_memory_sample = now + 1.0
+        if self.device.type == "cuda":
+            used = torch.cuda.memory_allocated(self.device)
+        else:
+            used = _rss_bytes()
+        if used is not None:
+            m.DEVICE_MEMORY.labels(str(self.device)).set(used)
 
     def _tick(self, r: _Runner) -> None:
         if r.dirty:

@@ -48,7 +48,7 @@ class WorkerSettings(BaseSettings):
     result_ttl_s: int = Field(3600, ge=1, description="seconds a finished generation is kept")
     failure_ttl_s: int = Field(86400, ge=1, description="seconds a failed generation is kept")
     job_timeout_s: int = Field(600, ge=1, description="a generation running longer than this fails")
-    heartbeat_s: int = Field(10, ge=1, description="seconds between heartbeats of the jobs a worker holds")
+    heartbeat_s: float = Field(10.0, gt=0, description="seconds between heartbeats of the jobs a worker holds")
     worker_ttl_s: int = Field(60, ge=5, description="a worker missing heartbeats this long is considered dead")
     drain_timeout_s: float = Field(25.0, ge=0, description="on SIGTERM, seconds to finish running jobs before requeueing")
     worker_name: str | None = Field(None, description="RQ worker name; unset: host.pid.random")

@@ -9,12 +9,17 @@ import torch
 
 from model.registry import ModelRegistry
 from model.solvers import SOLVERS
-from servicekit import png_info, png_pixels, reference
+from servicekit import one_thread, png_info, png_pixels, reference
 from worker.batch import bucket_for, bucket_sizes
 from worker.engine import Engine, GenerationFailed
 from worker.jobs import GenerationSpec
 
-torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,145 @@
+"""`arcdiff worker` processes against a real redis-server: RQ lifecycle, batching, SIGTERM drain."""
+
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import redis
+from rq import Queue, Worker
+from rq.command import send_stop_job_command
+from rq.job import Job
+from rq.registry import StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from servicekit import REPO, assert_images_match, start_worker, stop, wait_until, wait_workers
+from worker.jobs import TASK, GenerationSpec
+
+
+@pytest.fixture
+def conn(redis_url):
+    c = redis.Redis.from_url(redis_url)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def workers(redis_url, model_dir, tmp_path):
+    """Start worker processes; all are stopped (SIGKILL if need be) after the test."""
+    procs = []
+
+    def start(**env):
+        p = start_worker(redis_url, model_dir, tmp_path / f"worker{len(procs)}.log", max_batch=4, **env)
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        stop(p, signal.SIGKILL, timeout=10)
+    for i in range(len(procs)):
+        print(f"--- worker{i}.log ---\n" + (tmp_path / f"worker{i}.log").read_text()[-4000:])
+
+
+def enqueue(conn, steps, solver="rk4", seed=0, n=1, payload=None, func=TASK):
+    spec = GenerationSpec(id=uuid.uuid4().hex, model="tiny", steps=steps, solver=solver, seed=seed, n=n,
+                          submitted_at=time.time())
+    q = Queue("arcdiff:tiny", connection=conn, serializer=JSONSerializer)
+    return q.enqueue_call(func, args=(payload if payload is not None else spec.to_payload(),), job_id=spec.id,
+                          timeout=600, result_ttl=600, failure_ttl=600)
+
+
+def fetch(conn, job):
+    return Job.fetch(job.id, connection=conn, serializer=JSONSerializer)
+
+
+def status(conn, job):
+    return fetch(conn, job).get_status()
+
+
+def wait_status(conn, job, wanted, timeout=120):
+    return wait_until(lambda: status(conn, job) in wanted, timeout, f"job {job.id} to be {wanted}", interval=0.05)
+
+
+def test_jobs_share_the_batch_with_an_honest_rq_lifecycle(conn, workers, redis_url, model_dir):
+    """Short jobs join a long one's batch and finish while it runs; the long one is started (with
+    heartbeats) until RQ's stop-job command stops it; results are the reference images."""
+    w = workers(ARCDIFF_HEARTBEAT_S="0.3")
+    wait_workers(redis_url, "tiny", 1, [w])
+    long = enqueue(conn, steps=1000, solver="rk4", seed=1, n=2)
+    wait_status(conn, long, {"started"})
+    started = StartedJobRegistry("arcdiff:tiny", connection=conn)
+    assert long.id in started.get_job_ids()
+    beat = fetch(conn, long).last_heartbeat
+    shorts = [enqueue(conn, steps=3, solver=s, seed=10 + i, n=1) for i, s in enumerate(("ddim", "ddpm"))]
+    for j in shorts:
+        wait_status(conn, j, {"finished", "failed"}, timeout=60)
+        assert status(conn, j) == "finished"
+    assert status(conn, long) == "started", "short jobs waited for the long one"
+    (worker,) = Worker.all(connection=conn)
+    assert worker.get_state() == "busy" and worker.queue_names() == ["arcdiff:tiny"]
+    wait_until(lambda: fetch(conn, long).last_heartbeat > beat, 10, "a heartbeat of the running job")
+    for job, (steps, solver, seed) in zip(shorts, ((3, "ddim", 10), (3, "ddpm", 11))):
+        res = fetch(conn, job).return_value()
+        assert_images_match(res["images"], model_dir, "tiny", steps, solver, seed)
+        assert res["metrics"]["worker"] == worker.name and res["metrics"]["device"] == "cpu"
+        assert max(res["metrics"]["batch_sizes"]) >= 3, f"did not share the long job's batch: {res['metrics']}"
+    send_stop_job_command(conn, long.id)
+    wait_status(conn, long, {"stopped", "failed", "finished"}, timeout=30)
+    assert status(conn, long) == "stopped"
+    assert "stopped on request" in fetch(conn, long).latest_result().exc_string
+    assert not started.get_job_ids()
+    info = subprocess.run([sys.executable, "-m", "rq.cli", "info", "-u", redis_url, "--only-queues"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert "arcdiff:tiny" in info.stdout and "2 finished" in info.stdout, info.stdout + info.stderr
+
+
+def test_bad_jobs_fail_with_the_reason(conn, workers, redis_url):
+    w = workers()
+    wait_workers(redis_url, "tiny", 1, [w])
+    bad_steps = enqueue(conn, steps=1, payload={"id": "x"})
+    bad_func = enqueue(conn, steps=2, func="os.system")
+    good = enqueue(conn, steps=2)
+    for job in (bad_steps, bad_func, good):
+        wait_status(conn, job, {"finished", "failed"}, timeout=60)
+    assert status(conn, good) == "finished"
+    for job, reason in ((bad_steps, "missing field"), (bad_func, "expected function")):
+        assert status(conn, job) == "failed"
+        assert reason in fetch(conn, job).latest_result().exc_string
+
+
+def test_sigterm_finishes_running_jobs_and_leaves_the_rest_queued(conn, workers, redis_url):
+    w = workers(ARCDIFF_DRAIN_TIMEOUT_S="60")
+    wait_workers(redis_url, "tiny", 1, [w])
+    running = [enqueue(conn, steps=25, seed=i, n=2) for i in range(2)]  # 4 images: the batch is full
+    waiting = [enqueue(conn, steps=2, seed=10 + i) for i in range(3)]
+    for j in running:
+        wait_status(conn, j, {"started"})
+    w.send_signal(signal.SIGTERM)
+    assert w.wait(90) == 0
+    assert [status(conn, j) for j in running] == ["finished", "finished"]
+    assert [status(conn, j) for j in waiting] == ["queued"] * 3
+    assert not StartedJobRegistry("arcdiff:tiny", connection=conn).get_job_ids()
+    assert not Worker.all(connection=conn), "the stopped worker is still registered"
+
+
+def test_sigterm_mid_run_loses_no_job(conn, workers, redis_url, model_dir):
+    """Drain timeout passes while jobs still sample: they go back to the queue, in order, and another
+    worker finishes every one of them."""
+    w = workers(ARCDIFF_DRAIN_TIMEOUT_S="0.2")
+    wait_workers(redis_url, "tiny", 1, [w])
+    jobs = [enqueue(conn, steps=100, seed=i, n=2) for i in range(2)] + [enqueue(conn, steps=2, seed=10 + i) for i in range(3)]
+    for j in jobs[:2]:
+        wait_status(conn, j, {"started"})
+    w.send_signal(signal.SIGTERM)
+    assert w.wait(60) == 0
+    assert not StartedJobRegistry("arcdiff:tiny", connection=conn).get_job_ids(), "jobs left in the started state"
+    q = Queue("arcdiff:tiny", connection=conn, serializer=JSONSerializer)
+    assert q.get_job_ids() == [j.id for j in jobs], "requeued jobs lost their place"
+    w2 = workers()
+    wait_workers(redis_url, "tiny", 1, [w2])
+    for j in jobs:
+        wait_status(conn, j, {"finished", "failed"}, timeout=180)
+    assert [status(conn, j) for j in jobs] == ["finished"] * 5
+    assert_images_match(fetch(conn, jobs[0]).return_value()["images"], model_dir, "tiny", 100, "rk4", 0)

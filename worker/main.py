@@ -1,0 +1,85 @@
+"""`arcdiff worker`: load the models once, start the engine and its metrics, serve the RQ queues."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+
+import torch
+
+from model.registry import ModelRegistry
+from worker.engine import Engine
+from worker.loading import prepare_models, resolve_device
+from worker.settings import WorkerSettings
+
+log = logging.getLogger("arcdiff.worker")
+
+
+class WorkerSetupError(RuntimeError):
+    """The worker cannot start (unknown model, no Redis URL, bad device); the message says why."""
+
+
+def default_worker_name() -> str:
+    """host.pid.random: unique per process, readable in `rq info`."""
+    return f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
+
+
+def build_engine(settings: WorkerSettings, models: list[str], worker_name: str = "") -> Engine:
+    """Load `models` from the registry onto the configured device and wrap them in an engine."""
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    registry = ModelRegistry(settings.model_dir)
+    unknown = [name for name in models if name not in registry.models]
+    if unknown:
+        known = ", ".join(registry.names()) or "none"
+        raise WorkerSetupError(f"unknown model(s) {', '.join(unknown)} in {registry.root}; known: {known}")
+    if not models:
+        raise WorkerSetupError(f"no models to serve in {registry.root}")
+    device = resolve_device(settings.device)
+    prepared = prepare_models(registry, models, device, settings.max_batch, settings.amp, settings.compile,
+                              settings.channels_last)
+    return Engine(
+        {name: p.loaded for name, p in prepared.items()},
+        device=device,
+        max_batch=settings.max_batch,
+        encode_threads=settings.encode_threads,
+        worker=worker_name,
+        forwards={name: p.forward for name, p in prepared.items()},
+        job_timeout_s=settings.job_timeout_s,
+    )
+
+
+def run_worker(settings: WorkerSettings, models: list[str]) -> int:
+    """Serve the queues of `models` until stopped; returns the exit code."""
+    import redis
+    from prometheus_client import start_http_server
+
+    from worker.rq_worker import BatchingWorker
+
+    if not settings.redis_url:
+        raise WorkerSetupError("a worker needs a Redis URL: --redis URL or ARCDIFF_REDIS_URL")
+    name = settings.worker_name or default_worker_name()
+    engine = build_engine(settings, models, worker_name=name)
+    connection = redis.Redis.from_url(settings.redis_url)
+    connection.ping()  # fail now, with the URL in the message, rather than inside RQ's loop
+    if settings.worker_metrics_port:
+        start_http_server(settings.worker_metrics_port)
+        log.info("worker metrics on :%d/metrics", settings.worker_metrics_port)
+    worker = BatchingWorker(
+        engine,
+        drain_timeout_s=settings.drain_timeout_s,
+        heartbeat_s=settings.heartbeat_s,
+        connection=connection,
+        name=name,
+        default_result_ttl=settings.result_ttl_s,
+        worker_ttl=settings.worker_ttl_s,
+    )
+    engine.start()
+    log.info("worker %s serving %s on %s (max batch %d)", name, ", ".join(models), engine.device, engine.max_batch)
+    try:
+        worker.work(logging_level=settings.log_level)
+    finally:
+        engine.close()
+    return 0
