@@ -155,7 +155,7 @@ def evaluate(
     ref: str | Path,
     *,
     seed: int = 0,
-    batch: int = 64,
+    batch: int = 128,
     model_dir: str | Path | None = None,
     features: str = "auto",
     inception: str | Path | None = None,

@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ref", required=True, help="real images: MNIST IDX file/folder, CIFAR-10 batches, or an image folder")
     p.add_argument("--out", default="eval", help="folder for the JSON record and the sample grid")
     p.add_argument("--seed", type=int, default=0, help="image k uses noise seed (seed + k), as in `arcdiff generate`")
-    p.add_argument("--batch", type=int, default=64, help="images per sampling batch (does not change the samples)")
+    p.add_argument("--batch", type=int, default=128, help="images per sampling batch (does not change the samples)")
     p.add_argument("--model-dir", default=None, help="models folder (default: ARCDIFF_MODEL_DIR or the bundled models)")
     p.add_argument("--features", choices=["auto", "mnist", "inception"], default="auto",
                    help="feature network: auto = the MNIST classifier for 1-channel models, Inception-v3 for RGB")
