@@ -281,3 +281,19 @@ def test_table_cells_cover_the_issue_grid():
     assert [s for m, sv, s in c if (m, sv) == ("mnist", "heun")] == [4, 10, 20, 40]
     assert [s for m, sv, s in c if (m, sv) == ("mnist-eps", "ddim")] == [8, 20, 40, 80]
     assert {nfe(sv, s) for _, sv, s in c} == {8, 20, 40, 80}
+
+
+def test_table_runs_and_keeps_finished_cells(tiny_models, blob_folder, tmp_path, capsys):
+    from model.eval.table import main
+
+    args = ["--ref", str(blob_folder), "--num-samples", "4", "--out", str(tmp_path / "t"), "--model-dir",
+            str(tiny_models), "--models", "mnist-eps", "--rename", "tiny=mnist-eps", "--cache-dir",
+            str(tmp_path / "c"), "--quiet"]
+    assert main(args) == 0
+    md = (tmp_path / "t" / "table.md").read_text()
+    assert "| mnist-eps | ddim |" in md and "| mnist-eps | rk4 |" in md and "Floor (two random halves" in md
+    records = json.loads((tmp_path / "t" / "table.json").read_text())["records"]
+    assert sorted((r["solver"], r["nfe"]) for r in records) == sorted((s, n) for s in ("ddim", "rk4") for n in (8, 20, 40, 80))
+    capsys.readouterr()
+    assert main(args) == 0  # a rerun keeps every record
+    assert capsys.readouterr().out.count("kept the existing record") == 8
