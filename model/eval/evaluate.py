@@ -24,7 +24,7 @@ from model.rng import image_generator, image_seed, initial_noise
 from model.solvers import get_solver, nfe, sample
 
 PR_SUBSET_SEED = 0
-CONFIDENT = 0.9
+CONFIDENT = 0.9  # the bar for "a recognisable digit"
 
 
 @dataclass

@@ -32,7 +32,6 @@ from model.eval.features import FeatureError
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 WEIGHTS_NAME = "mnist_features"
-CONFIDENT = 0.9  # the bar for "a recognisable digit"
 
 
 @dataclass(frozen=True)
