@@ -1,0 +1,21 @@
+"""GET /v1/models: what this deployment serves."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from service.api.deps import BackendDep, require_api_key
+from service.schemas import ModelOut
+from worker.jobs import SOLVER_NAMES
+
+router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(require_api_key)])
+
+
+@router.get("", response_model=list[ModelOut], summary="List the served models")
+async def list_models(backend: BackendDep) -> list[ModelOut]:
+    """Each model's image shape, prediction type, parameter count and the solvers it takes."""
+    return [
+        ModelOut(name=info.name, image_size=info.image_size, channels=info.channels, prediction=info.prediction,
+                 parameters=info.parameters, solvers=list(SOLVER_NAMES))
+        for info in backend.models.values()
+    ]

@@ -1,0 +1,92 @@
+"""The FastAPI app: settings -> served models -> backend (embedded engine or Redis queue) -> routes."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from model.registry import ModelInfo, ModelRegistry
+from service.api.routes import generations, health, models
+from service.backend import Backend
+from service.metrics import REJECTED, MetricsMiddleware
+from service.schemas import generation_request
+from service.settings import Settings
+
+log = logging.getLogger("arcdiff.api")
+
+DESCRIPTION = """Generate images with dual-head (x0 + eps) diffusion models.
+
+POST a generation (model, steps, solver, seed, n); poll its url or send `"wait": true`. Each image
+has its own seed, (seed + k) mod 2^32, so an image never depends on what else was in its batch.
+"""
+
+
+class SetupError(RuntimeError):
+    """The app cannot start as configured (e.g. ARCDIFF_MODELS names an unknown model)."""
+
+
+def served_models(settings: Settings) -> dict[str, ModelInfo]:
+    registry = ModelRegistry(settings.model_dir)
+    names = settings.models or registry.names()
+    unknown = [n for n in names if n not in registry.models]
+    if unknown:
+        raise SetupError(f"unknown model(s) {', '.join(unknown)} in {registry.root}; known: "
+                         f"{', '.join(registry.names()) or 'none'}")
+    for name, err in registry.errors.items():
+        log.warning("model folder %s skipped: %s", name, err)
+    return {n: registry.info(n) for n in names}
+
+
+def make_backend(settings: Settings, models: dict[str, ModelInfo]) -> Backend:
+    if settings.embedded:
+        from service.embedded import EmbeddedBackend
+
+        return EmbeddedBackend(settings, models)
+    from service.queue import RedisBackend
+
+    return RedisBackend(settings, models)
+
+
+def _field(loc: tuple | list) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or "body"
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 with FastAPI's detail list plus one message that names every bad field."""
+    errors = exc.errors()
+    message = "; ".join(f"{_field(e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in errors)
+    if request.method == "POST" and request.url.path.rstrip("/") == generations.PREFIX:
+        REJECTED.labels("invalid").inc()
+    return JSONResponse({"message": message, "detail": jsonable_encoder(errors)}, status_code=422)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    served = served_models(settings)
+    backend = make_backend(settings, served)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        log.info("arcdiff API (%s mode) serving %s", backend.mode, ", ".join(served) or "no models")
+        await backend.start()
+        try:
+            yield
+        finally:
+            await backend.close()
+
+    app = FastAPI(title="arcdiff", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.backend = backend
+    app.add_middleware(MetricsMiddleware)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.include_router(generations.build_router(generation_request(list(served), settings.max_images)))
+    app.include_router(models.router)
+    app.include_router(health.router)
+    return app

@@ -1,0 +1,229 @@
+"""The HTTP API in embedded mode (engine in-process), driven through FastAPI's in-process client."""
+
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from model.solvers import SOLVERS
+from servicekit import assert_images_match, one_thread, png_info, png_pixels, wait_until
+from service.app import create_app
+from service.settings import Settings
+
+BASE = {"model": "tiny", "steps": 3, "solver": "ddim", "seed": 7, "n": 1}
+
+
+def make_client(model_dir, **kw):
+    kw = {"model_dir": model_dir, "torch_threads": 1, "max_batch": 8, "redis_url": None, **kw}
+    return TestClient(create_app(Settings(**kw)))
+
+
+def wait_ready(client):
+    wait_until(lambda: client.get("/readyz").status_code == 200, 60, "models to load")
+
+
+@pytest.fixture(scope="module")
+def client(model_dir):
+    with one_thread(), make_client(model_dir) as c:
+        wait_ready(c)
+        yield c
+
+
+def poll(client, gen_id, timeout=120):
+    def done():
+        body = client.get(f"/v1/generations/{gen_id}").json()
+        return body if body["status"] in ("finished", "failed") else None
+
+    return wait_until(done, timeout, f"generation {gen_id}", interval=0.02)
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"surprise": 1}, "surprise"),
+        ({"steps": 0}, "steps"),
+        ({"steps": 1001}, "steps"),
+        ({"steps": "10"}, "steps"),
+        ({"steps": 2.5}, "steps"),
+        ({"steps": True}, "steps"),
+        ({"steps": None}, "steps"),
+        ({"solver": "rk5"}, "solver"),
+        ({"solver": 4}, "solver"),
+        ({"model": "nope"}, "model"),
+        ({"model": "../tiny"}, "model"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**32}, "seed"),
+        ({"seed": "7"}, "seed"),
+        ({"seed": 1.0}, "seed"),
+        ({"n": 0}, "n"),
+        ({"n": 17}, "n"),
+        ({"n": "2"}, "n"),
+        ({"wait": "yes"}, "wait"),
+        ({"wait": 1}, "wait"),
+    ],
+)
+def test_invalid_fields_are_422_naming_the_field(client, change, field):
+    r = client.post("/v1/generations", json={**BASE, **change})
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["message"].startswith(f"{field}: "), body["message"]
+    assert any(e["loc"][-1] == field for e in body["detail"])
+
+
+@pytest.mark.parametrize("missing", ["model", "steps", "solver"])
+def test_required_fields(client, missing):
+    r = client.post("/v1/generations", json={k: v for k, v in BASE.items() if k != missing})
+    assert r.status_code == 422 and r.json()["message"] == f"{missing}: Field required"
+
+
+@pytest.mark.parametrize("raw", [b"", b"{", b"[1, 2]", b'"tiny"', b"null"])
+def test_malformed_bodies_are_422_not_500(client, raw):
+    r = client.post("/v1/generations", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+
+
+def test_ids_and_images_that_do_not_exist(client):
+    assert client.get("/v1/generations/" + "0" * 32).status_code == 404
+    assert client.get("/v1/generations/..%2F..%2Fetc").status_code == 404
+    assert client.get("/v1/generations/not-an-id/images/0.png").status_code == 404
+    gen = client.post("/v1/generations", json={**BASE, "wait": True}).json()
+    assert client.get(f"{gen['url']}/images/1.png").status_code == 404
+    assert client.get(f"{gen['url']}/images/x.png").status_code == 422
+
+
+def test_status_life_cycle(client):
+    """queued (behind a full batch) -> running -> finished, each seen through GET."""
+    blocker = client.post("/v1/generations", json={**BASE, "n": 8, "steps": 12, "solver": "euler"}).json()
+    gen = client.post("/v1/generations", json={**BASE, "steps": 40, "solver": "rk4"}).json()
+    assert gen["status"] == "queued" and gen["images"] == [] and gen["metrics"] is None
+    seen = []
+
+    def record():
+        s = client.get(gen["url"]).json()["status"]
+        if not seen or seen[-1] != s:
+            seen.append(s)
+        return s in ("finished", "failed")
+
+    wait_until(record, 120, "the generation to finish", interval=0.005)
+    assert seen == ["queued", "running", "finished"], seen
+    assert poll(client, blocker["id"])["status"] == "finished"
+
+
+def test_images_decode_and_seeds(client, model_dir):
+    body = {**BASE, "n": 3, "seed": 2**32 - 2, "steps": 4, "wait": True}
+    r = client.post("/v1/generations", json=body)
+    assert r.status_code == 200 and r.headers["location"] == r.json()["url"]
+    gen = r.json()
+    assert gen["status"] == "finished" and gen["nfe"] == 4 and gen["metrics"]["nfe"] == 4
+    assert [im["seed"] for im in gen["images"]] == [2**32 - 2, 2**32 - 1, 0]  # wraps mod 2^32
+    for im in gen["images"]:
+        assert png_info(im["png_base64"]) == ("PNG:L", (8, 8))
+        raw = client.get(im["url"])
+        assert raw.headers["content-type"] == "image/png"
+        assert (png_pixels(raw.content) == png_pixels(im["png_base64"])).all()
+    assert_images_match(gen["images"], model_dir, "tiny", 4, "ddim", 2**32 - 2)
+    px = [png_pixels(im["png_base64"]) for im in gen["images"]]
+    assert (px[0] != px[1]).any() and (px[1] != px[2]).any()  # different index, different image
+    again = client.post("/v1/generations", json=body).json()
+    assert [im["png_base64"] for im in again["images"]] == [im["png_base64"] for im in gen["images"]]
+    third = client.post("/v1/generations", json={**body, "seed": 0, "n": 1}).json()
+    assert third["images"][0]["png_base64"] == gen["images"][2]["png_base64"]
+
+
+def test_server_chooses_a_seed_when_none_is_given(client):
+    a = client.post("/v1/generations", json={k: v for k, v in BASE.items() if k != "seed"}).json()
+    b = client.post("/v1/generations", json={k: v for k, v in BASE.items() if k != "seed"}).json()
+    assert 0 <= a["seed"] < 2**32 and a["seed"] != b["seed"]
+
+
+def test_accept_png_returns_the_image_with_server_timing(client, model_dir):
+    r = client.post("/v1/generations", json={**BASE, "wait": True}, headers={"accept": "image/png"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    timing = dict(part.split(";dur=") for part in r.headers["server-timing"].split(", "))
+    assert set(timing) == {"queue", "sample", "encode", "total"} and float(timing["total"]) > 0
+    assert_images_match([{"index": 0, "seed": 7, "png_base64": __import__("base64").b64encode(r.content).decode()}],
+                        model_dir, "tiny", 3, "ddim", 7)
+    r = client.post("/v1/generations", json={**BASE, "n": 2, "wait": True}, headers={"accept": "image/png"})
+    assert r.status_code == 406
+    r = client.post("/v1/generations", json={**BASE, "n": 2}, headers={"accept": "image/png, application/json;q=0.5"})
+    assert r.status_code == 202 and r.headers["content-type"] == "application/json"
+
+
+def test_mixed_requests_at_once_all_correct_and_sharing_batches(client, model_dir):
+    bodies = [{"model": "tiny", "steps": 2 + i, "solver": s, "seed": 10 * i, "n": 1 + i % 2} for i, s in enumerate(SOLVERS)]
+    bodies.append({"model": "tiny-eps", "steps": 3, "solver": "dpmpp2m", "seed": 5, "n": 2})
+    ids = [client.post("/v1/generations", json=b).json()["id"] for b in bodies]
+    gens = [poll(client, i) for i in ids]
+    for body, gen in zip(bodies, gens):
+        assert gen["status"] == "finished", gen
+        assert len(gen["images"]) == body["n"]
+        assert_images_match(gen["images"], model_dir, body["model"], body["steps"], body["solver"], body["seed"])
+    shared = [g for g in gens if g["model"] == "tiny" and max(g["metrics"]["batch_sizes"]) > g["n"]]
+    assert len(shared) >= 2, [g["metrics"]["batch_sizes"] for g in gens]
+
+
+def test_short_request_finishes_while_a_long_one_runs(client):
+    long = client.post("/v1/generations", json={**BASE, "steps": 60, "solver": "rk4"}).json()
+    wait_until(lambda: client.get(long["url"]).json()["status"] == "running", 60, "the long one to start",
+               interval=0.01)
+    short = client.post("/v1/generations", json={**BASE, "steps": 1, "wait": True}).json()
+    assert short["status"] == "finished"
+    assert client.get(long["url"]).json()["status"] == "running", "the short request waited for the long one"
+    assert max(short["metrics"]["batch_sizes"]) >= 2
+    assert poll(client, long["id"])["status"] == "finished"
+
+
+def test_models_health_ready_metrics_openapi(client):
+    models = {m["name"]: m for m in client.get("/v1/models").json()}
+    assert set(models) == {"tiny", "tiny-eps"}
+    assert models["tiny"] == {"name": "tiny", "image_size": 8, "channels": 1, "prediction": "x0_eps",
+                              "parameters": models["tiny"]["parameters"], "solvers": list(SOLVERS)}
+    assert models["tiny-eps"]["prediction"] == "eps" and models["tiny"]["parameters"] > 40_000
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"status": "ready", "mode": "embedded", "reason": None}
+    text = client.get("/metrics").text
+    for name in ("arcdiff_http_requests_total", "arcdiff_http_request_duration_seconds_bucket",
+                 "arcdiff_generation_requests_total", "arcdiff_queue_depth", "arcdiff_worker_images_total",
+                 "arcdiff_worker_nfe_total", "arcdiff_worker_jobs_total", "arcdiff_worker_batch_size_bucket",
+                 "arcdiff_worker_queue_wait_seconds_bucket", "arcdiff_worker_sample_seconds_bucket",
+                 "arcdiff_worker_encode_seconds_bucket", "arcdiff_worker_running_images",
+                 "arcdiff_worker_waiting_images", "arcdiff_worker_load_seconds", "arcdiff_worker_compile_seconds",
+                 "arcdiff_worker_device_memory_bytes"):
+        assert f"\n{name}{{" in text, name
+    assert 'route="/v1/generations/{gen_id}"' in text  # route templates, never raw ids
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/generations", "/v1/generations/{gen_id}", "/v1/generations/{gen_id}/images/{k}.png",
+            "/v1/models", "/healthz", "/readyz", "/metrics"} <= set(spec["paths"])
+    req = spec["components"]["schemas"]["GenerationRequest"]
+    assert req["additionalProperties"] is False
+    assert req["properties"]["n"]["maximum"] == 16 and req["properties"]["steps"]["maximum"] == 1000
+    assert req["properties"]["model"]["enum"] == ["tiny", "tiny-eps"]
+    assert {"200", "202", "406", "422", "429", "503"} <= set(spec["paths"]["/v1/generations"]["post"]["responses"])
+
+
+def test_queue_full_is_429_with_retry_after(model_dir):
+    with one_thread(), make_client(model_dir, max_batch=1, queue_limit=1) as c:
+        wait_ready(c)
+        running = c.post("/v1/generations", json={**BASE, "steps": 200, "solver": "rk4"}).json()
+        wait_until(lambda: c.get(running["url"]).json()["status"] == "running", 60, "the first to run")
+        assert c.post("/v1/generations", json=BASE).status_code == 202
+        r = c.post("/v1/generations", json=BASE)
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert 'arcdiff_generations_rejected_total{reason="queue_full"}' in c.get("/metrics").text
+
+
+def test_api_keys(model_dir):
+    with one_thread(), make_client(model_dir, api_keys="k1,k2") as c:
+        assert c.get("/v1/models").status_code == 401
+        assert c.get("/v1/models", headers={"authorization": "Bearer nope"}).status_code == 401
+        assert c.get("/v1/models", headers={"authorization": "Bearer k2"}).status_code == 200
+        assert c.get("/v1/models", headers={"x-api-key": "k1"}).status_code == 200
+        assert c.get("/healthz").status_code == 200
+
+
+def test_no_models_is_not_ready(tmp_path):
+    with make_client(tmp_path) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["reason"] == "no models to serve"
+        r = c.post("/v1/generations", json=BASE)
+        assert r.status_code == 422 and "no models are served" in r.json()["message"]

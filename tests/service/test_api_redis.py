@@ -1,0 +1,164 @@
+"""The real stack over HTTP: `arcdiff serve --redis` under uvicorn, a real redis-server, and one then
+two `arcdiff worker` processes. Tests run in file order: no worker, one worker, two workers, then
+one of the two stopped with SIGTERM mid-run."""
+
+import signal
+import time
+
+import httpx
+import pytest
+
+from model.solvers import SOLVERS
+from servicekit import (assert_images_match, free_port, png_info, start_api, start_worker, stop, wait_until,
+                        wait_workers)
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def stack(redis_server, model_dir, tmp_path_factory):
+    """Redis (emptied), the API (Redis mode) and a place to start workers; stops them all."""
+    redis_server.client.flushall()
+    logs = tmp_path_factory.mktemp("stack")
+    port = free_port()
+    api = start_api(port, model_dir, logs / "api.log", redis_url=redis_server.url, ARCDIFF_WAIT_TIMEOUT_S="60")
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+    workers = []
+
+    def up():
+        if api.poll() is not None:
+            raise RuntimeError(f"API exited with {api.returncode}:\n{(logs / 'api.log').read_text()[-3000:]}")
+        try:
+            return client.get("/healthz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(up, 90, "the API to listen", interval=0.2)
+
+    def add_worker(**env):
+        p = start_worker(redis_server.url, model_dir, logs / f"worker{len(workers)}.log", models=("tiny", "tiny-eps"),
+                         max_batch=8, **env)
+        workers.append(p)
+        wait_workers(redis_server.url, "tiny", len([w for w in workers if w.poll() is None]), workers)
+        return p
+
+    yield {"client": client, "add_worker": add_worker, "workers": workers, "redis": redis_server, "logs": logs}
+    client.close()
+    for p in workers:
+        stop(p, signal.SIGKILL, timeout=10)
+    stop(api)
+    for f in sorted(logs.iterdir()):
+        print(f"--- {f.name} ---\n{f.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def one_worker(stack):
+    stack["add_worker"](ARCDIFF_DRAIN_TIMEOUT_S="0.5")
+    wait_until(lambda: stack["client"].get("/readyz").status_code == 200, 30, "readyz with a worker", interval=0.2)
+    return stack
+
+
+@pytest.fixture(scope="module")
+def two_workers(one_worker):
+    one_worker["add_worker"]()
+    return one_worker
+
+
+def poll(client, gen_id, timeout=180):
+    def done():
+        body = client.get(f"/v1/generations/{gen_id}").json()
+        return body if body["status"] in ("finished", "failed") else None
+
+    return wait_until(done, timeout, f"generation {gen_id}", interval=0.05)
+
+
+def test_not_ready_without_a_worker(stack):
+    client = stack["client"]
+    r = client.get("/readyz")
+    assert r.status_code == 503 and r.json()["mode"] == "redis"
+    assert "no worker serving" in r.json()["reason"]
+    r = client.post("/v1/generations", json={"model": "tiny", "steps": 2, "solver": "ddim"})
+    assert r.status_code == 503 and "no worker serving tiny" in r.json()["detail"] and r.headers["retry-after"]
+    r = client.post("/v1/generations", json={"model": "tiny", "steps": 0, "solver": "ddim"})
+    assert r.status_code == 422 and r.json()["message"].startswith("steps: ")
+    assert 'arcdiff_generations_rejected_total{reason="not_ready"}' in client.get("/metrics").text
+
+
+def test_one_worker_mixed_requests_life_cycle_and_no_head_of_line_blocking(one_worker, model_dir):
+    client = one_worker["client"]
+    long = client.post("/v1/generations", json={"model": "tiny", "steps": 60, "solver": "rk4", "seed": 3}).json()
+    assert long["status"] == "queued"
+    wait_until(lambda: client.get(long["url"]).json()["status"] == "running", 60, "the long one to run", interval=0.02)
+    bodies = [{"model": "tiny", "steps": 1 + i % 3, "solver": s, "seed": 100 + i, "n": 1 + i % 2}
+              for i, s in enumerate(SOLVERS)]
+    ids = [client.post("/v1/generations", json=b).json()["id"] for b in bodies]
+    gens = [poll(client, i) for i in ids]
+    assert client.get(long["url"]).json()["status"] == "running", "short requests waited for the long one"
+    for body, gen in zip(bodies, gens):
+        assert gen["status"] == "finished", gen
+        assert_images_match(gen["images"], model_dir, "tiny", body["steps"], body["solver"], body["seed"])
+        assert max(gen["metrics"]["batch_sizes"]) > gen["n"], f"ran alone: {gen['metrics']}"
+        assert gen["metrics"]["device"] == "cpu" and gen["metrics"]["worker"]
+    done = poll(client, long["id"])
+    assert done["status"] == "finished" and done["nfe"] == 240
+    assert_images_match(done["images"], model_dir, "tiny", 60, "rk4", 3)
+
+
+def test_wait_png_and_image_urls_through_redis(one_worker, model_dir):
+    client = one_worker["client"]
+    r = client.post("/v1/generations", json={"model": "tiny-eps", "steps": 3, "solver": "euler", "seed": 9, "n": 2,
+                                             "wait": True})
+    assert r.status_code == 200 and r.json()["status"] == "finished"
+    assert_images_match(r.json()["images"], model_dir, "tiny-eps", 3, "euler", 9)
+    r = client.post("/v1/generations", json={"model": "tiny", "steps": 3, "solver": "heun", "seed": 9, "n": 2,
+                                             "wait": True})
+    assert r.status_code == 200, r.text
+    gen = r.json()
+    assert gen["status"] == "finished" and gen["nfe"] == 6
+    for im in gen["images"]:
+        raw = client.get(im["url"])
+        assert raw.headers["content-type"] == "image/png" and png_info(raw.content) == ("PNG:L", (8, 8))
+    assert_images_match(gen["images"], model_dir, "tiny", 3, "heun", 9)
+    r = client.post("/v1/generations", json={"model": "tiny", "steps": 3, "solver": "heun", "seed": 10, "wait": True},
+                    headers={"accept": "image/png"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert r.content == client.get(gen["images"][1]["url"]).content  # seed 10 = image 1 of seed 9
+    assert "sample;dur=" in r.headers["server-timing"]
+    assert client.get("/v1/generations/" + "f" * 32).status_code == 404
+
+
+def test_two_workers_share_the_queue(two_workers, model_dir):
+    client = two_workers["client"]
+    bodies = [{"model": "tiny", "steps": 12, "solver": "rk4", "seed": 1000 + 10 * i, "n": 4} for i in range(6)]
+    ids = [client.post("/v1/generations", json=b).json()["id"] for b in bodies]
+    gens = [poll(client, i) for i in ids]
+    for body, gen in zip(bodies, gens):
+        assert gen["status"] == "finished", gen
+        assert_images_match(gen["images"], model_dir, "tiny", 12, "rk4", body["seed"])
+    workers = {g["metrics"]["worker"] for g in gens}
+    assert len(workers) == 2, f"one worker did everything: {workers}"
+    assert any(max(g["metrics"]["batch_sizes"]) == 8 for g in gens), [g["metrics"]["batch_sizes"] for g in gens]
+
+
+def test_sigterm_one_of_two_workers_mid_run_loses_no_generation(two_workers, model_dir):
+    client, first = two_workers["client"], two_workers["workers"][0]
+    bodies = [{"model": "tiny", "steps": 50, "solver": "rk4", "seed": 2000 + 10 * i, "n": 4} for i in range(4)]
+    bodies += [{"model": "tiny", "steps": 2, "solver": "ddpm", "seed": 3000 + i, "n": 1} for i in range(4)]
+    ids = [client.post("/v1/generations", json=b).json()["id"] for b in bodies]
+    wait_until(lambda: sum(client.get(f"/v1/generations/{i}").json()["status"] == "running" for i in ids[:4]) >= 2,
+               60, "long generations to run", interval=0.05)
+    time.sleep(0.3)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(60) == 0
+    gens = [poll(client, i) for i in ids]
+    for body, gen in zip(bodies, gens):
+        assert gen["status"] == "finished", gen
+        assert_images_match(gen["images"], model_dir, "tiny", body["steps"], body["solver"], body["seed"])
+    import redis
+    from rq.registry import StartedJobRegistry
+
+    conn = redis.Redis.from_url(two_workers["redis"].url)
+    assert not StartedJobRegistry("arcdiff:tiny", connection=conn).get_job_ids()
+    conn.close()
+    log = (two_workers["logs"] / "worker0.log").read_text()
+    assert "got SIGTERM" in log and "requeueing" in log, "the stopped worker held nothing to requeue"
