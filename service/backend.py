@@ -61,5 +61,8 @@ class Backend(Protocol):
     async def queue_depths(self) -> dict[str, int]:
         """Generations accepted and not yet started, per model."""
 
+    async def scrape(self) -> None:
+        """Refresh the gauges that are read rather than counted, before /metrics renders."""
+
     async def readiness(self) -> tuple[bool, str | None]:
         """(ready, reason when not)."""

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 from model.registry import ModelInfo
 from service.backend import Generation, NotReady, QueueFull
+from service.metrics import QUEUE_DEPTH
 from service.settings import Settings
+from worker import metrics as worker_metrics
 from worker.engine import Engine
 from worker.jobs import GenerationSpec
 
@@ -138,3 +140,10 @@ class EmbeddedBackend:
 
     async def queue_depths(self) -> dict[str, int]:
         return {name: self._queued(name) for name in self.models}
+
+    async def scrape(self) -> None:
+        for model, depth in (await self.queue_depths()).items():
+            QUEUE_DEPTH.labels(model).set(depth)
+        # the in-process engine is this deployment's one worker
+        worker_metrics.UP.set(1 if self.engine is not None and self.engine.alive else 0)
+        worker_metrics.BUSY.set(1 if self.engine is not None and self.engine.held() else 0)

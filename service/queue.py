@@ -21,6 +21,7 @@ from rq.serializers import JSONSerializer
 
 from model.registry import ModelInfo
 from service.backend import Generation, NotReady, QueueFull
+from service.metrics import QUEUE_DEPTH
 from service.settings import Settings
 from worker.jobs import TASK, GenerationSpec, JobResult, SpecError, queue_name
 
@@ -161,3 +162,7 @@ class RedisBackend:
             return await asyncio.to_thread(depths)
         except redis.RedisError:
             return {}
+
+    async def scrape(self) -> None:
+        for model, depth in (await self.queue_depths()).items():
+            QUEUE_DEPTH.labels(model).set(depth)

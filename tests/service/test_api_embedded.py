@@ -174,6 +174,8 @@ def test_short_request_finishes_while_a_long_one_runs(client):
 
 
 def test_models_health_ready_metrics_openapi(client):
+    gen = client.post("/v1/generations", json={**BASE, "wait": True}).json()
+    assert gen["status"] == "finished" and client.get(gen["url"]).status_code == 200
     models = {m["name"]: m for m in client.get("/v1/models").json()}
     assert set(models) == {"tiny", "tiny-eps"}
     assert models["tiny"] == {"name": "tiny", "image_size": 8, "channels": 1, "prediction": "x0_eps",
@@ -190,6 +192,8 @@ def test_models_health_ready_metrics_openapi(client):
                  "arcdiff_worker_waiting_images", "arcdiff_worker_load_seconds", "arcdiff_worker_compile_seconds",
                  "arcdiff_worker_device_memory_bytes"):
         assert f"\n{name}{{" in text, name
+    for name in ("arcdiff_worker_up 1.0", "arcdiff_worker_busy 0.0"):
+        assert f"\n{name}\n" in text, name
     assert 'route="/v1/generations/{gen_id}"' in text  # route templates, never raw ids
     spec = client.get("/openapi.json").json()
     assert {"/v1/generations", "/v1/generations/{gen_id}", "/v1/generations/{gen_id}/images/{k}.png",

@@ -162,3 +162,21 @@ def test_sigterm_one_of_two_workers_mid_run_loses_no_generation(two_workers, mod
     conn.close()
     log = (two_workers["logs"] / "worker0.log").read_text()
     assert "got SIGTERM" in log and "requeueing" in log, "the stopped worker held nothing to requeue"
+
+
+def test_unreachable_redis_is_503_not_500(model_dir):
+    """In-process app pointed at a closed port: not ready, POST refused with Retry-After, GET too."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    closed = f"redis://127.0.0.1:{free_port()}/0"
+    with TestClient(create_app(Settings(model_dir=model_dir, redis_url=closed))) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and "Redis unreachable" in r.json()["reason"]
+        r = c.post("/v1/generations", json={"model": "tiny", "steps": 2, "solver": "ddim"})
+        assert r.status_code == 503 and r.headers["retry-after"]
+        assert c.get("/v1/generations/" + "a" * 32).status_code == 503
+        assert c.get("/metrics").status_code == 200
+        assert c.get("/v1/models").status_code == 200

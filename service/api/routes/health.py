@@ -6,7 +6,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
 from service.api.deps import BackendDep
-from service.metrics import QUEUE_DEPTH, render
+from service.metrics import render
 from service.schemas import HealthOut, ReadyOut
 
 router = APIRouter(tags=["health"])
@@ -29,7 +29,6 @@ async def readyz(backend: BackendDep) -> JSONResponse:
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
             responses={200: {"content": {"text/plain": {}}}})
 async def metrics(backend: BackendDep) -> Response:
-    for model, depth in (await backend.queue_depths()).items():
-        QUEUE_DEPTH.labels(model).set(depth)
+    await backend.scrape()
     data, content_type = render()
     return Response(data, media_type=content_type)
