@@ -13,7 +13,7 @@ import time
 
 import redis
 import redis.asyncio as aredis
-from rq import Queue, Worker
+from rq import Queue, Retry, Worker
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.results import Result
@@ -109,6 +109,9 @@ class RedisBackend:
                 result_ttl=self.settings.result_ttl_s,
                 failure_ttl=self.settings.failure_ttl_s,
                 job_id=spec.id,
+                # a job abandoned by a dead worker (killed, host lost) is run again; failures the
+                # engine reports (NaN, timeout, stop) are final: the worker zeroes the retries
+                retry=Retry(max=self.settings.retries) if self.settings.retries else None,
                 description=f"{spec.model} {spec.solver} steps={spec.steps} n={spec.n} seed={spec.seed}",
             )
         except redis.RedisError as e:

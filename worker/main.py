@@ -75,6 +75,7 @@ def run_worker(settings: WorkerSettings, models: list[str]) -> int:
         name=name,
         default_result_ttl=settings.result_ttl_s,
         worker_ttl=settings.worker_ttl_s,
+        maintenance_interval=settings.maintenance_s,
     )
     engine.start()
     log.info("worker %s serving %s on %s (max batch %d)", name, ", ".join(models), engine.device, engine.max_batch)

@@ -20,6 +20,7 @@ teardown requeues what is held). Nothing is left in the started state.
 from __future__ import annotations
 
 import logging
+import math
 import queue as queue_mod
 import signal
 import threading
@@ -37,7 +38,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
-from rq.worker.base import BaseWorker, signal_name
+from rq.worker.base import signal_name
 
 from worker import metrics as m
 from worker.engine import Engine
@@ -77,8 +78,15 @@ class BatchingWorker(SimpleWorker):
 
     # ---- RQ hooks ----------------------------------------------------------------------------
 
-    # we do heartbeat while jobs run, so RQ's regular TTL (not SimpleWorker's timeout + 60) applies
-    get_heartbeat_ttl = BaseWorker.get_heartbeat_ttl
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        """How long a held job's started entry lives without a heartbeat. We heartbeat while jobs
+        run (SimpleWorker cannot, hence its timeout + 60), so a dead worker's jobs are found
+        abandoned, and retried, after a few missed beats; the engine enforces job timeouts."""
+        return int(3 * self.job_monitoring_interval) + 10
+
+    def heartbeat(self, timeout: float | None = None, pipeline: Any = None) -> None:
+        # RQ adds 60 to job_monitoring_interval, which may be fractional here; EXPIRE wants seconds
+        super().heartbeat(math.ceil(timeout) if timeout else None, pipeline=pipeline)
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         super().bootstrap(*args, **kwargs)
@@ -289,6 +297,7 @@ class BatchingWorker(SimpleWorker):
             self._stop_ids.discard(h.job.id)
             self._stopped_job_id = h.job.id  # RQ then records it as stopped, not failed
         h.job._status = JobStatus.FAILED
+        h.job.retries_left = 0  # the engine's verdict is final; retries are for abandoned jobs
         self.handle_execution_ended(h.job, h.queue, h.job.failure_callback_timeout)
         self.handle_job_failure(h.job, h.queue, exc_string=reason, execution=h.execution)
         log.warning("worker %s: job %s failed: %s", self.name, h.job.id, reason)

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 import redis
-from rq import Queue, Worker
+from rq import Queue, Retry, Worker
 from rq.command import send_stop_job_command
 from rq.job import Job
 from rq.registry import StartedJobRegistry
@@ -42,12 +42,12 @@ def workers(redis_url, model_dir, tmp_path):
         print(f"--- worker{i}.log ---\n" + (tmp_path / f"worker{i}.log").read_text()[-4000:])
 
 
-def enqueue(conn, steps, solver="rk4", seed=0, n=1, payload=None, func=TASK):
+def enqueue(conn, steps, solver="rk4", seed=0, n=1, payload=None, func=TASK, retries=1):
     spec = GenerationSpec(id=uuid.uuid4().hex, model="tiny", steps=steps, solver=solver, seed=seed, n=n,
                           submitted_at=time.time())
     q = Queue("arcdiff:tiny", connection=conn, serializer=JSONSerializer)
     return q.enqueue_call(func, args=(payload if payload is not None else spec.to_payload(),), job_id=spec.id,
-                          timeout=600, result_ttl=600, failure_ttl=600)
+                          timeout=600, result_ttl=600, failure_ttl=600, retry=Retry(max=retries))
 
 
 def fetch(conn, job):
@@ -143,3 +143,24 @@ def test_sigterm_mid_run_loses_no_job(conn, workers, redis_url, model_dir):
         wait_status(conn, j, {"finished", "failed"}, timeout=180)
     assert [status(conn, j) for j in jobs] == ["finished"] * 5
     assert_images_match(fetch(conn, jobs[0]).return_value()["images"], model_dir, "tiny", 100, "rk4", 0)
+
+
+def test_jobs_of_a_killed_worker_are_run_again(conn, workers, redis_url, model_dir):
+    """SIGKILL: nothing is drained, but the job's started entry expires after a few missed
+    heartbeats and another worker's maintenance puts it back on the queue (RQ retry)."""
+    w = workers(ARCDIFF_HEARTBEAT_S="0.3")
+    wait_workers(redis_url, "tiny", 1, [w])
+    job = enqueue(conn, steps=80, seed=4, n=2)
+    wait_status(conn, job, {"started"})
+    killed = fetch(conn, job).worker_name
+    w.kill()
+    w.wait(10)
+    time.sleep(1)
+    assert status(conn, job) == "started"  # nobody has noticed yet
+    w2 = workers(ARCDIFF_MAINTENANCE_S="1")
+    wait_workers(redis_url, "tiny", 1, [w2])
+    wait_status(conn, job, {"finished", "failed"}, timeout=120)
+    assert status(conn, job) == "finished"
+    res = fetch(conn, job).return_value()
+    assert res["metrics"]["worker"] != killed
+    assert_images_match(res["images"], model_dir, "tiny", 80, "rk4", 4)
