@@ -75,3 +75,23 @@ def test_grid_layout():
     g = grid(px, pad=1)  # 3 per row, 2 rows
     assert g.shape == (1, 2 * 3 + 1, 3 * 4 + 1)
     assert g[0, 1, 1] == 0 and g[0, 1, 5] == 1 and g[0, 4, 5] == 4 and g[0, 4, 9] == 0
+
+
+def test_stock_rq_task_runs_one_generation(model_dir, monkeypatch):
+    """worker.tasks.generate: what a stock RQ worker runs; same JSON result as the batching worker."""
+    from servicekit import assert_images_match, one_thread
+    from worker import tasks
+
+    monkeypatch.setenv("ARCDIFF_MODEL_DIR", str(model_dir))
+    monkeypatch.setenv("ARCDIFF_DEVICE", "cpu")
+    try:
+        with one_thread():
+            res = tasks.generate({**GOOD, "steps": 2, "solver": "ddim", "n": 2})
+            assert_images_match(res["images"], model_dir, "tiny", 2, "ddim", 7)
+        assert res["nfe"] == 2 and res["metrics"]["worker"] == "rq-task"
+        with pytest.raises(SpecError):
+            tasks.generate({**GOOD, "steps": 0})
+    finally:
+        for eng in tasks._engines.values():
+            eng.close()
+        tasks._engines.clear()
