@@ -58,6 +58,8 @@ class RedisServer:
     """A throwaway redis-server on a free loopback port (never the machine's 6379)."""
 
     def __init__(self, workdir: Path):
+        if not Path(REDIS_SERVER).exists():
+            raise RuntimeError("these tests need a real redis-server on PATH (apt-get install redis-server)")
         self.port = free_port()
         self.proc = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",

@@ -204,3 +204,15 @@ def test_many_concurrent_submitters(loaded):
         assert eng.held() == 0
     finally:
         eng.close()
+
+
+def test_request_larger_than_the_batch(loaded, model_dir):
+    """n > max_batch: images enter as slots free up; every one still matches its seed."""
+    eng = make_engine(loaded, max_batch=2)
+    try:
+        res = eng.submit(spec("big", steps=3, solver="heun", seed=77, n=5)).result(60)
+        want, _ = reference(model_dir, "tiny", 3, "heun", 77, 5)
+        assert torch.allclose(res.extra["samples"], want, atol=1e-5)
+        assert max(res.metrics.batch_sizes) == 2 and [im.seed for im in res.images] == [77, 78, 79, 80, 81]
+    finally:
+        eng.close()

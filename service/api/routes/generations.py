@@ -139,7 +139,8 @@ def build_router(request_model: type[GenerationRequest]) -> APIRouter:
         return _json(gen, status.HTTP_200_OK, location)
 
     @router.get("/{gen_id}", response_model=GenerationOut, summary="Read a generation",
-                responses={404: {"model": ErrorOut, "description": "unknown or expired id"},
+                responses={401: {"model": ErrorOut, "description": "API keys are configured and none matches"},
+                           404: {"model": ErrorOut, "description": "unknown or expired id"},
                            503: {"model": ErrorOut, "description": "the queue is unreachable"}})
     async def read_generation(gen_id: str, backend: BackendDep) -> Response:
         """Status (queued, running, finished, failed); when finished its images and latency record."""

@@ -5,13 +5,14 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from service.api.deps import BackendDep, require_api_key
-from service.schemas import ModelOut
+from service.schemas import ErrorOut, ModelOut
 from worker.jobs import SOLVER_NAMES
 
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(require_api_key)])
 
 
-@router.get("", response_model=list[ModelOut], summary="List the served models")
+@router.get("", response_model=list[ModelOut], summary="List the served models",
+            responses={401: {"model": ErrorOut, "description": "API keys are configured and none matches"}})
 async def list_models(backend: BackendDep) -> list[ModelOut]:
     """Each model's image shape, prediction type, parameter count and the solvers it takes."""
     return [
