@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from model.registry import ModelInfo, ModelRegistry
 from service.api.routes import generations, health, models
 from service.backend import Backend
-from service.metrics import REJECTED, MetricsMiddleware
+from service.metrics import REJECTED, MetricsMiddleware, init_generation_series, init_route_series
 from service.schemas import generation_request
 from service.settings import Settings
 
@@ -89,4 +89,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(generations.build_router(generation_request(list(served), settings.max_images)))
     app.include_router(models.router)
     app.include_router(health.router)
+    init_route_series(app)
+    init_generation_series(served)
     return app

@@ -66,3 +66,22 @@ class MetricsMiddleware:
             method = scope.get("method", "")
             HTTP_REQUESTS.labels(label, method if method in _METHODS else "other", str(status["code"])).inc()
             HTTP_DURATION.labels(label).observe(time.perf_counter() - start)
+
+
+def init_route_series(app: Any) -> None:
+    """Create every route's latency series at zero, so the first requests show up in rate() and
+    histogram_quantile() instead of a series that first appears with its count already at N."""
+    for route in app.routes:
+        path = getattr(route, "path", None)
+        if path and getattr(route, "include_in_schema", True):
+            HTTP_DURATION.labels(path)
+
+
+def init_generation_series(models: Any) -> None:
+    """Create the served models' generation-request series at zero (see init_route_series)."""
+    from model.solvers import SOLVERS
+
+    for model in models:
+        for solver in SOLVERS:
+            for status in ("queued", "finished", "failed"):
+                GENERATIONS.labels(model, solver, status)

@@ -115,6 +115,8 @@ class Engine:
         self.keep_samples = keep_samples  # also return the float samples (tests, local tools)
         forwards = forwards or {}
         self._runners = {name: _Runner(name, lm, forwards.get(name, lm.denoiser)) for name, lm in models.items()}
+        for name in self._runners:
+            m.init_model_series(name)
         self._tasks: dict[str, _Task] = {}
         self._cond = threading.Condition()
         self._closing = False

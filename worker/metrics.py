@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from model.solvers import SOLVERS
+
 BATCH_BUCKETS = tuple(float(2**i) for i in range(9))  # 1 .. 256
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 ENCODE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -33,3 +35,13 @@ DEVICE_MEMORY = Gauge("arcdiff_worker_device_memory_bytes", "Device memory alloc
                       multiprocess_mode="livesum")
 UP = Gauge("arcdiff_worker_up", "1 while the worker serves its queues", multiprocess_mode="livesum")
 BUSY = Gauge("arcdiff_worker_busy", "1 while the worker holds generations", multiprocess_mode="livesum")
+
+
+def init_model_series(model: str) -> None:
+    """Create a served model's counter series at zero, so rate() sees them rise from 0 (a series
+    that first appears already at N shows no increase) and dashboards show 0 rather than nothing."""
+    for solver in SOLVERS:
+        IMAGES.labels(model, solver)
+        NFE.labels(model, solver)
+    for status in ("finished", "failed"):
+        JOBS.labels(model, status)

@@ -183,17 +183,20 @@ def test_throughput_and_latency_series_exist_and_are_non_zero(stack):
     # throughput: the counters reached what was generated, and their rate is non-zero
     wait_until(lambda: prom.value(f"sum(arcdiff_worker_images_total) >= {images}"), 15,
                f"arcdiff_worker_images_total to reach {images} in Prometheus")
-    assert prom.value("sum(rate(arcdiff_worker_images_total[1m]))") > 0
+    # rate() needs two scrapes inside its window after the increase
+    wait_until(lambda: (prom.value("sum(rate(arcdiff_worker_images_total[1m]))") or 0) > 0, 10, "a non-zero images rate")
     assert prom.value(f'sum(arcdiff_worker_images_total{{model="{MODEL}",solver="rk4"}})') == images
     assert prom.value("sum(arcdiff_worker_nfe_total)") >= images * 4 * STEPS
     assert prom.value("sum(rate(arcdiff_worker_nfe_total[1m]))") > 0
     # latency: API request duration and per-image sampling time
-    api_p99 = prom.value("max(histogram_quantile(0.99, sum by (le, route) (rate(arcdiff_http_request_duration_seconds_bucket[1m]))))")
-    assert api_p99 is not None and api_p99 > 0
-    wait_until(lambda: prom.value("sum(arcdiff_http_request_duration_seconds_count) > 0"), 10, "API latency series")
+    # (the API is scraped on its own schedule: wait for a scrape after the last request)
+    p99 = "max(histogram_quantile(0.99, sum by (le, route) (rate(arcdiff_http_request_duration_seconds_bucket[1m]))))"
+    api_p99 = wait_until(lambda: (v := prom.value(p99)) is not None and v > 0 and v, 10, "a non-zero API p99 latency")
+    assert api_p99 > 0
     sample_p50 = prom.value("histogram_quantile(0.5, sum by (le) (rate(arcdiff_worker_sample_seconds_bucket[1m])))")
     assert sample_p50 is not None and sample_p50 > 0
-    assert prom.value("sum(rate(arcdiff_generation_requests_total[1m]))") > 0
+    wait_until(lambda: (prom.value("sum(rate(arcdiff_generation_requests_total[1m]))") or 0) > 0, 10,
+               "a non-zero generation request rate")
     assert prom.value("sum(arcdiff_worker_up)") == 1
 
 

@@ -23,7 +23,7 @@ def x_T(n: int, seed: int = 0) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def reference():
     xT = x_T(128)
-    return xT, sample(GMM.denoiser, xT, 2048, "rk4")
+    return xT, sample(GMM.denoiser, xT, 1024, "rk4")  # rk4 error ~1e-12 here, far below the tested ones
 
 
 def test_solver_names_and_nfe():
