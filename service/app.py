@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from model.registry import ModelInfo, ModelRegistry
-from service.api.routes import generations, health, models
+from service.api.routes import generations, health, models, playground
 from service.backend import Backend
 from service.metrics import REJECTED, MetricsMiddleware, init_generation_series, init_route_series
 from service.schemas import generation_request
@@ -89,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(generations.build_router(generation_request(list(served), settings.max_images)))
     app.include_router(models.router)
     app.include_router(health.router)
+    app.include_router(playground.router)
     init_route_series(app)
     init_generation_series(served)
     return app

@@ -1,0 +1,397 @@
+// arcdiff playground: lists the models, submits generations to the API, polls them and shows the
+// images with their seeds, NFE and latency record. Plain JavaScript, nothing from other hosts.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const FIELDS = ["model", "steps", "solver", "seed", "n"];
+// network evaluations per step of each solver (one RK4 step costs 4); the API's nfe is the truth
+const STAGES = { euler: 1, heun: 2, rk4: 4, ddim: 1, ddpm: 1, dpmpp2m: 1 };
+const KEY_STORE = "arcdiff-api-key";
+
+const state = {
+  key: sessionStorage.getItem(KEY_STORE) || "",
+  models: [],
+  limits: { steps: [1, 1000], n: [1, 16], seed: [0, 4294967295] },
+};
+
+class ApiError extends Error {
+  constructor(status, message, body, retryAfter) {
+    super(message);
+    this.status = status;
+    this.body = body;
+    this.retryAfter = retryAfter;
+  }
+}
+
+function messageOf(body, response) {
+  if (body && typeof body === "object") {
+    if (typeof body.message === "string") return body.message;
+    if (typeof body.detail === "string") return body.detail;
+  }
+  if (typeof body === "string" && body.trim()) return body.trim().slice(0, 300);
+  return `${response.status} ${response.statusText || "error"}`;
+}
+
+async function api(method, path, body) {
+  const headers = { Accept: "application/json" };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  if (state.key) headers.Authorization = `Bearer ${state.key}`;
+  let r;
+  try {
+    r = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  } catch (e) {
+    throw new ApiError(0, `cannot reach the server (${e.message})`, null, null);
+  }
+  const text = await r.text();
+  let data = text;
+  try { data = text ? JSON.parse(text) : null; } catch (e) { /* not JSON: keep the text */ }
+  if (!r.ok) throw new ApiError(r.status, messageOf(data, r), data, r.headers.get("Retry-After"));
+  return { status: r.status, data };
+}
+
+// ---- errors beside the fields and the button ------------------------------------------------
+
+function clearErrors() {
+  for (const f of FIELDS) {
+    $(`err-${f}`).textContent = "";
+    $(f).removeAttribute("aria-invalid");
+  }
+  $("err-form").textContent = "";
+}
+
+function fieldOf(loc) {
+  const parts = (loc || []).filter((p) => !["body", "query", "path", "header"].includes(p));
+  return parts.length ? String(parts[0]) : null;
+}
+
+function showError(err) {
+  const form = $("err-form");
+  if (err.status === 401 || err.status === 403) {
+    askForKey(err.message);
+    form.textContent = `API key needed: ${err.message}.`;
+    return;
+  }
+  if (err.status === 422) {
+    let placed = 0;
+    const detail = err.body && Array.isArray(err.body.detail) ? err.body.detail : [];
+    for (const d of detail) {
+      const f = fieldOf(d.loc);
+      if (f && FIELDS.includes(f)) {
+        const slot = $(`err-${f}`);
+        slot.textContent = slot.textContent ? `${slot.textContent}; ${d.msg}` : d.msg;
+        $(f).setAttribute("aria-invalid", "true");
+        placed++;
+      }
+    }
+    form.textContent = `The API rejected the request: ${err.message}`;
+    const first = FIELDS.find((f) => $(f).getAttribute("aria-invalid") === "true");
+    if (first) $(first).focus();
+    return;
+  }
+  const wait = err.retryAfter ? ` Try again in ${err.retryAfter} s.` : "";
+  if (err.status === 429) form.textContent = `The queue is full: ${err.message}.${wait}`;
+  else if (err.status === 503) form.textContent = `The service is not ready: ${err.message}.${wait}`;
+  else if (err.status === 0) form.textContent = `Cannot reach the service: ${err.message}.`;
+  else form.textContent = `Error ${err.status}: ${err.message}`;
+}
+
+// ---- API key ----------------------------------------------------------------------------------
+
+function askForKey(message) {
+  $("key-row").hidden = false;
+  $("err-key").textContent = state.key ? message : "This service needs an API key.";
+  $("api-key").focus();
+}
+
+async function useKey() {
+  state.key = $("api-key").value.trim();
+  if (state.key) sessionStorage.setItem(KEY_STORE, state.key);
+  else sessionStorage.removeItem(KEY_STORE);
+  $("err-key").textContent = "";
+  await loadModels();
+}
+
+// ---- limits, models, readiness --------------------------------------------------------------
+
+function range(schema) {
+  if (!schema) return null;
+  const s = schema.anyOf ? schema.anyOf.find((x) => x.type === "integer") || schema : schema;
+  if (typeof s.minimum !== "number" || typeof s.maximum !== "number") return null;
+  return [s.minimum, s.maximum];
+}
+
+async function loadLimits() {
+  // the request schema in /openapi.json states this deployment's limits (n's maximum is configured)
+  try {
+    const doc = (await api("GET", "/openapi.json")).data;
+    const ref = doc.paths["/v1/generations"].post.requestBody.content["application/json"].schema.$ref;
+    const props = doc.components.schemas[ref.split("/").pop()].properties;
+    for (const f of ["steps", "n", "seed"]) {
+      const r = range(props[f]);
+      if (r) state.limits[f] = r;
+    }
+  } catch (e) {
+    /* keep the defaults; the API still checks every field */
+  }
+  for (const f of ["steps", "n", "seed"]) {
+    const [lo, hi] = state.limits[f];
+    $(f).min = lo;
+    $(f).max = hi;
+    if (f !== "seed") $(`hint-${f}`).textContent = `${lo}–${hi}`;
+  }
+}
+
+function describe(m) {
+  const params = m.parameters >= 1e6 ? `${(m.parameters / 1e6).toFixed(2)}M` : `${Math.round(m.parameters / 1e3)}k`;
+  const head = m.prediction === "x0_eps" ? "dual head (x0 + eps)" : `${m.prediction} prediction`;
+  return `${m.image_size}×${m.image_size}×${m.channels} · ${head} · ${params} parameters`;
+}
+
+async function loadModels() {
+  let models;
+  try {
+    models = (await api("GET", "/v1/models")).data;
+  } catch (err) {
+    if (err.status === 401 || err.status === 403) askForKey(err.message);
+    else $("err-model").textContent = `Cannot list the models: ${err.message}`;
+    return;
+  }
+  $("err-key").textContent = "";
+  if (!state.key) $("key-row").hidden = true;
+  state.models = models;
+  const select = $("model");
+  const previous = select.value;
+  select.replaceChildren(...models.map((m) => new Option(m.name, m.name)));
+  if (models.some((m) => m.name === previous)) select.value = previous;
+  $("err-model").textContent = models.length ? "" : "This service serves no models.";
+  onModel();
+}
+
+function onModel() {
+  const m = state.models.find((x) => x.name === $("model").value);
+  $("model-info").textContent = m ? describe(m) : "";
+  const solver = $("solver");
+  const previous = solver.value || "rk4";
+  const names = m ? m.solvers : Object.keys(STAGES);
+  solver.replaceChildren(...names.map((s) => new Option(s, s)));
+  solver.value = names.includes(previous) ? previous : names[0];
+  updateHint();
+}
+
+function updateHint() {
+  const steps = Number($("steps").value);
+  const stages = STAGES[$("solver").value];
+  $("nfe-hint").textContent = Number.isInteger(steps) && steps > 0 && stages ? `${steps * stages} NFE per image` : "";
+}
+
+async function checkReady() {
+  const el = $("ready");
+  let again = 10000;
+  try {
+    const r = await fetch("/readyz", { headers: { Accept: "application/json" } });
+    const body = await r.json();
+    el.dataset.state = r.ok ? "ready" : "not-ready";
+    el.textContent = r.ok ? `ready · ${body.mode}` : `not ready: ${body.reason || "unknown"}`;
+    if (!r.ok) again = 2000;
+  } catch (e) {
+    el.dataset.state = "down";
+    el.textContent = "unreachable";
+    again = 3000;
+  }
+  setTimeout(checkReady, again);
+}
+
+// ---- generations ------------------------------------------------------------------------------
+
+function intOrRaw(value) {
+  // the API is the judge: send what was typed (as a number when it is one) and show its answer
+  if (value.trim() === "") return undefined;
+  const x = Number(value);
+  return Number.isFinite(x) ? x : value;
+}
+
+function requestBody() {
+  const body = { model: $("model").value || undefined, steps: intOrRaw($("steps").value), solver: $("solver").value };
+  const seed = intOrRaw($("seed").value);
+  if (seed !== undefined) body.seed = seed;
+  const n = intOrRaw($("n").value);
+  if (n !== undefined) body.n = n;
+  return body;
+}
+
+function el(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+
+function ms(x) {
+  if (x >= 10000) return `${(x / 1000).toFixed(1)} s`;
+  if (x >= 1000) return `${(x / 1000).toFixed(2)} s`;
+  if (x >= 10) return `${Math.round(x)} ms`;
+  return `${x.toFixed(1)} ms`;
+}
+
+function scaleFor(model) {
+  const size = model ? model.image_size : 28;
+  return Math.max(1, Math.floor(112 / size));
+}
+
+function newCard(gen, model) {
+  const card = el("article", "run");
+  card.dataset.id = gen.id;
+  card.dataset.status = gen.status;
+  const head = el("header");
+  head.append(el("span", "title", gen.model));
+  const last = (gen.seed + gen.n - 1) % 4294967296;
+  const seeds = gen.n > 1 ? `seeds ${gen.seed}–${last}` : `seed ${gen.seed}`;
+  head.append(el("span", "facts", `${gen.solver} · ${gen.steps} steps · ${gen.nfe} NFE per image · ${seeds}`));
+  head.append(el("span", "status", gen.status));
+  card.append(head, el("p", "run-error"), el("div", "latency"));
+  const grid = el("div", "grid");
+  const side = (model ? model.image_size : 28) * scaleFor(model);
+  for (let k = 0; k < gen.n; k++) {
+    const fig = el("figure");
+    const ph = el("div", "placeholder");
+    ph.style.width = `${side}px`;
+    ph.style.height = `${side}px`;
+    fig.append(ph, el("figcaption", null, `seed ${(gen.seed + k) % 4294967296}`));
+    grid.append(fig);
+  }
+  card.append(grid);
+  $("empty").hidden = true;
+  $("results").prepend(card);
+  return card;
+}
+
+function renderLatency(box, m) {
+  const parts = [["queue", m.queue_ms, "queue"], ["sample", m.sample_ms, "sampling"], ["encode", m.encode_ms, "encoding"]];
+  const other = Math.max(0, m.total_ms - m.queue_ms - m.sample_ms - m.encode_ms);
+  if (other > 0.01 * m.total_ms) parts.push(["other", other, "other"]);
+  const bar = el("div", "bar");
+  bar.title = `total ${ms(m.total_ms)}`;
+  const legend = el("div", "legend");
+  for (const [cls, value, label] of parts) {
+    const seg = el("span", cls);
+    seg.style.width = `${m.total_ms > 0 ? (100 * value) / m.total_ms : 0}%`;
+    seg.title = `${label} ${ms(value)}`;
+    bar.append(seg);
+    legend.append(el("span", cls, `${label} ${ms(value)}`));
+  }
+  legend.append(el("span", "total", `total ${ms(m.total_ms)}`));
+  const batches = [...new Set(m.batch_sizes || [])].sort((a, b) => a - b);
+  const batch = batches.length ? ` · batch ${batches.length > 2 ? `${batches[0]}–${batches.at(-1)}` : batches.join(", ")}` : "";
+  legend.append(el("span", "device", `${m.device} · ${m.worker}${batch}`));
+  box.replaceChildren(bar, legend);
+}
+
+function renderImages(card, gen, model) {
+  const scale = scaleFor(model);
+  const grid = card.querySelector(".grid");
+  const figs = gen.images.map((im) => {
+    const fig = el("figure");
+    const img = el("img", "sample");
+    img.alt = `${gen.model} image ${im.index}, seed ${im.seed}`;
+    img.title = `seed ${im.seed}: click to use this seed (n = 1 gives this image again)`;
+    img.dataset.seed = String(im.seed);
+    img.dataset.index = String(im.index);
+    img.addEventListener("load", () => {
+      img.style.width = `${img.naturalWidth * scale}px`;
+      img.style.height = `${img.naturalHeight * scale}px`;
+    });
+    img.addEventListener("click", () => {
+      $("seed").value = String(im.seed);
+      $("n").value = "1";
+      updateHint();
+    });
+    img.src = `data:image/png;base64,${im.png_base64}`;
+    fig.append(img, el("figcaption", null, `seed ${im.seed}`));
+    return fig;
+  });
+  grid.replaceChildren(...figs);
+}
+
+function finish(card, gen, model, elapsed) {
+  card.dataset.status = gen.status;
+  const status = card.querySelector(".status");
+  if (gen.status === "finished") {
+    status.textContent = `done in ${ms(gen.metrics ? gen.metrics.total_ms : elapsed)}`;
+    if (gen.metrics) renderLatency(card.querySelector(".latency"), gen.metrics);
+    renderImages(card, gen, model);
+  } else {
+    status.textContent = "failed";
+    card.querySelector(".run-error").textContent = gen.error || "the generation failed";
+    card.querySelector(".grid").replaceChildren();
+  }
+}
+
+const sleep = (t) => new Promise((resolve) => setTimeout(resolve, t));
+
+async function follow(card, gen, model) {
+  const started = performance.now();
+  let interval = 100;
+  const status = card.querySelector(".status");
+  while (gen.status !== "finished" && gen.status !== "failed") {
+    await sleep(interval);
+    interval = Math.min(1000, interval * 1.4);
+    try {
+      gen = (await api("GET", `/v1/generations/${gen.id}`)).data;
+      card.querySelector(".run-error").textContent = "";
+    } catch (err) {
+      if (err.status === 404 || err.status === 401 || err.status === 403) {
+        gen = { ...gen, status: "failed", error: err.message };
+        break;
+      }
+      card.querySelector(".run-error").textContent = `polling: ${err.message} (retrying)`;
+      interval = Math.max(interval, 1000 * (Number(err.retryAfter) || 1));
+      continue;
+    }
+    card.dataset.status = gen.status;
+    status.textContent = `${gen.status} · ${ms(performance.now() - started)}`;
+  }
+  finish(card, gen, model, performance.now() - started);
+}
+
+async function submit(event) {
+  event.preventDefault();
+  clearErrors();
+  const button = $("generate");
+  button.disabled = true;
+  const model = state.models.find((m) => m.name === $("model").value);
+  let gen;
+  try {
+    gen = (await api("POST", "/v1/generations", requestBody())).data;
+  } catch (err) {
+    showError(err);
+    return;
+  } finally {
+    button.disabled = false;
+  }
+  const card = newCard(gen, model);
+  follow(card, gen, model);
+}
+
+// ---- start ------------------------------------------------------------------------------------
+
+function start() {
+  $("form").addEventListener("submit", submit);
+  $("model").addEventListener("change", onModel);
+  $("steps").addEventListener("input", updateHint);
+  $("solver").addEventListener("change", updateHint);
+  $("key-use").addEventListener("click", useKey);
+  $("api-key").addEventListener("keydown", (e) => {
+    if (e.key === "Enter") {
+      e.preventDefault();
+      useKey();
+    }
+  });
+  if (state.key) {
+    $("api-key").value = state.key;
+    $("key-row").hidden = false;
+  }
+  checkReady();
+  Promise.all([loadLimits(), loadModels()]).then(() => document.body.classList.add("loaded"));
+}
+
+start();
