@@ -1,13 +1,16 @@
-"""`arcdiff generate`: sample a grid of images locally, no server."""
+"""`arcdiff generate`: sample a grid of images locally, or ask a running service (`--url`)."""
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 
 HELP = """Sample N images with a model and write them as one grid PNG.
 
-Image k uses seed (SEED + k) mod 2^32, the same images the API returns for that request."""
+Image k uses seed (SEED + k) mod 2^32, the same images the API returns for that request.
+With --url the images come from a running service (service.client) instead of local sampling."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,10 +27,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, mps, cuda or cuda:N (default auto)")
     p.add_argument("--model-dir", metavar="DIR", help="folder of model folders (default ARCDIFF_MODEL_DIR or bundled)")
     p.add_argument("--batch", type=int, default=64, metavar="B", help="images per network evaluation (default 64)")
+    p.add_argument("--url", metavar="URL", help="ask the service at URL (e.g. http://localhost:8000) instead of "
+                   "sampling locally; --device, --model-dir and --batch then do not apply")
+    p.add_argument("--api-key", metavar="KEY", default=os.environ.get("ARCDIFF_API_KEY") or None,
+                   help="with --url: the service's API key (default ARCDIFF_API_KEY)")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="S",
+                   help="with --url: seconds to wait for the images, retries included (default 600)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.url:
+        return run_remote(args)
     import time
 
     import torch
@@ -68,4 +79,42 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {args.n} images of {args.model} ({'x'.join(map(str, loaded.image_shape))}), "
           f"{args.solver} {args.steps} steps = {nfe(args.solver, args.steps)} NFE each, seeds "
           f"{image_seed(args.seed, 0)}..{image_seed(args.seed, args.n - 1)}, {time.perf_counter() - t0:.2f} s on {device}")
+    return 0
+
+
+def pil_grid(images: list, nrow: int | None = None, pad: int = 2):
+    """PIL images -> one grid image, laid out like worker.encode.grid (black background, `pad` px)."""
+    from PIL import Image
+
+    w, h = images[0].size
+    nrow = nrow or max(1, math.ceil(math.sqrt(len(images))))
+    rows = math.ceil(len(images) / nrow)
+    out = Image.new(images[0].mode, (nrow * (w + pad) + pad, rows * (h + pad) + pad))
+    for i, im in enumerate(images):
+        r, col = divmod(i, nrow)
+        out.paste(im, (pad + col * (w + pad), pad + r * (h + pad)))
+    return out
+
+
+def run_remote(args: argparse.Namespace) -> int:
+    """`--url`: the same grid, made from the service's images (no torch in this process)."""
+    from service.client import ArcdiffError, Client
+
+    if args.n < 1:
+        print("arcdiff generate: -n must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        with Client(args.url, api_key=args.api_key) as client:
+            result = client.generate(args.model, args.steps, args.solver, seed=args.seed, n=args.n,
+                                     timeout=args.timeout)
+    except ArcdiffError as e:
+        print(f"arcdiff generate: {args.url}: {e}", file=sys.stderr)
+        return 1
+    pil_grid(result.pil_images, args.nrow).save(args.out, format="PNG")
+    m = result.metrics
+    print(f"wrote {args.out}: {result.n} images of {result.model} from {args.url}, {result.solver} {result.steps} "
+          f"steps = {result.nfe} NFE each, seeds {result.seeds[0]}..{result.seeds[-1]}; queue "
+          f"{m.get('queue_ms', 0):.0f} ms, sampling {m.get('sample_ms', 0):.0f} ms, encoding "
+          f"{m.get('encode_ms', 0):.0f} ms, total {m.get('total_ms', 0):.0f} ms on {m.get('device', '?')}"
+          + (f" ({result.retries} retries)" if result.retries else ""))
     return 0
