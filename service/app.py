@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from model.registry import ModelInfo, ModelRegistry
 from service.api.routes import generations, health, models, playground
+from service.api.deps import key_digests
 from service.backend import Backend
+from service.limits import BodyLimitMiddleware
 from service.metrics import REJECTED, MetricsMiddleware, init_generation_series, init_route_series
 from service.schemas import generation_request
 from service.settings import Settings
@@ -64,7 +68,29 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     message = "; ".join(f"{_field(e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in errors)
     if request.method == "POST" and request.url.path.rstrip("/") == generations.PREFIX:
         REJECTED.labels("invalid").inc()
-    return JSONResponse({"message": message, "detail": jsonable_encoder(errors)}, status_code=422)
+    return JSONResponse({"message": message, "detail": _json_safe(jsonable_encoder(errors))}, status_code=422)
+
+
+def _json_safe(value: object) -> object:
+    """Echoed inputs as strict JSON: a non-finite number (1e999 parses as inf) becomes its string."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
+
+
+def make_limiter(settings: Settings, backend: Backend):
+    """The per-caller images-per-minute limiter: in Redis when Redis is used, else in memory."""
+    if not settings.rate_limit_images_per_min:
+        return None
+    from service.ratelimit import MemoryLimiter, RedisLimiter
+
+    if settings.embedded:
+        return MemoryLimiter(settings.rate_limit_images_per_min)
+    return RedisLimiter(settings.rate_limit_images_per_min, backend.redis)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -84,6 +110,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="arcdiff", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.backend = backend
+    app.state.key_digests = key_digests(settings.api_keys)
+    app.state.limiter = make_limiter(settings, backend)
+    # outermost last: metrics see every answer, the body guard's 413/415 included
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-API-Key", "Accept"],
+            expose_headers=["Location", "Retry-After", "Server-Timing", "X-Generation-Id", "X-Seed"],
+        )
     app.add_middleware(MetricsMiddleware)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.include_router(generations.build_router(generation_request(list(served), settings.max_images)))
