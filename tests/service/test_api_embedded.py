@@ -219,7 +219,7 @@ def test_queue_full_is_429_with_retry_after(model_dir):
 def test_api_keys(model_dir):
     with one_thread(), make_client(model_dir, api_keys="k1,k2") as c:
         assert c.get("/v1/models").status_code == 401
-        assert c.get("/v1/models", headers={"authorization": "Bearer nope"}).status_code == 401
+        assert c.get("/v1/models", headers={"authorization": "Bearer nope"}).status_code == 403
         assert c.get("/v1/models", headers={"authorization": "Bearer k2"}).status_code == 200
         assert c.get("/v1/models", headers={"x-api-key": "k1"}).status_code == 200
         assert c.get("/healthz").status_code == 200

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from service.api.deps import BackendDep, SettingsDep, require_api_key
 from service.backend import Generation, Rejected
 from service.metrics import GENERATIONS, REJECTED
+from service.ratelimit import RateLimited
 from service.schemas import ErrorOut, GenerationOut, GenerationRequest, ImageOut, LatencyOut, ValidationErrorOut
 from worker.jobs import SEED_MAX, GenerationSpec, JobMetrics
 from model.solvers import nfe as solver_nfe
@@ -87,10 +88,14 @@ _CREATE_RESPONSES = {
                          "'Accept: image/png' and n=1, the PNG itself with a Server-Timing header",
           "content": {"image/png": {}}},
     202: {"description": "accepted (or wait=true and not done within the server's wait timeout): poll its url"},
-    401: {"model": ErrorOut, "description": "API keys are configured and the request has none that matches"},
+    401: {"model": ErrorOut, "description": "API keys are configured and the request has none"},
+    403: {"model": ErrorOut, "description": "the API key matches none configured"},
     406: {"model": ErrorOut, "description": "only image/png accepted, but the request is not wait=true with n=1"},
+    413: {"model": ErrorOut, "description": "the body is larger than the server's limit"},
+    415: {"model": ErrorOut, "description": "the body is not JSON (Content-Type: application/json)"},
     422: {"model": ValidationErrorOut, "description": "an invalid field; the message names it"},
-    429: {"model": ErrorOut, "description": "the model's queue is full; retry after Retry-After seconds"},
+    429: {"model": ErrorOut, "description": "the model's queue is full, or the key's images-per-minute limit is "
+                                            "reached; retry after Retry-After seconds"},
     500: {"model": GenerationOut, "description": "'Accept: image/png' and the generation failed (error says why)"},
     503: {"model": ErrorOut, "description": "not ready (models loading, Redis unreachable or no worker for the model)"},
 }
@@ -117,11 +122,22 @@ def build_router(request_model: type[GenerationRequest]) -> APIRouter:
         seed = body.seed if body.seed is not None else secrets.randbelow(SEED_MAX + 1)
         spec = GenerationSpec(id=uuid.uuid4().hex, model=body.model, steps=body.steps, solver=body.solver,
                               seed=seed, n=body.n, submitted_at=time.time())
+        limiter, caller = request.app.state.limiter, getattr(request.state, "client_id", "anonymous")
         try:
-            await backend.submit(spec)
+            if limiter is not None:
+                await limiter.take(caller, spec.n)
+            try:
+                await backend.submit(spec)
+            except Rejected:
+                if limiter is not None:
+                    await limiter.give_back(caller, spec.n)
+                raise
         except Rejected as e:
             REJECTED.labels(e.reason).inc()
             return _error(e.status_code, str(e), headers={"Retry-After": str(e.retry_after)})
+        except RateLimited as e:
+            REJECTED.labels("rate_limited").inc()
+            return _error(status.HTTP_429_TOO_MANY_REQUESTS, str(e), headers={"Retry-After": str(e.retry_after)})
         location = {"Location": generation_url(spec.id)}
         if not body.wait:
             GENERATIONS.labels(spec.model, spec.solver, "queued").inc()
@@ -139,7 +155,8 @@ def build_router(request_model: type[GenerationRequest]) -> APIRouter:
         return _json(gen, status.HTTP_200_OK, location)
 
     @router.get("/{gen_id}", response_model=GenerationOut, summary="Read a generation",
-                responses={401: {"model": ErrorOut, "description": "API keys are configured and none matches"},
+                responses={401: {"model": ErrorOut, "description": "API keys are configured and the request has none"},
+                           403: {"model": ErrorOut, "description": "the API key matches none configured"},
                            404: {"model": ErrorOut, "description": "unknown or expired id"},
                            503: {"model": ErrorOut, "description": "the queue is unreachable"}})
     async def read_generation(gen_id: str, backend: BackendDep) -> Response:
@@ -149,6 +166,8 @@ def build_router(request_model: type[GenerationRequest]) -> APIRouter:
 
     @router.get("/{gen_id}/images/{k}.png", summary="One image as PNG",
                 responses={200: {"content": {"image/png": {}}, "description": "the PNG"},
+                           401: {"model": ErrorOut, "description": "API keys are configured and the request has none"},
+                           403: {"model": ErrorOut, "description": "the API key matches none configured"},
                            404: {"model": ErrorOut, "description": "unknown id, or no image k"},
                            409: {"model": ErrorOut, "description": "the generation is not finished"}},
                 response_class=Response)

@@ -1,13 +1,13 @@
-"""GET /healthz (process alive), /readyz (able to serve), /metrics (Prometheus)."""
+"""GET /healthz (process alive), /readyz (able to serve), /metrics (Prometheus; needs a key when keys are set)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 
-from service.api.deps import BackendDep
+from service.api.deps import BackendDep, require_api_key
 from service.metrics import render
-from service.schemas import HealthOut, ReadyOut
+from service.schemas import ErrorOut, HealthOut, ReadyOut
 
 router = APIRouter(tags=["health"])
 
@@ -26,8 +26,10 @@ async def readyz(backend: BackendDep) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
-            responses={200: {"content": {"text/plain": {}}}})
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response, dependencies=[Depends(require_api_key)],
+            responses={200: {"content": {"text/plain": {}}},
+                       401: {"model": ErrorOut, "description": "API keys are configured and the request has none"},
+                       403: {"model": ErrorOut, "description": "the API key matches none configured"}})
 async def metrics(backend: BackendDep) -> Response:
     await backend.scrape()
     data, content_type = render()

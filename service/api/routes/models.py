@@ -12,7 +12,8 @@ router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(r
 
 
 @router.get("", response_model=list[ModelOut], summary="List the served models",
-            responses={401: {"model": ErrorOut, "description": "API keys are configured and none matches"}})
+            responses={401: {"model": ErrorOut, "description": "API keys are configured and the request has none"},
+                       403: {"model": ErrorOut, "description": "the API key matches none configured"}})
 async def list_models(backend: BackendDep) -> list[ModelOut]:
     """Each model's image shape, prediction type, parameter count and the solvers it takes."""
     return [
