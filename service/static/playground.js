@@ -12,6 +12,7 @@ const state = {
   key: sessionStorage.getItem(KEY_STORE) || "",
   models: [],
   limits: { steps: [1, 1000], n: [1, 16], seed: [0, 4294967295] },
+  limitsLoaded: false,
 };
 
 class ApiError extends Error {
@@ -130,8 +131,9 @@ async function loadLimits() {
       const r = range(props[f]);
       if (r) state.limits[f] = r;
     }
+    state.limitsLoaded = true;
   } catch (e) {
-    /* keep the defaults; the API still checks every field */
+    /* keep the defaults (tried again once a key works); the API still checks every field */
   }
   for (const f of ["steps", "n", "seed"]) {
     const [lo, hi] = state.limits[f];
@@ -158,6 +160,7 @@ async function loadModels() {
   }
   $("err-key").textContent = "";
   if (!state.key) $("key-row").hidden = true;
+  if (!state.limitsLoaded) await loadLimits();
   state.models = models;
   const select = $("model");
   const previous = select.value;
