@@ -1,0 +1,230 @@
+"""The playground (GET /) driven in a real headless browser: Debian's chromium + chromium-driver via
+selenium, against `arcdiff serve` (embedded mode, tiny models, API keys on) under uvicorn.
+
+Set ARCDIFF_SCREENSHOT=docs/playground.png to (re)make the README's screenshot; it uses the bundled
+`mnist` model when model/weights/mnist exists, else the tiny one. Without it the screenshot goes to
+the test's tmp folder.
+"""
+
+import base64
+import os
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from servicekit import REPO, free_port, start_api, stop, wait_until
+
+pytestmark = pytest.mark.timeout(240)
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+KEY = "playground-test-key"
+SCREENSHOT = os.environ.get("ARCDIFF_SCREENSHOT", "")
+BUNDLED_MNIST = REPO / "model" / "weights" / "mnist"
+
+
+def _need_browser():
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).exists()]
+    if missing:
+        pytest.skip(f"no headless browser: {', '.join(missing)} missing "
+                    "(apt-get install --no-install-recommends chromium chromium-driver)")
+
+
+@pytest.fixture(scope="module")
+def service(model_dir, tmp_path_factory):
+    """`arcdiff serve` in embedded mode with API keys; the model the page should pick."""
+    _need_browser()
+    logs = tmp_path_factory.mktemp("playground")
+    nice = bool(SCREENSHOT) and (BUNDLED_MNIST / "config.json").exists()
+    folder, model = (BUNDLED_MNIST.parent, "mnist") if nice else (model_dir, "tiny")
+    port = free_port()
+    api = start_api(port, folder, logs / "api.log", ARCDIFF_API_KEYS=KEY, ARCDIFF_MAX_BATCH="16",
+                    ARCDIFF_TORCH_THREADS="1")
+    base = f"http://127.0.0.1:{port}"
+    http = httpx.Client(base_url=base, timeout=60)
+
+    def ready():
+        if api.poll() is not None:
+            raise RuntimeError(f"API exited with {api.returncode}:\n{(logs / 'api.log').read_text()[-3000:]}")
+        try:
+            return http.get("/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(ready, 90, "the API to be ready", interval=0.2)
+    yield {"base": base, "http": http, "model": model, "logs": logs}
+    http.close()
+    stop(api)
+
+
+@pytest.fixture(scope="module")
+def browser(service, tmp_path_factory):
+    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must never download a driver or browser
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--hide-scrollbars", "--force-device-scale-factor=1", f"--user-data-dir={profile}",
+                "--window-size=1280,860"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER,
+                                              log_output=str(service["logs"] / "chromedriver.log")), options=opts)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def js(driver, script, *args):
+    return driver.execute_script(script, *args)
+
+
+def set_value(driver, element_id, value):
+    el = driver.find_element("id", element_id)
+    el.clear()
+    if value != "":
+        el.send_keys(str(value))
+
+
+def wait_for(driver, script, what, timeout=60, *args):
+    return wait_until(lambda: js(driver, script, *args), timeout, what, interval=0.1)
+
+
+def generate(driver, model, steps, solver, seed, n, timeout=120):
+    """Fill the form, press Generate, wait until the new result card has rendered n images."""
+    before = js(driver, "return document.querySelectorAll('article.run').length")
+    from selenium.webdriver.support.select import Select
+
+    Select(driver.find_element("id", "model")).select_by_value(model)
+    set_value(driver, "steps", steps)
+    Select(driver.find_element("id", "solver")).select_by_value(solver)
+    set_value(driver, "seed", seed)
+    set_value(driver, "n", n)
+    driver.find_element("id", "generate").click()
+    wait_for(driver, "return document.querySelectorAll('article.run').length > arguments[0]", "a result card",
+             10, before)
+    card = driver.find_element("css selector", "article.run")
+    wait_until(lambda: card.get_attribute("data-status") in ("finished", "failed"), timeout, "the generation",
+               interval=0.1)
+    assert card.get_attribute("data-status") == "finished", card.text
+    done = """const imgs = [...arguments[0].querySelectorAll('img.sample')];
+              return imgs.length === arguments[1] && imgs.every((i) => i.complete && i.naturalWidth > 0
+                     && i.getBoundingClientRect().width > i.naturalWidth);"""
+    wait_for(driver, done, "the images to render", 10, card, n)
+    return card
+
+
+def test_page_is_static_and_needs_no_key(service):
+    http = service["http"]
+    r = http.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in r.headers["content-security-policy"]
+    for name, kind in (("playground.js", "text/javascript"), ("playground.css", "text/css")):
+        a = http.get(f"/static/{name}")
+        assert a.status_code == 200 and a.headers["content-type"].startswith(kind)
+        assert "http://" not in a.text and "https://" not in a.text  # nothing from other hosts
+    assert "http://" not in r.text and "https://" not in r.text
+    assert http.get("/static/../app.py").status_code == 404
+    assert http.get("/static/index.htm").status_code == 404
+    assert http.get("/v1/models").status_code == 401  # the API itself still needs the key
+    assert "/" not in http.get("/openapi.json").json()["paths"]
+
+
+def test_playground_in_a_real_browser(service, browser, tmp_path):
+    driver, model, http = browser, service["model"], service["http"]
+    driver.get(service["base"] + "/")
+
+    # API keys are configured: the page asks for one, then lists the models
+    wait_for(driver, "return !document.getElementById('key-row').hidden", "the page to ask for a key", 30)
+    assert "API key" in driver.find_element("id", "err-key").text
+    driver.find_element("id", "api-key").send_keys(KEY)
+    driver.find_element("id", "key-use").click()
+    options = wait_for(driver, "const o = [...document.getElementById('model').options].map((o) => o.value);"
+                               "return o.length ? o : null", "the model list", 30)
+    want = [m["name"] for m in http.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()]
+    assert options == want and model in options
+    assert driver.find_element("id", "err-key").text == ""
+    # inputs limited like the API: the limits come from /openapi.json
+    limits = js(driver, "return ['steps', 'n', 'seed'].map((f) => [document.getElementById(f).min,"
+                        " document.getElementById(f).max])")
+    assert limits == [["1", "1000"], ["1", "16"], ["0", "4294967295"]]
+    assert js(driver, "return [...document.getElementById('solver').options].map((o) => o.value)") == [
+        "euler", "heun", "rk4", "ddim", "ddpm", "dpmpp2m"]
+
+    # four images, each with its seed, the right natural size, scaled up with crisp pixels
+    card = generate(driver, model, 3, "ddim", 7, 4)
+    size = next(m["image_size"] for m in http.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
+                if m["name"] == model)
+    imgs = js(driver, """return [...arguments[0].querySelectorAll('img.sample')].map((i) => ({
+        w: i.naturalWidth, h: i.naturalHeight, shown: i.getBoundingClientRect().width, seed: i.dataset.seed,
+        caption: i.nextElementSibling.textContent, src: i.src,
+        rendering: getComputedStyle(i).imageRendering}))""", card)
+    assert [i["seed"] for i in imgs] == ["7", "8", "9", "10"]
+    assert [i["caption"] for i in imgs] == ["seed 7", "seed 8", "seed 9", "seed 10"]
+    for i in imgs:
+        assert (i["w"], i["h"]) == (size, size)
+        assert i["shown"] >= 4 * size and i["rendering"] == "pixelated"
+    # the very PNGs the API returns for this generation
+    gen_id = card.get_attribute("data-id")
+    body = http.get(f"/v1/generations/{gen_id}", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert [i["src"].split(",", 1)[1] for i in imgs] == [im["png_base64"] for im in body["images"]]
+    text = card.text
+    assert f"{body['nfe']} NFE" in text and "seeds 7–10" in text
+    for label in ("queue", "sampling", "encoding", "total"):
+        assert label in text
+    segments = js(driver, "return [...arguments[0].querySelectorAll('.bar span')].map((s) => s.className)", card)
+    assert segments[:3] == ["queue", "sample", "encode"]
+
+    if SCREENSHOT:  # a fuller picture for the README
+        generate(driver, model, 10, "rk4", 2026, 12 if model == "mnist" else 8)
+    shot = Path(SCREENSHOT) if SCREENSHOT else tmp_path / "playground.png"
+    if not shot.is_absolute():
+        shot = REPO / shot
+    js(driver, "window.scrollTo(0, 0); document.activeElement.blur()")
+    assert driver.save_screenshot(str(shot))
+    assert shot.stat().st_size > 10_000
+    print(f"screenshot: {shot}")
+
+    # an invalid value: the API's 422 message shows beside the field and the button
+    set_value(driver, "steps", 5000)
+    set_value(driver, "n", 99)
+    runs = js(driver, "return document.querySelectorAll('article.run').length")
+    driver.find_element("id", "generate").click()
+    wait_for(driver, "return document.getElementById('err-steps').textContent", "the steps error", 10)
+    api = http.post("/v1/generations", headers={"Authorization": f"Bearer {KEY}"},
+                    json={"model": model, "steps": 5000, "solver": "rk4", "seed": 2026, "n": 99}).json()
+    msg = {e["loc"][-1]: e["msg"] for e in api["detail"]}
+    assert driver.find_element("id", "err-steps").text == msg["steps"] == "Input should be less than or equal to 1000"
+    assert driver.find_element("id", "err-n").text == msg["n"]
+    assert api["message"] in driver.find_element("id", "err-form").text
+    assert js(driver, "return document.getElementById('steps').getAttribute('aria-invalid')") == "true"
+    assert js(driver, "return document.querySelectorAll('article.run').length") == runs  # nothing was queued
+
+    # fixing it clears the messages
+    set_value(driver, "steps", 2)
+    set_value(driver, "n", 1)
+    generate(driver, model, 2, "euler", 5, 1)
+    assert driver.find_element("id", "err-steps").text == "" and driver.find_element("id", "err-form").text == ""
+
+
+def test_wrong_key_is_reported_beside_the_key(service, browser):
+    driver = browser
+    driver.get("about:blank")
+    driver.get(service["base"] + "/")
+    js(driver, "sessionStorage.clear()")
+    driver.refresh()
+    wait_for(driver, "return !document.getElementById('key-row').hidden", "the page to ask for a key", 30)
+    set_value(driver, "api-key", "wrong")
+    driver.find_element("id", "key-use").click()
+    wait_for(driver, "return document.getElementById('err-key').textContent.includes(' ')", "the key error", 10)
+    api = service["http"].get("/v1/models", headers={"Authorization": "Bearer wrong"})
+    assert api.status_code in (401, 403)
+    assert driver.find_element("id", "err-key").text.startswith(api.json()["detail"])
+    assert js(driver, "return document.getElementById('model').options.length") == 0
+
