@@ -90,7 +90,7 @@ function showError(err) {
     return;
   }
   const wait = err.retryAfter ? ` Try again in ${err.retryAfter} s.` : "";
-  if (err.status === 429) form.textContent = `The queue is full: ${err.message}.${wait}`;
+  if (err.status === 429) form.textContent = `Too many requests: ${err.message}.${wait}`;
   else if (err.status === 503) form.textContent = `The service is not ready: ${err.message}.${wait}`;
   else if (err.status === 0) form.textContent = `Cannot reach the service: ${err.message}.`;
   else form.textContent = `Error ${err.status}: ${err.message}`;

@@ -22,6 +22,7 @@ pytestmark = pytest.mark.timeout(240)
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 KEY = "playground-test-key"
+RATE_LIMIT = 48  # images per minute per key: the 429 test below runs into it
 SCREENSHOT = os.environ.get("ARCDIFF_SCREENSHOT", "")
 BUNDLED_MNIST = REPO / "model" / "weights" / "mnist"
 
@@ -42,7 +43,7 @@ def service(model_dir, tmp_path_factory):
     folder, model = (BUNDLED_MNIST.parent, "mnist") if nice else (model_dir, "tiny")
     port = free_port()
     api = start_api(port, folder, logs / "api.log", ARCDIFF_API_KEYS=KEY, ARCDIFF_MAX_BATCH="16",
-                    ARCDIFF_TORCH_THREADS="1")
+                    ARCDIFF_TORCH_THREADS="1", ARCDIFF_RATE_LIMIT_IMAGES_PER_MIN=str(RATE_LIMIT))
     base = f"http://127.0.0.1:{port}"
     http = httpx.Client(base_url=base, timeout=60)
 
@@ -211,6 +212,21 @@ def test_playground_in_a_real_browser(service, browser, tmp_path):
     set_value(driver, "n", 1)
     generate(driver, model, 2, "euler", 5, 1)
     assert driver.find_element("id", "err-steps").text == "" and driver.find_element("id", "err-form").text == ""
+
+
+    # a 429 (here: the key's images-per-minute limit) shows the API's message and Retry-After beside the button
+    set_value(driver, "n", 16)
+    for _ in range(5):  # a minute boundary resets the window: one more try then
+        driver.find_element("id", "generate").click()
+        wait_for(driver, "return !document.getElementById('generate').disabled", "the answer", 10)
+        if driver.find_element("id", "err-form").text:
+            break
+    text = driver.find_element("id", "err-form").text
+    api = http.post("/v1/generations", headers={"Authorization": f"Bearer {KEY}"},
+                    json={"model": model, "steps": 2, "solver": "euler", "n": 16})
+    assert text.startswith("Too many requests: ") and "Try again in" in text, text
+    if api.status_code == 429:  # (unless a new minute began just now)
+        assert api.json()["detail"] in text, text
 
 
 def test_wrong_key_is_reported_beside_the_key(service, browser):
