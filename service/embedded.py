@@ -76,11 +76,16 @@ class EmbeddedBackend:
             return False, "loading models"
         if not self.engine.alive:
             return False, "engine stopped"
+        if self.engine.failed_models:
+            return False, "; ".join(f"model {n} failed to load: {why}" for n, why in self.engine.failed_models.items())
         return True, None
 
     async def submit(self, spec: GenerationSpec) -> None:
         ready, reason = await self.readiness()
-        if not ready:
+        failed = self.engine.failed_models if self.engine is not None else {}
+        if spec.model in failed:
+            raise NotReady(f"model {spec.model} failed to load: {failed[spec.model]}", retry_after=60)
+        if not ready and not failed:  # a model that failed to load does not stop the others
             raise NotReady(reason or "not ready", retry_after=2)
         self._forget_expired()
         if self._queued(spec.model) >= self.settings.queue_limit:

@@ -126,6 +126,11 @@ class RedisBackend:
         except (NoSuchJobError, SpecError, IndexError, TypeError, ValueError):
             return None
         status = _STATUS.get(job.get_status(refresh=False), "queued")
+        waited = time.time() - spec.submitted_at
+        if status == "queued" and waited > self.settings.queue_timeout_s:
+            # no worker took it in time: it is failed whoever takes it later (the worker records it)
+            return Generation(spec, "failed", error=f"expired: waited {waited:.1f} s to start, longer than the queue "
+                                                    f"timeout of {self.settings.queue_timeout_s:g} s (ARCDIFF_QUEUE_TIMEOUT_S)")
         if status == "finished":
             value = job.return_value()
             if value is None:  # result expired between the two reads
@@ -147,11 +152,16 @@ class RedisBackend:
         gen = await self.get(gen_id)
         if gen is None or gen.done:
             return gen
-        # RQ appends every result (success or failure) to a per-job stream: block on it
-        try:
-            await self.aredis.xread({Result.get_key(gen_id): "0-0"}, block=max(1, int(timeout * 1000)))
-        except redis.RedisError as e:
-            log.warning("waiting for %s: %s", gen_id, e)
+        # RQ appends every result (success or failure) to a per-job stream: block on it. A broken
+        # connection (Redis restarted since it was pooled) is retried until the timeout passes.
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                if await self.aredis.xread({Result.get_key(gen_id): "0-0"}, block=max(1, int(left * 1000))):
+                    break
+            except redis.RedisError as e:
+                log.warning("waiting for %s: %s", gen_id, e)
+                await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
         return await self.get(gen_id)
 
     async def queue_depths(self) -> dict[str, int]:

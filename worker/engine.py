@@ -104,6 +104,8 @@ class Engine:
         forwards: Mapping[str, Forward] | None = None,
         job_timeout_s: float | None = None,
         keep_samples: bool = False,
+        queue_timeout_s: float | None = None,
+        failed_models: Mapping[str, str] | None = None,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -112,6 +114,10 @@ class Engine:
         self.buckets = bucket_sizes(max_batch)
         self.worker = worker
         self.job_timeout_s = job_timeout_s
+        # a generation still waiting this long after it was accepted (spec.submitted_at, so time
+        # spent in Redis counts) fails instead of starting
+        self.queue_timeout_s = queue_timeout_s
+        self.failed_models = dict(failed_models or {})  # models that failed to load: name -> why
         self.keep_samples = keep_samples  # also return the float samples (tests, local tools)
         forwards = forwards or {}
         self._runners = {name: _Runner(name, lm, forwards.get(name, lm.denoiser)) for name, lm in models.items()}
@@ -146,6 +152,12 @@ class Engine:
         if spec.model not in self._runners:
             raise ValueError(f"model {spec.model!r} is not loaded here; loaded: {', '.join(self._runners)}")
         fut: Future = Future()
+        expired = self._expired_reason(spec, time.time())
+        if expired:
+            log.warning("generation %s failed: %s", spec.id, expired)
+            m.JOBS.labels(spec.model, "failed").inc()
+            fut.set_exception(GenerationFailed(expired))
+            return fut
         timeout_s = timeout_s if timeout_s is not None else self.job_timeout_s
         deadline = time.monotonic() + timeout_s if timeout_s else None
         task = _Task(spec, fut, deadline, timeout_s)
@@ -295,10 +307,21 @@ class Engine:
         if now < self._next_deadline_check:
             return
         self._next_deadline_check = now + 0.5
+        wall = time.time()
         with self._cond:
             late = [t for t in self._tasks.values() if t.deadline is not None and now > t.deadline]
+            stale = [t for t in self._tasks.values() if t.state == "queued" and self._expired_reason(t.spec, wall)]
         for t in late:
             self._close(t, error=f"timed out after {t.timeout_s:g} s")
+        for t in stale:
+            self._close(t, error=self._expired_reason(t.spec, wall))
+
+    def _expired_reason(self, spec: GenerationSpec, wall: float) -> str | None:
+        waited = wall - spec.submitted_at
+        if self.queue_timeout_s and waited > self.queue_timeout_s:
+            return (f"expired: waited {waited:.1f} s to start, longer than the queue timeout of "
+                    f"{self.queue_timeout_s:g} s (ARCDIFF_QUEUE_TIMEOUT_S)")
+        return None
 
     def _sample_memory(self) -> None:
         """Device memory in use, once a second: CUDA's allocator on a GPU, the process's RSS on CPU."""

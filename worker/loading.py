@@ -53,25 +53,41 @@ def prepare_models(
     amp: str = "none",
     compile_mode: str = "none",
     channels_last: bool = False,
+    failed: dict[str, str] | None = None,
 ) -> dict[str, Prepared]:
-    """Load each model once and build its forward; records load/compile seconds as metrics."""
+    """Load each model once and build its forward; records load/compile seconds as metrics.
+
+    With `failed` given, a model that cannot be loaded is logged (which and why), recorded there
+    and skipped; without it, the first failure raises."""
     out: dict[str, Prepared] = {}
     for name in names:
-        t0 = time.perf_counter()
-        loaded = registry.load(name, device=device, amp_dtype=AMP_DTYPES[amp])
-        load_s = time.perf_counter() - t0
-        m.LOAD.labels(name).set(load_s)
-        forward = _forward_for(loaded.denoiser, channels_last)
-        compile_s = 0.0
-        if compile_mode != "none":
-            t0 = time.perf_counter()
-            forward = torch.compile(forward, mode=None if compile_mode == "default" else compile_mode, dynamic=False)
-            _warm_up(forward, loaded.image_shape, device, bucket_sizes(max_batch))
-            compile_s = time.perf_counter() - t0
-        m.COMPILE.labels(name).set(compile_s)
-        log.info("loaded %s on %s in %.2f s (compile %.2f s)", name, device, load_s, compile_s)
-        out[name] = Prepared(loaded, forward, load_s, compile_s)
+        if failed is None:
+            out[name] = _prepare(registry, name, device, max_batch, amp, compile_mode, channels_last)
+            continue
+        try:
+            out[name] = _prepare(registry, name, device, max_batch, amp, compile_mode, channels_last)
+        except Exception as e:  # damaged weights, wrong architecture, out of memory, a failed compile
+            failed[name] = f"{type(e).__name__}: {e}"
+            log.error("model %s failed to load, not serving it: %s", name, failed[name])
     return out
+
+
+def _prepare(registry: ModelRegistry, name: str, device: torch.device, max_batch: int, amp: str, compile_mode: str,
+             channels_last: bool) -> Prepared:
+    t0 = time.perf_counter()
+    loaded = registry.load(name, device=device, amp_dtype=AMP_DTYPES[amp])
+    load_s = time.perf_counter() - t0
+    m.LOAD.labels(name).set(load_s)
+    forward = _forward_for(loaded.denoiser, channels_last)
+    compile_s = 0.0
+    if compile_mode != "none":
+        t0 = time.perf_counter()
+        forward = torch.compile(forward, mode=None if compile_mode == "default" else compile_mode, dynamic=False)
+        _warm_up(forward, loaded.image_shape, device, bucket_sizes(max_batch))
+        compile_s = time.perf_counter() - t0
+    m.COMPILE.labels(name).set(compile_s)
+    log.info("loaded %s on %s in %.2f s (compile %.2f s)", name, device, load_s, compile_s)
+    return Prepared(loaded, forward, load_s, compile_s)
 
 
 def _forward_for(denoiser: torch.nn.Module, channels_last: bool) -> Forward:

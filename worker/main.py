@@ -31,15 +31,24 @@ def build_engine(settings: WorkerSettings, models: list[str], worker_name: str =
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     registry = ModelRegistry(settings.model_dir)
-    unknown = [name for name in models if name not in registry.models]
+    # a folder whose config.json cannot be read is in registry.errors: it failed to load, it is not unknown
+    unknown = [name for name in models if name not in registry.models and name not in registry.errors]
     if unknown:
         known = ", ".join(registry.names()) or "none"
         raise WorkerSetupError(f"unknown model(s) {', '.join(unknown)} in {registry.root}; known: {known}")
     if not models:
         raise WorkerSetupError(f"no models to serve in {registry.root}")
     device = resolve_device(settings.device)
-    prepared = prepare_models(registry, models, device, settings.max_batch, settings.amp, settings.compile,
-                              settings.channels_last)
+    failed: dict[str, str] = {}
+    for name in models:
+        if name in registry.errors:
+            failed[name] = registry.errors[name]
+            log.error("model %s failed to load, not serving it: %s", name, failed[name])
+    loadable = [name for name in models if name not in failed]
+    prepared = prepare_models(registry, loadable, device, settings.max_batch, settings.amp, settings.compile,
+                              settings.channels_last, failed=failed)
+    if not prepared:
+        raise WorkerSetupError("no model could be loaded: " + "; ".join(f"{n}: {why}" for n, why in failed.items()))
     return Engine(
         {name: p.loaded for name, p in prepared.items()},
         device=device,
@@ -48,6 +57,8 @@ def build_engine(settings: WorkerSettings, models: list[str], worker_name: str =
         worker=worker_name,
         forwards={name: p.forward for name, p in prepared.items()},
         job_timeout_s=settings.job_timeout_s,
+        queue_timeout_s=settings.queue_timeout_s,
+        failed_models=failed,
     )
 
 
@@ -78,7 +89,10 @@ def run_worker(settings: WorkerSettings, models: list[str]) -> int:
         maintenance_interval=settings.maintenance_s,
     )
     engine.start()
-    log.info("worker %s serving %s on %s (max batch %d)", name, ", ".join(models), engine.device, engine.max_batch)
+    log.info("worker %s serving %s on %s (max batch %d)", name, ", ".join(engine.models), engine.device, engine.max_batch)
+    for model, why in engine.failed_models.items():
+        log.error("worker %s does NOT serve %s (failed to load: %s); its jobs stay queued for other workers",
+                  name, model, why)
     try:
         worker.work(logging_level=settings.log_level)
     finally:

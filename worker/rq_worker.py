@@ -39,6 +39,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 from rq.worker.base import signal_name
+from rq.worker_registration import REDIS_WORKER_KEYS
 
 from worker import metrics as m
 from worker.engine import Engine
@@ -129,6 +130,7 @@ class BatchingWorker(SimpleWorker):
                 return None
             try:
                 self.heartbeat()
+                self._ensure_registered()
                 self._update_state()
                 if self.should_run_maintenance_tasks:
                     self.run_maintenance_tasks()
@@ -154,6 +156,16 @@ class BatchingWorker(SimpleWorker):
                 self.reorder_queues(reference_queue=queue)
                 log.info("worker %s: %s: took job %s", self.name, queue.name, job.id)
                 return job, queue
+
+    def _ensure_registered(self) -> None:
+        """Register again if Redis lost this worker (restarted without persistence, or flushed):
+        otherwise the API would see no worker for these models and answer 503 forever."""
+        if self.connection.sismember(REDIS_WORKER_KEYS, self.key):
+            return
+        log.warning("worker %s: not registered in Redis any more (Redis restarted?): registering again", self.name)
+        self.connection.delete(self.key)
+        self.register_birth()
+        self._state = "starting"  # so _update_state writes the real one again
 
     def request_stop(self, signum: int, frame: Any) -> None:
         """First SIGTERM/SIGINT: stop taking jobs, drain (see teardown). Only sets flags: a signal

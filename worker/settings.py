@@ -48,6 +48,9 @@ class WorkerSettings(BaseSettings):
     result_ttl_s: int = Field(3600, ge=1, description="seconds a finished generation is kept")
     failure_ttl_s: int = Field(86400, ge=1, description="seconds a failed generation is kept")
     job_timeout_s: int = Field(600, ge=1, description="a generation running longer than this fails")
+    queue_timeout_s: float = Field(
+        900.0, gt=0, description="a generation still waiting to start this many seconds after it was accepted fails"
+    )
     retries: int = Field(1, ge=0, le=10, description="times a generation abandoned by a dead worker is run again")
     heartbeat_s: float = Field(10.0, gt=0, description="seconds between heartbeats of the jobs a worker holds")
     maintenance_s: int = Field(30, ge=1, description="seconds between a worker's RQ registry clean-ups")

@@ -1,0 +1,210 @@
+"""Failures with real processes: a model that fails to load, results kept for their TTL, jobs that
+wait too long, the per-key limit shared through Redis, and Redis killed (-9) and restarted on
+the same port while the API and a worker run. Tests run in file order; the restart is last."""
+
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+
+import httpx
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from rq import Queue, Worker
+from rq.command import send_stop_job_command
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from servicekit import REDIS_SERVER, free_port, start_worker, stop, wait_until, wait_workers
+from worker.jobs import TASK, GenerationSpec
+
+pytestmark = pytest.mark.timeout(400)
+
+RESULT_TTL_S = 6
+QUEUE_TIMEOUT_S = 5
+
+
+class RestartableRedis:
+    """A redis-server on a fixed free port that can be killed and started again on that port."""
+
+    def __init__(self, workdir):
+        self.port, self.workdir = free_port(), workdir
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.client = redis.Redis(port=self.port)
+        self.start()
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def up():
+            try:
+                return self.client.ping()
+            except redis.ConnectionError:
+                return False
+
+        wait_until(up, 20, "redis-server")
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+def make_broken_model_dir(model_dir, folder):
+    """tiny and tiny-eps, plus 'broken': tiny's config.json with tiny-eps's (one-head) weights."""
+    for name in ("tiny", "tiny-eps"):
+        shutil.copytree(model_dir / name, folder / name)
+    (folder / "broken").mkdir()
+    shutil.copy(model_dir / "tiny" / "config.json", folder / "broken" / "config.json")
+    shutil.copy(model_dir / "tiny-eps" / "model.safetensors", folder / "broken" / "model.safetensors")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def stack(model_dir, tmp_path_factory):
+    from conftest import Api
+
+    logs = tmp_path_factory.mktemp("failures")
+    server = RestartableRedis(logs)
+    worker_models = make_broken_model_dir(model_dir, tmp_path_factory.mktemp("wmodels"))
+    api = Api(model_dir, logs / "api.log", redis_url=server.url, ARCDIFF_RESULT_TTL_S=str(RESULT_TTL_S),
+              ARCDIFF_QUEUE_TIMEOUT_S=str(QUEUE_TIMEOUT_S), ARCDIFF_READY_CACHE_S="0.5", ARCDIFF_WAIT_TIMEOUT_S="60")
+    w = start_worker(server.url, worker_models, logs / "worker.log", models=("tiny", "tiny-eps", "broken"), max_batch=4,
+                     ARCDIFF_QUEUE_TIMEOUT_S=str(QUEUE_TIMEOUT_S), ARCDIFF_HEARTBEAT_S="1", ARCDIFF_WORKER_TTL_S="10")
+    api.wait_listening()
+    wait_workers(server.url, "tiny", 1, [w])
+    wait_until(lambda: api.client.get("/readyz").status_code == 200, 60, "readyz", interval=0.2)
+    yield {"api": api, "redis": server, "worker": w, "logs": logs, "worker_models": worker_models}
+    stop(w, signal.SIGKILL, timeout=10)
+    api.close()
+    print("--- worker.log ---\n" + (logs / "worker.log").read_text()[-4000:])
+    server.client.close()
+    server.kill()
+
+
+def post_wait(api, **kw):
+    body = {"model": "tiny", "steps": 3, "solver": "heun", "seed": 5, "wait": True, **kw}
+    return api.client.post("/v1/generations", json=body)
+
+
+def test_model_that_fails_to_load_is_named_and_its_jobs_left_alone(stack):
+    log = (stack["logs"] / "worker.log").read_text()
+    assert "model broken failed to load" in log and "do not match the architecture" in log, log[-3000:]
+    assert "does NOT serve broken" in log
+    conn = stack["redis"].client
+    (worker,) = Worker.all(connection=conn)
+    assert sorted(worker.queue_names()) == ["arcdiff:tiny", "arcdiff:tiny-eps"]
+    # a job for the broken model (enqueued by hand: this API does not serve it) is never taken
+    spec = GenerationSpec(id=uuid.uuid4().hex, model="broken", steps=2, solver="ddim", seed=0, n=1,
+                          submitted_at=time.time())
+    job = Queue("arcdiff:broken", connection=conn, serializer=JSONSerializer).enqueue_call(
+        TASK, args=(spec.to_payload(),), job_id=spec.id)
+    r = post_wait(stack["api"])
+    assert r.status_code == 200 and r.json()["status"] == "finished"
+    time.sleep(1.5)
+    assert Job.fetch(job.id, connection=conn, serializer=JSONSerializer).get_status() == "queued"
+    conn.delete("rq:queue:arcdiff:broken")
+
+
+def test_model_that_fails_to_load_in_embedded_mode(stack):
+    from service.app import create_app
+    from service.settings import Settings
+
+    app = create_app(Settings(model_dir=stack["worker_models"], redis_url=None, max_batch=4, torch_threads=1))
+    with TestClient(app) as c:
+        wait_until(lambda: "broken" in (c.get("/readyz").json().get("reason") or ""), 60, "models to load")
+        r = c.get("/readyz")
+        assert r.status_code == 503 and "model broken failed to load" in r.json()["reason"]
+        r = c.post("/v1/generations", json={"model": "broken", "steps": 2, "solver": "ddim"})
+        assert r.status_code == 503 and "do not match the architecture" in r.json()["detail"]
+        r = c.post("/v1/generations", json={"model": "tiny", "steps": 2, "solver": "ddim", "wait": True})
+        assert r.status_code == 200 and r.json()["status"] == "finished"
+
+
+def test_unfetched_result_stays_for_its_ttl_then_404(stack):
+    api = stack["api"]
+    gen = post_wait(api, seed=11, n=2).json()
+    assert gen["status"] == "finished"
+    done_at = time.monotonic()
+    conn = stack["redis"].client
+    ttl = conn.ttl(f"rq:job:{gen['id']}")
+    assert 0 < ttl <= RESULT_TTL_S, ttl
+    time.sleep(RESULT_TTL_S / 2)
+    for _ in range(2):  # reading it does not consume it
+        again = api.client.get(gen["url"]).json()
+        assert again["status"] == "finished" and again["images"] == gen["images"]
+    assert api.client.get(gen["images"][1]["url"]).status_code == 200
+    wait_until(lambda: api.client.get(gen["url"]).status_code == 404, RESULT_TTL_S + 10, "the result to expire")
+    assert time.monotonic() - done_at >= RESULT_TTL_S - 1
+
+
+def test_job_waiting_longer_than_the_queue_timeout_fails_with_the_reason(stack):
+    api, conn = stack["api"], stack["redis"].client
+    long = api.client.post("/v1/generations", json={"model": "tiny", "steps": 1000, "solver": "rk4", "seed": 1,
+                                                    "n": 4}).json()  # fills the worker's batch (4)
+    wait_until(lambda: api.client.get(long["url"]).json()["status"] == "running", 60, "the long one to run")
+    late = api.client.post("/v1/generations", json={"model": "tiny", "steps": 2, "solver": "ddim", "seed": 2}).json()
+    assert api.client.get(late["url"]).json()["status"] == "queued"
+    gen = wait_until(lambda: (g := api.client.get(late["url"]).json())["status"] == "failed" and g,
+                     QUEUE_TIMEOUT_S + 30, "the waiting one to expire", interval=0.2)
+    assert gen["error"].startswith("expired: waited") and "ARCDIFF_QUEUE_TIMEOUT_S" in gen["error"]
+    send_stop_job_command(conn, long["id"])
+    # the worker takes it once there is room, and records the failure in RQ with the reason
+    job = wait_until(lambda: (j := Job.fetch(late["id"], connection=conn, serializer=JSONSerializer)).get_status()
+                     == "failed" and j, 60, "the worker to fail it")
+    assert "expired: waited" in job.latest_result().exc_string
+    assert api.client.get(long["url"]).json()["status"] == "failed"
+
+
+def test_rate_limit_is_shared_by_api_processes_through_redis(stack, model_dir):
+    """Two more API instances on the same Redis: images asked for through one count in the other."""
+    from service.app import create_app
+    from service.settings import Settings
+
+    def app():
+        return TestClient(create_app(Settings(model_dir=model_dir, redis_url=stack["redis"].url,
+                                              rate_limit_images_per_min=5, api_keys="shared-key")))
+
+    body, head = {"model": "tiny", "steps": 2, "solver": "ddim"}, {"authorization": "Bearer shared-key"}
+    with app() as a, app() as b:
+        for attempt in range(2):  # a minute boundary between the requests resets the window: once more then
+            first = a.post("/v1/generations", json={**body, "n": 3}, headers=head).status_code
+            second = b.post("/v1/generations", json={**body, "n": 2}, headers=head).status_code
+            third = b.post("/v1/generations", json=body, headers=head)
+            fourth = a.post("/v1/generations", json=body, headers=head)
+            if (first, second, third.status_code, fourth.status_code) == (202, 202, 429, 429):
+                break
+            time.sleep(max(0.0, 60 - time.time() % 60) + 0.1)
+        else:
+            pytest.fail(f"not shared: {first}, {second}, {third.status_code}, {fourth.status_code}")
+        assert 1 <= int(third.headers["retry-after"]) <= 60
+        assert stack["redis"].client.keys("arcdiff:rate:*"), "the counter is not in Redis"
+
+
+def test_redis_killed_and_restarted(stack):
+    """kill -9 Redis: readiness and new requests answer 503 (with Retry-After), never 500 or a hang;
+    Redis back on the same port (empty: no persistence here): the worker registers again and the
+    API serves again, with no restart of either."""
+    api, server = stack["api"], stack["redis"]
+    assert post_wait(api).status_code == 200
+    server.kill()
+    t0 = time.monotonic()
+    for _ in range(3):
+        r = api.client.get("/readyz")
+        assert r.status_code == 503 and "Redis" in r.json()["reason"], r.text
+        r = api.client.post("/v1/generations", json={"model": "tiny", "steps": 2, "solver": "ddim"})
+        assert r.status_code == 503 and r.headers["retry-after"], r.text
+        assert api.client.get("/v1/generations/" + "a" * 32).status_code == 503
+        time.sleep(0.5)
+    assert time.monotonic() - t0 < 30, "requests hung while Redis was down"
+    assert api.client.get("/healthz").status_code == 200
+    server.start()
+    wait_until(lambda: api.client.get("/readyz").status_code == 200, 90, "the API to be ready again", interval=0.5)
+    r = post_wait(api, seed=77)
+    assert r.status_code == 200 and r.json()["status"] == "finished", r.text
+    assert stack["worker"].poll() is None and stack["api"].proc.poll() is None
+    log = (stack["logs"] / "worker.log").read_text()
+    assert "registering again" in log
