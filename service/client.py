@@ -8,7 +8,8 @@
         im.image.save(f"seed{im.seed}.png")          # PIL images, each with its own seed
     print(result.nfe, result.metrics["total_ms"])     # the latency record
 
-`generate` submits a generation and polls it until it is finished, failed, or `timeout` seconds
+`generate` submits a generation with `"wait": true` (the server answers when the images are done)
+and polls it if the server answers 202 first, until it is finished, failed, or `timeout` seconds
 have passed. 429 (queue full) and 503 (not ready) are retried after the server's `Retry-After`
 (capped at `max_retry_wait` seconds, at most `max_retries` times, and never past the deadline);
 any other error raises `APIError` carrying the API's own message (for 422, the one that names the
@@ -86,7 +87,7 @@ class GenerationTimeout(ArcdiffError, TimeoutError):
     """The generation was not done within the client's timeout; it may still finish (poll `id`)."""
 
     def __init__(self, gen_id: Optional[str], timeout: float, status: Optional[str] = None):
-        what = f"generation {gen_id} still {status}" if gen_id else "no generation accepted"
+        what = f"generation {gen_id} still {status}" if gen_id else "no answer to the generation request"
         super().__init__(f"{what} after {timeout:g} s")
         self.id = gen_id
         self.status = status
@@ -190,11 +191,18 @@ class _Base:
         return headers
 
     @staticmethod
-    def _body(model: str, steps: int, solver: str, seed: Optional[int], n: int) -> dict:
+    def _body(model: str, steps: int, solver: str, seed: Optional[int], n: int, wait: bool) -> dict:
         body: dict[str, Any] = {"model": model, "steps": steps, "solver": solver, "n": n}
         if seed is not None:
             body["seed"] = seed
+        if wait:
+            body["wait"] = True
         return body
+
+    def _post_timeout(self, wait: bool, deadline: float) -> httpx.Timeout:
+        """A wait=true POST is held by the server until done: read for as long as the deadline allows."""
+        read = max(1.0, deadline - time.monotonic()) if wait else self.request_timeout
+        return httpx.Timeout(self.request_timeout, read=read)
 
     def _retry_wait(self, r: httpx.Response, attempt: int, deadline: float) -> Optional[float]:
         """Seconds to sleep before retrying `r`, or None to give up (not retryable, out of tries or time)."""
@@ -208,9 +216,19 @@ class _Base:
     def _next_poll(self, interval: float) -> float:
         return min(self.max_poll_interval, interval * 1.5)
 
+    @staticmethod
+    def _result(body: dict, retries: int) -> GenerationResult:
+        if body["status"] == "failed":
+            raise GenerationFailed(body["id"], body.get("error"))
+        return GenerationResult.from_body(body, retries)
+
 
 class Client(_Base):
-    """Synchronous client. Use as a context manager, or call `close()`."""
+    """Synchronous client. Use as a context manager, or call `close()`.
+
+    Keyword options: max_retries (8) and max_retry_wait (30 s) bound the 429/503 retries;
+    poll_interval (0.1 s, growing to max_poll_interval, 1 s); request_timeout (30 s) per request;
+    transport: an httpx transport (tests)."""
 
     def __init__(self, base_url: str, api_key: Optional[str] = None, *, transport: Optional[httpx.BaseTransport] = None,
                  **kw: Any):
@@ -228,6 +246,7 @@ class Client(_Base):
         self._http.close()
 
     def _request(self, method: str, path: str, deadline: float, **kw: Any) -> tuple[httpx.Response, int]:
+        """One API call; 429/503 retried after Retry-After (bounded); returns (response, retries)."""
         attempt = 0
         while True:
             try:
@@ -246,39 +265,47 @@ class Client(_Base):
         """GET /v1/models."""
         return self._request("GET", "/v1/models", time.monotonic() + self.max_retry_wait)[0].json()
 
-    def submit(self, model: str, steps: int, solver: str, seed: Optional[int] = None, n: int = 1,
-               timeout: float = 60.0) -> dict:
-        """POST a generation (no waiting for it); returns the 202 body with its `id`."""
-        r, retries = self._request("POST", "/v1/generations", time.monotonic() + timeout,
-                                   json=self._body(model, steps, solver, seed, n))
-        body = r.json()
-        body["retries"] = retries
-        return body
-
     def get(self, gen_id: str) -> dict:
-        """GET /v1/generations/{id}."""
+        """GET /v1/generations/{id}: the generation's JSON body."""
         return self._request("GET", f"/v1/generations/{gen_id}", time.monotonic() + self.max_retry_wait)[0].json()
 
-    def generate(self, model: str, steps: int, solver: str, seed: Optional[int] = None, n: int = 1,
-                 timeout: float = 300.0) -> GenerationResult:
-        """Generate `n` images and wait for them (at most `timeout` seconds, retries included)."""
+    def submit(self, model: str, steps: int, solver: str, seed: Optional[int] = None, n: int = 1, *,
+               wait: bool = False, timeout: float = 60.0) -> dict:
+        """POST a generation; returns the API's body plus `retries`. With wait=True the server holds
+        the request until done (up to its own wait timeout, then 202) and `timeout` bounds it here."""
         deadline = time.monotonic() + timeout
-        sub = self.submit(model, steps, solver, seed, n, timeout=timeout)
-        gen_id, body, interval = sub["id"], sub, self.poll_interval
+        try:
+            r, retries = self._request("POST", "/v1/generations", deadline,
+                                       json=self._body(model, steps, solver, seed, n, wait),
+                                       timeout=self._post_timeout(wait, deadline))
+        except Unreachable as e:
+            if wait and isinstance(e.__cause__, httpx.ReadTimeout):
+                raise GenerationTimeout(None, timeout, "waited on") from e
+            raise
+        return {**r.json(), "retries": retries}
+
+    def generate(self, model: str, steps: int, solver: str, seed: Optional[int] = None, n: int = 1,
+                 timeout: float = 300.0, wait: bool = True) -> GenerationResult:
+        """Generate `n` images and return them (at most `timeout` seconds, retries included).
+
+        wait=True (default) asks the server to answer when done (lowest latency) and polls only if it
+        answers 202 first; wait=False submits and polls from the start."""
+        deadline = time.monotonic() + timeout
+        body = self.submit(model, steps, solver, seed, n, wait=wait, timeout=timeout)
+        retries, interval = body["retries"], self.poll_interval
         while body["status"] not in TERMINAL:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise GenerationTimeout(gen_id, timeout, body["status"])
+                raise GenerationTimeout(body["id"], timeout, body["status"])
             time.sleep(min(interval, left))
             interval = self._next_poll(interval)
-            body = self._request("GET", f"/v1/generations/{gen_id}", deadline)[0].json()
-        if body["status"] == "failed":
-            raise GenerationFailed(gen_id, body.get("error"))
-        return GenerationResult.from_body(body, sub["retries"])
+            body = self._request("GET", f"/v1/generations/{body['id']}", deadline)[0].json()
+        return self._result(body, retries)
 
 
 class AsyncClient(_Base):
-    """The asyncio twin of `Client`: the same methods, awaited. Use `async with`, or `await aclose()`."""
+    """The asyncio twin of `Client`: the same methods and options, awaited. Use `async with`, or
+    `await aclose()`."""
 
     def __init__(self, base_url: str, api_key: Optional[str] = None, *,
                  transport: Optional[httpx.AsyncBaseTransport] = None, **kw: Any):
@@ -313,29 +340,32 @@ class AsyncClient(_Base):
     async def models(self) -> list[dict]:
         return (await self._request("GET", "/v1/models", time.monotonic() + self.max_retry_wait))[0].json()
 
-    async def submit(self, model: str, steps: int, solver: str, seed: Optional[int] = None, n: int = 1,
-                     timeout: float = 60.0) -> dict:
-        r, retries = await self._request("POST", "/v1/generations", time.monotonic() + timeout,
-                                         json=self._body(model, steps, solver, seed, n))
-        body = r.json()
-        body["retries"] = retries
-        return body
-
     async def get(self, gen_id: str) -> dict:
         return (await self._request("GET", f"/v1/generations/{gen_id}", time.monotonic() + self.max_retry_wait))[0].json()
 
-    async def generate(self, model: str, steps: int, solver: str, seed: Optional[int] = None, n: int = 1,
-                       timeout: float = 300.0) -> GenerationResult:
+    async def submit(self, model: str, steps: int, solver: str, seed: Optional[int] = None, n: int = 1, *,
+                     wait: bool = False, timeout: float = 60.0) -> dict:
         deadline = time.monotonic() + timeout
-        sub = await self.submit(model, steps, solver, seed, n, timeout=timeout)
-        gen_id, body, interval = sub["id"], sub, self.poll_interval
+        try:
+            r, retries = await self._request("POST", "/v1/generations", deadline,
+                                             json=self._body(model, steps, solver, seed, n, wait),
+                                             timeout=self._post_timeout(wait, deadline))
+        except Unreachable as e:
+            if wait and isinstance(e.__cause__, httpx.ReadTimeout):
+                raise GenerationTimeout(None, timeout, "waited on") from e
+            raise
+        return {**r.json(), "retries": retries}
+
+    async def generate(self, model: str, steps: int, solver: str, seed: Optional[int] = None, n: int = 1,
+                       timeout: float = 300.0, wait: bool = True) -> GenerationResult:
+        deadline = time.monotonic() + timeout
+        body = await self.submit(model, steps, solver, seed, n, wait=wait, timeout=timeout)
+        retries, interval = body["retries"], self.poll_interval
         while body["status"] not in TERMINAL:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise GenerationTimeout(gen_id, timeout, body["status"])
+                raise GenerationTimeout(body["id"], timeout, body["status"])
             await asyncio.sleep(min(interval, left))
             interval = self._next_poll(interval)
-            body = (await self._request("GET", f"/v1/generations/{gen_id}", deadline))[0].json()
-        if body["status"] == "failed":
-            raise GenerationFailed(gen_id, body.get("error"))
-        return GenerationResult.from_body(body, sub["retries"])
+            body = (await self._request("GET", f"/v1/generations/{body['id']}", deadline))[0].json()
+        return self._result(body, retries)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from servicekit import REPO, free_port, png_pixels, reference, start_api, stop, wait_until
-from service.client import (APIError, AsyncClient, Client, GenerationFailed, GenerationResult, Unreachable,
-                            retry_after_seconds)
+from service.client import (APIError, AsyncClient, Client, GenerationFailed, GenerationResult, GenerationTimeout,
+                            Unreachable, retry_after_seconds)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -127,12 +127,25 @@ def test_retry_on_429_honours_retry_after(service):
     assert http.get(long["url"]).json()["status"] == "finished"
 
 
+def test_timeout_names_the_generation(service):
+    with Client(service["base"], api_key=KEY, poll_interval=0.05) as client:
+        t0 = time.monotonic()
+        with pytest.raises(GenerationTimeout) as e:
+            client.generate("tiny", steps=200, solver="euler", seed=3, timeout=0.4, wait=False)
+        assert time.monotonic() - t0 < 2 and e.value.status in ("queued", "running")
+        assert client.get(e.value.id)["status"] in ("queued", "running", "finished")
+        with pytest.raises(GenerationTimeout) as e:  # wait=true: no id yet when the deadline passes
+            client.generate("tiny", steps=1, solver="euler", seed=4, timeout=0.3)  # queued behind the first
+        assert e.value.id is None and "no answer" in str(e.value)
+
+
 def test_async_twin(service):
     async def main():
         async with AsyncClient(service["base"], api_key=KEY, max_retries=60) as client:
             assert [m["name"] for m in await client.models()] == ["tiny", "tiny-eps"]
             # three at once against a queue of one: the ones turned away retry
-            results = await asyncio.gather(*(client.generate("tiny", steps=3, solver="ddim", seed=s, n=1, timeout=120)
+            results = await asyncio.gather(*(client.generate("tiny", steps=3, solver="ddim", seed=s, n=1, timeout=120,
+                                                             wait=s != 8)  # one of them polls from the start
                                              for s in (7, 8, 9)))
             with pytest.raises(APIError) as e:
                 await client.generate("tiny", steps=0, solver="euler")
@@ -194,6 +207,8 @@ def test_retry_after_is_honoured_and_bounded():
     gaps = [b[0] - a[0] for a, b in zip(seen, seen[1:])]
     assert 0.2 <= gaps[0] < 0.29 and 0.3 <= gaps[1] < 0.39
     assert all(r.headers["authorization"] == "Bearer k" for _, r in seen)
+    posts = [r for _, r in seen if r.method == "POST"]
+    assert len(posts) == 3 and all(b'"wait":true' in r.content.replace(b" ", b"") for r in posts)
 
     # out of retries, or a wait that would pass the deadline: the API's error, not a hang
     answers = [(503, {"Retry-After": "0"}, {"detail": "no worker serves m"})] * 3
