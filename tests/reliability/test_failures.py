@@ -90,6 +90,21 @@ def post_wait(api, **kw):
     return api.client.post("/v1/generations", json=body)
 
 
+def test_queue_timeout_in_embedded_mode(model_dir):
+    """The in-process engine's queue: a generation that cannot start in time fails with the reason."""
+    from service.app import create_app
+    from service.settings import Settings
+
+    app = create_app(Settings(model_dir=model_dir, redis_url=None, max_batch=1, queue_timeout_s=1, torch_threads=1))
+    with TestClient(app) as c:
+        wait_until(lambda: c.get("/readyz").status_code == 200, 60, "models to load")
+        long = c.post("/v1/generations", json={"model": "tiny", "steps": 1000, "solver": "rk4"}).json()
+        wait_until(lambda: c.get(long["url"]).json()["status"] == "running", 30, "the long one to run")
+        late = c.post("/v1/generations", json={"model": "tiny", "steps": 2, "solver": "ddim"}).json()
+        gen = wait_until(lambda: (g := c.get(late["url"]).json())["status"] == "failed" and g, 20, "expiry")
+        assert gen["error"].startswith("expired: waited") and c.get(long["url"]).json()["status"] == "running"
+
+
 def test_model_that_fails_to_load_is_named_and_its_jobs_left_alone(stack):
     log = (stack["logs"] / "worker.log").read_text()
     assert "model broken failed to load" in log and "do not match the architecture" in log, log[-3000:]
