@@ -201,7 +201,7 @@ class _Base:
 
     def _post_timeout(self, wait: bool, deadline: float) -> httpx.Timeout:
         """A wait=true POST is held by the server until done: read for as long as the deadline allows."""
-        read = max(1.0, deadline - time.monotonic()) if wait else self.request_timeout
+        read = max(0.01, deadline - time.monotonic()) if wait else self.request_timeout
         return httpx.Timeout(self.request_timeout, read=read)
 
     def _retry_wait(self, r: httpx.Response, attempt: int, deadline: float) -> Optional[float]:
