@@ -112,6 +112,7 @@ def save_model(folder: str | os.PathLike, net: UNet, config: dict[str, Any]) -> 
     tmp = folder / (WEIGHTS_FILE + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": FORMAT, "name": config.get("name", "")})
     os.replace(tmp, folder / WEIGHTS_FILE)
+    os.chmod(folder / WEIGHTS_FILE, 0o644)  # readable by the service's non-root user
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return folder
 

@@ -20,6 +20,7 @@ HASHED_KEY = re.compile(r"^sha256:[0-9a-fA-F]{64}$", re.IGNORECASE)
 class Settings(WorkerSettings):
     host: str = Field("127.0.0.1", description="address the API listens on")
     port: int = Field(8000, ge=1, le=65535, description="port the API listens on")
+    api_workers: int = Field(1, ge=1, le=64, description="uvicorn processes of the API (more than 1 needs a Redis URL)")
     max_images: int = Field(16, ge=1, le=256, description="largest n a request may ask for")
     queue_limit: int = Field(256, ge=1, description="generations waiting per model before 429")
     wait_timeout_s: float = Field(60.0, gt=0, description="longest a wait=true request is held before 202")
