@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", default=None, help="reference-feature cache folder")
     p.add_argument("--force", action="store_true", help="redo cells whose record exists")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--existing-only", action="store_true",
+                   help="write the table from the records already in OUT/records, running nothing (missing cells: -)")
     args = p.parse_args(argv)
 
     import torch
@@ -129,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         if rec is not None and (rec.get("ref"), rec.get("extractor")) == (str(args.ref), extractor.id):
             left -= args.num_samples * nfe(solver, steps)
             print(f"[{i + 1}/{len(todo)}] {stem}: kept the existing record", flush=True)
+        elif args.existing_only:
+            print(f"[{i + 1}/{len(todo)}] {stem}: no record, left out", flush=True)
+            continue
         else:
             res = evaluate(loaded[m], solver, steps, args.num_samples, args.ref, seed=args.seed, batch=args.batch,
                            extractor=extractor, reference=reference, device=args.device, progress=not args.quiet)
@@ -142,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             if (m, solver, steps) == ("mnist", "rk4", 10):
                 save_grid(res.grid, out / "mnist-rk4-10steps.png", scale=2)
         records.append(rec)
-    command = "python -m model.eval.table " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m model.eval.table " + " ".join(a for a in (argv if argv is not None else sys.argv[1:])
+                                                       if a != "--existing-only")
     (out / "table.json").write_text(json.dumps({"command": command, "records": records}, indent=2) + "\n")
     (out / "table.md").write_text(markdown(records, command))
     print(f"{len(todo)} cells in {(time.time() - t0) / 60:.1f} min; wrote {out / 'table.md'} and {out / 'table.json'}")
