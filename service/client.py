@@ -167,7 +167,7 @@ def _error(r: httpx.Response) -> APIError:
         if not isinstance(message, str):
             message = None
     if message is None:
-        message = (body if isinstance(body, str) and body.strip() else r.reason_phrase) or "error"
+        message = (body.strip()[:500] if isinstance(body, str) and body.strip() else r.reason_phrase) or "error"
     retry = retry_after_seconds(r.headers.get("retry-after"), default=0.0) if "retry-after" in r.headers else None
     return APIError(r.status_code, message, body, retry)
 

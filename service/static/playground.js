@@ -65,15 +65,16 @@ function fieldOf(loc) {
   return parts.length ? String(parts[0]) : null;
 }
 
+const sentence = (text) => (/[.!?]$/.test(text) ? text : `${text}.`);
+
 function showError(err) {
   const form = $("err-form");
   if (err.status === 401 || err.status === 403) {
     askForKey(err.message);
-    form.textContent = `API key needed: ${err.message}.`;
+    form.textContent = `API key needed: ${sentence(err.message)}`;
     return;
   }
   if (err.status === 422) {
-    let placed = 0;
     const detail = err.body && Array.isArray(err.body.detail) ? err.body.detail : [];
     for (const d of detail) {
       const f = fieldOf(d.loc);
@@ -81,7 +82,6 @@ function showError(err) {
         const slot = $(`err-${f}`);
         slot.textContent = slot.textContent ? `${slot.textContent}; ${d.msg}` : d.msg;
         $(f).setAttribute("aria-invalid", "true");
-        placed++;
       }
     }
     form.textContent = `The API rejected the request: ${err.message}`;
@@ -90,9 +90,9 @@ function showError(err) {
     return;
   }
   const wait = err.retryAfter ? ` Try again in ${err.retryAfter} s.` : "";
-  if (err.status === 429) form.textContent = `Too many requests: ${err.message}.${wait}`;
-  else if (err.status === 503) form.textContent = `The service is not ready: ${err.message}.${wait}`;
-  else if (err.status === 0) form.textContent = `Cannot reach the service: ${err.message}.`;
+  if (err.status === 429) form.textContent = `Too many requests: ${sentence(err.message)}${wait}`;
+  else if (err.status === 503) form.textContent = `The service is not ready: ${sentence(err.message)}${wait}`;
+  else if (err.status === 0) form.textContent = `Cannot reach the service: ${sentence(err.message)}`;
   else form.textContent = `Error ${err.status}: ${err.message}`;
 }
 
