@@ -97,7 +97,7 @@ class GenerationTimeout(ArcdiffError, TimeoutError):
 class GeneratedImage:
     index: int
     seed: int
-    png: bytes
+    png: bytes = field(repr=False)
 
     @property
     def image(self) -> "Image":

@@ -228,6 +228,11 @@ def test_playground_in_a_real_browser(service, browser, tmp_path):
     if api.status_code == 429:  # (unless a new minute began just now)
         assert api.json()["detail"] in text, text
 
+    # no script errors on the way (the API's 401/422/429 answers are logged as failed loads: expected)
+    errors = [e["message"] for e in driver.get_log("browser")
+              if e["level"] == "SEVERE" and "Failed to load resource" not in e["message"]]
+    assert not errors, errors
+
 
 def test_wrong_key_is_reported_beside_the_key(service, browser):
     driver = browser
