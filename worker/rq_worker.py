@@ -96,10 +96,18 @@ class BatchingWorker(SimpleWorker):
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         """Mark the job started in RQ and hand it to the engine; returns without waiting."""
+        unreadable = None
+        try:
+            job.func_name, job.args, job.kwargs  # noqa: B018 (decode now: RQ's own bookkeeping reads them)
+        except Exception as e:  # not JSON (e.g. a pickled job pushed by someone with Redis access)
+            unreadable = f"cannot read the job's data ({type(e).__name__}); jobs must be JSON"
+            job.func_name, job.instance, job.args, job.kwargs = "<unreadable>", None, (), {}
         execution = self.prepare_execution(job)
         self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
         held = _Held(job, queue, execution, None)
         try:
+            if unreadable:
+                raise SpecError(unreadable)
             held.spec = self._spec_of(job, queue)
         except SpecError as e:
             self._fail(held, f"invalid generation job: {e}")

@@ -199,6 +199,50 @@ def test_rate_limit_is_shared_by_api_processes_through_redis(stack, model_dir):
         assert stack["redis"].client.keys("arcdiff:rate:*"), "the counter is not in Redis"
 
 
+class Evil:
+    """Unpickling this runs a shell command that leaves a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickled_job_is_refused_never_unpickled(stack, tmp_path):
+    """Someone with access to Redis pushes a stock-RQ (pickle) job: the worker reads jobs as JSON
+    only, so it fails the job with the reason and the payload never runs."""
+    conn = stack["redis"].client
+    marker = tmp_path / "pwned"
+    job = Queue("arcdiff:tiny", connection=conn).enqueue_call(TASK, args=(Evil(marker),), job_id=uuid.uuid4().hex)
+    wait_until(lambda: conn.zscore("rq:failed:arcdiff:tiny", job.id) is not None
+               or b"failed" == conn.hget(f"rq:job:{job.id}", "status"), 60, "the worker to fail the job")
+    assert not marker.exists(), "the pickle ran"
+    reason = Job.fetch(job.id, connection=conn, serializer=JSONSerializer).latest_result().exc_string
+    assert "cannot read the job's data" in reason and "JSON" in reason, reason
+    assert stack["worker"].poll() is None
+    assert post_wait(stack["api"]).json()["status"] == "finished"  # and the worker still serves
+
+
+def test_weights_are_read_from_safetensors_only(model_dir, tmp_path):
+    """A pickle (torch.save) where model.safetensors should be is refused with the reason, unrun."""
+    import torch
+
+    from model.format import ModelFormatError
+    from model.registry import ModelRegistry
+
+    marker = tmp_path / "pwned"
+    shutil.copytree(model_dir / "tiny", tmp_path / "m" / "evil")
+    torch.save({"weights": Evil(marker)}, tmp_path / "m" / "evil" / "model.safetensors")
+    registry = ModelRegistry(tmp_path / "m")
+    assert "evil" in registry.errors and "cannot read safetensors" in registry.errors["evil"]
+    with pytest.raises((ModelFormatError, KeyError)):
+        registry.load("evil")
+    assert not marker.exists()
+
+
 def test_redis_killed_and_restarted(stack):
     """kill -9 Redis: readiness and new requests answer 503 (with Retry-After), never 500 or a hang;
     Redis back on the same port (empty: no persistence here): the worker registers again and the
@@ -207,6 +251,9 @@ def test_redis_killed_and_restarted(stack):
     assert post_wait(api).status_code == 200
     server.kill()
     t0 = time.monotonic()
+    r = api.client.post("/v1/generations", json={"model": "tiny", "steps": 2, "solver": "ddim"})
+    assert r.status_code == 503, r.text  # at once, even while readiness is still cached as ready
+    wait_until(lambda: api.client.get("/readyz").status_code == 503, 5, "readiness to notice (0.5 s cache)")
     for _ in range(3):
         r = api.client.get("/readyz")
         assert r.status_code == 503 and "Redis" in r.json()["reason"], r.text
