@@ -1,5 +1,6 @@
 // arcdiff playground: lists the models, submits generations to the API, polls them and shows the
 // images with their seeds, NFE and latency record. Plain JavaScript, nothing from other hosts.
+// URLs are relative to the page, so it also works behind a proxy that serves the API under a prefix.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -124,7 +125,7 @@ function range(schema) {
 async function loadLimits() {
   // the request schema in /openapi.json states this deployment's limits (n's maximum is configured)
   try {
-    const doc = (await api("GET", "/openapi.json")).data;
+    const doc = (await api("GET", "openapi.json")).data;
     const ref = doc.paths["/v1/generations"].post.requestBody.content["application/json"].schema.$ref;
     const props = doc.components.schemas[ref.split("/").pop()].properties;
     for (const f of ["steps", "n", "seed"]) {
@@ -152,7 +153,7 @@ function describe(m) {
 async function loadModels() {
   let models;
   try {
-    models = (await api("GET", "/v1/models")).data;
+    models = (await api("GET", "v1/models")).data;
   } catch (err) {
     if (err.status === 401 || err.status === 403) askForKey(err.message);
     else $("err-model").textContent = `Cannot list the models: ${err.message}`;
@@ -191,7 +192,7 @@ async function checkReady() {
   const el = $("ready");
   let again = 10000;
   try {
-    const r = await fetch("/readyz", { headers: { Accept: "application/json" } });
+    const r = await fetch("readyz", { headers: { Accept: "application/json" } });
     const body = await r.json();
     el.dataset.state = r.ok ? "ready" : "not-ready";
     el.textContent = r.ok ? `ready · ${body.mode}` : `not ready: ${body.reason || "unknown"}`;
@@ -339,7 +340,7 @@ async function follow(card, gen, model) {
     await sleep(interval);
     interval = Math.min(1000, interval * 1.4);
     try {
-      gen = (await api("GET", `/v1/generations/${gen.id}`)).data;
+      gen = (await api("GET", `v1/generations/${gen.id}`)).data;
       card.querySelector(".run-error").textContent = "";
     } catch (err) {
       if (err.status === 404 || err.status === 401 || err.status === 403) {
@@ -364,7 +365,7 @@ async function submit(event) {
   const model = state.models.find((m) => m.name === $("model").value);
   let gen;
   try {
-    gen = (await api("POST", "/v1/generations", requestBody())).data;
+    gen = (await api("POST", "v1/generations", requestBody())).data;
   } catch (err) {
     showError(err);
     return;
