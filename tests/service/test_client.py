@@ -4,6 +4,7 @@ queue and the client's 429 retries can be watched. Plus the retry rules on a moc
 
 import asyncio
 import email.utils
+import shutil
 import subprocess
 import sys
 import time
@@ -125,6 +126,37 @@ def test_retry_on_429_honours_retry_after(service):
     assert result.retries >= 1 and elapsed >= result.retries * float(full.headers["retry-after"]) * 0.9
     check_images(result, service["model_dir"], 2, "heun", 11, 2)
     assert http.get(long["url"]).json()["status"] == "finished"
+
+
+def test_503_is_retried_then_surfaced(model_dir, tmp_path):
+    """A service whose model cannot load stays 503 (Retry-After 2): the client retries as often as
+    allowed, each wait capped by max_retry_wait, then raises the API's reason."""
+    broken = tmp_path / "models" / "broken"
+    shutil.copytree(model_dir / "tiny", broken)
+    shutil.copy(model_dir / "tiny-eps" / "model.safetensors", broken / "model.safetensors")  # wrong shapes
+    port = free_port()
+    api = start_api(port, broken.parent, tmp_path / "api.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        def failed_loading():
+            if api.poll() is not None:
+                raise RuntimeError((tmp_path / "api.log").read_text()[-3000:])
+            try:
+                return (httpx.get(base + "/readyz").json().get("reason") or "").startswith("loading models failed")
+            except httpx.TransportError:
+                return False
+
+        wait_until(failed_loading, 90, "the model load to fail", interval=0.1)
+        t0 = time.monotonic()
+        with Client(base, max_retries=2, max_retry_wait=0.2) as client, pytest.raises(APIError) as e:
+            client.generate("broken", steps=2, solver="euler")
+        assert 0.4 <= time.monotonic() - t0 < 5
+        assert e.value.status_code == 503 and e.value.retry_after == 2.0
+        assert e.value.message.startswith("loading models failed") and "shape mismatch" in e.value.message
+        metrics = httpx.get(base + "/metrics").text
+        assert 'arcdiff_generations_rejected_total{reason="not_ready"} 3.0' in metrics  # 1 try + 2 retries
+    finally:
+        stop(api)
 
 
 def test_timeout_names_the_generation(service):
