@@ -6,10 +6,8 @@ Set ARCDIFF_SCREENSHOT=docs/playground.png to (re)make the README's screenshot; 
 the test's tmp folder.
 """
 
-import base64
 import os
 import shutil
-import time
 from pathlib import Path
 
 import httpx
