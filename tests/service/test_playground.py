@@ -35,7 +35,6 @@ def _need_browser():
 @pytest.fixture(scope="module")
 def service(model_dir, tmp_path_factory):
     """`arcdiff serve` in embedded mode with API keys; the model the page should pick."""
-    _need_browser()
     logs = tmp_path_factory.mktemp("playground")
     nice = bool(SCREENSHOT) and (BUNDLED_MNIST / "config.json").exists()
     folder, model = (BUNDLED_MNIST.parent, "mnist") if nice else (model_dir, "tiny")
@@ -61,6 +60,7 @@ def service(model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser(service, tmp_path_factory):
+    _need_browser()
     os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must never download a driver or browser
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
