@@ -142,7 +142,8 @@ def test_503_is_retried_then_surfaced(model_dir, tmp_path):
             if api.poll() is not None:
                 raise RuntimeError((tmp_path / "api.log").read_text()[-3000:])
             try:
-                return (httpx.get(base + "/readyz").json().get("reason") or "").startswith("loading models failed")
+                reason = httpx.get(base + "/readyz").json().get("reason") or ""
+                return reason not in ("", "loading models")  # done loading, and failed
             except httpx.TransportError:
                 return False
 
