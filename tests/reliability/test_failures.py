@@ -105,6 +105,25 @@ def test_queue_timeout_in_embedded_mode(model_dir):
         assert gen["error"].startswith("expired: waited") and c.get(long["url"]).json()["status"] == "running"
 
 
+def test_overload_429_drops_nothing_accepted(model_dir):
+    """A burst past the queue bound: the excess gets 429 with Retry-After, every accepted one finishes."""
+    from service.app import create_app
+    from service.settings import Settings
+
+    app = create_app(Settings(model_dir=model_dir, redis_url=None, max_batch=1, queue_limit=2, torch_threads=1))
+    with TestClient(app) as c:
+        wait_until(lambda: c.get("/readyz").status_code == 200, 60, "models to load")
+        answers = [c.post("/v1/generations", json={"model": "tiny", "steps": 20, "solver": "rk4", "seed": i})
+                   for i in range(8)]
+        accepted = [r.json()["url"] for r in answers if r.status_code == 202]
+        refused = [r for r in answers if r.status_code == 429]
+        assert len(accepted) + len(refused) == 8 and refused and len(accepted) >= 2
+        assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
+        done = [wait_until(lambda u=u: (g := c.get(u).json())["status"] in ("finished", "failed") and g, 60, u)
+                for u in accepted]
+        assert [g["status"] for g in done] == ["finished"] * len(accepted)
+
+
 def test_model_that_fails_to_load_is_named_and_its_jobs_left_alone(stack):
     log = (stack["logs"] / "worker.log").read_text()
     assert "model broken failed to load" in log and "do not match the architecture" in log, log[-3000:]
