@@ -8,7 +8,6 @@ import subprocess
 import time
 import uuid
 
-import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
