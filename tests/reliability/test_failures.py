@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from rq import Queue, Worker
 from rq.command import send_stop_job_command
 from rq.job import Job
+from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from servicekit import REDIS_SERVER, free_port, start_worker, stop, wait_until, wait_workers
@@ -76,10 +77,13 @@ def stack(model_dir, tmp_path_factory):
     api.wait_listening()
     wait_workers(server.url, "tiny", 1, [w])
     wait_until(lambda: api.client.get("/readyz").status_code == 200, 60, "readyz", interval=0.2)
-    yield {"api": api, "redis": server, "worker": w, "logs": logs, "worker_models": worker_models}
-    stop(w, signal.SIGKILL, timeout=10)
+    st = {"api": api, "redis": server, "worker": w, "worker_log": logs / "worker.log", "logs": logs,
+          "worker_models": worker_models}
+    yield st
+    stop(st["worker"], signal.SIGKILL, timeout=10)
     api.close()
-    print("--- worker.log ---\n" + (logs / "worker.log").read_text()[-4000:])
+    for log in sorted(logs.glob("worker*.log")):
+        print(f"--- {log.name} ---\n" + log.read_text()[-4000:])
     server.client.close()
     server.kill()
 
@@ -261,6 +265,28 @@ def test_weights_are_read_from_safetensors_only(model_dir, tmp_path):
     assert not marker.exists()
 
 
+def test_job_of_a_killed_worker_with_no_retries_left_fails_with_a_reason(stack):
+    """SIGKILL mid-batch and no retry left: another worker's maintenance fails the job (never
+    left started), and GET says why. (With retries it runs again: tests/worker/test_rq_worker.py.)"""
+    conn, api = stack["redis"].client, stack["api"]
+    spec = GenerationSpec(id=uuid.uuid4().hex, model="tiny", steps=1000, solver="rk4", seed=3, n=2,
+                          submitted_at=time.time())
+    job = Queue("arcdiff:tiny", connection=conn, serializer=JSONSerializer).enqueue_call(
+        TASK, args=(spec.to_payload(),), job_id=spec.id, timeout=600, result_ttl=600, failure_ttl=600)
+    wait_until(lambda: api.client.get(f"/v1/generations/{spec.id}").json()["status"] == "running", 60, "it to run")
+    stack["worker"].kill()
+    stack["worker"].wait(10)
+    log = stack["logs"] / "worker-after-kill.log"
+    stack["worker"] = start_worker(stack["redis"].url, stack["worker_models"], log, models=("tiny", "tiny-eps"),
+                                   max_batch=4, ARCDIFF_HEARTBEAT_S="1", ARCDIFF_MAINTENANCE_S="1",
+                                   ARCDIFF_WORKER_TTL_S="10", ARCDIFF_QUEUE_TIMEOUT_S=str(QUEUE_TIMEOUT_S))
+    stack["worker_log"] = log
+    gen = wait_until(lambda: (g := api.client.get(f"/v1/generations/{spec.id}").json())["status"] == "failed" and g,
+                     90, "the abandoned job to fail", interval=0.5)
+    assert "Abandoned" in gen["error"], gen["error"]  # RQ's words: "... due to AbandonedJobError ..."
+    assert spec.id not in StartedJobRegistry("arcdiff:tiny", connection=conn).get_job_ids()
+
+
 def test_redis_killed_and_restarted(stack):
     """kill -9 Redis: readiness and new requests answer 503 (with Retry-After), never 500 or a hang;
     Redis back on the same port (empty: no persistence here): the worker registers again and the
@@ -286,5 +312,5 @@ def test_redis_killed_and_restarted(stack):
     r = post_wait(api, seed=77)
     assert r.status_code == 200 and r.json()["status"] == "finished", r.text
     assert stack["worker"].poll() is None and stack["api"].proc.poll() is None
-    log = (stack["logs"] / "worker.log").read_text()
+    log = stack["worker_log"].read_text()
     assert "registering again" in log
