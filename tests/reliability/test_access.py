@@ -84,7 +84,8 @@ def test_model_names_that_look_like_paths_are_422(api, model):
                                   "/v1/generations/a/b", "/v1/generations/" + "a" * 31 + "%2F",
                                   "/v1/generations/" + "a" * 32 + "/images/..%2F..%2Fx.png",
                                   "/v1/generations/" + "A" * 32, "/v1/generations/..",
-                                  "/v1/generations/" + "a" * 32 + "/images/0.png%00"])
+                                  "/v1/generations/" + "a" * 32 + "/images/0.png%00",
+                                  "/static/..%2F..%2Fsettings.py", "/static/..%2Fapi%2Fdeps.py", "/static/%2Fetc%2Fpasswd"])
 def test_ids_that_look_like_paths_are_404(api, path):
     r = api.client.get(path, headers=bearer(PLAIN), follow_redirects=True)  # a trailing slash redirects first
     assert r.status_code in (404, 422), (r.status_code, r.text)
