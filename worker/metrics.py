@@ -38,10 +38,12 @@ BUSY = Gauge("arcdiff_worker_busy", "1 while the worker holds generations", mult
 
 
 def init_model_series(model: str) -> None:
-    """Create a served model's counter series at zero, so rate() sees them rise from 0 (a series
+    """Create a served model's counter and histogram series at zero, so rate() sees them rise from 0 (a series
     that first appears already at N shows no increase) and dashboards show 0 rather than nothing."""
     for solver in SOLVERS:
         IMAGES.labels(model, solver)
         NFE.labels(model, solver)
     for status in ("finished", "failed"):
         JOBS.labels(model, status)
+    for histogram in (BATCH_SIZE, QUEUE_WAIT, SAMPLE, ENCODE):
+        histogram.labels(model)

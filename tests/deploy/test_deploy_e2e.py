@@ -193,8 +193,9 @@ def test_throughput_and_latency_series_exist_and_are_non_zero(stack):
     p99 = "max(histogram_quantile(0.99, sum by (le, route) (rate(arcdiff_http_request_duration_seconds_bucket[1m]))))"
     api_p99 = wait_until(lambda: (v := prom.value(p99)) is not None and v > 0 and v, 10, "a non-zero API p99 latency")
     assert api_p99 > 0
-    sample_p50 = prom.value("histogram_quantile(0.5, sum by (le) (rate(arcdiff_worker_sample_seconds_bucket[1m])))")
-    assert sample_p50 is not None and sample_p50 > 0
+    p50 = "histogram_quantile(0.5, sum by (le) (rate(arcdiff_worker_sample_seconds_bucket[1m])))"
+    sample_p50 = wait_until(lambda: (v := prom.value(p50)) is not None and v > 0 and v, 10, "a non-zero sampling p50")
+    assert sample_p50 > 0
     wait_until(lambda: (prom.value("sum(rate(arcdiff_generation_requests_total[1m]))") or 0) > 0, 10,
                "a non-zero generation request rate")
     assert prom.value("sum(arcdiff_worker_up)") == 1
