@@ -138,6 +138,21 @@ def start_api(port: int, model_dir: Path, log: Path, redis_url: str | None = Non
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def wait_api_ready(api: subprocess.Popen, http: "httpx.Client", log: Path, timeout: float = 90) -> None:
+    """Wait for /readyz to answer 200, failing at once with the log's tail if the API exits."""
+    import httpx
+
+    def ready() -> bool:
+        if api.poll() is not None:
+            raise RuntimeError(f"API exited with {api.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            return http.get("/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(ready, timeout, "the API to be ready", interval=0.2)
+
+
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
     if proc.poll() is None:
         proc.send_signal(sig)

@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
-from servicekit import REPO, free_port, png_pixels, reference, start_api, stop, wait_until
+from servicekit import REPO, free_port, png_pixels, reference, start_api, stop, wait_api_ready, wait_until
 from service.client import (APIError, AsyncClient, Client, GenerationFailed, GenerationResult, GenerationTimeout,
                             Unreachable, retry_after_seconds)
 
@@ -31,15 +31,7 @@ def service(model_dir, tmp_path_factory):
     base = f"http://127.0.0.1:{port}"
     http = httpx.Client(base_url=base, timeout=60, headers={"Authorization": f"Bearer {KEY}"})
 
-    def ready():
-        if api.poll() is not None:
-            raise RuntimeError(f"API exited with {api.returncode}:\n{(logs / 'api.log').read_text()[-3000:]}")
-        try:
-            return http.get("/readyz").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_until(ready, 90, "the API to be ready", interval=0.2)
+    wait_api_ready(api, http, logs / "api.log")
     yield {"base": base, "http": http, "model_dir": model_dir}
     http.close()
     stop(api)

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from servicekit import REPO, free_port, start_api, stop, wait_until
+from servicekit import REPO, free_port, start_api, stop, wait_api_ready, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -44,15 +44,7 @@ def service(model_dir, tmp_path_factory):
     base = f"http://127.0.0.1:{port}"
     http = httpx.Client(base_url=base, timeout=60)
 
-    def ready():
-        if api.poll() is not None:
-            raise RuntimeError(f"API exited with {api.returncode}:\n{(logs / 'api.log').read_text()[-3000:]}")
-        try:
-            return http.get("/readyz").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_until(ready, 90, "the API to be ready", interval=0.2)
+    wait_api_ready(api, http, logs / "api.log")
     yield {"base": base, "http": http, "model": model, "logs": logs}
     http.close()
     stop(api)
