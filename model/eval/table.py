@@ -23,7 +23,7 @@ ROWS: tuple[tuple[str, str], ...] = (
     ("mnist", "euler"), ("mnist", "heun"), ("mnist", "rk4"), ("mnist", "ddim"), ("mnist", "dpmpp2m"),
     ("mnist-eps", "ddim"), ("mnist-eps", "rk4"),
 )
-DEFAULT_SAMPLES = 500  # docs/evaluation.md: ~36 min on 1 CPU thread, ~20-25 min on 2, for all 28 cells
+DEFAULT_SAMPLES = 500  # README, evaluation section: ~36 min on 1 CPU thread, ~20-25 min on 2, for all 28 cells
 
 
 def cells(rows: tuple[tuple[str, str], ...] = ROWS, nfes: tuple[int, ...] = NFES) -> list[tuple[str, str, int]]:
