@@ -3,7 +3,6 @@ two `arcdiff worker` processes. Tests run in file order: no worker, one worker, 
 one of the two stopped with SIGTERM mid-run."""
 
 import signal
-import time
 
 import httpx
 import pytest
@@ -86,7 +85,8 @@ def test_not_ready_without_a_worker(stack):
 
 def test_one_worker_mixed_requests_life_cycle_and_no_head_of_line_blocking(one_worker, model_dir):
     client = one_worker["client"]
-    long = client.post("/v1/generations", json={"model": "tiny", "steps": 60, "solver": "rk4", "seed": 3}).json()
+    # 1200 network evaluations: seconds on any CPU, so the short ones must pass it to finish first
+    long = client.post("/v1/generations", json={"model": "tiny", "steps": 300, "solver": "rk4", "seed": 3}).json()
     assert long["status"] == "queued"
     wait_until(lambda: client.get(long["url"]).json()["status"] == "running", 60, "the long one to run", interval=0.02)
     bodies = [{"model": "tiny", "steps": 1 + i % 3, "solver": s, "seed": 100 + i, "n": 1 + i % 2}
@@ -100,8 +100,8 @@ def test_one_worker_mixed_requests_life_cycle_and_no_head_of_line_blocking(one_w
         assert max(gen["metrics"]["batch_sizes"]) > gen["n"], f"ran alone: {gen['metrics']}"
         assert gen["metrics"]["device"] == "cpu" and gen["metrics"]["worker"]
     done = poll(client, long["id"])
-    assert done["status"] == "finished" and done["nfe"] == 240
-    assert_images_match(done["images"], model_dir, "tiny", 60, "rk4", 3)
+    assert done["status"] == "finished" and done["nfe"] == 1200
+    assert_images_match(done["images"], model_dir, "tiny", 300, "rk4", 3)
 
 
 def test_wait_png_and_image_urls_through_redis(one_worker, model_dir):
@@ -142,12 +142,13 @@ def test_two_workers_share_the_queue(two_workers, model_dir):
 
 def test_sigterm_one_of_two_workers_mid_run_loses_no_generation(two_workers, model_dir):
     client, first = two_workers["client"], two_workers["workers"][0]
-    bodies = [{"model": "tiny", "steps": 50, "solver": "rk4", "seed": 2000 + 10 * i, "n": 4} for i in range(4)]
+    # each worker holds at most 8 images, so with all four long ones running each worker holds two;
+    # they last seconds, longer than the 0.5 s drain, so the stopped worker must hand its two back
+    bodies = [{"model": "tiny", "steps": 250, "solver": "rk4", "seed": 2000 + 10 * i, "n": 4} for i in range(4)]
     bodies += [{"model": "tiny", "steps": 2, "solver": "ddpm", "seed": 3000 + i, "n": 1} for i in range(4)]
     ids = [client.post("/v1/generations", json=b).json()["id"] for b in bodies]
-    wait_until(lambda: sum(client.get(f"/v1/generations/{i}").json()["status"] == "running" for i in ids[:4]) >= 2,
+    wait_until(lambda: all(client.get(f"/v1/generations/{i}").json()["status"] == "running" for i in ids[:4]),
                60, "long generations to run", interval=0.05)
-    time.sleep(0.3)
     first.send_signal(signal.SIGTERM)
     assert first.wait(60) == 0
     gens = [poll(client, i) for i in ids]
