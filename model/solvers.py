@@ -86,6 +86,16 @@ class RungeKutta(Solver):
         self.a = torch.tensor(a_full, dtype=torch.float64)  # (S, S), row j: weights for stage j's point
         self.b = torch.tensor(b, dtype=torch.float64)
         self.c = torch.tensor(c, dtype=torch.float64)
+        # the tableau on each device it was used on: a copy per evaluation would be a host-to-device
+        # transfer (and, from pageable memory, a stall) every tick on a GPU
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def _tableau(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(a, b, c) on `device`, copied once."""
+        t = self._on_device.get(device)
+        if t is None:
+            t = self._on_device[device] = (self.a.to(device), self.b.to(device), self.c.to(device))
+        return t
 
     def init(self, x_T: torch.Tensor, steps: torch.Tensor) -> State:
         st = super().init(x_T, steps)
@@ -105,19 +115,20 @@ class RungeKutta(Solver):
     def point(self, st: State) -> tuple[torch.Tensor, torch.Tensor]:
         eta0, h = self._step(st)
         stage = st["stage"]
-        a_rows = self.a.to(h.device)[stage]
-        eta = eta0 + self.c.to(h.device)[stage] * h
-        return self._combine(st, a_rows, h), eta.to(st["x"].dtype)
+        a, _, c = self._tableau(h.device)
+        eta = eta0 + c[stage] * h
+        return self._combine(st, a[stage], h), eta.to(st["x"].dtype)
 
     def advance(self, st: State, x0_hat: torch.Tensor, eps_hat: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         eta0, h = self._step(st)
         stage = st["stage"]
-        eta = (eta0 + self.c.to(h.device)[stage] * h).to(st["x"].dtype)
+        _, b, c_stage = self._tableau(h.device)
+        eta = (eta0 + c_stage[stage] * h).to(st["x"].dtype)
         c, s = expand_like(torch.cos(eta), x0_hat), expand_like(torch.sin(eta), x0_hat)
         v_hat = (-s * x0_hat + c * eps_hat).to(st["x"].dtype)
         st["k"][torch.arange(len(stage), device=stage.device), stage] = v_hat
         complete = stage + 1 == self.nfe_per_step
-        x_next = self._combine(st, self.b.to(h.device).expand(len(stage), -1), h)
+        x_next = self._combine(st, b.expand(len(stage), -1), h)
         st["x"] = torch.where(expand_like(complete, x_next), x_next, st["x"])
         st["stage"] = torch.where(complete, torch.zeros_like(stage), stage + 1)
         st["i"] = st["i"] + complete.long()

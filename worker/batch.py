@@ -3,6 +3,11 @@
 The solvers in model/solvers.py are per-sample state machines whose state is a dict of tensors
 with a leading batch dimension. Images join by concatenating a fresh state and leave by indexing;
 the update itself is one vectorised call for the whole group, whatever step each image is at.
+
+Who leaves when is known on the host: an image needs exactly nfe(solver, steps) evaluations, so
+the group counts them down in Python instead of reading the solver's "finished" mask back from
+the device, which would stall a GPU's queue of kernels once per tick. Non-finite rows are found
+when they leave (one check per finished batch of rows, not per tick).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class SolverGroup:
         self.state: State | None = None
         self.slots: list[Any] = []  # one owner record per row, same order as the state
         self.generators: list[torch.Generator] = []  # per-row noise streams, stochastic solvers only
+        self.remaining: list[int] = []  # per row: network evaluations still to do
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -52,6 +58,7 @@ class SolverGroup:
         else:
             self.state = {k: torch.cat([self.state[k], fresh[k]]) for k in self.state}
         self.slots.extend(slots)
+        self.remaining.extend(self.impl.nfe(int(n)) for n in steps.tolist())
         if self.impl.stochastic:
             self.generators.extend(generators)
 
@@ -59,24 +66,35 @@ class SolverGroup:
         """Every row's next evaluation point (x, eta)."""
         return self.impl.point(self.state)
 
-    def advance(self, x0_hat: torch.Tensor, eps_hat: torch.Tensor) -> torch.Tensor:
-        """Consume one evaluation per row; returns the rows that must leave: finished or non-finite."""
+    def advance(self, x0_hat: torch.Tensor, eps_hat: torch.Tensor) -> list[int]:
+        """Consume one evaluation per row; returns the indices of the rows that finished."""
         noise = draw_noise(self.state["x"], self.generators) if self.impl.stochastic else None
-        finished = self.impl.advance(self.state, x0_hat, eps_hat, noise)
-        bad = ~torch.isfinite(self.state["x"]).flatten(1).all(dim=1)
-        return finished | bad
+        self.impl.advance(self.state, x0_hat, eps_hat, noise)
+        self.remaining = [r - 1 for r in self.remaining]
+        return [i for i, r in enumerate(self.remaining) if r <= 0]
 
-    def remove(self, leave: torch.Tensor) -> tuple[list[Any], torch.Tensor]:
-        """Leave: drop the masked rows; returns their owners and final x (in row order)."""
-        rows = leave.nonzero().flatten().tolist()
+    def remove(self, rows: Sequence[int]) -> tuple[list[Any], torch.Tensor]:
+        """Leave: drop the given rows; returns their owners and final x (in row order)."""
+        rows = sorted(set(rows))
         if not rows:
             return [], self.state["x"][:0]
         gone = set(rows)
-        x = self.state["x"][leave]
-        keep = ~leave
+        kept = [i for i in range(len(self.slots)) if i not in gone]
+        device = self.state["x"].device
+        x = self.state["x"][_index(rows, device)]
+        keep = _index(kept, device)
         self.state = {k: v[keep] for k, v in self.state.items()}
         owners = [self.slots[i] for i in rows]
-        self.slots = [s for i, s in enumerate(self.slots) if i not in gone]
+        self.slots = [self.slots[i] for i in kept]
+        self.remaining = [self.remaining[i] for i in kept]
         if self.impl.stochastic:
-            self.generators = [g for i, g in enumerate(self.generators) if i not in gone]
+            self.generators = [self.generators[i] for i in kept]
         return owners, x
+
+
+def _index(rows: list[int], device: torch.device) -> torch.Tensor:
+    """Row indices as a tensor on `device`, sent from pinned memory without blocking on a GPU."""
+    t = torch.tensor(rows, dtype=torch.long)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
