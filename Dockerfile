@@ -35,6 +35,10 @@ RUN python -c "import importlib.metadata as m; print('torch==' + m.version('torc
 COPY model ./model
 COPY worker ./worker
 COPY service ./service
+COPY bench ./bench
+# the operator's first check on a new GPU host:
+#   docker compose run --rm --entrypoint bash worker /opt/arcdiff/deploy/gpu-check.sh
+COPY deploy/gpu-check.sh ./deploy/gpu-check.sh
 RUN pip install --no-deps -c /opt/arcdiff/torch-constraint.txt '.' \
     && python -c "import torch; assert torch.version.cuda, 'torch lost its CUDA build'; print('torch', torch.__version__, 'cuda', torch.version.cuda)" \
     && arcdiff --help > /dev/null

@@ -61,7 +61,7 @@ class EmbeddedBackend:
             log.exception("loading models failed")
             self._load_error = f"loading models failed: {e}"
             return
-        self.engine = engine.start()
+        self.engine = await asyncio.to_thread(engine.start)  # start() returns once warmed up
 
     async def close(self) -> None:
         if self._loader is not None:

@@ -8,9 +8,10 @@ Each tick, for each model with work:
    (1, 2, 4, ..., max_batch) so a compiled network sees few shapes;
 3. one forward -> (x0_hat, eps_hat);
 4. scatter back: each solver group advances all its rows in one vectorised call; finished rows
-   leave, are turned into pixels in one op and PNG-encoded on a thread pool; a generation
-   completes when all its images are encoded. A row that turns non-finite fails its generation
-   (with the reason), not the batch.
+   leave (known on the host: no device sync per tick), are turned into pixels in one op and
+   PNG-encoded on a thread pool; a generation completes when all its images are encoded. A row
+   that ends non-finite fails its generation (with the reason), not the batch; rows never mix in
+   the network (group norm and attention are per image), so one NaN image cannot spoil another.
 
 One device thread runs the ticks (round robin over models); callers talk to it through a lock
 and get a concurrent.futures.Future per generation. Nothing here knows about HTTP or Redis.
@@ -35,6 +36,7 @@ from model.rng import image_generator, image_seed, initial_noise
 from model.solvers import nfe as solver_nfe
 from worker import metrics as m
 from worker.batch import SolverGroup, bucket_for, bucket_sizes
+from worker.device_thread import DeviceThread
 from worker.encode import png_bytes, to_uint8
 from worker.jobs import GenerationSpec, ImageResult, JobMetrics, JobResult
 
@@ -106,12 +108,30 @@ class Engine:
         keep_samples: bool = False,
         queue_timeout_s: float | None = None,
         failed_models: Mapping[str, str] | None = None,
+        warm_up: bool = False,
+        fallbacks: Mapping[str, Forward] | None = None,
+        recompile_stance: str | None = None,
+        buckets: Iterable[int] | None = None,
+        device_thread: DeviceThread | None = None,
     ):
+        """`warm_up`: before serving, call every model's forward once per batch bucket on the
+        device thread (compiles there; CUDA graphs are recorded per thread). A model whose warm-up
+        fails is served with its entry in `fallbacks` (the eager forward) or not at all.
+        `recompile_stance`: torch.compiler stance set after the warm-up ("eager_on_recompile"
+        in the worker: an unexpected new shape runs eagerly instead of stalling the batch for a
+        compile; tests use "fail_on_recompile").
+        `buckets`: the padded batch sizes (default 1, 2, 4, ..., max_batch); the largest must be
+        max_batch. A benchmark that always runs full batches warms up just [max_batch].
+        `device_thread`: the thread to run the ticks on; pass the one that loaded the models (see
+        worker/device_thread.py for why one thread should do all torch work). Default: a new one.
+        Either way the engine owns it from then on and stops it in close()."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.device = torch.device(device)
         self.max_batch = max_batch
-        self.buckets = bucket_sizes(max_batch)
+        self.buckets = sorted(set(buckets)) if buckets else bucket_sizes(max_batch)
+        if self.buckets[-1] != max_batch or self.buckets[0] < 1:
+            raise ValueError(f"buckets {self.buckets} must be positive and end at max_batch {max_batch}")
         self.worker = worker
         self.job_timeout_s = job_timeout_s
         # a generation still waiting this long after it was accepted (spec.submitted_at, so time
@@ -127,9 +147,15 @@ class Engine:
         self._cond = threading.Condition()
         self._closing = False
         self._pool = ThreadPoolExecutor(max_workers=encode_threads, thread_name_prefix="arcdiff-encode")
-        self._thread = threading.Thread(target=self._run, name="arcdiff-engine", daemon=True)
+        self._device_thread = device_thread or DeviceThread("arcdiff-engine")
+        self._loop: Future | None = None
         self._next_deadline_check = 0.0
         self._next_memory_sample = 0.0
+        self._warm_up = warm_up
+        self._fallbacks = dict(fallbacks or {})
+        self._recompile_stance = recompile_stance
+        self._ready = threading.Event()
+        self.warm_up_s: dict[str, float] = {}  # model -> seconds its warm-up took
 
     # ---- caller side (any thread) ----------------------------------------------------------
 
@@ -138,12 +164,19 @@ class Engine:
         return list(self._runners)
 
     def start(self) -> Engine:
-        self._thread.start()
+        """Start the device thread; returns once it is warmed up and serving."""
+        if self._loop is not None:
+            raise RuntimeError("engine already started")
+        self._loop = self._device_thread.submit(self._run)
+        while not self._ready.wait(0.1):
+            if self._loop.done():  # died before it was ready: say why
+                self._loop.result()
+                raise RuntimeError("engine thread ended during warm-up")
         return self
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._closing
+        return self._loop is not None and not self._loop.done() and not self._closing
 
     def submit(self, spec: GenerationSpec, timeout_s: float | None = None) -> Future:
         """Queue a generation; the future resolves to a JobResult or raises GenerationFailed.
@@ -238,8 +271,12 @@ class Engine:
             self._cond.notify_all()
         for t in tasks:
             self._close(t, error="engine stopped before the generation finished")
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        if self._loop is not None:
+            try:
+                self._loop.result(timeout)
+            except Exception:  # a loop that died already logged why; a slow one is left behind
+                pass
+        self._device_thread.shutdown()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     # ---- resolution (any thread) ---------------------------------------------------------------
@@ -281,6 +318,11 @@ class Engine:
                  self.max_batch, self.buckets)
         self._sample_memory()
         with torch.inference_mode():
+            try:
+                if self._warm_up:
+                    self._warm_up_all()
+            finally:
+                self._ready.set()
             while True:
                 with self._cond:
                     if not self._closing and not any(self._has_work(r) for r in self._runners.values()):
@@ -297,6 +339,37 @@ class Engine:
                             self._reset(r, f"engine error during sampling: {type(e).__name__}: {e}")
                 self._sample_memory()
         log.info("engine stopped")
+
+    def _warm_up_all(self) -> None:
+        """One forward per bucket and model (inside inference_mode, as the ticks run), so every
+        compile happens now and no request pays for one."""
+        for name, r in list(self._runners.items()):
+            t0 = time.perf_counter()
+            try:
+                self._warm_up_one(r)
+            except Exception as e:  # a compiler that cannot handle this model on this device
+                why = f"{type(e).__name__}: {e}"
+                fallback = self._fallbacks.get(name)
+                if fallback is None:
+                    log.exception("warm-up of %s failed; not serving it", name)
+                    self.failed_models[name] = f"warm-up failed: {why}"
+                    del self._runners[name]
+                    continue
+                log.exception("warm-up of %s failed; serving it uncompiled", name)
+                r.forward = fallback
+                self._warm_up_one(r)
+            self.warm_up_s[name] = time.perf_counter() - t0
+            m.COMPILE.labels(name).set(self.warm_up_s[name])
+            log.info("warmed up %s on %s: buckets %s in %.2f s", name, self.device, self.buckets, self.warm_up_s[name])
+        if self._recompile_stance:
+            torch.compiler.set_stance(self._recompile_stance)
+
+    def _warm_up_one(self, r: _Runner) -> None:
+        for b in self.buckets:
+            x = torch.zeros((b, *r.shape), device=self.device)
+            r.forward(x, torch.full((b,), PAD_ETA, device=self.device))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @staticmethod
     def _has_work(r: _Runner) -> bool:
@@ -361,7 +434,7 @@ class Engine:
             leave = g.advance(x0_hat[offset : offset + rows], eps_hat[offset : offset + rows])
             offset += rows
             m.NFE.labels(r.name, g.impl.name).inc(rows)
-            if bool(leave.any()):
+            if leave:
                 owners, xs = g.remove(leave)
                 self._finish(r, g.impl.name, owners, xs)
 
@@ -392,7 +465,7 @@ class Engine:
         for solver, items in by_solver.items():
             gens = [image_generator(image_seed(t.spec.seed, k)) for t, k in items]
             x_T = torch.stack([initial_noise(r.shape, g) for g in gens]).to(self.device)
-            steps = torch.tensor([t.spec.steps for t, _ in items], device=self.device)
+            steps = torch.tensor([t.spec.steps for t, _ in items])  # on the host: the group counts down there
             group = r.groups.get(solver)
             if group is None:
                 group = r.groups[solver] = SolverGroup(solver)
@@ -438,9 +511,9 @@ class Engine:
             for g in r.groups.values():
                 if not len(g):
                     continue
-                mask = torch.tensor([t.closed for t, _ in g.slots], device=self.device)
-                if bool(mask.any()):
-                    owners, _ = g.remove(mask)
+                closed = [i for i, (t, _k) in enumerate(g.slots) if t.closed]
+                if closed:
+                    owners, _ = g.remove(closed)
                     for task, _k in owners:
                         self._leave(r, task)
             m.RUNNING.labels(r.name).set(r.in_batch)

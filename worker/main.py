@@ -10,8 +10,9 @@ import uuid
 import torch
 
 from model.registry import ModelRegistry
+from worker.device_thread import DeviceThread
 from worker.engine import Engine
-from worker.loading import prepare_models, resolve_device
+from worker.loading import prepare_models, resolve_device, resolve_speed
 from worker.settings import WorkerSettings
 
 log = logging.getLogger("arcdiff.worker")
@@ -28,8 +29,6 @@ def default_worker_name() -> str:
 
 def build_engine(settings: WorkerSettings, models: list[str], worker_name: str = "") -> Engine:
     """Load `models` from the registry onto the configured device and wrap them in an engine."""
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
     registry = ModelRegistry(settings.model_dir)
     # a folder whose config.json cannot be read is in registry.errors: it failed to load, it is not unknown
     unknown = [name for name in models if name not in registry.models and name not in registry.errors]
@@ -45,9 +44,14 @@ def build_engine(settings: WorkerSettings, models: list[str], worker_name: str =
             failed[name] = registry.errors[name]
             log.error("model %s failed to load, not serving it: %s", name, failed[name])
     loadable = [name for name in models if name not in failed]
-    prepared = prepare_models(registry, loadable, device, settings.max_batch, settings.amp, settings.compile,
-                              settings.channels_last, failed=failed)
+    speed = resolve_speed(device, settings.amp, settings.compile, settings.channels_last)
+    # every torch call of this process from here on runs on one thread (see worker/device_thread.py)
+    device_thread = DeviceThread()
+    if settings.torch_threads:
+        device_thread.call(torch.set_num_threads, settings.torch_threads)
+    prepared = device_thread.call(prepare_models, registry, loadable, device, speed, failed=failed)
     if not prepared:
+        device_thread.shutdown()
         raise WorkerSetupError("no model could be loaded: " + "; ".join(f"{n}: {why}" for n, why in failed.items()))
     return Engine(
         {name: p.loaded for name, p in prepared.items()},
@@ -59,6 +63,10 @@ def build_engine(settings: WorkerSettings, models: list[str], worker_name: str =
         job_timeout_s=settings.job_timeout_s,
         queue_timeout_s=settings.queue_timeout_s,
         failed_models=failed,
+        warm_up=speed.compile != "none",
+        fallbacks={name: p.eager for name, p in prepared.items() if p.eager is not None},
+        recompile_stance="eager_on_recompile" if speed.compile != "none" else None,
+        device_thread=device_thread,
     )
 
 
@@ -75,6 +83,7 @@ def run_worker(settings: WorkerSettings, models: list[str]) -> int:
     engine = build_engine(settings, models, worker_name=name)
     connection = redis.Redis.from_url(settings.redis_url)
     connection.ping()  # fail now, with the URL in the message, rather than inside RQ's loop
+    engine.start()  # warms up (compiles) first: the worker takes jobs only for what it serves
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port)
         log.info("worker metrics on :%d/metrics", settings.worker_metrics_port)
@@ -88,7 +97,6 @@ def run_worker(settings: WorkerSettings, models: list[str]) -> int:
         worker_ttl=settings.worker_ttl_s,
         maintenance_interval=settings.maintenance_s,
     )
-    engine.start()
     log.info("worker %s serving %s on %s (max batch %d)", name, ", ".join(engine.models), engine.device, engine.max_batch)
     for model, why in engine.failed_models.items():
         log.error("worker %s does NOT serve %s (failed to load: %s); its jobs stay queued for other workers",

@@ -47,3 +47,4 @@ def init_model_series(model: str) -> None:
         JOBS.labels(model, status)
     for histogram in (BATCH_SIZE, QUEUE_WAIT, SAMPLE, ENCODE):
         histogram.labels(model)
+    COMPILE.labels(model)  # 0 until a warm-up sets it (stays 0 when the model is not compiled)

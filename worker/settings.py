@@ -37,11 +37,17 @@ class WorkerSettings(BaseSettings):
     device: str = Field("auto", description="auto, cpu, mps, cuda or cuda:N")
     max_batch: int = Field(32, ge=1, le=1024, description="images in one network evaluation")
     encode_threads: int = Field(2, ge=1, le=64, description="threads that PNG-encode finished images")
-    amp: Literal["none", "bf16", "fp16"] = Field("none", description="autocast dtype for the network on CUDA")
-    compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = Field(
-        "none", description="torch.compile mode, one warm-up per batch bucket; reduce-overhead adds CUDA graphs"
+    amp: Literal["auto", "none", "bf16", "fp16"] = Field(
+        "auto", description="autocast dtype for the network (solver state stays float32); auto: bf16 on CUDA "
+        "(fp16 without bf16 support), none elsewhere"
     )
-    channels_last: bool = Field(False, description="run the network in channels-last memory format")
+    compile: Literal["auto", "none", "default", "reduce-overhead", "max-autotune"] = Field(
+        "auto", description="torch.compile mode, compiled per batch bucket at start-up; reduce-overhead adds "
+        "CUDA graphs; auto: reduce-overhead on CUDA, none elsewhere"
+    )
+    channels_last: bool | None = Field(
+        None, description="run the network in channels-last memory format; unset: on for CUDA, off elsewhere"
+    )
     torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads for the engine process")
 
     # RQ job lifecycle

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from service.commands._common import add_engine_flags, settings_from, setup_logging
+from service.commands._common import add_engine_flags, engine_flags, settings_from, setup_logging
 
 HELP = """Run the HTTP API (POST /v1/generations, GET /v1/models, /healthz, /readyz, /metrics).
 
@@ -37,8 +37,8 @@ def run(args: argparse.Namespace) -> int:
     from service.app import SetupError, create_app
     from service.settings import Settings
 
-    flags = dict(port=args.port, host=args.host, redis_url=args.redis, models=args.models, device=args.device,
-                 max_batch=args.max_batch, model_dir=args.model_dir, log_level=args.log_level, api_workers=args.workers)
+    flags = dict(port=args.port, host=args.host, redis_url=args.redis, models=args.models, **engine_flags(args),
+                 api_workers=args.workers)
     settings = settings_from(Settings, **flags)
     setup_logging(settings.log_level)
     if settings.api_workers > 1:

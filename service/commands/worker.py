@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from service.commands._common import add_engine_flags, settings_from, setup_logging
+from service.commands._common import add_engine_flags, engine_flags, settings_from, setup_logging
 
 HELP = """Serve the queues of the given models (one RQ queue per model, arcdiff:<model>).
 
@@ -37,8 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from worker.main import WorkerSetupError, run_worker
     from worker.settings import WorkerSettings
 
-    settings = settings_from(WorkerSettings, models=args.models, redis_url=args.redis, device=args.device,
-                             max_batch=args.max_batch, model_dir=args.model_dir, log_level=args.log_level,
+    settings = settings_from(WorkerSettings, models=args.models, redis_url=args.redis, **engine_flags(args),
                              worker_metrics_port=args.metrics_port, worker_name=args.name)
     setup_logging(settings.log_level)
     models = settings.models or ModelRegistry(settings.model_dir).names()

@@ -115,8 +115,11 @@ def test_dockerfile_copies_existing_paths():
             assert top not in ignored and src not in ignored, f"COPY {src} but .dockerignore excludes it"
     # the package sources all go in
     copied = " ".join(instr("COPY"))
-    for pkg in ("model", "worker", "service"):
+    packages = [p.rstrip("*") for p in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]]
+    assert {"model", "worker", "service", "bench"} <= set(packages), packages
+    for pkg in packages:
         assert re.search(rf"\b{pkg}\b", copied), f"{pkg}/ is not copied into the image"
+    assert "deploy/gpu-check.sh" in copied, "the GPU check script is not in the image"
 
 
 def test_dockerfile_runs_as_non_root_with_healthcheck():

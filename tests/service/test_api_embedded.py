@@ -1,6 +1,5 @@
 """The HTTP API in embedded mode (engine in-process), driven through FastAPI's in-process client."""
 
-import time
 
 import pytest
 from fastapi.testclient import TestClient

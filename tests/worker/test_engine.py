@@ -216,3 +216,36 @@ def test_request_larger_than_the_batch(loaded, model_dir):
         assert max(res.metrics.batch_sizes) == 2 and [im.seed for im in res.images] == [77, 78, 79, 80, 81]
     finally:
         eng.close()
+
+
+def test_device_thread_runs_everything_on_one_thread_and_passes_errors_back():
+    from worker.device_thread import DeviceThread
+
+    dt = DeviceThread("t")
+    try:
+        names = {dt.call(lambda: threading.current_thread().name) for _ in range(3)}
+        assert names == {dt.name} and dt.name != threading.current_thread().name
+        with pytest.raises(ZeroDivisionError):
+            dt.call(lambda: 1 / 0)
+        assert dt.call(sum, [1, 2, 3]) == 6  # still serving after an error
+    finally:
+        dt.shutdown()
+
+
+def test_engine_ticks_on_the_device_thread_it_was_given(loaded):
+    from worker.device_thread import DeviceThread
+
+    dt = DeviceThread("given")
+    seen = set()
+    base = loaded["tiny"].denoiser
+
+    def forward(x, eta):
+        seen.add(threading.current_thread().name)
+        return base(x, eta)
+
+    eng = Engine(loaded, max_batch=4, forwards={"tiny": forward}, device_thread=dt).start()
+    try:
+        eng.submit(spec("d", steps=2, solver="euler", n=2)).result(60)
+        assert seen == {dt.name}  # (dt.call would wait behind the engine's loop, which holds the thread)
+    finally:
+        eng.close()

@@ -1,0 +1,90 @@
+"""The benchmark commands run for real (subprocesses, real engine, real diffusers) on small
+networks, and their JSON records are consistent. They check that the figures are computed right,
+not how fast this machine is."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from servicekit import REPO
+
+
+def cli(*args, env=None, timeout=600):
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          env=full_env, timeout=timeout)
+
+
+def test_bench_engine_record(tmp_path, model_dir):
+    out = tmp_path / "engine.json"
+    r = cli("bench", "engine", "--model", "tiny", "--model-dir", str(model_dir), "--solver", "rk4", "--steps", "3",
+            "--batch", "4", "--rounds", "3", "--device", "cpu", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(out.read_text())
+    assert rec["images"] == 12 and rec["nfe_per_image"] == 12 and rec["batch_sizes"] == [4]
+    # every measured tick is one forward at batch 4: 3 rounds x 12 evaluations
+    assert rec["forward_calls"] == 36
+    assert 0 < rec["forward_s"] < rec["wall_s"] and 0 < rec["forward_share"] < 1
+    assert rec["images_per_s"] == pytest.approx(12 / rec["wall_s"], rel=1e-2)
+    assert rec["nfe_per_s"] == pytest.approx(12 * 12 / rec["wall_s"], rel=1e-2)
+    assert rec["peak_rss_bytes"] > 10 * 2**20 and rec["environment"]["torch"]
+    assert "of wall time in the forward" in r.stderr
+
+
+def test_bench_engine_random_config_and_errors(tmp_path):
+    r = cli("bench", "engine", "--config", "tiny", "--steps", "2", "--batch", "2", "--rounds", "1", "--device", "cpu",
+            "--json", "-")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)
+    assert rec["model"] == "random-tiny" and rec["parameters"] > 1000 and rec["image_shape"] == [1, 8, 8]
+    r = cli("bench", "engine", "--config", "nope", "--device", "cpu")
+    assert r.returncode == 2 and "unknown network config 'nope'" in r.stderr and "Traceback" not in r.stderr
+    r = cli("bench", "engine", "--model", "nope", "--device", "cpu")
+    assert r.returncode == 2 and "unknown model 'nope'" in r.stderr
+    r = cli("bench", "engine", "--config", "tiny", "--solver", "lms")
+    assert r.returncode == 2 and "unknown solver 'lms'" in r.stderr
+
+
+def test_bench_diffusers_side_by_side(tmp_path):
+    pytest.importorskip("diffusers")
+    out = tmp_path / "diffusers.json"
+    r = cli("bench", "diffusers", "--image-size", "16", "--steps", "2", "--batch", "1", "2", "--repeats", "1",
+            "--device", "cpu", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(out.read_text())
+    assert [row["batch"] for row in rec["results"]] == [1, 2] and rec["parameters"] > 10_000
+    for row in rec["results"]:
+        # two processes per side, one timed run each (after a warm-up)
+        assert len(row["diffusers_runs_s"]) == 2 and len(row["arcdiff_runs_s"]) == 2
+        assert row["ratio"] == pytest.approx(row["diffusers_s"] / row["arcdiff_s"], rel=2e-2)
+    assert "ratio" in r.stderr
+
+
+def test_gpu_check_script_runs_on_cpu_and_refuses_without_cuda(tmp_path):
+    out = tmp_path / "gpu.json"
+    env = {"DEVICE": "cpu", "CONFIG": "tiny", "STEPS": "2", "BATCHES": "1 2", "VARIANTS": "eager-fp32",
+           "OUT": str(out), "PYTHON": sys.executable}
+    r = subprocess.run(["bash", str(REPO / "deploy" / "gpu-check.sh")], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, **env}, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "variant" in r.stdout and "eager-fp32" in r.stdout
+    rec = json.loads(out.read_text())
+    assert [row["batch"] for row in rec["rows"]] == [1, 2] and all("images/s" in row for row in rec["rows"])
+    import torch
+
+    if not torch.cuda.is_available():
+        r = cli("bench", "gpu-check", "--config", "tiny", "--device", "cuda")
+        assert r.returncode == 1 and "CUDA is not available" in r.stderr
+
+
+def test_gpu_check_budget_skips_runs(tmp_path):
+    r = cli("bench", "gpu-check", "--config", "tiny", "--steps", "1", "--batches", "1", "2", "--variants",
+            "eager-fp32", "--device", "cpu", "--budget-s", "0", "--json", "-")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)
+    # with a budget of 0 s no run starts, and each is reported as skipped, not silently dropped
+    assert [row.get("note") for row in rec["rows"]] == ["skipped: time budget"] * 2 and rec["records"] == []
+    assert "skipped: time budget" in r.stderr
