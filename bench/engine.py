@@ -18,6 +18,8 @@ import sys
 import time
 from typing import Any
 
+from bench.report import add_run_arguments
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
@@ -29,15 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=20, metavar="N", help="solver steps per image (default 20)")
     p.add_argument("--batch", type=int, default=64, metavar="B", help="images per network evaluation (default 64)")
     p.add_argument("--rounds", type=int, default=3, metavar="R", help="full batches measured (default 3)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--compile", nargs="?", const="default", default="none",
-                   choices=("none", "default", "reduce-overhead", "max-autotune"),
-                   help="torch.compile the network (bare --compile: mode default; default none)")
-    p.add_argument("--amp", nargs="?", const="bf16", default="none", choices=("none", "bf16", "fp16"),
-                   help="autocast the network (bare --amp: bf16; default none)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
-    p.add_argument("--threads", type=int, metavar="T", help="torch intra-op threads (default: torch's)")
-    p.add_argument("--json", metavar="PATH", help="write the JSON record here ('-': stdout)")
+    add_run_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:

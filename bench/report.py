@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import sys
@@ -50,3 +51,15 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.0f}"
     return str(v)
+
+
+def add_run_arguments(p: argparse.ArgumentParser, whose: str = "the network") -> None:
+    """The flags every engine benchmark shares: device, compile, amp, threads, JSON output."""
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--compile", nargs="?", const="default", default="none",
+                   choices=("none", "default", "reduce-overhead", "max-autotune"),
+                   help=f"torch.compile {whose} (bare --compile: mode default; default none)")
+    p.add_argument("--amp", nargs="?", const="bf16", default="none", choices=("none", "bf16", "fp16"),
+                   help=f"autocast {whose} (bare --amp: bf16; default none)")
+    p.add_argument("--threads", type=int, metavar="T", help="torch intra-op threads (default: torch's)")
+    p.add_argument("--json", metavar="PATH", help="write the JSON record here ('-': stdout)")

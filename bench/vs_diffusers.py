@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.report import add_run_arguments
+
 # A small DDPM-style UNet2DModel: fast enough on a CPU, the same kinds of blocks as the big ones.
 UNET_SIZES = {
     "small": {"block_out_channels": (32, 64, 64), "layers_per_block": 1,
@@ -42,15 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=20, metavar="N", help="DDIM steps (default 20)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 64], metavar="B",
                    help="batch sizes, each measured on both sides (default: 1 64)")
-    p.add_argument("--repeats", type=int, default=3, metavar="R", help="timed runs per block; two blocks per side and batch (default 3)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--compile", nargs="?", const="default", default="none",
-                   choices=("none", "default", "reduce-overhead", "max-autotune"),
-                   help="torch.compile this engine's network (diffusers side stays as its pipeline runs it)")
-    p.add_argument("--amp", nargs="?", const="bf16", default="none", choices=("none", "bf16", "fp16"),
-                   help="autocast this engine's network (bare --amp: bf16)")
-    p.add_argument("--threads", type=int, metavar="T", help="torch intra-op threads (default: torch's)")
-    p.add_argument("--json", metavar="PATH", help="write the JSON record here ('-': stdout)")
+    p.add_argument("--repeats", type=int, default=3, metavar="R", help="timed runs per process; two processes per side and batch (default 3)")
+    add_run_arguments(p, whose="this engine's network (the diffusers side runs as its pipeline does)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Any
 
 # subcommand name -> module under service.commands
 COMMANDS: dict[str, str] = {
@@ -30,15 +31,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name, module in COMMANDS.items():
-        try:
-            mod = importlib.import_module(f"service.commands.{module}")
-        except ModuleNotFoundError as e:
-            if e.name == f"service.commands.{module}":
-                continue  # command not built yet
-            raise
+    for name, mod in import_commands("service.commands", COMMANDS):
         mod.register(sub)
     return parser
+
+
+def import_commands(package: str, modules: dict[str, str]) -> list[tuple[str, Any]]:
+    """(name, module) for each entry whose module exists (a command not built yet is left out)."""
+    found = []
+    for name, module in modules.items():
+        try:
+            found.append((name, importlib.import_module(f"{package}.{module}")))
+        except ModuleNotFoundError as e:
+            if e.name != f"{package}.{module}":
+                raise
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:

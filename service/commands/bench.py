@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 
 HELP = """Measure, don't guess. Each benchmark prints a summary and writes a JSON record (--json).
 
@@ -23,13 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     inner = p.add_subparsers(dest="bench", metavar="BENCH")
     inner.required = True
-    for name, module in BENCHES.items():
-        try:
-            mod = importlib.import_module(f"bench.{module}")
-        except ModuleNotFoundError as e:
-            if e.name == f"bench.{module}":
-                continue  # not built yet
-            raise
+    from service.cli import import_commands
+
+    for name, mod in import_commands("bench", BENCHES):
         q = inner.add_parser(name, help=mod.__doc__.strip().splitlines()[0], description=mod.__doc__,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(q)
