@@ -143,7 +143,7 @@ def compiled_forward(forward: Forward, speed: SpeedSettings, backend: str | Call
             setattr(cfg, attr, max(getattr(cfg, attr), 32))
     mode = None if speed.compile == "default" or backend != "inductor" else speed.compile
     compiled = torch.compile(forward, mode=mode, dynamic=False, backend=backend)
-    if not speed.cuda_graphs or backend != "inductor":
+    if not speed.cuda_graphs:
         return compiled
 
     def replay(x: torch.Tensor, eta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
