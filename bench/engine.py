@@ -27,8 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--config", metavar="NAME", help="a network config with random weights, dual head "
                      "(cifar10, celeba64, church256, mnist, tiny)")
     p.add_argument("--model-dir", metavar="DIR", help="folder of model folders (default ARCDIFF_MODEL_DIR or bundled)")
-    p.add_argument("--solver", default="ddim", help="solver (default ddim)")
-    p.add_argument("--steps", type=int, default=20, metavar="N", help="solver steps per image (default 20)")
+    p.add_argument("--solver", default="ddim", help="solver (default ddim), or 'mix': every solver in each "
+                   "batch, as a busy service runs them")
+    p.add_argument("--steps", type=int, default=20, metavar="N", help="solver steps per image (default 20); with "
+                   "--solver mix, network evaluations per image (each solver gets the steps that cost about N)")
     p.add_argument("--batch", type=int, default=64, metavar="B", help="images per network evaluation (default 64)")
     p.add_argument("--rounds", type=int, default=3, metavar="R", help="full batches measured (default 3)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         problems.append("--steps, --batch and --rounds must be at least 1")
     from model.solvers import SOLVERS
 
-    if args.solver not in SOLVERS:
+    if args.solver not in SOLVERS and args.solver != "mix":
         problems.append(f"unknown solver {args.solver!r}; known: {', '.join(SOLVERS)}")
     if problems:
         print("arcdiff bench engine: " + "; ".join(problems), file=sys.stderr)
@@ -168,22 +170,26 @@ def measure_engine(loaded: Any, *, solver: str, steps: int, batch: int, rounds: 
     engine.start()  # compiles (if asked) and runs one forward at the batch size
     warm_up_s = time.perf_counter() - t0
 
-    def spec(i: int) -> GenerationSpec:
-        return GenerationSpec(id=f"bench-{i}", model="m", steps=steps, solver=solver, seed=1000 * i, n=batch,
-                              submitted_at=time.time())
+    mix = round_specs(solver, steps, batch)
+
+    def round_of(i: int) -> list[GenerationSpec]:
+        return [GenerationSpec(id=f"bench-{i}-{j}", model="m", steps=st, solver=sv, seed=1000 * i + 100 * j, n=n,
+                               submitted_at=time.time()) for j, (sv, st, n) in enumerate(mix)]
 
     try:
-        engine.submit(spec(-1)).result()  # one unmeasured round: allocator, thread pool, caches
+        for s in round_of(-1):  # one unmeasured round: allocator, thread pool, caches
+            engine.submit(s).result()
         timed.active = True
         t0 = time.perf_counter()
-        futures = [engine.submit(spec(i)) for i in range(rounds)]
+        futures = [engine.submit(s) for i in range(rounds) for s in round_of(i)]
         results = [f.result() for f in futures]
         wall = time.perf_counter() - t0
     finally:
         engine.close()
     forward_s = timed.total()
     images = rounds * batch
-    per_image_nfe = nfe(solver, steps)
+    evaluations = rounds * sum(nfe(sv, st) * n for sv, st, n in mix)
+    per_image_nfe = round(evaluations / images, 2)
     record: dict[str, Any] = {
         "bench": "engine",
         "model": loaded.name,
@@ -202,7 +208,8 @@ def measure_engine(loaded: Any, *, solver: str, steps: int, batch: int, rounds: 
         "wall_s": round(wall, 4),
         "images": images,
         "images_per_s": round(images / wall, 3),
-        "nfe_per_s": round(images * per_image_nfe / wall, 1),
+        "nfe_per_s": round(evaluations / wall, 1),
+        "generations_per_round": [{"solver": sv, "steps": st, "n": n} for sv, st, n in mix],
         "forward_calls": timed.calls,
         "forward_s": round(forward_s, 4),
         "forward_share": round(forward_s / wall, 4),
@@ -214,6 +221,23 @@ def measure_engine(loaded: Any, *, solver: str, steps: int, batch: int, rounds: 
         record["peak_device_memory_bytes"] = torch.cuda.max_memory_allocated(device)
     record["peak_rss_bytes"] = _peak_rss_bytes()
     return record
+
+
+def round_specs(solver: str, steps: int, batch: int) -> list[tuple[str, int, int]]:
+    """(solver, steps, n) of the generations that make one round of `batch` images. One solver:
+    one generation. 'mix': one generation per solver, the images split as evenly as they go,
+    each with the steps that cost about `steps` evaluations per image (rk4 gets steps // 4)."""
+    from model.solvers import SOLVERS, get_solver
+
+    if solver != "mix":
+        return [(solver, steps, batch)]
+    share, extra = divmod(batch, len(SOLVERS))
+    out = []
+    for j, name in enumerate(SOLVERS):
+        n = share + (1 if j < extra else 0)
+        if n:
+            out.append((name, max(1, steps // get_solver(name).nfe_per_step), n))
+    return out
 
 
 def summary(r: dict[str, Any]) -> str:

@@ -88,3 +88,17 @@ def test_gpu_check_budget_skips_runs(tmp_path):
     # with a budget of 0 s no run starts, and each is reported as skipped, not silently dropped
     assert [row.get("note") for row in rec["rows"]] == ["skipped: time budget"] * 2 and rec["records"] == []
     assert "skipped: time budget" in r.stderr
+
+
+def test_bench_engine_mix_runs_every_solver_in_each_batch(tmp_path, model_dir):
+    r = cli("bench", "engine", "--model", "tiny", "--model-dir", str(model_dir), "--solver", "mix", "--steps", "4",
+            "--batch", "6", "--rounds", "2", "--device", "cpu", "--json", "-")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)
+    from model.solvers import SOLVERS
+
+    gens = rec["generations_per_round"]
+    assert [g["solver"] for g in gens] == list(SOLVERS) and sum(g["n"] for g in gens) == 6
+    assert {g["solver"]: g["steps"] for g in gens}["rk4"] == 1 and rec["nfe_per_image"] == 4
+    # all six leave together after 4 evaluations, so 2 rounds are 8 full-batch forwards
+    assert rec["forward_calls"] == 8 and rec["batch_sizes"] == [6]
