@@ -52,31 +52,35 @@ def run(args: argparse.Namespace) -> int:
     start = time.monotonic()
     rows: list[dict[str, Any]] = []
     records = []
-    for variant in variants:
-        for batch in args.batches:
-            row: dict[str, Any] = {"variant": variant, "batch": batch}
-            if time.monotonic() - start > args.budget_s:
-                row["note"] = "skipped: time budget"
-                rows.append(row)
-                continue
-            device_thread = DeviceThread()
-            try:
-                loaded = device_thread.call(load_for_bench, None, args.config, None, args.device,
-                                            VARIANTS[variant]["amp"])
-                rec = measure_engine(loaded, solver="ddim", steps=args.steps, batch=batch, rounds=args.rounds,
-                                     device_thread=device_thread, **VARIANTS[variant])
-            except Exception as e:  # one failed variant (say, a compiler problem) must not hide the others
-                device_thread.shutdown()
-                row["note"] = f"failed: {type(e).__name__}: {str(e)[:120]}"
-                rows.append(row)
-                continue
-            records.append({"variant": variant, **rec})
-            mem = rec.get("peak_device_memory_bytes", rec["peak_rss_bytes"])
-            row.update({"images/s": rec["images_per_s"], "NFE/s": rec["nfe_per_s"],
-                        "forward %": round(100 * rec["forward_share"], 1),
-                        "warm-up s": rec["warm_up_s"], "peak MiB": round(mem / 2**20)})
+    # eager runs first (seconds), then the compiled ones from the largest batch down: if compiling
+    # is slow on this host, the budget cuts the least telling run (batch 1), not batch 64
+    order = [(v, b) for v in variants for b in sorted(args.batches, reverse=VARIANTS[v]["compile_mode"] != "none")]
+    order.sort(key=lambda vb: VARIANTS[vb[0]]["compile_mode"] != "none")
+    for variant, batch in order:
+        row: dict[str, Any] = {"variant": variant, "batch": batch}
+        if time.monotonic() - start > args.budget_s:
+            row["note"] = "skipped: time budget"
             rows.append(row)
-            print(f"  {variant} batch {batch}: {rec['images_per_s']:.1f} images/s", file=sys.stderr)
+            continue
+        device_thread = DeviceThread()
+        try:
+            loaded = device_thread.call(load_for_bench, None, args.config, None, args.device,
+                                        VARIANTS[variant]["amp"])
+            rec = measure_engine(loaded, solver="ddim", steps=args.steps, batch=batch, rounds=args.rounds,
+                                 device_thread=device_thread, **VARIANTS[variant])
+        except Exception as e:  # one failed variant (say, a compiler problem) must not hide the others
+            device_thread.shutdown()
+            row["note"] = f"failed: {type(e).__name__}: {str(e)[:120]}"
+            rows.append(row)
+            continue
+        records.append({"variant": variant, **rec})
+        mem = rec.get("peak_device_memory_bytes", rec["peak_rss_bytes"])
+        row.update({"images/s": rec["images_per_s"], "NFE/s": rec["nfe_per_s"],
+                    "forward %": round(100 * rec["forward_share"], 1),
+                    "warm-up s": rec["warm_up_s"], "peak MiB": round(mem / 2**20)})
+        rows.append(row)
+        print(f"  {variant} batch {batch}: {rec['images_per_s']:.1f} images/s", file=sys.stderr)
+    rows.sort(key=lambda row: (variants.index(row["variant"]), row["batch"]))
     env = environment()
     out = sys.stderr if args.json == "-" else sys.stdout  # stdout then carries the JSON alone
     print(f"\n{args.config} (random weights), ddim {args.steps} steps, on {env.get('gpu', args.device)} "
