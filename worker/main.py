@@ -83,10 +83,12 @@ def run_worker(settings: WorkerSettings, models: list[str]) -> int:
     engine = build_engine(settings, models, worker_name=name)
     connection = redis.Redis.from_url(settings.redis_url)
     connection.ping()  # fail now, with the URL in the message, rather than inside RQ's loop
-    engine.start()  # warms up (compiles) first: the worker takes jobs only for what it serves
     if settings.worker_metrics_port:
+        # before the warm-up: compiling every bucket can take minutes on a GPU, and the probes of
+        # compose and Kubernetes watch this port (arcdiff_worker_up stays 0 until jobs are taken)
         start_http_server(settings.worker_metrics_port)
         log.info("worker metrics on :%d/metrics", settings.worker_metrics_port)
+    engine.start()  # warms up (compiles) first: the worker takes jobs only for what it serves
     worker = BatchingWorker(
         engine,
         drain_timeout_s=settings.drain_timeout_s,
