@@ -53,15 +53,30 @@ class Solver:
     def init(self, x_T: torch.Tensor, steps: torch.Tensor) -> State:
         """A state for samples starting at x_T; `steps` is one step count per sample."""
         b = x_T.shape[0]
-        return {
-            "x": x_T.clone(),
-            "i": torch.zeros(b, dtype=torch.long, device=x_T.device),
-            "n": steps.to(device=x_T.device, dtype=torch.long).expand(b).clone(),
-        }
+        i = torch.zeros(b, dtype=torch.long, device=x_T.device)
+        n = steps.to(device=x_T.device, dtype=torch.long).expand(b).clone()
+        eta0 = grid_eta(i, n)
+        # the current step's ends (and the previous step's start) are kept in the state rather than
+        # recomputed from (i, n) at every call: fewer small ops per evaluation, same values
+        return {"x": x_T.clone(), "i": i, "n": n, "eta_prev": eta0, "eta0": eta0, "eta1": grid_eta(i + 1, n)}
 
     def _etas(self, st: State) -> tuple[torch.Tensor, torch.Tensor]:
         """(eta_i, eta_{i+1}) in float64 for every sample's current step."""
-        return grid_eta(st["i"], st["n"]), grid_eta(st["i"] + 1, st["n"])
+        return st["eta0"], st["eta1"]
+
+    @staticmethod
+    def _next_step(st: State, stepped: torch.Tensor | None = None) -> torch.Tensor:
+        """Move the samples in `stepped` (all if None) to their next step; returns the finished mask."""
+        if stepped is None:
+            st["i"] = st["i"] + 1
+            st["eta_prev"], st["eta0"] = st["eta0"], st["eta1"]
+            st["eta1"] = grid_eta(st["i"] + 1, st["n"])
+        else:
+            st["i"] = st["i"] + stepped.long()
+            st["eta_prev"] = torch.where(stepped, st["eta0"], st["eta_prev"])
+            st["eta0"] = torch.where(stepped, st["eta1"], st["eta0"])
+            st["eta1"] = torch.where(stepped, grid_eta(st["i"] + 1, st["n"]), st["eta1"])
+        return st["i"] >= st["n"]
 
     def point(self, st: State) -> tuple[torch.Tensor, torch.Tensor]:
         eta, _ = self._etas(st)
@@ -131,8 +146,7 @@ class RungeKutta(Solver):
         x_next = self._combine(st, b.expand(len(stage), -1), h)
         st["x"] = torch.where(expand_like(complete, x_next), x_next, st["x"])
         st["stage"] = torch.where(complete, torch.zeros_like(stage), stage + 1)
-        st["i"] = st["i"] + complete.long()
-        return st["i"] >= st["n"]
+        return self._next_step(st, complete)
 
 
 class DDIM(Solver):
@@ -144,8 +158,7 @@ class DDIM(Solver):
         _, eta1 = self._etas(st)
         x = st["x"]
         st["x"] = _per_sample(torch.cos(eta1), x) * x0_hat.to(x.dtype) + _per_sample(torch.sin(eta1), x) * eps_hat.to(x.dtype)
-        st["i"] = st["i"] + 1
-        return st["i"] >= st["n"]
+        return self._next_step(st)
 
 
 class DDPM(Solver):
@@ -173,8 +186,7 @@ class DDPM(Solver):
             + _per_sample((s1**2 - var).clamp(min=0.0).sqrt(), x) * eps_hat.to(x.dtype)
             + _per_sample(var.sqrt(), x) * noise.to(x.dtype)
         )
-        st["i"] = st["i"] + 1
-        return st["i"] >= st["n"]
+        return self._next_step(st)
 
 
 def _lambda(eta: torch.Tensor) -> torch.Tensor:
@@ -205,7 +217,7 @@ class DPMSolverPP2M(Solver):
 
     def advance(self, st: State, x0_hat: torch.Tensor, eps_hat: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         eta0, eta1 = self._etas(st)
-        eta_prev = grid_eta((st["i"] - 1).clamp(min=0), st["n"])
+        eta_prev = st["eta_prev"]  # eta_{i-1}; eta_0 itself on the first step
         x = st["x"]
         x0_hat = x0_hat.to(x.dtype)
         sigma_ratio = torch.sin(eta1) / torch.sin(eta0)
@@ -218,8 +230,7 @@ class DPMSolverPP2M(Solver):
         d = x0_hat + _per_sample(w, x) * (x0_hat - st["x0_prev"])
         st["x"] = _per_sample(sigma_ratio, x) * x + _per_sample(torch.cos(eta1) * (1 - exp_neg_h), x) * d
         st["x0_prev"] = x0_hat
-        st["i"] = st["i"] + 1
-        return st["i"] >= st["n"]
+        return self._next_step(st)
 
 
 _IMPLS: dict[str, Solver] = {
