@@ -124,11 +124,11 @@ def compare(size: str, image_size: int, steps: int, batches: list[int], repeats:
             for side in ("diffusers", "arcdiff", "arcdiff", "diffusers"):
                 times[side] += _run_side(side, folder, batch, steps, repeats, str(device), compile_mode, amp, threads)
             theirs, ours = statistics.median(times["diffusers"]), statistics.median(times["arcdiff"])
-            results.append({"batch": batch, "diffusers_s": round(theirs, 4), "arcdiff_s": round(ours, 4),
+            results.append({"batch": batch, "diffusers_s": round(theirs, 6), "arcdiff_s": round(ours, 6),
                             "ratio": round(theirs / ours, 3), "arcdiff_images_per_s": round(batch / ours, 2),
                             "diffusers_images_per_s": round(batch / theirs, 2),
-                            "diffusers_runs_s": [round(t, 4) for t in times["diffusers"]],
-                            "arcdiff_runs_s": [round(t, 4) for t in times["arcdiff"]]})
+                            "diffusers_runs_s": [round(t, 6) for t in times["diffusers"]],
+                            "arcdiff_runs_s": [round(t, 6) for t in times["arcdiff"]]})
     return {
         "bench": "diffusers",
         "unet": size,

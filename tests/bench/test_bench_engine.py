@@ -59,7 +59,9 @@ def test_bench_diffusers_side_by_side(tmp_path):
     for row in rec["results"]:
         # two processes per side, one timed run each (after a warm-up)
         assert len(row["diffusers_runs_s"]) == 2 and len(row["arcdiff_runs_s"]) == 2
-        assert row["ratio"] == pytest.approx(row["diffusers_s"] / row["arcdiff_s"], rel=2e-2)
+        # seconds kept to the microsecond, the ratio to 3 digits: runs of a few ms still compare
+        assert row["ratio"] == pytest.approx(row["diffusers_s"] / row["arcdiff_s"], rel=5e-3, abs=1e-3)
+        assert sorted(row["diffusers_runs_s"])[0] <= row["diffusers_s"] <= sorted(row["diffusers_runs_s"])[-1]
     assert "ratio" in r.stderr
 
 
