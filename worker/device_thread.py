@@ -54,6 +54,9 @@ class DeviceThread:
         """Run fn on the device thread and return its result (exceptions propagate)."""
         return self.submit(fn, *args, **kwargs).result()
 
-    def shutdown(self) -> None:
-        """Stop after the callables already submitted."""
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop after the callables already submitted; with a timeout, wait that long for the
+        thread to end (a daemon thread still inside torch when the interpreter exits can crash it)."""
         self._jobs.put(None)
+        if timeout is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)

@@ -276,7 +276,7 @@ class Engine:
                 self._loop.result(timeout)
             except Exception:  # a loop that died already logged why; a slow one is left behind
                 pass
-        self._device_thread.shutdown()
+        self._device_thread.shutdown(timeout)
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     # ---- resolution (any thread) ---------------------------------------------------------------
