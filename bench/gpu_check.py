@@ -54,8 +54,9 @@ def run(args: argparse.Namespace) -> int:
     records = []
     # eager runs first (seconds), then the compiled ones from the largest batch down: if compiling
     # is slow on this host, the budget cuts the least telling run (batch 1), not batch 64
-    order = [(v, b) for v in variants for b in sorted(args.batches, reverse=VARIANTS[v]["compile_mode"] != "none")]
-    order.sort(key=lambda vb: VARIANTS[vb[0]]["compile_mode"] != "none")
+    compiled = [v for v in variants if VARIANTS[v]["compile_mode"] != "none"]
+    order = [(v, b) for v in variants if v not in compiled for b in sorted(args.batches)]
+    order += [(v, b) for v in compiled for b in sorted(args.batches, reverse=True)]
     for variant, batch in order:
         row: dict[str, Any] = {"variant": variant, "batch": batch}
         if time.monotonic() - start > args.budget_s:

@@ -138,19 +138,30 @@ def start_api(port: int, model_dir: Path, log: Path, redis_url: str | None = Non
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def wait_api_ready(api: subprocess.Popen, http: "httpx.Client", log: Path, timeout: float = 90) -> None:
-    """Wait for /readyz to answer 200, failing at once with the log's tail if the API exits."""
+def wait_api_ready(api: subprocess.Popen, http: "httpx.Client", log: Path, timeout: float = 90,
+                   path: str = "/readyz", what: str = "the API to be ready") -> None:
+    """Wait for `path` (/readyz; /healthz: merely listening) to answer 200, failing at once with
+    the log's tail if the API exits."""
     import httpx
 
     def ready() -> bool:
         if api.poll() is not None:
             raise RuntimeError(f"API exited with {api.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            return http.get("/readyz").status_code == 200
+            return http.get(path).status_code == 200
         except httpx.TransportError:
             return False
 
-    wait_until(ready, timeout, "the API to be ready", interval=0.2)
+    wait_until(ready, timeout, what, interval=0.2)
+
+
+def poll_generation(client: Any, gen_id: str, timeout: float, interval: float) -> dict:
+    """GET the generation until it is finished or failed; returns its body."""
+    def done() -> dict | None:
+        body = client.get(f"/v1/generations/{gen_id}").json()
+        return body if body["status"] in ("finished", "failed") else None
+
+    return wait_until(done, timeout, f"generation {gen_id}", interval=interval)
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 60) -> int:

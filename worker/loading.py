@@ -75,7 +75,6 @@ class Prepared:
     loaded: LoadedModel
     forward: Forward  # what the engine calls: compiled when asked
     eager: Forward | None  # the uncompiled forward, the fallback if compiling fails; None when not compiled
-    load_s: float
 
 
 def prepare_models(
@@ -116,7 +115,7 @@ def _prepare(registry: ModelRegistry, name: str, device: torch.device, speed: Sp
         forward, fallback = compiled_forward(eager, speed, backend), eager
     log.info("loaded %s on %s in %.2f s (amp %s, compile %s, channels-last %s)", name, device, load_s, speed.amp,
              speed.compile, speed.channels_last)
-    return Prepared(loaded, forward, fallback, load_s)
+    return Prepared(loaded, forward, fallback)
 
 
 def forward_for(denoiser: torch.nn.Module, channels_last: bool) -> Forward:

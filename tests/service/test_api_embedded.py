@@ -5,7 +5,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from model.solvers import SOLVERS
-from servicekit import assert_images_match, one_thread, png_info, png_pixels, wait_until
+from servicekit import assert_images_match, one_thread, png_info, png_pixels, poll_generation, wait_until
 from service.app import create_app
 from service.settings import Settings
 
@@ -29,11 +29,7 @@ def client(model_dir):
 
 
 def poll(client, gen_id, timeout=120):
-    def done():
-        body = client.get(f"/v1/generations/{gen_id}").json()
-        return body if body["status"] in ("finished", "failed") else None
-
-    return wait_until(done, timeout, f"generation {gen_id}", interval=0.02)
+    return poll_generation(client, gen_id, timeout, interval=0.02)
 
 
 @pytest.mark.parametrize(

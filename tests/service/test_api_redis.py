@@ -8,8 +8,8 @@ import httpx
 import pytest
 
 from model.solvers import SOLVERS
-from servicekit import (assert_images_match, free_port, png_info, start_api, start_worker, stop, wait_until,
-                        wait_workers)
+from servicekit import (assert_images_match, free_port, png_info, poll_generation, start_api, start_worker, stop,
+                        wait_api_ready, wait_until, wait_workers)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -24,15 +24,7 @@ def stack(redis_server, model_dir, tmp_path_factory):
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
     workers = []
 
-    def up():
-        if api.poll() is not None:
-            raise RuntimeError(f"API exited with {api.returncode}:\n{(logs / 'api.log').read_text()[-3000:]}")
-        try:
-            return client.get("/healthz").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_until(up, 90, "the API to listen", interval=0.2)
+    wait_api_ready(api, client, logs / "api.log", 90, path="/healthz", what="the API to listen")
 
     def add_worker(**env):
         p = start_worker(redis_server.url, model_dir, logs / f"worker{len(workers)}.log", models=("tiny", "tiny-eps"),
@@ -64,11 +56,7 @@ def two_workers(one_worker):
 
 
 def poll(client, gen_id, timeout=180):
-    def done():
-        body = client.get(f"/v1/generations/{gen_id}").json()
-        return body if body["status"] in ("finished", "failed") else None
-
-    return wait_until(done, timeout, f"generation {gen_id}", interval=0.05)
+    return poll_generation(client, gen_id, timeout, interval=0.05)
 
 
 def test_not_ready_without_a_worker(stack):
