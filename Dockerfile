@@ -31,11 +31,8 @@ RUN python -c "import importlib.metadata as m; print('torch==' + m.version('torc
     && pip install -c /opt/arcdiff/torch-constraint.txt '.[eval,diffusers]' \
     && pip uninstall -y arcdiff
 
-# 2) the project (with the bundled models under model/weights/)
-COPY model ./model
-COPY worker ./worker
-COPY service ./service
-COPY bench ./bench
+# 2) the project: the one package arcdiff/ (with the bundled models under arcdiff/model/weights/)
+COPY arcdiff ./arcdiff
 # the operator's first check on a new GPU host:
 #   docker compose run --rm --entrypoint bash worker /opt/arcdiff/deploy/gpu-check.sh
 COPY deploy/gpu-check.sh ./deploy/gpu-check.sh

@@ -37,5 +37,5 @@ PY
 
 echo "== engine benchmark: $CONFIG, ddim $STEPS steps, batches $BATCHES, on $DEVICE"
 # shellcheck disable=SC2086  # BATCHES is a list on purpose
-exec "$PYTHON" -m service.cli bench gpu-check --config "$CONFIG" --steps "$STEPS" --batches $BATCHES \
+exec "$PYTHON" -m arcdiff.cli bench gpu-check --config "$CONFIG" --steps "$STEPS" --batches $BATCHES \
   --variants "$VARIANTS" --device "$DEVICE" --budget-s "$BUDGET_S" --json "$OUT"

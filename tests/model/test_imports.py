@@ -4,7 +4,7 @@ import sys
 
 def test_model_imports_no_web_or_queue_package():
     code = (
-        "import sys, model, model.solvers, model.registry, model.loss, model.format, model.unet;"
+        "import sys, arcdiff.model, arcdiff.model.solvers, arcdiff.model.registry, arcdiff.model.loss, arcdiff.model.format, arcdiff.model.unet;"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'fastapi','starlette','uvicorn','redis','rq','httpx','prometheus_client'});"
         "print(','.join(bad)); sys.exit(1 if bad else 0)"
     )

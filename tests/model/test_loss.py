@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from model.loss import DiffusionLoss, dual_loss
+from arcdiff.model.loss import DiffusionLoss, dual_loss
 
 
 def test_dual_loss_hand_computed():

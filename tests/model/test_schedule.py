@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from model import schedule as S
+from arcdiff.model import schedule as S
 
 
 def test_angle_schedule_identities():

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from gmm import default_mixture
-from model.denoiser import Denoiser
-from model.configs import get_config
-from model.rng import image_generator
-from model.solvers import SOLVERS, draw_noise, get_solver, nfe, sample
-from model.unet import UNet
+from arcdiff.model.denoiser import Denoiser
+from arcdiff.model.configs import get_config
+from arcdiff.model.rng import image_generator
+from arcdiff.model.solvers import SOLVERS, draw_noise, get_solver, nfe, sample
+from arcdiff.model.unet import UNet
 
 GMM = default_mixture()
 

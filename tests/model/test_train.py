@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model.data import DataError, load_cifar10, load_images, load_mnist, read_idx
-from model.format import load_model
-from model.train import TrainingError, TrainSettings, Trainer, train
+from arcdiff.model.data import DataError, load_cifar10, load_images, load_mnist, read_idx
+from arcdiff.model.format import load_model
+from arcdiff.model.train import TrainingError, TrainSettings, Trainer, train
 
 
 def blobs(n=64, size=8, seed=0) -> torch.Tensor:

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from model.configs import CONFIGS, get_config
-from model.unet import UNet, count_parameters
+from arcdiff.model.configs import CONFIGS, get_config
+from arcdiff.model.unet import UNet, count_parameters
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

@@ -96,8 +96,8 @@ def test_no_request_path_reaches_the_file_system(model_dir, tmp_path):
     import builtins
     import os
 
-    from service.app import create_app
-    from service.settings import Settings
+    from arcdiff.service.app import create_app
+    from arcdiff.service.settings import Settings
 
     with TestClient(create_app(Settings(model_dir=model_dir, redis_url=None, max_batch=4))) as c:
         from servicekit import wait_until
@@ -126,8 +126,8 @@ def test_cors_is_off_unless_configured(api, model_dir):
     r = api.client.get("/v1/models", headers={**bearer(PLAIN), "origin": "https://evil.example"})
     assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
 
-    from service.app import create_app
-    from service.settings import Settings
+    from arcdiff.service.app import create_app
+    from arcdiff.service.settings import Settings
 
     app = create_app(Settings(model_dir=model_dir, redis_url=None, cors_origins="https://ok.example"))
     with TestClient(app) as c:
@@ -143,7 +143,7 @@ def test_cors_is_off_unless_configured(api, model_dir):
 def test_bad_hashed_key_setting_is_refused():
     from pydantic import ValidationError
 
-    from service.settings import Settings
+    from arcdiff.service.settings import Settings
 
     with pytest.raises(ValidationError, match="sha256"):
         Settings(api_keys="sha256:1234")

@@ -18,7 +18,7 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from servicekit import REDIS_SERVER, free_port, start_worker, stop, wait_until, wait_workers
-from worker.jobs import TASK, GenerationSpec
+from arcdiff.contract import TASK, GenerationSpec
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -95,8 +95,8 @@ def post_wait(api, **kw):
 
 def test_queue_timeout_in_embedded_mode(model_dir):
     """The in-process engine's queue: a generation that cannot start in time fails with the reason."""
-    from service.app import create_app
-    from service.settings import Settings
+    from arcdiff.service.app import create_app
+    from arcdiff.service.settings import Settings
 
     app = create_app(Settings(model_dir=model_dir, redis_url=None, max_batch=1, queue_timeout_s=1, torch_threads=1))
     with TestClient(app) as c:
@@ -110,8 +110,8 @@ def test_queue_timeout_in_embedded_mode(model_dir):
 
 def test_overload_429_drops_nothing_accepted(model_dir):
     """A burst past the queue bound: the excess gets 429 with Retry-After, every accepted one finishes."""
-    from service.app import create_app
-    from service.settings import Settings
+    from arcdiff.service.app import create_app
+    from arcdiff.service.settings import Settings
 
     app = create_app(Settings(model_dir=model_dir, redis_url=None, max_batch=1, queue_limit=2, torch_threads=1))
     with TestClient(app) as c:
@@ -147,8 +147,8 @@ def test_model_that_fails_to_load_is_named_and_its_jobs_left_alone(stack):
 
 
 def test_model_that_fails_to_load_in_embedded_mode(stack):
-    from service.app import create_app
-    from service.settings import Settings
+    from arcdiff.service.app import create_app
+    from arcdiff.service.settings import Settings
 
     app = create_app(Settings(model_dir=stack["worker_models"], redis_url=None, max_batch=4, torch_threads=1))
     with TestClient(app) as c:
@@ -198,8 +198,8 @@ def test_job_waiting_longer_than_the_queue_timeout_fails_with_the_reason(stack):
 
 def test_rate_limit_is_shared_by_api_processes_through_redis(stack, model_dir):
     """Two more API instances on the same Redis: images asked for through one count in the other."""
-    from service.app import create_app
-    from service.settings import Settings
+    from arcdiff.service.app import create_app
+    from arcdiff.service.settings import Settings
 
     def app():
         return TestClient(create_app(Settings(model_dir=model_dir, redis_url=stack["redis"].url,
@@ -252,8 +252,8 @@ def test_weights_are_read_from_safetensors_only(model_dir, tmp_path):
     """A pickle (torch.save) where model.safetensors should be is refused with the reason, unrun."""
     import torch
 
-    from model.format import ModelFormatError
-    from model.registry import ModelRegistry
+    from arcdiff.model.format import ModelFormatError
+    from arcdiff.model.registry import ModelRegistry
 
     marker = tmp_path / "pwned"
     shutil.copytree(model_dir / "tiny", tmp_path / "m" / "evil")

@@ -4,10 +4,10 @@
 import pytest
 from fastapi.testclient import TestClient
 
-from model.solvers import SOLVERS
+from arcdiff.model.solvers import SOLVERS
 from servicekit import assert_images_match, one_thread, png_info, png_pixels, poll_generation, wait_until
-from service.app import create_app
-from service.settings import Settings
+from arcdiff.service.app import create_app
+from arcdiff.service.settings import Settings
 
 BASE = {"model": "tiny", "steps": 3, "solver": "ddim", "seed": 7, "n": 1}
 

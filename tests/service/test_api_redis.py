@@ -7,7 +7,7 @@ import signal
 import httpx
 import pytest
 
-from model.solvers import SOLVERS
+from arcdiff.model.solvers import SOLVERS
 from servicekit import (assert_images_match, free_port, png_info, poll_generation, start_api, start_worker, stop,
                         wait_api_ready, wait_until, wait_workers)
 
@@ -157,8 +157,8 @@ def test_unreachable_redis_is_503_not_500(model_dir):
     """In-process app pointed at a closed port: not ready, POST refused with Retry-After, GET too."""
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
-    from service.settings import Settings
+    from arcdiff.service.app import create_app
+    from arcdiff.service.settings import Settings
 
     closed = f"redis://127.0.0.1:{free_port()}/0"
     with TestClient(create_app(Settings(model_dir=model_dir, redis_url=closed))) as c:

@@ -6,11 +6,11 @@ import sys
 import numpy as np
 import pytest
 
-from service.cli import build_parser, main
-from service.commands._common import settings_from
-from service.settings import Settings
+from arcdiff.cli import build_parser, main
+from arcdiff.cli._common import settings_from
+from arcdiff.service.settings import Settings
 from servicekit import REPO, child_env, one_thread, png_pixels, reference
-from worker.settings import WorkerSettings
+from arcdiff.worker.settings import WorkerSettings
 
 
 @pytest.mark.parametrize("command", ["serve", "worker", "generate"])
@@ -29,7 +29,7 @@ def test_top_level_help_lists_the_commands():
 
 
 def test_command_modules_import_no_heavy_libraries():
-    code = ("import sys; import service.commands.serve, service.commands.worker, service.commands.generate; "
+    code = ("import sys; import arcdiff.cli.serve, arcdiff.cli.worker, arcdiff.cli.generate; "
             "heavy = [m for m in ('torch', 'uvicorn', 'fastapi', 'rq') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
@@ -62,13 +62,13 @@ def test_generate_rejects_bad_arguments(model_dir, tmp_path, capsys):
 def test_serve_and_worker_refuse_unknown_models(model_dir):
     env = child_env(model_dir)
     for args in (["serve", "--model", "nope", "--port", "8999"], ["worker", "--model", "nope", "--redis", "redis://127.0.0.1:1/0"]):
-        out = subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO, env=env, capture_output=True,
+        out = subprocess.run([sys.executable, "-m", "arcdiff.cli", *args], cwd=REPO, env=env, capture_output=True,
                              text=True, timeout=120)
         assert out.returncode == 2 and "unknown model(s) nope" in out.stderr, out.stderr
 
 
 def test_worker_needs_redis(model_dir):
-    out = subprocess.run([sys.executable, "-m", "service.cli", "worker", "--model", "tiny"], cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "arcdiff.cli", "worker", "--model", "tiny"], cwd=REPO,
                          env=child_env(model_dir), capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "needs a Redis URL" in out.stderr
 

@@ -1,4 +1,4 @@
-"""service.client against a real `arcdiff serve` (embedded mode, tiny models, uvicorn on a free port)
+"""arcdiff.client against a real `arcdiff serve` (embedded mode, tiny models, uvicorn on a free port)
 with API keys, a batch of one image and a queue limit of one, so a slow generation can fill the
 queue and the client's 429 retries can be watched. Plus the retry rules on a mock transport."""
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from servicekit import REPO, free_port, png_pixels, reference, start_api, stop, wait_api_ready, wait_until
-from service.client import (APIError, AsyncClient, Client, GenerationFailed, GenerationResult, GenerationTimeout,
+from arcdiff.client import (APIError, AsyncClient, Client, GenerationFailed, GenerationResult, GenerationTimeout,
                             Unreachable, retry_after_seconds)
 
 pytestmark = pytest.mark.timeout(180)
@@ -187,7 +187,7 @@ def test_async_twin(service):
 
 
 def test_generate_command_with_url(service, model_dir, tmp_path, monkeypatch, capsys):
-    from service.cli import main
+    from arcdiff.cli import main
 
     monkeypatch.setenv("ARCDIFF_API_KEY", KEY)  # the --api-key default
     remote, local = tmp_path / "remote.png", tmp_path / "local.png"
@@ -268,6 +268,6 @@ def test_retry_after_forms():
 
 
 def test_client_module_stays_light():
-    code = "import sys, service.client; print(sorted(m for m in ('torch', 'numpy', 'PIL', 'fastapi') if m in sys.modules))"
+    code = "import sys, arcdiff.client; print(sorted(m for m in ('torch', 'numpy', 'PIL', 'fastapi') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -17,7 +17,7 @@ def test_compiled_worker_warms_up_then_serves_the_same_images(redis_server, mode
     redis_server.client.flushall()
     api_port, metrics_port = free_port(), free_port()
     api = start_api(api_port, model_dir, tmp_path / "api.log", redis_url=redis_server.url, ARCDIFF_MODELS="tiny")
-    cmd = [sys.executable, "-m", "service.cli", "worker", "--redis", redis_server.url, "--model", "tiny",
+    cmd = [sys.executable, "-m", "arcdiff.cli", "worker", "--redis", redis_server.url, "--model", "tiny",
            "--max-batch", "2", "--metrics-port", str(metrics_port), "--device", "cpu", "--compile", "default"]
     worker = subprocess.Popen(cmd, cwd=REPO, env=child_env(model_dir), stdout=(tmp_path / "worker.log").open("ab"),
                               stderr=subprocess.STDOUT, start_new_session=True)

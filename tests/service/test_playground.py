@@ -22,7 +22,7 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 KEY = "playground-test-key"
 RATE_LIMIT = 48  # images per minute per key: the 429 test below runs into it
 SCREENSHOT = os.environ.get("ARCDIFF_SCREENSHOT", "")
-BUNDLED_MNIST = REPO / "model" / "weights" / "mnist"
+BUNDLED_MNIST = REPO / "arcdiff" / "model" / "weights" / "mnist"
 
 
 def _need_browser():

@@ -9,12 +9,12 @@ import time
 import pytest
 import torch
 
-from model.registry import ModelRegistry
-from model.solvers import SOLVERS
+from arcdiff.model.registry import ModelRegistry
+from arcdiff.model.solvers import SOLVERS
 from servicekit import one_thread, reference
-from worker.engine import Engine
-from worker.jobs import GenerationSpec
-from worker.loading import SpeedSettings, prepare_models, resolve_speed
+from arcdiff.worker.engine import Engine
+from arcdiff.contract import GenerationSpec
+from arcdiff.worker.loading import SpeedSettings, prepare_models, resolve_speed
 
 
 @pytest.fixture(autouse=True)

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from model.registry import ModelRegistry
-from model.solvers import SOLVERS
+from arcdiff.model.registry import ModelRegistry
+from arcdiff.model.solvers import SOLVERS
 from servicekit import one_thread, png_info, png_pixels, reference
-from worker.batch import bucket_for, bucket_sizes
-from worker.engine import Engine, GenerationFailed
-from worker.jobs import GenerationSpec
+from arcdiff.worker.batch import bucket_for, bucket_sizes
+from arcdiff.worker.engine import Engine, GenerationFailed
+from arcdiff.contract import GenerationSpec
 
 
 
@@ -219,7 +219,7 @@ def test_request_larger_than_the_batch(loaded, model_dir):
 
 
 def test_device_thread_runs_everything_on_one_thread_and_passes_errors_back():
-    from worker.device_thread import DeviceThread
+    from arcdiff.worker.device_thread import DeviceThread
 
     dt = DeviceThread("t")
     try:
@@ -233,7 +233,7 @@ def test_device_thread_runs_everything_on_one_thread_and_passes_errors_back():
 
 
 def test_engine_ticks_on_the_device_thread_it_was_given(loaded):
-    from worker.device_thread import DeviceThread
+    from arcdiff.worker.device_thread import DeviceThread
 
     dt = DeviceThread("given")
     seen = set()

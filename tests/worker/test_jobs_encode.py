@@ -5,16 +5,16 @@ import time
 import pytest
 import torch
 
-from model.solvers import SOLVERS
+from arcdiff.model.solvers import SOLVERS
 from servicekit import png_info, png_pixels
-from worker.encode import grid, png_bytes, to_uint8
-from worker.jobs import GenerationSpec, ImageResult, JobMetrics, JobResult, SpecError, queue_name
+from arcdiff.worker.encode import grid, png_bytes, to_uint8
+from arcdiff.contract import GenerationSpec, ImageResult, JobMetrics, JobResult, SpecError, queue_name
 
 GOOD = {"id": "a" * 32, "model": "tiny", "steps": 10, "solver": "rk4", "seed": 7, "n": 2, "submitted_at": time.time()}
 
 
 def test_solver_names_match_the_model_package():
-    from worker.jobs import SOLVER_NAMES
+    from arcdiff.contract import SOLVER_NAMES
 
     assert SOLVER_NAMES == SOLVERS
 
@@ -80,7 +80,7 @@ def test_grid_layout():
 def test_stock_rq_task_runs_one_generation(model_dir, monkeypatch):
     """worker.tasks.generate: what a stock RQ worker runs; same JSON result as the batching worker."""
     from servicekit import assert_images_match, one_thread
-    from worker import tasks
+    from arcdiff.worker import tasks
 
     monkeypatch.setenv("ARCDIFF_MODEL_DIR", str(model_dir))
     monkeypatch.setenv("ARCDIFF_DEVICE", "cpu")

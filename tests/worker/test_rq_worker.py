@@ -15,7 +15,7 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from servicekit import REPO, assert_images_match, start_worker, stop, wait_until, wait_workers
-from worker.jobs import TASK, GenerationSpec
+from arcdiff.contract import TASK, GenerationSpec
 
 
 @pytest.fixture

@@ -1,0 +1,249 @@
+"""the worker's engine alone: images/s, NFE/s, forward share of wall time, peak memory
+
+Runs the real engine (continuous batching, solver groups, PNG encoding on threads) on one model
+with the batch kept full: ROUNDS generations of BATCH images each are submitted at once, so the
+engine runs them back to back at batch BATCH. Wall time runs from the first submission to the
+last generation's PNGs. The time inside the network's forward is measured around each call
+(CUDA events on a GPU, so it is device time, not launch time); the rest is the engine's own
+work: solver updates, batching, bookkeeping, and PNG encoding where it does not overlap.
+
+A model is either a registered one (--model, from ARCDIFF_MODEL_DIR or the bundled ones) or a
+named network config with random weights (--config cifar10): speed does not depend on weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from arcdiff.bench.report import add_run_arguments
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", metavar="NAME", help="a registered model (default: mnist)")
+    src.add_argument("--config", metavar="NAME", help="a network config with random weights, dual head "
+                     "(cifar10, celeba64, church256, mnist, tiny)")
+    p.add_argument("--model-dir", metavar="DIR", help="folder of model folders (default ARCDIFF_MODEL_DIR or bundled)")
+    p.add_argument("--solver", default="ddim", help="solver (default ddim), or 'mix': every solver in each "
+                   "batch, as a busy service runs them")
+    p.add_argument("--steps", type=int, default=20, metavar="N", help="solver steps per image (default 20); with "
+                   "--solver mix, network evaluations per image (each solver gets the steps that cost about N)")
+    p.add_argument("--batch", type=int, default=64, metavar="B", help="images per network evaluation (default 64)")
+    p.add_argument("--rounds", type=int, default=3, metavar="R", help="full batches measured (default 3)")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    add_run_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from arcdiff.bench.report import write_json
+
+    problems = []
+    if args.steps < 1 or args.batch < 1 or args.rounds < 1:
+        problems.append("--steps, --batch and --rounds must be at least 1")
+    from arcdiff.model.solvers import SOLVERS
+
+    if args.solver not in SOLVERS and args.solver != "mix":
+        problems.append(f"unknown solver {args.solver!r}; known: {', '.join(SOLVERS)}")
+    if problems:
+        print("arcdiff bench engine: " + "; ".join(problems), file=sys.stderr)
+        return 2
+    import torch
+
+    from arcdiff.worker.device_thread import DeviceThread
+
+    device_thread = DeviceThread()  # as in the worker: all torch work on the engine's thread
+    if args.threads:
+        device_thread.call(torch.set_num_threads, args.threads)
+    try:
+        loaded = device_thread.call(load_for_bench, args.model, args.config, args.model_dir, args.device, args.amp)
+    except (KeyError, ValueError, RuntimeError) as e:
+        print(f"arcdiff bench engine: {e}", file=sys.stderr)
+        return 2
+    record = measure_engine(loaded, solver=args.solver, steps=args.steps, batch=args.batch, rounds=args.rounds,
+                            compile_mode=args.compile, amp=args.amp, channels_last=args.channels_last,
+                            device_thread=device_thread)
+    print(summary(record), file=sys.stderr)
+    if args.json:
+        write_json(record, args.json)
+    return 0
+
+
+def load_for_bench(model: str | None, config: str | None, model_dir: str | None, device: str, amp: str = "none"):
+    """A LoadedModel from the registry, or a dual-head network of a named config with random weights."""
+    import torch
+
+    from arcdiff.model.configs import get_config
+    from arcdiff.model.denoiser import Denoiser
+    from arcdiff.model.format import LoadedModel, make_config
+    from arcdiff.model.registry import ModelRegistry
+    from arcdiff.model.unet import UNet
+    from arcdiff.worker.loading import AMP_DTYPES, resolve_device
+
+    dev = resolve_device(device)
+    if config:
+        cfg = get_config(config, heads=2)
+        torch.manual_seed(0)
+        net = UNet(cfg).to(dev).eval()
+        meta = make_config(f"random-{config}", cfg, "x0_eps", {"weights": "random"})
+        meta["parameters"] = sum(p.numel() for p in net.parameters())
+        return LoadedModel(meta["name"], None, meta, Denoiser(net, "x0_eps", amp_dtype=AMP_DTYPES[amp]).eval())
+    registry = ModelRegistry(model_dir)
+    name = model or "mnist"
+    if name not in registry.models:
+        raise KeyError(f"unknown model {name!r} in {registry.root}; known: {', '.join(registry.names()) or 'none'}")
+    return registry.load(name, device=dev, amp_dtype=AMP_DTYPES[amp])
+
+
+class _TimedForward:
+    """Wraps a forward and adds up the time spent inside it (device time on CUDA)."""
+
+    def __init__(self, forward: Any, device: Any):
+        self.forward = forward
+        self.cuda = device.type == "cuda"
+        self.seconds = 0.0
+        self.calls = 0
+        self.events: list[tuple[Any, Any]] = []
+        self.active = False
+
+    def __call__(self, x: Any, eta: Any) -> Any:
+        if not self.active:  # warm-up calls are not counted
+            return self.forward(x, eta)
+        self.calls += 1
+        if self.cuda:
+            import torch
+
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = self.forward(x, eta)
+            end.record()
+            self.events.append((start, end))
+            return out
+        t0 = time.perf_counter()
+        out = self.forward(x, eta)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    def total(self) -> float:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            self.seconds += sum(s.elapsed_time(e) for s, e in self.events) / 1000
+            self.events.clear()
+        return self.seconds
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def measure_engine(loaded: Any, *, solver: str, steps: int, batch: int, rounds: int, compile_mode: str = "none",
+                   amp: str = "none", channels_last: bool = False, backend: str = "inductor",
+                   device_thread: Any = None) -> dict[str, Any]:
+    """Run `rounds` full batches through a fresh engine; returns the JSON record.
+
+    Pass the DeviceThread that loaded `loaded` (see worker/device_thread.py); the engine stops it."""
+    import torch
+
+    from arcdiff.bench.report import environment
+    from arcdiff.model.solvers import nfe
+    from arcdiff.worker.engine import Engine
+    from arcdiff.contract import GenerationSpec
+    from arcdiff.worker.loading import SpeedSettings, compiled_forward, forward_for
+
+    device = next(loaded.denoiser.parameters()).device
+    speed = SpeedSettings(amp=amp, compile=compile_mode, channels_last=channels_last)
+    forward = forward_for(loaded.denoiser, channels_last)
+    if compile_mode != "none":
+        forward = compiled_forward(forward, speed, backend)
+    timed = _TimedForward(forward, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    engine = Engine({"m": loaded}, device=device, max_batch=batch, buckets=[batch], forwards={"m": timed},
+                    warm_up=True, worker="bench", device_thread=device_thread)
+    t0 = time.perf_counter()
+    engine.start()  # compiles (if asked) and runs one forward at the batch size
+    warm_up_s = time.perf_counter() - t0
+
+    mix = round_specs(solver, steps, batch)
+
+    def round_of(i: int) -> list[GenerationSpec]:
+        return [GenerationSpec(id=f"bench-{i}-{j}", model="m", steps=st, solver=sv, seed=1000 * i + 100 * j, n=n,
+                               submitted_at=time.time()) for j, (sv, st, n) in enumerate(mix)]
+
+    try:
+        for s in round_of(-1):  # one unmeasured round: allocator, thread pool, caches
+            engine.submit(s).result()
+        timed.active = True
+        t0 = time.perf_counter()
+        futures = [engine.submit(s) for i in range(rounds) for s in round_of(i)]
+        results = [f.result() for f in futures]
+        wall = time.perf_counter() - t0
+    finally:
+        engine.close()
+    forward_s = timed.total()
+    images = rounds * batch
+    evaluations = rounds * sum(nfe(sv, st) * n for sv, st, n in mix)
+    per_image_nfe = round(evaluations / images, 2)
+    record: dict[str, Any] = {
+        "bench": "engine",
+        "model": loaded.name,
+        "parameters": loaded.config.get("parameters"),
+        "image_shape": list(loaded.image_shape),
+        "device": str(device),
+        "solver": solver,
+        "steps": steps,
+        "nfe_per_image": per_image_nfe,
+        "batch": batch,
+        "rounds": rounds,
+        "compile": compile_mode,
+        "amp": amp,
+        "channels_last": channels_last,
+        "warm_up_s": round(warm_up_s, 3),
+        "wall_s": round(wall, 6),
+        "images": images,
+        "images_per_s": round(images / wall, 3),
+        "nfe_per_s": round(evaluations / wall, 1),
+        "generations_per_round": [{"solver": sv, "steps": st, "n": n} for sv, st, n in mix],
+        "forward_calls": timed.calls,
+        "forward_s": round(forward_s, 6),
+        "forward_share": round(forward_s / wall, 4),
+        "overhead_ms_per_tick": round((wall - forward_s) / max(timed.calls, 1) * 1000, 3),
+        "batch_sizes": sorted(set().union(*(r.metrics.batch_sizes for r in results))),
+        "environment": environment(),
+    }
+    if device.type == "cuda":
+        record["peak_device_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+    record["peak_rss_bytes"] = _peak_rss_bytes()
+    return record
+
+
+def round_specs(solver: str, steps: int, batch: int) -> list[tuple[str, int, int]]:
+    """(solver, steps, n) of the generations that make one round of `batch` images. One solver:
+    one generation. 'mix': one generation per solver, the images split as evenly as they go,
+    each with the steps that cost about `steps` evaluations per image (rk4 gets steps // 4)."""
+    from arcdiff.model.solvers import SOLVERS, get_solver
+
+    if solver != "mix":
+        return [(solver, steps, batch)]
+    share, extra = divmod(batch, len(SOLVERS))
+    out = []
+    for j, name in enumerate(SOLVERS):
+        n = share + (1 if j < extra else 0)
+        if n:
+            out.append((name, max(1, steps // get_solver(name).nfe_per_step), n))
+    return out
+
+
+def summary(r: dict[str, Any]) -> str:
+    mem = r.get("peak_device_memory_bytes", r["peak_rss_bytes"])
+    return (f"{r['model']} on {r['device']}: {r['solver']} {r['steps']} steps ({r['nfe_per_image']} NFE/image), "
+            f"batch {r['batch']} x {r['rounds']} rounds, compile {r['compile']}, amp {r['amp']}: "
+            f"{r['images_per_s']:.2f} images/s, {r['nfe_per_s']:.0f} NFE/s, "
+            f"{100 * r['forward_share']:.1f}% of wall time in the forward "
+            f"({r['overhead_ms_per_tick']:.2f} ms engine work per tick), peak memory {mem / 2**20:.0f} MiB")

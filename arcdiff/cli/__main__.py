@@ -1,0 +1,5 @@
+import sys
+
+from arcdiff.cli.main import main
+
+sys.exit(main())

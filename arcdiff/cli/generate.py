@@ -1,0 +1,120 @@
+"""`arcdiff generate`: sample a grid of images locally, or ask a running service (`--url`)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+HELP = """Sample N images with a model and write them as one grid PNG.
+
+Image k uses seed (SEED + k) mod 2^32, the same images the API returns for that request.
+With --url the images come from a running service (arcdiff.client) instead of local sampling."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from arcdiff.contract import MAX_STEPS, SOLVER_NAMES
+
+    p = sub.add_parser("generate", help="sample images locally into a grid PNG", description=HELP)
+    p.add_argument("--model", required=True, metavar="NAME", help="model name (see ARCDIFF_MODEL_DIR)")
+    p.add_argument("--steps", type=int, default=10, metavar="N", help=f"solver steps, 1..{MAX_STEPS} (default 10)")
+    p.add_argument("--solver", default="rk4", choices=SOLVER_NAMES, help="solver (default rk4)")
+    p.add_argument("--seed", type=int, default=0, metavar="K", help="seed of image 0 (default 0)")
+    p.add_argument("-n", type=int, default=16, metavar="COUNT", help="number of images (default 16)")
+    p.add_argument("-o", "--out", default="samples.png", metavar="FILE.png", help="output PNG (default samples.png)")
+    p.add_argument("--nrow", type=int, metavar="N", help="images per grid row (default: square)")
+    p.add_argument("--device", default="auto", help="auto, cpu, mps, cuda or cuda:N (default auto)")
+    p.add_argument("--model-dir", metavar="DIR", help="folder of model folders (default ARCDIFF_MODEL_DIR or bundled)")
+    p.add_argument("--batch", type=int, default=64, metavar="B", help="images per network evaluation (default 64)")
+    p.add_argument("--url", metavar="URL", help="ask the service at URL (e.g. http://localhost:8000) instead of "
+                   "sampling locally; --device, --model-dir and --batch then do not apply")
+    p.add_argument("--api-key", metavar="KEY", default=os.environ.get("ARCDIFF_API_KEY") or None,
+                   help="with --url: the service's API key (default ARCDIFF_API_KEY)")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="S",
+                   help="with --url: seconds to wait for the images, retries included (default 600)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.url:
+        return run_remote(args)
+    import time
+
+    import torch
+
+    from arcdiff.model.registry import ModelRegistry
+    from arcdiff.model.rng import SEED_MAX, image_generator, image_seed, initial_noise
+    from arcdiff.model.solvers import nfe, sample
+    from arcdiff.worker.encode import grid, png_bytes, to_uint8
+    from arcdiff.contract import MAX_STEPS
+    from arcdiff.worker.loading import resolve_device
+
+    problems = []
+    if not 1 <= args.steps <= MAX_STEPS:
+        problems.append(f"--steps must be in 1..{MAX_STEPS}")
+    if not 0 <= args.seed <= SEED_MAX:
+        problems.append(f"--seed must be in 0..{SEED_MAX}")
+    if args.n < 1 or args.batch < 1:
+        problems.append("-n and --batch must be at least 1")
+    registry = ModelRegistry(args.model_dir)
+    if args.model not in registry.models:
+        problems.append(f"unknown model {args.model!r} in {registry.root}; known: {', '.join(registry.names()) or 'none'}")
+    if problems:
+        print("arcdiff generate: " + "; ".join(problems), file=sys.stderr)
+        return 2
+    device = resolve_device(args.device)
+    loaded = registry.load(args.model, device=device)
+    t0 = time.perf_counter()
+    chunks = []
+    with torch.inference_mode():
+        for start in range(0, args.n, args.batch):
+            gens = [image_generator(image_seed(args.seed, k)) for k in range(start, min(args.n, start + args.batch))]
+            x_T = torch.stack([initial_noise(loaded.image_shape, g) for g in gens]).to(device)
+            x0 = sample(loaded.denoiser, x_T, args.steps, args.solver, generator=gens)
+            chunks.append(to_uint8(x0, loaded.config.get("data_range", [-1.0, 1.0])))
+    pixels = torch.cat(chunks)
+    with open(args.out, "wb") as f:
+        f.write(png_bytes(grid(pixels, args.nrow)))
+    print(f"wrote {args.out}: {args.n} images of {args.model} ({'x'.join(map(str, loaded.image_shape))}), "
+          f"{args.solver} {args.steps} steps = {nfe(args.solver, args.steps)} NFE each, seeds "
+          f"{image_seed(args.seed, 0)}..{image_seed(args.seed, args.n - 1)}, {time.perf_counter() - t0:.2f} s on {device}")
+    return 0
+
+
+def pil_grid(images: list, nrow: int | None = None, pad: int = 2):
+    """PIL images -> one grid image, laid out like worker.encode.grid (black background, `pad` px)."""
+    from PIL import Image
+
+    w, h = images[0].size
+    nrow = nrow or max(1, math.ceil(math.sqrt(len(images))))
+    rows = math.ceil(len(images) / nrow)
+    out = Image.new(images[0].mode, (nrow * (w + pad) + pad, rows * (h + pad) + pad))
+    for i, im in enumerate(images):
+        r, col = divmod(i, nrow)
+        out.paste(im, (pad + col * (w + pad), pad + r * (h + pad)))
+    return out
+
+
+def run_remote(args: argparse.Namespace) -> int:
+    """`--url`: the same grid, made from the service's images (no torch in this process)."""
+    from arcdiff.client import ArcdiffError, Client
+
+    if args.n < 1:
+        print("arcdiff generate: -n must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        with Client(args.url, api_key=args.api_key) as client:
+            result = client.generate(args.model, args.steps, args.solver, seed=args.seed, n=args.n,
+                                     timeout=args.timeout)
+    except ArcdiffError as e:
+        print(f"arcdiff generate: {args.url}: {e}", file=sys.stderr)
+        return 1
+    pil_grid(result.pil_images, args.nrow).save(args.out, format="PNG")
+    m = result.metrics
+    print(f"wrote {args.out}: {result.n} images of {result.model} from {args.url}, {result.solver} {result.steps} "
+          f"steps = {result.nfe} NFE each, seeds {result.seeds[0]}..{result.seeds[-1]}; queue "
+          f"{m.get('queue_ms', 0):.0f} ms, sampling {m.get('sample_ms', 0):.0f} ms, encoding "
+          f"{m.get('encode_ms', 0):.0f} ms, total {m.get('total_ms', 0):.0f} ms on {m.get('device', '?')}"
+          + (f" ({result.retries} retries)" if result.retries else ""))
+    return 0

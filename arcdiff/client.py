@@ -1,0 +1,371 @@
+"""A small Python client for the arcdiff HTTP API (sync `Client` and async `AsyncClient`).
+
+    from arcdiff.client import Client
+
+    with Client("http://localhost:8000", api_key=None) as client:
+        result = client.generate("mnist", steps=10, solver="rk4", seed=7, n=4)
+    for im in result.images:
+        im.image.save(f"seed{im.seed}.png")          # PIL images, each with its own seed
+    print(result.nfe, result.metrics["total_ms"])     # the latency record
+
+`generate` submits a generation with `"wait": true` (the server answers when the images are done)
+and polls it if the server answers 202 first, until it is finished, failed, or `timeout` seconds
+have passed. 429 (queue full) and 503 (not ready) are retried after the server's `Retry-After`
+(capped at `max_retry_wait` seconds, at most `max_retries` times, and never past the deadline);
+any other error raises `APIError` carrying the API's own message (for 422, the one that names the
+bad fields). Only httpx and (when images are decoded) Pillow are imported: no torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email.utils
+import io
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+import httpx
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+__all__ = [
+    "APIError", "ArcdiffError", "AsyncClient", "Client", "GeneratedImage", "GenerationFailed",
+    "GenerationResult", "GenerationTimeout", "Unreachable",
+]
+
+RETRY_STATUSES = (429, 503)
+TERMINAL = ("finished", "failed")
+
+
+class ArcdiffError(Exception):
+    """Base of the client's errors."""
+
+
+class APIError(ArcdiffError):
+    """The API answered with an error; `message` is the API's own text (422: every bad field)."""
+
+    def __init__(self, status_code: int, message: str, body: Any = None, retry_after: Optional[float] = None):
+        super().__init__(f"{status_code}: {message}")
+        self.status_code = status_code
+        self.message = message
+        self.body = body
+        self.retry_after = retry_after
+
+    @property
+    def fields(self) -> dict[str, str]:
+        """For a 422: field name -> the API's message about it."""
+        out: dict[str, str] = {}
+        detail = self.body.get("detail") if isinstance(self.body, dict) else None
+        if isinstance(detail, list):
+            for e in detail:
+                loc = [str(p) for p in e.get("loc", ()) if p not in ("body", "query", "path", "header")]
+                out.setdefault(".".join(loc) or "body", e.get("msg", "invalid"))
+        return out
+
+
+class Unreachable(ArcdiffError):
+    """No answer from the server (connection refused, reset, timed out)."""
+
+    def __init__(self, base_url: str, cause: Exception):
+        super().__init__(f"cannot reach {base_url}: {type(cause).__name__}: {cause}")
+        self.base_url = base_url
+
+
+class GenerationFailed(ArcdiffError):
+    """The generation was accepted but failed on the server; `error` says why."""
+
+    def __init__(self, gen_id: str, error: Optional[str]):
+        super().__init__(f"generation {gen_id} failed: {error or 'unknown error'}")
+        self.id = gen_id
+        self.error = error
+
+
+class GenerationTimeout(ArcdiffError, TimeoutError):
+    """The generation was not done within the client's timeout; it may still finish (poll `id`)."""
+
+    def __init__(self, gen_id: Optional[str], timeout: float, status: Optional[str] = None):
+        what = f"generation {gen_id} still {status}" if gen_id else "no answer to the generation request"
+        super().__init__(f"{what} after {timeout:g} s")
+        self.id = gen_id
+        self.status = status
+
+
+@dataclass
+class GeneratedImage:
+    index: int
+    seed: int
+    png: bytes = field(repr=False)
+
+    @property
+    def image(self) -> "Image":
+        """The PNG as a PIL image (decoded on first use)."""
+        if not hasattr(self, "_image"):
+            from PIL import Image as PILImage
+
+            im = PILImage.open(io.BytesIO(self.png))
+            im.load()
+            self._image = im
+        return self._image
+
+
+@dataclass
+class GenerationResult:
+    id: str
+    model: str
+    steps: int
+    solver: str
+    seed: int
+    n: int
+    nfe: int
+    images: list[GeneratedImage]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    retries: int = 0  # 429/503 answers retried before the generation was accepted
+
+    @property
+    def pil_images(self) -> list["Image"]:
+        return [im.image for im in self.images]
+
+    @property
+    def seeds(self) -> list[int]:
+        return [im.seed for im in self.images]
+
+    @classmethod
+    def from_body(cls, body: dict, retries: int = 0) -> "GenerationResult":
+        images = [GeneratedImage(im["index"], im["seed"], base64.b64decode(im["png_base64"]))
+                  for im in body.get("images") or []]
+        return cls(id=body["id"], model=body["model"], steps=body["steps"], solver=body["solver"], seed=body["seed"],
+                   n=body["n"], nfe=body["nfe"], images=images, metrics=body.get("metrics") or {}, retries=retries)
+
+
+def retry_after_seconds(value: Optional[str], default: float = 1.0) -> float:
+    """Retry-After as seconds: delta-seconds or an HTTP date; `default` when absent or unreadable."""
+    if not value:
+        return default
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return default
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _error(r: httpx.Response) -> APIError:
+    try:
+        body: Any = r.json()
+    except ValueError:
+        body = r.text
+    message = None
+    if isinstance(body, dict):
+        message = body.get("message") or body.get("detail")
+        if not isinstance(message, str):
+            message = None
+    if message is None:
+        message = (body.strip()[:500] if isinstance(body, str) and body.strip() else r.reason_phrase) or "error"
+    retry = retry_after_seconds(r.headers.get("retry-after"), default=0.0) if "retry-after" in r.headers else None
+    return APIError(r.status_code, message, body, retry)
+
+
+class _Base:
+    def __init__(self, base_url: str, api_key: Optional[str] = None, *, max_retries: int = 8,
+                 max_retry_wait: float = 30.0, poll_interval: float = 0.1, max_poll_interval: float = 1.0,
+                 request_timeout: float = 30.0):
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.max_retries = max_retries
+        self.max_retry_wait = max_retry_wait
+        self.poll_interval = poll_interval
+        self.max_poll_interval = max_poll_interval
+        self.request_timeout = request_timeout
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Accept": "application/json", "User-Agent": "arcdiff-client"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    @staticmethod
+    def _body(model: str, steps: int, solver: str, seed: Optional[int], n: int, wait: bool) -> dict:
+        body: dict[str, Any] = {"model": model, "steps": steps, "solver": solver, "n": n}
+        if seed is not None:
+            body["seed"] = seed
+        if wait:
+            body["wait"] = True
+        return body
+
+    def _post_timeout(self, wait: bool, deadline: float) -> httpx.Timeout:
+        """A wait=true POST is held by the server until done: read for as long as the deadline allows."""
+        read = max(0.01, deadline - time.monotonic()) if wait else self.request_timeout
+        return httpx.Timeout(self.request_timeout, read=read)
+
+    def _retry_wait(self, r: httpx.Response, attempt: int, deadline: float) -> Optional[float]:
+        """Seconds to sleep before retrying `r`, or None to give up (not retryable, out of tries or time)."""
+        if r.status_code not in RETRY_STATUSES or attempt >= self.max_retries:
+            return None
+        wait = min(retry_after_seconds(r.headers.get("retry-after")), self.max_retry_wait)
+        if time.monotonic() + wait > deadline:
+            return None
+        return wait
+
+    def _next_poll(self, interval: float) -> float:
+        return min(self.max_poll_interval, interval * 1.5)
+
+    @staticmethod
+    def _result(body: dict, retries: int) -> GenerationResult:
+        if body["status"] == "failed":
+            raise GenerationFailed(body["id"], body.get("error"))
+        return GenerationResult.from_body(body, retries)
+
+
+class Client(_Base):
+    """Synchronous client. Use as a context manager, or call `close()`.
+
+    Keyword options: max_retries (8) and max_retry_wait (30 s) bound the 429/503 retries;
+    poll_interval (0.1 s, growing to max_poll_interval, 1 s); request_timeout (30 s) per request;
+    transport: an httpx transport (tests)."""
+
+    def __init__(self, base_url: str, api_key: Optional[str] = None, *, transport: Optional[httpx.BaseTransport] = None,
+                 **kw: Any):
+        super().__init__(base_url, api_key, **kw)
+        self._http = httpx.Client(base_url=self.base_url, headers=self._headers(), timeout=self.request_timeout,
+                                  transport=transport)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _request(self, method: str, path: str, deadline: float, **kw: Any) -> tuple[httpx.Response, int]:
+        """One API call; 429/503 retried after Retry-After (bounded); returns (response, retries)."""
+        attempt = 0
+        while True:
+            try:
+                r = self._http.request(method, path, **kw)
+            except httpx.TransportError as e:
+                raise Unreachable(self.base_url, e) from e
+            if r.status_code < 400:
+                return r, attempt
+            wait = self._retry_wait(r, attempt, deadline)
+            if wait is None:
+                raise _error(r)
+            attempt += 1
+            time.sleep(wait)
+
+    def models(self) -> list[dict]:
+        """GET /v1/models."""
+        return self._request("GET", "/v1/models", time.monotonic() + self.max_retry_wait)[0].json()
+
+    def get(self, gen_id: str) -> dict:
+        """GET /v1/generations/{id}: the generation's JSON body."""
+        return self._request("GET", f"/v1/generations/{gen_id}", time.monotonic() + self.max_retry_wait)[0].json()
+
+    def submit(self, model: str, steps: int, solver: str, seed: Optional[int] = None, n: int = 1, *,
+               wait: bool = False, timeout: float = 60.0) -> dict:
+        """POST a generation; returns the API's body plus `retries`. With wait=True the server holds
+        the request until done (up to its own wait timeout, then 202) and `timeout` bounds it here."""
+        deadline = time.monotonic() + timeout
+        try:
+            r, retries = self._request("POST", "/v1/generations", deadline,
+                                       json=self._body(model, steps, solver, seed, n, wait),
+                                       timeout=self._post_timeout(wait, deadline))
+        except Unreachable as e:
+            if wait and isinstance(e.__cause__, httpx.ReadTimeout):
+                raise GenerationTimeout(None, timeout, "waited on") from e
+            raise
+        return {**r.json(), "retries": retries}
+
+    def generate(self, model: str, steps: int, solver: str, seed: Optional[int] = None, n: int = 1,
+                 timeout: float = 300.0, wait: bool = True) -> GenerationResult:
+        """Generate `n` images and return them (at most `timeout` seconds, retries included).
+
+        wait=True (default) asks the server to answer when done (lowest latency) and polls only if it
+        answers 202 first; wait=False submits and polls from the start."""
+        deadline = time.monotonic() + timeout
+        body = self.submit(model, steps, solver, seed, n, wait=wait, timeout=timeout)
+        retries, interval = body["retries"], self.poll_interval
+        while body["status"] not in TERMINAL:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise GenerationTimeout(body["id"], timeout, body["status"])
+            time.sleep(min(interval, left))
+            interval = self._next_poll(interval)
+            body = self._request("GET", f"/v1/generations/{body['id']}", deadline)[0].json()
+        return self._result(body, retries)
+
+
+class AsyncClient(_Base):
+    """The asyncio twin of `Client`: the same methods and options, awaited. Use `async with`, or
+    `await aclose()`."""
+
+    def __init__(self, base_url: str, api_key: Optional[str] = None, *,
+                 transport: Optional[httpx.AsyncBaseTransport] = None, **kw: Any):
+        super().__init__(base_url, api_key, **kw)
+        self._http = httpx.AsyncClient(base_url=self.base_url, headers=self._headers(), timeout=self.request_timeout,
+                                       transport=transport)
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _request(self, method: str, path: str, deadline: float, **kw: Any) -> tuple[httpx.Response, int]:
+        attempt = 0
+        while True:
+            try:
+                r = await self._http.request(method, path, **kw)
+            except httpx.TransportError as e:
+                raise Unreachable(self.base_url, e) from e
+            if r.status_code < 400:
+                return r, attempt
+            wait = self._retry_wait(r, attempt, deadline)
+            if wait is None:
+                raise _error(r)
+            attempt += 1
+            await asyncio.sleep(wait)
+
+    async def models(self) -> list[dict]:
+        return (await self._request("GET", "/v1/models", time.monotonic() + self.max_retry_wait))[0].json()
+
+    async def get(self, gen_id: str) -> dict:
+        return (await self._request("GET", f"/v1/generations/{gen_id}", time.monotonic() + self.max_retry_wait))[0].json()
+
+    async def submit(self, model: str, steps: int, solver: str, seed: Optional[int] = None, n: int = 1, *,
+                     wait: bool = False, timeout: float = 60.0) -> dict:
+        deadline = time.monotonic() + timeout
+        try:
+            r, retries = await self._request("POST", "/v1/generations", deadline,
+                                             json=self._body(model, steps, solver, seed, n, wait),
+                                             timeout=self._post_timeout(wait, deadline))
+        except Unreachable as e:
+            if wait and isinstance(e.__cause__, httpx.ReadTimeout):
+                raise GenerationTimeout(None, timeout, "waited on") from e
+            raise
+        return {**r.json(), "retries": retries}
+
+    async def generate(self, model: str, steps: int, solver: str, seed: Optional[int] = None, n: int = 1,
+                       timeout: float = 300.0, wait: bool = True) -> GenerationResult:
+        deadline = time.monotonic() + timeout
+        body = await self.submit(model, steps, solver, seed, n, wait=wait, timeout=timeout)
+        retries, interval = body["retries"], self.poll_interval
+        while body["status"] not in TERMINAL:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise GenerationTimeout(body["id"], timeout, body["status"])
+            await asyncio.sleep(min(interval, left))
+            interval = self._next_poll(interval)
+            body = (await self._request("GET", f"/v1/generations/{body['id']}", deadline))[0].json()
+        return self._result(body, retries)

@@ -1,0 +1,120 @@
+"""What travels between the API and the workers: the generation spec, its queue, and its result.
+
+Everything here is plain JSON (RQ's JSON serializer; never pickle, since Redis may be reachable
+by others). A worker re-checks every spec it dequeues: a malformed job fails with the reason
+instead of reaching the engine. No torch imports: the API uses this module too.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+QUEUE_PREFIX = "arcdiff:"
+# the RQ function name a generation job carries; stock RQ workers can run it (worker/tasks.py),
+# the batching worker reads its arguments and never imports it
+TASK = "arcdiff.worker.tasks.generate"
+MAX_STEPS = 1000
+SEED_MAX = 2**32 - 1
+SOLVER_NAMES = ("euler", "heun", "rk4", "ddim", "ddpm", "dpmpp2m")  # model.solvers.SOLVERS, checked in tests
+
+
+class SpecError(ValueError):
+    """A generation spec that cannot run; the message names the field."""
+
+
+def queue_name(model: str) -> str:
+    """One RQ queue per model, so a worker listens only for the models it holds."""
+    return QUEUE_PREFIX + model
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    id: str
+    model: str
+    steps: int
+    solver: str
+    seed: int
+    n: int
+    submitted_at: float  # time.time() when the API accepted it
+
+    def to_payload(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_payload(cls, payload: Any) -> GenerationSpec:
+        """Parse and check a payload from the queue (strict: exact types, known fields, ranges)."""
+        if not isinstance(payload, dict):
+            raise SpecError(f"payload must be an object, got {type(payload).__name__}")
+        names = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(payload) - names)
+        if unknown:
+            raise SpecError(f"unknown field(s): {', '.join(unknown)}")
+        missing = sorted(names - set(payload))
+        if missing:
+            raise SpecError(f"missing field(s): {', '.join(missing)}")
+        for key in ("id", "model", "solver"):
+            if not isinstance(payload[key], str) or not payload[key]:
+                raise SpecError(f"{key} must be a non-empty string")
+        for key in ("steps", "seed", "n"):
+            if type(payload[key]) is not int:
+                raise SpecError(f"{key} must be an integer")
+        if not isinstance(payload["submitted_at"], (int, float)) or not math.isfinite(payload["submitted_at"]):
+            raise SpecError("submitted_at must be a number")
+        spec = cls(**payload)
+        if not 1 <= spec.steps <= MAX_STEPS:
+            raise SpecError(f"steps must be in 1..{MAX_STEPS}, got {spec.steps}")
+        if not 0 <= spec.seed <= SEED_MAX:
+            raise SpecError(f"seed must be in 0..{SEED_MAX}, got {spec.seed}")
+        if spec.n < 1:
+            raise SpecError(f"n must be at least 1, got {spec.n}")
+        if spec.solver not in SOLVER_NAMES:
+            raise SpecError(f"unknown solver {spec.solver!r}")
+        return spec
+
+
+@dataclass
+class ImageResult:
+    index: int
+    seed: int
+    png: bytes
+
+
+@dataclass
+class JobMetrics:
+    queue_ms: float
+    sample_ms: float
+    encode_ms: float
+    total_ms: float
+    nfe: int
+    batch_sizes: list[int]
+    device: str
+    worker: str
+
+
+@dataclass
+class JobResult:
+    images: list[ImageResult]
+    nfe: int
+    metrics: JobMetrics
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_payload(self) -> dict[str, Any]:
+        """JSON for the RQ result: PNGs as base64."""
+        return {
+            "images": [
+                {"index": im.index, "seed": im.seed, "png_base64": base64.b64encode(im.png).decode("ascii")}
+                for im in self.images
+            ],
+            "nfe": self.nfe,
+            "metrics": asdict(self.metrics),
+        }
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> JobResult:
+        images = [
+            ImageResult(int(im["index"]), int(im["seed"]), base64.b64decode(im["png_base64"])) for im in payload["images"]
+        ]
+        return cls(images=images, nfe=int(payload["nfe"]), metrics=JobMetrics(**payload["metrics"]))

@@ -1,0 +1,282 @@
+"""Training: Adam with warm-up, EMA of the weights, gradient clipping, exact resume.
+
+A run folder holds `checkpoint.safetensors` (network, EMA and Adam tensors, RNG states) and
+`checkpoint.json` (step, settings, the rest of the optimizer state). Restarting with the same
+settings continues bit for bit. At the end the EMA weights are written as a model folder
+(`<run>/<name>/config.json + model.safetensors`), the project's model format, ready to serve.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from arcdiff.model.configs import get_config
+from arcdiff.model.data import load_images, to_model_range
+from arcdiff.model.denoiser import heads_for
+from arcdiff.model.format import make_config, save_model
+from arcdiff.model.loss import OBJECTIVE_PREDICTION, DiffusionLoss
+from arcdiff.model.unet import UNet, count_parameters
+
+CHECKPOINT_TENSORS = "checkpoint.safetensors"
+CHECKPOINT_STATE = "checkpoint.json"
+
+
+@dataclass
+class TrainSettings:
+    config: str
+    data: str
+    out: str
+    name: str = ""
+    objective: str = "dual"
+    gamma: float = 1.0
+    steps: int = 10_000
+    batch: int = 64
+    lr: float = 2e-4
+    warmup: int = 500
+    ema: float = 0.999
+    grad_clip: float = 1.0
+    hflip: bool = False
+    seed: int = 0
+    checkpoint_every: int = 1000
+    device: str = "cpu"
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+
+    # Settings that change the trajectory: a resume with different values would not continue
+    # the same run, so it is refused.
+    TRAJECTORY = ("config", "objective", "gamma", "batch", "lr", "warmup", "ema", "grad_clip", "hflip", "seed")
+
+    def model_name(self) -> str:
+        return self.name or (self.config if self.objective == "dual" else f"{self.config}-{self.objective}")
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def hardware_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def lr_at(step: int, settings: TrainSettings) -> float:
+    """Linear warm-up to lr, then constant (the EMA does the averaging)."""
+    return settings.lr * min(1.0, (step + 1) / max(1, settings.warmup))
+
+
+def ema_decay(step: int, settings: TrainSettings) -> float:
+    """EMA decay with the usual ramp, so early weights do not dominate a short run."""
+    return min(settings.ema, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), net.parameters()):
+        e.lerp_(p, 1.0 - decay)
+    for e, b in zip(ema.buffers(), net.buffers()):
+        e.copy_(b)
+
+
+class Trainer:
+    """Holds the network, its EMA, the optimizer and the two generators of one run."""
+
+    def __init__(self, settings: TrainSettings, images: torch.Tensor | None = None):
+        self.s = settings
+        if settings.objective not in OBJECTIVE_PREDICTION:
+            raise TrainingError(f"unknown objective {settings.objective!r}; expected dual, eps or x0")
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        self.device = torch.device(settings.device)
+        self.prediction = OBJECTIVE_PREDICTION[settings.objective]
+        self.unet_config = get_config(settings.config, heads=heads_for(self.prediction))
+        if images is None:
+            images = load_images(settings.data, self.unet_config.image_size, self.unet_config.channels)
+        if images.shape[0] < 1:
+            raise TrainingError(f"{settings.data}: no images")
+        self.images = images  # uint8 (N, C, H, W), kept on CPU
+        torch.manual_seed(settings.seed)  # initial weights only; all later randomness is in the generators
+        self.net = UNet(self.unet_config).to(self.device)
+        self.ema = UNet(self.unet_config).to(self.device).eval()
+        self.ema.load_state_dict(self.net.state_dict())
+        self.ema.requires_grad_(False)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=settings.lr)
+        self.loss_fn = DiffusionLoss(settings.objective, settings.gamma)
+        self.g_data = torch.Generator().manual_seed(settings.seed)
+        self.g_loss = torch.Generator(device=self.device).manual_seed(settings.seed + 1)
+        self.step = 0
+        self.wall_time = 0.0
+        self.loss_avg = float("nan")
+        self.use_amp = settings.amp and self.device.type == "cuda"
+
+    # ---- one step -------------------------------------------------------------------------------
+    def batch(self) -> torch.Tensor:
+        idx = torch.randint(0, self.images.shape[0], (self.s.batch,), generator=self.g_data)
+        x0 = to_model_range(self.images[idx])
+        if self.s.hflip:
+            flip = torch.rand(self.s.batch, generator=self.g_data) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        return x0.to(self.device)
+
+    def train_step(self) -> float:
+        x0 = self.batch()
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(self.step, self.s)
+        self.net.train()
+        if self.use_amp:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = self.loss_fn(self.net, x0, self.g_loss).mean()
+        else:
+            loss = self.loss_fn(self.net, x0, self.g_loss).mean()
+        if not torch.isfinite(loss):
+            raise TrainingError(f"loss is {loss.item()} at step {self.step}: lower --lr or check the data")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.s.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.s.grad_clip)
+        self.opt.step()
+        update_ema(self.ema, self.net, ema_decay(self.step, self.s))
+        self.step += 1
+        value = loss.item()
+        self.loss_avg = value if math.isnan(self.loss_avg) else 0.98 * self.loss_avg + 0.02 * value
+        return value
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def save_checkpoint(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {}
+        for k, v in self.net.state_dict().items():
+            tensors[f"net.{k}"] = v
+        for k, v in self.ema.state_dict().items():
+            tensors[f"ema.{k}"] = v
+        opt_state = self.opt.state_dict()
+        scalars: dict[str, Any] = {}
+        for pid, st in opt_state["state"].items():
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    tensors[f"opt.{pid}.{k}"] = v
+                else:
+                    scalars[f"{pid}.{k}"] = v
+        tensors["rng.data"] = self.g_data.get_state()
+        tensors["rng.loss"] = self.g_loss.get_state()
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        state = {
+            "step": self.step,
+            "wall_time": self.wall_time,
+            "loss_avg": self.loss_avg,
+            "settings": asdict(self.s),
+            "param_groups": opt_state["param_groups"],
+            "opt_scalars": scalars,
+        }
+        tmp_t, tmp_j = folder / (CHECKPOINT_TENSORS + ".tmp"), folder / (CHECKPOINT_STATE + ".tmp")
+        save_file(tensors, str(tmp_t))
+        tmp_j.write_text(json.dumps(state, indent=1))
+        os.replace(tmp_t, folder / CHECKPOINT_TENSORS)  # tensors first: a state file always has its tensors
+        os.replace(tmp_j, folder / CHECKPOINT_STATE)
+
+    def load_checkpoint(self, folder: Path) -> None:
+        state_path, tensor_path = folder / CHECKPOINT_STATE, folder / CHECKPOINT_TENSORS
+        try:
+            state = json.loads(state_path.read_text())
+            tensors = load_file(str(tensor_path))
+        except (OSError, ValueError) as e:
+            raise TrainingError(f"{folder}: cannot read checkpoint ({e})") from None
+        saved = state["settings"]
+        changed = [k for k in TrainSettings.TRAJECTORY if saved.get(k) != getattr(self.s, k)]
+        if changed:
+            diffs = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, now {getattr(self.s, k)!r}" for k in changed)
+            raise TrainingError(f"{state_path}: cannot resume with different settings ({diffs})")
+        self.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+        self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        opt_state: dict[str, Any] = {"state": {}, "param_groups": state["param_groups"]}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, pid, name = k.split(".", 2)
+                opt_state["state"].setdefault(int(pid), {})[name] = v.to(self.device)
+        for k, v in state["opt_scalars"].items():
+            pid, name = k.split(".", 1)
+            opt_state["state"].setdefault(int(pid), {})[name] = v
+        self.opt.load_state_dict(opt_state)
+        self.g_data.set_state(tensors["rng.data"])
+        self.g_loss.set_state(tensors["rng.loss"].to(self.g_loss.device) if self.device.type != "cpu" else tensors["rng.loss"])
+        self.step, self.wall_time, self.loss_avg = state["step"], state["wall_time"], state["loss_avg"]
+
+    # ---- the model folder -----------------------------------------------------------------------
+    def training_facts(self) -> dict[str, Any]:
+        return {
+            "data": str(self.s.data),
+            "num_images": int(self.images.shape[0]),
+            "objective": self.s.objective,
+            "gamma": self.s.gamma if self.s.objective == "dual" else None,
+            "steps": self.step,
+            "batch": self.s.batch,
+            "lr": self.s.lr,
+            "warmup": self.s.warmup,
+            "ema": self.s.ema,
+            "grad_clip": self.s.grad_clip,
+            "hflip": self.s.hflip,
+            "seed": self.s.seed,
+            "wall_time_s": round(self.wall_time, 1),
+            "final_loss_ema": round(self.loss_avg, 5),
+            "hardware": hardware_description(self.device),
+            "torch": torch.__version__,
+            "parameters": count_parameters(self.net),
+        }
+
+    def export(self, folder: Path) -> Path:
+        name = self.s.model_name()
+        cfg = make_config(name, self.unet_config, self.prediction, self.training_facts())
+        return save_model(folder, self.ema, cfg)
+
+
+def train(
+    settings: TrainSettings,
+    resume: bool = False,
+    progress: bool = True,
+    images: torch.Tensor | None = None,
+    on_step: Callable[[Trainer], None] | None = None,
+) -> Path:
+    """Run (or continue) training to `settings.steps`; returns the exported model folder."""
+    out = Path(settings.out)
+    trainer = Trainer(settings, images)
+    if resume and (out / CHECKPOINT_STATE).is_file():
+        trainer.load_checkpoint(out)
+    elif not resume and (out / CHECKPOINT_STATE).is_file():
+        raise TrainingError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
+    from tqdm import tqdm
+
+    bar = tqdm(total=settings.steps, initial=trainer.step, disable=not progress, unit="step", dynamic_ncols=True)
+    t_last = time.perf_counter()
+    while trainer.step < settings.steps:
+        trainer.train_step()
+        now = time.perf_counter()
+        trainer.wall_time += now - t_last
+        if progress:
+            bar.update(1)
+            bar.set_postfix(loss=f"{trainer.loss_avg:.4f}", img_s=f"{settings.batch / max(now - t_last, 1e-9):.0f}")
+        t_last = now
+        if on_step is not None:
+            on_step(trainer)
+        if trainer.step % settings.checkpoint_every == 0 or trainer.step == settings.steps:
+            trainer.save_checkpoint(out)
+            t_last = time.perf_counter()  # checkpoint I/O is not training time
+    bar.close()
+    return trainer.export(out / settings.model_name())

@@ -1,0 +1,131 @@
+"""The FastAPI app: settings -> served models -> backend (embedded engine or Redis queue) -> routes."""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+
+from arcdiff.model.registry import ModelInfo, ModelRegistry
+from arcdiff.service.api.routes import generations, health, models, playground
+from arcdiff.service.api.deps import key_digests
+from arcdiff.service.backend import Backend
+from arcdiff.service.limits import BodyLimitMiddleware
+from arcdiff.service.metrics import REJECTED, MetricsMiddleware, init_generation_series, init_route_series
+from arcdiff.service.schemas import generation_request
+from arcdiff.service.settings import Settings
+
+log = logging.getLogger("arcdiff.api")
+
+DESCRIPTION = """Generate images with dual-head (x0 + eps) diffusion models.
+
+POST a generation (model, steps, solver, seed, n); poll its url or send `"wait": true`. Each image
+has its own seed, (seed + k) mod 2^32, so an image never depends on what else was in its batch.
+"""
+
+
+class SetupError(RuntimeError):
+    """The app cannot start as configured (e.g. ARCDIFF_MODELS names an unknown model)."""
+
+
+def served_models(settings: Settings) -> dict[str, ModelInfo]:
+    registry = ModelRegistry(settings.model_dir)
+    names = settings.models or registry.names()
+    unknown = [n for n in names if n not in registry.models]
+    if unknown:
+        raise SetupError(f"unknown model(s) {', '.join(unknown)} in {registry.root}; known: "
+                         f"{', '.join(registry.names()) or 'none'}")
+    for name, err in registry.errors.items():
+        log.warning("model folder %s skipped: %s", name, err)
+    return {n: registry.info(n) for n in names}
+
+
+def make_backend(settings: Settings, models: dict[str, ModelInfo]) -> Backend:
+    if settings.embedded:
+        from arcdiff.service.embedded import EmbeddedBackend
+
+        return EmbeddedBackend(settings, models)
+    from arcdiff.service.queue import RedisBackend
+
+    return RedisBackend(settings, models)
+
+
+def _field(loc: tuple | list) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or "body"
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 with FastAPI's detail list plus one message that names every bad field."""
+    errors = exc.errors()
+    message = "; ".join(f"{_field(e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in errors)
+    if request.method == "POST" and request.url.path.rstrip("/") == generations.PREFIX:
+        REJECTED.labels("invalid").inc()
+    return JSONResponse({"message": message, "detail": _json_safe(jsonable_encoder(errors))}, status_code=422)
+
+
+def _json_safe(value: object) -> object:
+    """Echoed inputs as strict JSON: a non-finite number (1e999 parses as inf) becomes its string."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
+
+
+def make_limiter(settings: Settings, backend: Backend):
+    """The per-caller images-per-minute limiter: in Redis when Redis is used, else in memory."""
+    if not settings.rate_limit_images_per_min:
+        return None
+    from arcdiff.service.ratelimit import MemoryLimiter, RedisLimiter
+
+    if settings.embedded:
+        return MemoryLimiter(settings.rate_limit_images_per_min)
+    return RedisLimiter(settings.rate_limit_images_per_min, backend.redis)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    served = served_models(settings)
+    backend = make_backend(settings, served)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        log.info("arcdiff API (%s mode) serving %s", backend.mode, ", ".join(served) or "no models")
+        await backend.start()
+        try:
+            yield
+        finally:
+            await backend.close()
+
+    app = FastAPI(title="arcdiff", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.backend = backend
+    app.state.key_digests = key_digests(settings.api_keys)
+    app.state.limiter = make_limiter(settings, backend)
+    # outermost last: metrics see every answer, the body guard's 413/415 included
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-API-Key", "Accept"],
+            expose_headers=["Location", "Retry-After", "Server-Timing", "X-Generation-Id", "X-Seed"],
+        )
+    app.add_middleware(MetricsMiddleware)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.include_router(generations.build_router(generation_request(list(served), settings.max_images)))
+    app.include_router(models.router)
+    app.include_router(health.router)
+    app.include_router(playground.router)
+    init_route_series(app)
+    init_generation_series(served)
+    return app

@@ -1,0 +1,68 @@
+"""What the routes need from wherever generations run: the embedded engine or Redis/RQ workers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from arcdiff.model.registry import ModelInfo
+from arcdiff.contract import GenerationSpec, JobResult
+
+
+class Rejected(Exception):
+    """A generation not accepted now; `reason` is the metric label, `retry_after` seconds."""
+
+    status_code = 503
+    reason = "not_ready"
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class QueueFull(Rejected):
+    status_code = 429
+    reason = "queue_full"
+
+
+class NotReady(Rejected):
+    status_code = 503
+    reason = "not_ready"
+
+
+@dataclass
+class Generation:
+    spec: GenerationSpec
+    status: str  # queued | running | finished | failed
+    result: JobResult | None = None
+    error: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status in ("finished", "failed")
+
+
+class Backend(Protocol):
+    mode: str  # "embedded" or "redis"
+    models: dict[str, ModelInfo]  # the models served
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def submit(self, spec: GenerationSpec) -> None:
+        """Accept a generation or raise Rejected (QueueFull, NotReady)."""
+
+    async def get(self, gen_id: str) -> Generation | None: ...
+
+    async def wait(self, gen_id: str, timeout: float) -> Generation | None:
+        """The generation once done, or as it is after `timeout` seconds."""
+
+    async def queue_depths(self) -> dict[str, int]:
+        """Generations accepted and not yet started, per model."""
+
+    async def scrape(self) -> None:
+        """Refresh the gauges that are read rather than counted, before /metrics renders."""
+
+    async def readiness(self) -> tuple[bool, str | None]:
+        """(ready, reason when not)."""

@@ -1,0 +1,181 @@
+"""The queue client: generations as RQ jobs (JSON serializer), one queue per model.
+
+The API only enqueues and reads; `arcdiff worker` processes do the sampling. A job's status,
+result and failure are RQ's own (what `rq info` shows). Waiting for a job blocks on its RQ
+result stream (XREAD) instead of polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import redis
+import redis.asyncio as aredis
+from rq import Queue, Retry, Worker
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.results import Result
+from rq.serializers import JSONSerializer
+
+from arcdiff.model.registry import ModelInfo
+from arcdiff.service.backend import Generation, NotReady, QueueFull
+from arcdiff.service.metrics import QUEUE_DEPTH
+from arcdiff.service.settings import Settings
+from arcdiff.contract import TASK, GenerationSpec, JobResult, SpecError, queue_name
+
+log = logging.getLogger("arcdiff.queue")
+
+_STATUS = {
+    JobStatus.STARTED: "running",
+    JobStatus.FINISHED: "finished",
+    JobStatus.FAILED: "failed",
+    JobStatus.STOPPED: "failed",
+    JobStatus.CANCELED: "failed",
+}
+
+
+class RedisBackend:
+    mode = "redis"
+
+    def __init__(self, settings: Settings, models: dict[str, ModelInfo]):
+        if not settings.redis_url:
+            raise ValueError("RedisBackend needs a Redis URL")
+        self.settings = settings
+        self.models = models
+        # short socket timeouts: a request must fail fast (503) when Redis is gone, not hang
+        self.redis = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
+        self.aredis = aredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)
+        self.queues = {name: Queue(queue_name(name), connection=self.redis, serializer=JSONSerializer) for name in models}
+        self._cached: tuple[float, str | None, set[str]] = (float("-inf"), None, set())
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        await self.aredis.aclose()
+        self.redis.close()
+
+    # ---- readiness -----------------------------------------------------------------------------
+
+    def _check(self) -> tuple[str | None, set[str]]:
+        """(a problem with Redis itself, the models no live worker serves)."""
+        try:
+            self.redis.ping()
+            missing = {name for name, q in self.queues.items() if not Worker.all(queue=q)}
+        except redis.RedisError as e:
+            return f"Redis unreachable: {e}", set()
+        return None, missing
+
+    async def _state(self, fresh: bool = False) -> tuple[str | None, set[str]]:
+        checked_at, error, missing = self._cached
+        if fresh or time.monotonic() - checked_at > self.settings.ready_cache_s:
+            error, missing = await asyncio.to_thread(self._check)
+            self._cached = (time.monotonic(), error, missing)
+        return error, missing
+
+    async def readiness(self) -> tuple[bool, str | None]:
+        if not self.models:
+            return False, "no models to serve"
+        error, missing = await self._state()
+        if error:
+            return False, error
+        if missing:
+            return False, f"no worker serving {', '.join(sorted(missing))}"
+        return True, None
+
+    # ---- generations ---------------------------------------------------------------------------
+
+    async def submit(self, spec: GenerationSpec) -> None:
+        error, missing = await self._state()
+        if error or spec.model in missing:  # a cached "no": look again before refusing
+            error, missing = await self._state(fresh=True)
+        if error:
+            raise NotReady(error, retry_after=2)
+        if spec.model in missing:
+            raise NotReady(f"no worker serving {spec.model}", retry_after=2)
+        await asyncio.to_thread(self._enqueue, spec)
+
+    def _enqueue(self, spec: GenerationSpec) -> None:
+        q = self.queues[spec.model]
+        try:
+            if q.count >= self.settings.queue_limit:
+                raise QueueFull(f"{self.settings.queue_limit} generations already waiting for {spec.model}", retry_after=1)
+            q.enqueue_call(
+                TASK,
+                args=(spec.to_payload(),),
+                timeout=self.settings.job_timeout_s,
+                result_ttl=self.settings.result_ttl_s,
+                failure_ttl=self.settings.failure_ttl_s,
+                job_id=spec.id,
+                # a job abandoned by a dead worker (killed, host lost) is run again; failures the
+                # engine reports (NaN, timeout, stop) are final: the worker zeroes the retries
+                retry=Retry(max=self.settings.retries) if self.settings.retries else None,
+                description=f"{spec.model} {spec.solver} steps={spec.steps} n={spec.n} seed={spec.seed}",
+            )
+        except redis.RedisError as e:
+            raise NotReady(f"Redis error: {e}", retry_after=2) from None
+
+    def _fetch(self, gen_id: str) -> Generation | None:
+        try:
+            job = Job.fetch(gen_id, connection=self.redis, serializer=JSONSerializer)
+            if job.func_name != TASK:
+                return None
+            spec = GenerationSpec.from_payload(job.args[0])
+        except (NoSuchJobError, SpecError, IndexError, TypeError, ValueError):
+            return None
+        status = _STATUS.get(job.get_status(refresh=False), "queued")
+        waited = time.time() - spec.submitted_at
+        if status == "queued" and waited > self.settings.queue_timeout_s:
+            # no worker took it in time: it is failed whoever takes it later (the worker records it)
+            return Generation(spec, "failed", error=f"expired: waited {waited:.1f} s to start, longer than the queue "
+                                                    f"timeout of {self.settings.queue_timeout_s:g} s (ARCDIFF_QUEUE_TIMEOUT_S)")
+        if status == "finished":
+            value = job.return_value()
+            if value is None:  # result expired between the two reads
+                return None
+            return Generation(spec, status, result=JobResult.from_payload(value))
+        if status == "failed":
+            latest = job.latest_result()
+            error = latest.exc_string if latest is not None and latest.exc_string else f"job {job.get_status(refresh=False)}"
+            return Generation(spec, status, error=error.strip())
+        return Generation(spec, status)
+
+    async def get(self, gen_id: str) -> Generation | None:
+        try:
+            return await asyncio.to_thread(self._fetch, gen_id)
+        except redis.RedisError as e:
+            raise NotReady(f"Redis error: {e}", retry_after=2) from None
+
+    async def wait(self, gen_id: str, timeout: float) -> Generation | None:
+        gen = await self.get(gen_id)
+        if gen is None or gen.done:
+            return gen
+        # RQ appends every result (success or failure) to a per-job stream: block on it. A broken
+        # connection (Redis restarted since it was pooled) is retried until the timeout passes.
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                if await self.aredis.xread({Result.get_key(gen_id): "0-0"}, block=max(1, int(left * 1000))):
+                    break
+            except redis.RedisError as e:
+                log.warning("waiting for %s: %s", gen_id, e)
+                await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        return await self.get(gen_id)
+
+    async def queue_depths(self) -> dict[str, int]:
+        def depths() -> dict[str, int]:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for q in self.queues.values():
+                    pipe.llen(q.key)
+                return dict(zip(self.queues, pipe.execute()))
+
+        try:
+            return await asyncio.to_thread(depths)
+        except redis.RedisError:
+            return {}
+
+    async def scrape(self) -> None:
+        for model, depth in (await self.queue_depths()).items():
+            QUEUE_DEPTH.labels(model).set(depth)

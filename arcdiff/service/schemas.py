@@ -1,0 +1,119 @@
+"""Request and response bodies of the HTTP API (pydantic v2, strict).
+
+Requests forbid unknown fields and take numbers only as JSON integers (no "10", 10.0 or true).
+The request schema is built per app (`generation_request`), so the OpenAPI document states the
+real limits: the models this deployment serves and its largest n.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+
+from arcdiff.contract import MAX_STEPS, SEED_MAX, SOLVER_NAMES
+
+Solver = Literal["euler", "heun", "rk4", "ddim", "ddpm", "dpmpp2m"]
+Status = Literal["queued", "running", "finished", "failed"]
+MAX_IMAGES_CAP = 256
+
+
+class GenerationRequest(BaseModel):
+    """POST /v1/generations."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"model": "mnist", "steps": 10, "solver": "rk4", "seed": 7, "n": 4, "wait": True}]},
+    )
+
+    model: str = Field(description="a model from GET /v1/models")
+    steps: int = Field(strict=True, ge=1, le=MAX_STEPS, description="solver steps (network evaluations = steps x stages)")
+    solver: Solver = Field(description="euler, heun, rk4 (velocity form), ddim, ddpm (stochastic) or dpmpp2m")
+    seed: int | None = Field(
+        None, strict=True, ge=0, le=SEED_MAX,
+        description="seed of image 0; image k uses (seed + k) mod 2^32. Omitted: the server picks one and returns it",
+    )
+    n: int = Field(1, strict=True, ge=1, le=MAX_IMAGES_CAP, description="number of images")
+    wait: bool = Field(
+        False, strict=True,
+        description="hold the request until the images are done (bounded by the server's wait timeout, then 202)",
+    )
+
+
+def generation_request(models: Sequence[str], max_images: int) -> type[GenerationRequest]:
+    """The request schema of one deployment: `model` one of `models`, `n` at most `max_images`."""
+    fields: dict = {
+        "n": (int, Field(1, strict=True, ge=1, le=max_images, description=f"number of images, 1..{max_images}")),
+    }
+    if models:
+        fields["model"] = (Literal[tuple(models)], Field(description="a model from GET /v1/models"))
+        return create_model("GenerationRequest", __base__=GenerationRequest, **fields)
+
+    class NoModels(GenerationRequest):
+        @field_validator("model")
+        @classmethod
+        def _none_served(cls, v: str) -> str:
+            raise ValueError("no models are served here")
+
+    return create_model("GenerationRequest", __base__=NoModels, **fields)
+
+
+class ImageOut(BaseModel):
+    index: int = Field(description="k: the image's index in the request")
+    seed: int = Field(description="the image's own seed, (seed + k) mod 2^32: ask for it with n=1 to get this image again")
+    png_base64: str = Field(description="the PNG, base64")
+    url: str = Field(description="the raw PNG")
+
+
+class LatencyOut(BaseModel):
+    queue_ms: float = Field(description="acceptance to the first image entering the batch")
+    sample_ms: float = Field(description="first image entering the batch to the last one leaving it")
+    encode_ms: float = Field(description="last image leaving the batch to the last PNG encoded")
+    total_ms: float = Field(description="acceptance to done")
+    nfe: int = Field(description="network evaluations per image")
+    batch_sizes: list[int] = Field(description="the batch sizes (images per network evaluation) the generation ran in")
+    device: str
+    worker: str
+
+
+class GenerationOut(BaseModel):
+    id: str
+    status: Status
+    url: str
+    model: str
+    steps: int
+    solver: str
+    seed: int
+    n: int
+    nfe: int = Field(description="network evaluations per image")
+    error: str | None = Field(None, description="why a failed generation failed")
+    images: list[ImageOut] = Field(default_factory=list, description="when finished")
+    metrics: LatencyOut | None = Field(None, description="latency record, when finished")
+
+
+class ModelOut(BaseModel):
+    name: str
+    image_size: int
+    channels: int
+    prediction: str = Field(description="x0_eps (dual head), eps, x0 or v")
+    parameters: int
+    solvers: list[str] = list(SOLVER_NAMES)
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyOut(BaseModel):
+    status: Literal["ready", "not ready"]
+    mode: Literal["embedded", "redis"]
+    reason: str | None = None
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+class ValidationErrorOut(BaseModel):
+    message: str = Field(description="every problem, each prefixed with its field")
+    detail: list[dict] = Field(description="FastAPI's validation errors (loc names the field)")

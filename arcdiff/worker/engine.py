@@ -1,0 +1,573 @@
+"""The continuous-batching engine: one running batch per model that images join and leave at every
+network evaluation ("tick").
+
+Each tick, for each model with work:
+1. admit waiting images FIFO up to max_batch; each gets its own generator seeded from
+   (request seed, image index), its own step grid and a fresh solver state in its solver's group;
+2. gather every running image's next point (x, eta) into one tensor, padded to a bucket size
+   (1, 2, 4, ..., max_batch) so a compiled network sees few shapes;
+3. one forward -> (x0_hat, eps_hat);
+4. scatter back: each solver group advances all its rows in one vectorised call; finished rows
+   leave (known on the host: no device sync per tick), are turned into pixels in one op and
+   PNG-encoded on a thread pool; a generation completes when all its images are encoded. A row
+   that ends non-finite fails its generation (with the reason), not the batch; rows never mix in
+   the network (group norm and attention are per image), so one NaN image cannot spoil another.
+
+One device thread runs the ticks (round robin over models); callers talk to it through a lock
+and get a concurrent.futures.Future per generation. Nothing here knows about HTTP or Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
+
+import torch
+
+from arcdiff.model.format import LoadedModel
+from arcdiff.model.rng import image_generator, image_seed, initial_noise
+from arcdiff.model.solvers import nfe as solver_nfe
+from arcdiff.worker import metrics as m
+from arcdiff.worker.batch import SolverGroup, bucket_for, bucket_sizes
+from arcdiff.worker.device_thread import DeviceThread
+from arcdiff.worker.encode import png_bytes, to_uint8
+from arcdiff.contract import GenerationSpec, ImageResult, JobMetrics, JobResult
+
+log = logging.getLogger("arcdiff.engine")
+
+Forward = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+PAD_ETA = math.pi / 4  # eta for padding rows: any finite value, their outputs are dropped
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class GenerationFailed(Exception):
+    """A generation the engine could not finish; str() is the reason shown to the client."""
+
+
+@dataclass(eq=False)
+class _Task:
+    """One generation held by the engine."""
+
+    spec: GenerationSpec
+    future: Future
+    deadline: float | None  # time.monotonic() after which it fails
+    timeout_s: float | None
+    state: str = "queued"  # queued (no image admitted yet) -> running; closed once resolved
+    closed: bool = False
+    admitted: int = 0  # images admitted to the batch so far
+    in_batch: int = 0  # images in the batch now
+    pngs: dict[int, bytes] = field(default_factory=dict)
+    samples: dict[int, torch.Tensor] = field(default_factory=dict)  # only with keep_samples
+    first_admit: float | None = None  # time.time()
+    last_leave: float | None = None
+    batch_sizes: set[int] = field(default_factory=set)
+
+
+class _Runner:
+    """The batch of one model: its waiting images, its solver groups and its network."""
+
+    def __init__(self, name: str, loaded: LoadedModel, forward: Forward):
+        self.name = name
+        self.loaded = loaded
+        self.forward = forward
+        self.shape = loaded.image_shape
+        self.data_range = loaded.config.get("data_range", [-1.0, 1.0])
+        self.waiting: deque[tuple[_Task, int]] = deque()  # (generation, image index), FIFO
+        self.groups: dict[str, SolverGroup] = {}
+        self.active: dict[str, _Task] = {}  # generations with rows in the batch, by id
+        self.in_batch = 0  # rows in the batch (kept under the engine lock)
+        self.dirty = False  # a generation with rows in the batch was closed: drop its rows
+
+
+class Engine:
+    """Runs generations for a set of loaded models on one device with continuous batching."""
+
+    def __init__(
+        self,
+        models: Mapping[str, LoadedModel],
+        device: str | torch.device = "cpu",
+        max_batch: int = 32,
+        encode_threads: int = 2,
+        worker: str = "",
+        forwards: Mapping[str, Forward] | None = None,
+        job_timeout_s: float | None = None,
+        keep_samples: bool = False,
+        queue_timeout_s: float | None = None,
+        failed_models: Mapping[str, str] | None = None,
+        warm_up: bool = False,
+        fallbacks: Mapping[str, Forward] | None = None,
+        recompile_stance: str | None = None,
+        buckets: Iterable[int] | None = None,
+        device_thread: DeviceThread | None = None,
+    ):
+        """`warm_up`: before serving, call every model's forward once per batch bucket on the
+        device thread (compiles there; CUDA graphs are recorded per thread). A model whose warm-up
+        fails is served with its entry in `fallbacks` (the eager forward) or not at all.
+        `recompile_stance`: torch.compiler stance set after the warm-up ("eager_on_recompile"
+        in the worker: an unexpected new shape runs eagerly instead of stalling the batch for a
+        compile; tests use "fail_on_recompile").
+        `buckets`: the padded batch sizes (default 1, 2, 4, ..., max_batch); the largest must be
+        max_batch. A benchmark that always runs full batches warms up just [max_batch].
+        `device_thread`: the thread to run the ticks on; pass the one that loaded the models (see
+        worker/device_thread.py for why one thread should do all torch work). Default: a new one.
+        Either way the engine owns it from then on and stops it in close()."""
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.device = torch.device(device)
+        self.max_batch = max_batch
+        self.buckets = sorted(set(buckets)) if buckets else bucket_sizes(max_batch)
+        if self.buckets[-1] != max_batch or self.buckets[0] < 1:
+            raise ValueError(f"buckets {self.buckets} must be positive and end at max_batch {max_batch}")
+        self.worker = worker
+        self.job_timeout_s = job_timeout_s
+        # a generation still waiting this long after it was accepted (spec.submitted_at, so time
+        # spent in Redis counts) fails instead of starting
+        self.queue_timeout_s = queue_timeout_s
+        self.failed_models = dict(failed_models or {})  # models that failed to load: name -> why
+        self.keep_samples = keep_samples  # also return the float samples (tests, local tools)
+        forwards = forwards or {}
+        self._runners = {name: _Runner(name, lm, forwards.get(name, lm.denoiser)) for name, lm in models.items()}
+        for name in self._runners:
+            m.init_model_series(name)
+        self._tasks: dict[str, _Task] = {}
+        self._cond = threading.Condition()
+        self._closing = False
+        self._pool = ThreadPoolExecutor(max_workers=encode_threads, thread_name_prefix="arcdiff-encode")
+        self._device_thread = device_thread or DeviceThread("arcdiff-engine")
+        self._loop: Future | None = None
+        self._next_deadline_check = 0.0
+        self._next_memory_sample = 0.0
+        self._warm_up = warm_up
+        self._fallbacks = dict(fallbacks or {})
+        self._recompile_stance = recompile_stance
+        self._ready = threading.Event()
+        self.warm_up_s: dict[str, float] = {}  # model -> seconds its warm-up took
+
+    # ---- caller side (any thread) ----------------------------------------------------------
+
+    @property
+    def models(self) -> list[str]:
+        return list(self._runners)
+
+    def start(self) -> Engine:
+        """Start the device thread; returns once it is warmed up and serving."""
+        if self._loop is not None:
+            raise RuntimeError("engine already started")
+        self._loop = self._device_thread.submit(self._run)
+        while not self._ready.wait(0.1):
+            if self._loop.done():  # died before it was ready: say why
+                self._loop.result()
+                raise RuntimeError("engine thread ended during warm-up")
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self._loop is not None and not self._loop.done() and not self._closing
+
+    def submit(self, spec: GenerationSpec, timeout_s: float | None = None) -> Future:
+        """Queue a generation; the future resolves to a JobResult or raises GenerationFailed.
+
+        It fails if not done `timeout_s` (default: the engine's job_timeout_s) after submission."""
+        if spec.model not in self._runners:
+            raise ValueError(f"model {spec.model!r} is not loaded here; loaded: {', '.join(self._runners)}")
+        fut: Future = Future()
+        expired = self._expired_reason(spec, time.time())
+        if expired:
+            log.warning("generation %s failed: %s", spec.id, expired)
+            m.JOBS.labels(spec.model, "failed").inc()
+            fut.set_exception(GenerationFailed(expired))
+            return fut
+        timeout_s = timeout_s if timeout_s is not None else self.job_timeout_s
+        deadline = time.monotonic() + timeout_s if timeout_s else None
+        task = _Task(spec, fut, deadline, timeout_s)
+        with self._cond:
+            if self._closing:
+                raise RuntimeError("engine is closed")
+            if spec.id in self._tasks:
+                raise ValueError(f"generation {spec.id} is already held")
+            self._tasks[spec.id] = task
+            runner = self._runners[spec.model]
+            runner.waiting.extend((task, k) for k in range(spec.n))
+            m.WAITING.labels(spec.model).set(len(runner.waiting))
+            self._cond.notify_all()
+        return fut
+
+    def status(self, job_id: str) -> str | None:
+        """'queued' or 'running' for a generation held here, None otherwise."""
+        with self._cond:
+            task = self._tasks.get(job_id)
+            return task.state if task else None
+
+    def held(self) -> int:
+        with self._cond:
+            return len(self._tasks)
+
+    def waiting_images(self, model: str) -> int:
+        with self._cond:
+            return len(self._runners[model].waiting)
+
+    def running_images(self, model: str) -> int:
+        with self._cond:
+            return self._runners[model].in_batch
+
+    def _room(self, model: str) -> bool:
+        r = self._runners[model]
+        return len(r.waiting) + r.in_batch < self.max_batch
+
+    def has_room(self, model: str) -> bool:
+        """Whether taking another generation for `model` would not just sit behind a full batch."""
+        with self._cond:
+            return self._room(model)
+
+    def wait_for_room(self, models: Iterable[str], timeout: float) -> list[str]:
+        """Block until some of `models` has room (or timeout); returns those that do."""
+        models = list(models)
+        with self._cond:
+            self._cond.wait_for(lambda: self._closing or any(self._room(x) for x in models), timeout)
+            return [x for x in models if self._room(x)]
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until no generation is held (or timeout); True when idle."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._tasks, timeout)
+
+    def fail(self, job_id: str, reason: str) -> bool:
+        """Fail a held generation now (its rows leave the batch at the next tick)."""
+        with self._cond:
+            task = self._tasks.get(job_id)
+        return task is not None and self._close(task, error=reason)
+
+    def take_unstarted(self) -> list[GenerationSpec]:
+        """Give back generations none of whose images has entered the batch (to requeue them)."""
+        with self._cond:
+            tasks = [t for t in self._tasks.values() if t.state == "queued"]
+        return [t.spec for t in tasks if self._close(t, cancel=True)]
+
+    def take_all(self) -> list[GenerationSpec]:
+        """Give back every generation still held (to requeue them); their rows are dropped."""
+        with self._cond:
+            tasks = list(self._tasks.values())
+        return [t.spec for t in tasks if self._close(t, cancel=True)]
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the device thread; generations still held fail with 'engine stopped'."""
+        with self._cond:
+            self._closing = True
+            tasks = list(self._tasks.values())
+            self._cond.notify_all()
+        for t in tasks:
+            self._close(t, error="engine stopped before the generation finished")
+        if self._loop is not None:
+            try:
+                self._loop.result(timeout)
+            except Exception:  # a loop that died already logged why; a slow one is left behind
+                pass
+        self._device_thread.shutdown(timeout)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    # ---- resolution (any thread) ---------------------------------------------------------------
+
+    def _close(self, task: _Task, result: JobResult | None = None, error: str | None = None, cancel: bool = False) -> bool:
+        """Resolve a generation exactly once; whoever closes it first wins."""
+        with self._cond:
+            if task.closed:
+                return False
+            task.closed = True
+            self._tasks.pop(task.spec.id, None)
+            r = self._runners[task.spec.model]
+            if task.admitted < task.spec.n:
+                r.waiting = deque(item for item in r.waiting if item[0] is not task)
+                m.WAITING.labels(r.name).set(len(r.waiting))
+            if task.in_batch:
+                r.dirty = True
+            self._cond.notify_all()
+        status = "finished" if result is not None else "requeued" if cancel else "failed"
+        m.JOBS.labels(task.spec.model, status).inc()
+        if cancel:
+            task.future.cancel()
+            return True
+        if error is not None:
+            log.warning("generation %s failed: %s", task.spec.id, error)
+        try:
+            if error is not None:
+                task.future.set_exception(GenerationFailed(error))
+            else:
+                task.future.set_result(result)
+        except InvalidStateError:  # a caller cancelled its future: nobody is waiting for it
+            pass
+        return True
+
+    # ---- device thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        log.info("engine on %s: models %s, max batch %d, buckets %s", self.device, ", ".join(self._runners),
+                 self.max_batch, self.buckets)
+        self._sample_memory()
+        with torch.inference_mode():
+            try:
+                if self._warm_up:
+                    self._warm_up_all()
+            finally:
+                self._ready.set()
+            while True:
+                with self._cond:
+                    if not self._closing and not any(self._has_work(r) for r in self._runners.values()):
+                        self._cond.wait(timeout=1.0)
+                    if self._closing:
+                        break
+                self._check_deadlines()  # outside the lock: closing resolves futures, which runs callbacks
+                for r in self._runners.values():
+                    if self._has_work(r):
+                        try:
+                            self._tick(r)
+                        except Exception as e:  # a broken tick fails the generations in it, not the engine
+                            log.exception("tick of %s failed", r.name)
+                            self._reset(r, f"engine error during sampling: {type(e).__name__}: {e}")
+                self._sample_memory()
+        log.info("engine stopped")
+
+    def _warm_up_all(self) -> None:
+        """One forward per bucket and model (inside inference_mode, as the ticks run), so every
+        compile happens now and no request pays for one."""
+        for name, r in list(self._runners.items()):
+            t0 = time.perf_counter()
+            try:
+                self._warm_up_one(r)
+            except Exception as e:  # a compiler that cannot handle this model on this device
+                why = f"{type(e).__name__}: {e}"
+                fallback = self._fallbacks.get(name)
+                if fallback is None:
+                    log.exception("warm-up of %s failed; not serving it", name)
+                    self.failed_models[name] = f"warm-up failed: {why}"
+                    del self._runners[name]
+                    continue
+                log.exception("warm-up of %s failed; serving it uncompiled", name)
+                r.forward = fallback
+                self._warm_up_one(r)
+            self.warm_up_s[name] = time.perf_counter() - t0
+            m.COMPILE.labels(name).set(self.warm_up_s[name])
+            log.info("warmed up %s on %s: buckets %s in %.2f s", name, self.device, self.buckets, self.warm_up_s[name])
+        if self._recompile_stance:
+            torch.compiler.set_stance(self._recompile_stance)
+
+    def _warm_up_one(self, r: _Runner) -> None:
+        for b in self.buckets:
+            x = torch.zeros((b, *r.shape), device=self.device)
+            r.forward(x, torch.full((b,), PAD_ETA, device=self.device))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @staticmethod
+    def _has_work(r: _Runner) -> bool:
+        return bool(r.waiting) or r.in_batch > 0 or r.dirty
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        if now < self._next_deadline_check:
+            return
+        self._next_deadline_check = now + 0.5
+        wall = time.time()
+        with self._cond:
+            late = [t for t in self._tasks.values() if t.deadline is not None and now > t.deadline]
+            stale = [t for t in self._tasks.values() if t.state == "queued" and self._expired_reason(t.spec, wall)]
+        for t in late:
+            self._close(t, error=f"timed out after {t.timeout_s:g} s")
+        for t in stale:
+            self._close(t, error=self._expired_reason(t.spec, wall))
+
+    def _expired_reason(self, spec: GenerationSpec, wall: float) -> str | None:
+        waited = wall - spec.submitted_at
+        if self.queue_timeout_s and waited > self.queue_timeout_s:
+            return (f"expired: waited {waited:.1f} s to start, longer than the queue timeout of "
+                    f"{self.queue_timeout_s:g} s (ARCDIFF_QUEUE_TIMEOUT_S)")
+        return None
+
+    def _sample_memory(self) -> None:
+        """Device memory in use, once a second: CUDA's allocator on a GPU, the process's RSS on CPU."""
+        now = time.monotonic()
+        if now < self._next_memory_sample:
+            return
+        self._next_memory_sample = now + 1.0
+        if self.device.type == "cuda":
+            used = torch.cuda.memory_allocated(self.device)
+        else:
+            used = _rss_bytes()
+        if used is not None:
+            m.DEVICE_MEMORY.labels(str(self.device)).set(used)
+
+    def _tick(self, r: _Runner) -> None:
+        if r.dirty:
+            self._drop_closed(r)
+        self._admit(r)
+        groups = [g for g in r.groups.values() if len(g)]
+        n = sum(len(g) for g in groups)
+        if n == 0:
+            return
+        points = [g.point() for g in groups]
+        x = torch.cat([p[0] for p in points])
+        eta = torch.cat([p[1] for p in points])
+        b = bucket_for(n, self.buckets)
+        if b > n:
+            x = torch.cat([x, x.new_zeros((b - n, *x.shape[1:]))])
+            eta = torch.cat([eta, eta.new_full((b - n,), PAD_ETA)])
+        x0_hat, eps_hat = r.forward(x, eta)
+        m.BATCH_SIZE.labels(r.name).observe(n)
+        for task in list(r.active.values()):
+            task.batch_sizes.add(n)
+        offset = 0
+        for g in groups:
+            rows = len(g)
+            leave = g.advance(x0_hat[offset : offset + rows], eps_hat[offset : offset + rows])
+            offset += rows
+            m.NFE.labels(r.name, g.impl.name).inc(rows)
+            if leave:
+                owners, xs = g.remove(leave)
+                self._finish(r, g.impl.name, owners, xs)
+
+    def _admit(self, r: _Runner) -> None:
+        picked: list[tuple[_Task, int]] = []
+        now = time.time()
+        with self._cond:
+            room = self.max_batch - r.in_batch
+            while room > 0 and r.waiting:
+                task, k = r.waiting.popleft()
+                picked.append((task, k))
+                room -= 1
+                task.admitted += 1
+                task.in_batch += 1
+                r.in_batch += 1
+                r.active[task.spec.id] = task
+                if task.state == "queued":
+                    task.state = "running"
+                    task.first_admit = now
+                    m.QUEUE_WAIT.labels(r.name).observe(max(0.0, now - task.spec.submitted_at))
+            m.WAITING.labels(r.name).set(len(r.waiting))
+            m.RUNNING.labels(r.name).set(r.in_batch)
+        if not picked:
+            return
+        by_solver: dict[str, list[tuple[_Task, int]]] = {}
+        for item in picked:
+            by_solver.setdefault(item[0].spec.solver, []).append(item)
+        for solver, items in by_solver.items():
+            gens = [image_generator(image_seed(t.spec.seed, k)) for t, k in items]
+            x_T = torch.stack([initial_noise(r.shape, g) for g in gens]).to(self.device)
+            steps = torch.tensor([t.spec.steps for t, _ in items])  # on the host: the group counts down there
+            group = r.groups.get(solver)
+            if group is None:
+                group = r.groups[solver] = SolverGroup(solver)
+            group.add(x_T, steps, items, gens)
+
+    def _finish(self, r: _Runner, solver: str, owners: list[tuple[_Task, int]], xs: torch.Tensor) -> None:
+        """Rows that left the batch: encode the good ones, fail the generations of non-finite ones."""
+        finite = torch.isfinite(xs).flatten(1).all(dim=1).tolist()
+        pixels = to_uint8(xs, r.data_range)
+        now = time.time()
+        failed: list[tuple[_Task, str]] = []
+        with self._cond:
+            for row, ((task, k), ok, px) in enumerate(zip(owners, finite, pixels)):
+                self._leave(r, task)
+                if task.closed:
+                    continue
+                if not ok:
+                    failed.append((task, f"image {k} (seed {image_seed(task.spec.seed, k)}) became non-finite "
+                                         f"(NaN or inf) during sampling"))
+                    continue
+                task.last_leave = now
+                if self.keep_samples:
+                    task.samples[k] = xs[row].float().cpu()
+                m.IMAGES.labels(r.name, solver).inc()
+                self._pool.submit(self._encode, r, task, k, px)
+            m.RUNNING.labels(r.name).set(r.in_batch)
+            self._cond.notify_all()
+        for task, reason in failed:
+            self._close(task, error=reason)
+
+    @staticmethod
+    def _leave(r: _Runner, task: _Task) -> None:
+        """One row of `task` left the batch (call under the lock)."""
+        task.in_batch -= 1
+        r.in_batch -= 1
+        if task.in_batch == 0:
+            r.active.pop(task.spec.id, None)
+
+    def _drop_closed(self, r: _Runner) -> None:
+        """Remove the rows of generations that were failed or taken back."""
+        with self._cond:
+            r.dirty = False
+            for g in r.groups.values():
+                if not len(g):
+                    continue
+                closed = [i for i, (t, _k) in enumerate(g.slots) if t.closed]
+                if closed:
+                    owners, _ = g.remove(closed)
+                    for task, _k in owners:
+                        self._leave(r, task)
+            m.RUNNING.labels(r.name).set(r.in_batch)
+            self._cond.notify_all()
+
+    def _reset(self, r: _Runner, reason: str) -> None:
+        """After a failed tick: fail every generation with rows in the batch and empty it."""
+        with self._cond:
+            tasks = list(r.active.values())
+            for g in r.groups.values():
+                for task, _k in g.slots:
+                    self._leave(r, task)
+            r.groups.clear()
+            r.active.clear()
+            r.in_batch = 0
+            self._cond.notify_all()
+        for task in tasks:
+            self._close(task, error=reason)
+
+    # ---- encode threads ----------------------------------------------------------------------
+
+    def _encode(self, r: _Runner, task: _Task, k: int, pixels: torch.Tensor) -> None:
+        try:
+            t0 = time.perf_counter()
+            png = png_bytes(pixels)
+            m.ENCODE.labels(r.name).observe(time.perf_counter() - t0)
+        except Exception as e:
+            log.exception("encoding image %d of %s failed", k, task.spec.id)
+            self._close(task, error=f"PNG encoding failed: {e}")
+            return
+        with self._cond:
+            if task.closed:
+                return
+            task.pngs[k] = png
+            done = len(task.pngs) == task.spec.n
+        if done:
+            self._close(task, result=self._result(r, task))
+
+    def _result(self, r: _Runner, task: _Task) -> JobResult:
+        spec, now = task.spec, time.time()
+        first = task.first_admit or now
+        last = task.last_leave or now
+        m.SAMPLE.labels(r.name).observe(max(0.0, last - first))
+        per_image = solver_nfe(spec.solver, spec.steps)
+        images = [ImageResult(k, image_seed(spec.seed, k), task.pngs[k]) for k in range(spec.n)]
+        metrics = JobMetrics(
+            queue_ms=round(max(0.0, first - spec.submitted_at) * 1000, 3),
+            sample_ms=round(max(0.0, last - first) * 1000, 3),
+            encode_ms=round(max(0.0, now - last) * 1000, 3),
+            total_ms=round(max(0.0, now - spec.submitted_at) * 1000, 3),
+            nfe=per_image,
+            batch_sizes=sorted(task.batch_sizes),
+            device=str(self.device),
+            worker=self.worker,
+        )
+        extra = {"samples": torch.stack([task.samples[k] for k in range(spec.n)])} if self.keep_samples else {}
+        return JobResult(images=images, nfe=per_image, metrics=metrics, extra=extra)

@@ -1,0 +1,153 @@
+"""Load the models a worker serves and build their forward functions for speed.
+
+Per device, "auto" settings resolve to (see `resolve_speed`):
+- CUDA: autocast to bf16 (fp16 where the card lacks bf16) for the network only, channels-last,
+  and torch.compile in "reduce-overhead" mode (inductor kernels + CUDA graphs);
+- CPU and MPS: eager float32, unless asked.
+
+A compiled forward is compiled once per batch bucket, with static shapes, during the engine's
+warm-up (`Engine.start`), on the engine's own thread: CUDA graphs are recorded per thread, so the
+thread that replays them must be the one that recorded them. If compiling fails, the model is
+served eagerly and the error is logged (see `Prepared.eager`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from arcdiff.model.format import LoadedModel
+from arcdiff.model.registry import ModelRegistry
+from arcdiff.worker import metrics as m
+from arcdiff.worker.engine import Forward
+
+log = logging.getLogger("arcdiff.loading")
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda if available, else cpu; anything else must be usable here."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise RuntimeError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return dev
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    """How the network runs: autocast dtype, torch.compile mode, memory format."""
+
+    amp: str = "none"  # none, bf16, fp16
+    compile: str = "none"  # none, default, reduce-overhead, max-autotune
+    channels_last: bool = False
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return self.compile in ("reduce-overhead", "max-autotune")
+
+
+def resolve_speed(device: torch.device, amp: str = "auto", compile_mode: str = "auto",
+                  channels_last: bool | None = None) -> SpeedSettings:
+    """Fill in the "auto" (None for channels_last) settings with the defaults for `device`."""
+    cuda = device.type == "cuda"
+    if amp == "auto":
+        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "none"
+    if compile_mode == "auto":
+        compile_mode = "reduce-overhead" if cuda else "none"
+    if channels_last is None:
+        channels_last = cuda
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be auto, none, bf16 or fp16, got {amp!r}")
+    return SpeedSettings(amp, compile_mode, channels_last)
+
+
+@dataclass
+class Prepared:
+    loaded: LoadedModel
+    forward: Forward  # what the engine calls: compiled when asked
+    eager: Forward | None  # the uncompiled forward, the fallback if compiling fails; None when not compiled
+
+
+def prepare_models(
+    registry: ModelRegistry,
+    names: Sequence[str],
+    device: torch.device,
+    speed: SpeedSettings = SpeedSettings(),
+    failed: dict[str, str] | None = None,
+    backend: str | Callable[..., Any] = "inductor",
+) -> dict[str, Prepared]:
+    """Load each model once and build its forward; records load seconds as a metric.
+
+    With `failed` given, a model that cannot be loaded is logged (which and why), recorded there
+    and skipped; without it, the first failure raises. `backend` is torch.compile's (tests use
+    "eager" to check dynamo's guards without paying for inductor)."""
+    out: dict[str, Prepared] = {}
+    for name in names:
+        if failed is None:
+            out[name] = _prepare(registry, name, device, speed, backend)
+            continue
+        try:
+            out[name] = _prepare(registry, name, device, speed, backend)
+        except Exception as e:  # damaged weights, wrong architecture, out of memory
+            failed[name] = f"{type(e).__name__}: {e}"
+            log.error("model %s failed to load, not serving it: %s", name, failed[name])
+    return out
+
+
+def _prepare(registry: ModelRegistry, name: str, device: torch.device, speed: SpeedSettings,
+             backend: str | Callable[..., Any]) -> Prepared:
+    t0 = time.perf_counter()
+    loaded = registry.load(name, device=device, amp_dtype=AMP_DTYPES[speed.amp])
+    load_s = time.perf_counter() - t0
+    m.LOAD.labels(name).set(load_s)
+    eager = forward_for(loaded.denoiser, speed.channels_last)
+    forward, fallback = eager, None
+    if speed.compile != "none":
+        forward, fallback = compiled_forward(eager, speed, backend), eager
+    log.info("loaded %s on %s in %.2f s (amp %s, compile %s, channels-last %s)", name, device, load_s, speed.amp,
+             speed.compile, speed.channels_last)
+    return Prepared(loaded, forward, fallback)
+
+
+def forward_for(denoiser: torch.nn.Module, channels_last: bool) -> Forward:
+    """The denoiser itself, or a forward that feeds it channels-last inputs."""
+    if not channels_last:
+        return denoiser
+    denoiser.to(memory_format=torch.channels_last)
+
+    def forward(x: torch.Tensor, eta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return denoiser(x.contiguous(memory_format=torch.channels_last), eta)
+
+    return forward
+
+
+def compiled_forward(forward: Forward, speed: SpeedSettings, backend: str | Callable[..., Any] = "inductor") -> Forward:
+    """torch.compile with static shapes (one graph per batch bucket, compiled at warm-up).
+
+    Under CUDA graphs a replay overwrites the previous replay's outputs, and the solvers keep
+    some outputs across evaluations (dpmpp2m keeps x0_hat): the outputs are copied out, and each
+    call is marked as a new step so the graph tree never waits for outputs it still holds."""
+    cfg = torch._dynamo.config
+    for attr in ("recompile_limit", "cache_size_limit"):  # one graph per bucket: allow them all
+        if hasattr(cfg, attr):
+            setattr(cfg, attr, max(getattr(cfg, attr), 32))
+    mode = None if speed.compile == "default" or backend != "inductor" else speed.compile
+    compiled = torch.compile(forward, mode=mode, dynamic=False, backend=backend)
+    if not speed.cuda_graphs:
+        return compiled
+
+    def replay(x: torch.Tensor, eta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.compiler.cudagraph_mark_step_begin()
+        x0_hat, eps_hat = compiled(x, eta)
+        return x0_hat.clone(), eps_hat.clone()
+
+    return replay

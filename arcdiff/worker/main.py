@@ -1,0 +1,110 @@
+"""`arcdiff worker`: load the models once, start the engine and its metrics, serve the RQ queues."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+
+import torch
+
+from arcdiff.model.registry import ModelRegistry
+from arcdiff.worker.device_thread import DeviceThread
+from arcdiff.worker.engine import Engine
+from arcdiff.worker.loading import prepare_models, resolve_device, resolve_speed
+from arcdiff.worker.settings import WorkerSettings
+
+log = logging.getLogger("arcdiff.worker")
+
+
+class WorkerSetupError(RuntimeError):
+    """The worker cannot start (unknown model, no Redis URL, bad device); the message says why."""
+
+
+def default_worker_name() -> str:
+    """host.pid.random: unique per process, readable in `rq info`."""
+    return f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
+
+
+def build_engine(settings: WorkerSettings, models: list[str], worker_name: str = "") -> Engine:
+    """Load `models` from the registry onto the configured device and wrap them in an engine."""
+    registry = ModelRegistry(settings.model_dir)
+    # a folder whose config.json cannot be read is in registry.errors: it failed to load, it is not unknown
+    unknown = [name for name in models if name not in registry.models and name not in registry.errors]
+    if unknown:
+        known = ", ".join(registry.names()) or "none"
+        raise WorkerSetupError(f"unknown model(s) {', '.join(unknown)} in {registry.root}; known: {known}")
+    if not models:
+        raise WorkerSetupError(f"no models to serve in {registry.root}")
+    device = resolve_device(settings.device)
+    failed: dict[str, str] = {}
+    for name in models:
+        if name in registry.errors:
+            failed[name] = registry.errors[name]
+            log.error("model %s failed to load, not serving it: %s", name, failed[name])
+    loadable = [name for name in models if name not in failed]
+    speed = resolve_speed(device, settings.amp, settings.compile, settings.channels_last)
+    # every torch call of this process from here on runs on one thread (see worker/device_thread.py)
+    device_thread = DeviceThread()
+    if settings.torch_threads:
+        device_thread.call(torch.set_num_threads, settings.torch_threads)
+    prepared = device_thread.call(prepare_models, registry, loadable, device, speed, failed=failed)
+    if not prepared:
+        device_thread.shutdown()
+        raise WorkerSetupError("no model could be loaded: " + "; ".join(f"{n}: {why}" for n, why in failed.items()))
+    return Engine(
+        {name: p.loaded for name, p in prepared.items()},
+        device=device,
+        max_batch=settings.max_batch,
+        encode_threads=settings.encode_threads,
+        worker=worker_name,
+        forwards={name: p.forward for name, p in prepared.items()},
+        job_timeout_s=settings.job_timeout_s,
+        queue_timeout_s=settings.queue_timeout_s,
+        failed_models=failed,
+        warm_up=speed.compile != "none",
+        fallbacks={name: p.eager for name, p in prepared.items() if p.eager is not None},
+        recompile_stance="eager_on_recompile" if speed.compile != "none" else None,
+        device_thread=device_thread,
+    )
+
+
+def run_worker(settings: WorkerSettings, models: list[str]) -> int:
+    """Serve the queues of `models` until stopped; returns the exit code."""
+    import redis
+    from prometheus_client import start_http_server
+
+    from arcdiff.worker.rq_worker import BatchingWorker
+
+    if not settings.redis_url:
+        raise WorkerSetupError("a worker needs a Redis URL: --redis URL or ARCDIFF_REDIS_URL")
+    name = settings.worker_name or default_worker_name()
+    engine = build_engine(settings, models, worker_name=name)
+    connection = redis.Redis.from_url(settings.redis_url)
+    connection.ping()  # fail now, with the URL in the message, rather than inside RQ's loop
+    if settings.worker_metrics_port:
+        # before the warm-up: compiling every bucket can take minutes on a GPU, and the probes of
+        # compose and Kubernetes watch this port (arcdiff_worker_up stays 0 until jobs are taken)
+        start_http_server(settings.worker_metrics_port)
+        log.info("worker metrics on :%d/metrics", settings.worker_metrics_port)
+    engine.start()  # warms up (compiles) first: the worker takes jobs only for what it serves
+    worker = BatchingWorker(
+        engine,
+        drain_timeout_s=settings.drain_timeout_s,
+        heartbeat_s=settings.heartbeat_s,
+        connection=connection,
+        name=name,
+        default_result_ttl=settings.result_ttl_s,
+        worker_ttl=settings.worker_ttl_s,
+        maintenance_interval=settings.maintenance_s,
+    )
+    log.info("worker %s serving %s on %s (max batch %d)", name, ", ".join(engine.models), engine.device, engine.max_batch)
+    for model, why in engine.failed_models.items():
+        log.error("worker %s does NOT serve %s (failed to load: %s); its jobs stay queued for other workers",
+                  name, model, why)
+    try:
+        worker.work(logging_level=settings.log_level)
+    finally:
+        engine.close()
+    return 0
