@@ -24,7 +24,7 @@ import email.utils
 import io
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -32,8 +32,15 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
 __all__ = [
-    "APIError", "ArcdiffError", "AsyncClient", "Client", "GeneratedImage", "GenerationFailed",
-    "GenerationResult", "GenerationTimeout", "Unreachable",
+    "APIError",
+    "ArcdiffError",
+    "AsyncClient",
+    "Client",
+    "GeneratedImage",
+    "GenerationFailed",
+    "GenerationResult",
+    "GenerationTimeout",
+    "Unreachable",
 ]
 
 RETRY_STATUSES = (429, 503)
@@ -47,7 +54,7 @@ class ArcdiffError(Exception):
 class APIError(ArcdiffError):
     """The API answered with an error; `message` is the API's own text (422: every bad field)."""
 
-    def __init__(self, status_code: int, message: str, body: Any = None, retry_after: Optional[float] = None):
+    def __init__(self, status_code: int, message: str, body: Any = None, retry_after: float | None = None):
         super().__init__(f"{status_code}: {message}")
         self.status_code = status_code
         self.message = message
@@ -77,7 +84,7 @@ class Unreachable(ArcdiffError):
 class GenerationFailed(ArcdiffError):
     """The generation was accepted but failed on the server; `error` says why."""
 
-    def __init__(self, gen_id: str, error: Optional[str]):
+    def __init__(self, gen_id: str, error: str | None):
         super().__init__(f"generation {gen_id} failed: {error or 'unknown error'}")
         self.id = gen_id
         self.error = error
@@ -86,7 +93,7 @@ class GenerationFailed(ArcdiffError):
 class GenerationTimeout(ArcdiffError, TimeoutError):
     """The generation was not done within the client's timeout; it may still finish (poll `id`)."""
 
-    def __init__(self, gen_id: Optional[str], timeout: float, status: Optional[str] = None):
+    def __init__(self, gen_id: str | None, timeout: float, status: str | None = None):
         what = f"generation {gen_id} still {status}" if gen_id else "no answer to the generation request"
         super().__init__(f"{what} after {timeout:g} s")
         self.id = gen_id
@@ -100,7 +107,7 @@ class GeneratedImage:
     png: bytes = field(repr=False)
 
     @property
-    def image(self) -> "Image":
+    def image(self) -> Image:
         """The PNG as a PIL image (decoded on first use)."""
         if not hasattr(self, "_image"):
             from PIL import Image as PILImage
@@ -125,7 +132,7 @@ class GenerationResult:
     retries: int = 0  # 429/503 answers retried before the generation was accepted
 
     @property
-    def pil_images(self) -> list["Image"]:
+    def pil_images(self) -> list[Image]:
         return [im.image for im in self.images]
 
     @property
@@ -133,14 +140,26 @@ class GenerationResult:
         return [im.seed for im in self.images]
 
     @classmethod
-    def from_body(cls, body: dict, retries: int = 0) -> "GenerationResult":
-        images = [GeneratedImage(im["index"], im["seed"], base64.b64decode(im["png_base64"]))
-                  for im in body.get("images") or []]
-        return cls(id=body["id"], model=body["model"], steps=body["steps"], solver=body["solver"], seed=body["seed"],
-                   n=body["n"], nfe=body["nfe"], images=images, metrics=body.get("metrics") or {}, retries=retries)
+    def from_body(cls, body: dict, retries: int = 0) -> GenerationResult:
+        images = [
+            GeneratedImage(im["index"], im["seed"], base64.b64decode(im["png_base64"]))
+            for im in body.get("images") or []
+        ]
+        return cls(
+            id=body["id"],
+            model=body["model"],
+            steps=body["steps"],
+            solver=body["solver"],
+            seed=body["seed"],
+            n=body["n"],
+            nfe=body["nfe"],
+            images=images,
+            metrics=body.get("metrics") or {},
+            retries=retries,
+        )
 
 
-def retry_after_seconds(value: Optional[str], default: float = 1.0) -> float:
+def retry_after_seconds(value: str | None, default: float = 1.0) -> float:
     """Retry-After as seconds: delta-seconds or an HTTP date; `default` when absent or unreadable."""
     if not value:
         return default
@@ -173,9 +192,17 @@ def _error(r: httpx.Response) -> APIError:
 
 
 class _Base:
-    def __init__(self, base_url: str, api_key: Optional[str] = None, *, max_retries: int = 8,
-                 max_retry_wait: float = 30.0, poll_interval: float = 0.1, max_poll_interval: float = 1.0,
-                 request_timeout: float = 30.0):
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        max_retries: int = 8,
+        max_retry_wait: float = 30.0,
+        poll_interval: float = 0.1,
+        max_poll_interval: float = 1.0,
+        request_timeout: float = 30.0,
+    ):
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.max_retries = max_retries
@@ -191,7 +218,7 @@ class _Base:
         return headers
 
     @staticmethod
-    def _body(model: str, steps: int, solver: str, seed: Optional[int], n: int, wait: bool) -> dict:
+    def _body(model: str, steps: int, solver: str, seed: int | None, n: int, wait: bool) -> dict:
         body: dict[str, Any] = {"model": model, "steps": steps, "solver": solver, "n": n}
         if seed is not None:
             body["seed"] = seed
@@ -204,7 +231,7 @@ class _Base:
         read = max(0.01, deadline - time.monotonic()) if wait else self.request_timeout
         return httpx.Timeout(self.request_timeout, read=read)
 
-    def _retry_wait(self, r: httpx.Response, attempt: int, deadline: float) -> Optional[float]:
+    def _retry_wait(self, r: httpx.Response, attempt: int, deadline: float) -> float | None:
         """Seconds to sleep before retrying `r`, or None to give up (not retryable, out of tries or time)."""
         if r.status_code not in RETRY_STATUSES or attempt >= self.max_retries:
             return None
@@ -230,13 +257,20 @@ class Client(_Base):
     poll_interval (0.1 s, growing to max_poll_interval, 1 s); request_timeout (30 s) per request;
     transport: an httpx transport (tests)."""
 
-    def __init__(self, base_url: str, api_key: Optional[str] = None, *, transport: Optional[httpx.BaseTransport] = None,
-                 **kw: Any):
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        **kw: Any,
+    ):
         super().__init__(base_url, api_key, **kw)
-        self._http = httpx.Client(base_url=self.base_url, headers=self._headers(), timeout=self.request_timeout,
-                                  transport=transport)
+        self._http = httpx.Client(
+            base_url=self.base_url, headers=self._headers(), timeout=self.request_timeout, transport=transport
+        )
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -269,23 +303,44 @@ class Client(_Base):
         """GET /v1/generations/{id}: the generation's JSON body."""
         return self._request("GET", f"/v1/generations/{gen_id}", time.monotonic() + self.max_retry_wait)[0].json()
 
-    def submit(self, model: str, steps: int, solver: str, seed: Optional[int] = None, n: int = 1, *,
-               wait: bool = False, timeout: float = 60.0) -> dict:
+    def submit(
+        self,
+        model: str,
+        steps: int,
+        solver: str,
+        seed: int | None = None,
+        n: int = 1,
+        *,
+        wait: bool = False,
+        timeout: float = 60.0,
+    ) -> dict:
         """POST a generation; returns the API's body plus `retries`. With wait=True the server holds
         the request until done (up to its own wait timeout, then 202) and `timeout` bounds it here."""
         deadline = time.monotonic() + timeout
         try:
-            r, retries = self._request("POST", "/v1/generations", deadline,
-                                       json=self._body(model, steps, solver, seed, n, wait),
-                                       timeout=self._post_timeout(wait, deadline))
+            r, retries = self._request(
+                "POST",
+                "/v1/generations",
+                deadline,
+                json=self._body(model, steps, solver, seed, n, wait),
+                timeout=self._post_timeout(wait, deadline),
+            )
         except Unreachable as e:
             if wait and isinstance(e.__cause__, httpx.ReadTimeout):
                 raise GenerationTimeout(None, timeout, "waited on") from e
             raise
         return {**r.json(), "retries": retries}
 
-    def generate(self, model: str, steps: int, solver: str, seed: Optional[int] = None, n: int = 1,
-                 timeout: float = 300.0, wait: bool = True) -> GenerationResult:
+    def generate(
+        self,
+        model: str,
+        steps: int,
+        solver: str,
+        seed: int | None = None,
+        n: int = 1,
+        timeout: float = 300.0,
+        wait: bool = True,
+    ) -> GenerationResult:
         """Generate `n` images and return them (at most `timeout` seconds, retries included).
 
         wait=True (default) asks the server to answer when done (lowest latency) and polls only if it
@@ -307,13 +362,20 @@ class AsyncClient(_Base):
     """The asyncio twin of `Client`: the same methods and options, awaited. Use `async with`, or
     `await aclose()`."""
 
-    def __init__(self, base_url: str, api_key: Optional[str] = None, *,
-                 transport: Optional[httpx.AsyncBaseTransport] = None, **kw: Any):
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        **kw: Any,
+    ):
         super().__init__(base_url, api_key, **kw)
-        self._http = httpx.AsyncClient(base_url=self.base_url, headers=self._headers(), timeout=self.request_timeout,
-                                       transport=transport)
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, headers=self._headers(), timeout=self.request_timeout, transport=transport
+        )
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -341,23 +403,46 @@ class AsyncClient(_Base):
         return (await self._request("GET", "/v1/models", time.monotonic() + self.max_retry_wait))[0].json()
 
     async def get(self, gen_id: str) -> dict:
-        return (await self._request("GET", f"/v1/generations/{gen_id}", time.monotonic() + self.max_retry_wait))[0].json()
+        return (await self._request("GET", f"/v1/generations/{gen_id}", time.monotonic() + self.max_retry_wait))[
+            0
+        ].json()
 
-    async def submit(self, model: str, steps: int, solver: str, seed: Optional[int] = None, n: int = 1, *,
-                     wait: bool = False, timeout: float = 60.0) -> dict:
+    async def submit(
+        self,
+        model: str,
+        steps: int,
+        solver: str,
+        seed: int | None = None,
+        n: int = 1,
+        *,
+        wait: bool = False,
+        timeout: float = 60.0,
+    ) -> dict:
         deadline = time.monotonic() + timeout
         try:
-            r, retries = await self._request("POST", "/v1/generations", deadline,
-                                             json=self._body(model, steps, solver, seed, n, wait),
-                                             timeout=self._post_timeout(wait, deadline))
+            r, retries = await self._request(
+                "POST",
+                "/v1/generations",
+                deadline,
+                json=self._body(model, steps, solver, seed, n, wait),
+                timeout=self._post_timeout(wait, deadline),
+            )
         except Unreachable as e:
             if wait and isinstance(e.__cause__, httpx.ReadTimeout):
                 raise GenerationTimeout(None, timeout, "waited on") from e
             raise
         return {**r.json(), "retries": retries}
 
-    async def generate(self, model: str, steps: int, solver: str, seed: Optional[int] = None, n: int = 1,
-                       timeout: float = 300.0, wait: bool = True) -> GenerationResult:
+    async def generate(
+        self,
+        model: str,
+        steps: int,
+        solver: str,
+        seed: int | None = None,
+        n: int = 1,
+        timeout: float = 300.0,
+        wait: bool = True,
+    ) -> GenerationResult:
         deadline = time.monotonic() + timeout
         body = await self.submit(model, steps, solver, seed, n, wait=wait, timeout=timeout)
         retries, interval = body["retries"], self.poll_interval

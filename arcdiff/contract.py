@@ -115,6 +115,7 @@ class JobResult:
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> JobResult:
         images = [
-            ImageResult(int(im["index"]), int(im["seed"]), base64.b64decode(im["png_base64"])) for im in payload["images"]
+            ImageResult(int(im["index"]), int(im["seed"]), base64.b64decode(im["png_base64"]))
+            for im in payload["images"]
         ]
         return cls(images=images, nfe=int(payload["nfe"]), metrics=JobMetrics(**payload["metrics"]))

@@ -13,12 +13,16 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -62,9 +66,23 @@ class RedisServer:
             raise RuntimeError("these tests need a real redis-server on PATH (apt-get install redis-server)")
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(workdir), "--protected-mode", "yes"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                REDIS_SERVER,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(workdir),
+                "--protected-mode",
+                "yes",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         import redis
 
@@ -93,20 +111,46 @@ class RedisServer:
 
 def child_env(model_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ARCDIFF_")}
-    env.update({"ARCDIFF_MODEL_DIR": str(model_dir), "ARCDIFF_TORCH_THREADS": "1", "ARCDIFF_LOG_LEVEL": "INFO",
-                "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    env.update(
+        {
+            "ARCDIFF_MODEL_DIR": str(model_dir),
+            "ARCDIFF_TORCH_THREADS": "1",
+            "ARCDIFF_LOG_LEVEL": "INFO",
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": "1",
+        }
+    )
     env.update(extra)
     return env
 
 
-def start_worker(redis_url: str, model_dir: Path, log: Path, models: tuple[str, ...] = ("tiny",), max_batch: int = 8,
-                 **env: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "arcdiff.cli", "worker", "--redis", redis_url, "--max-batch", str(max_batch),
-           "--metrics-port", "0", "--device", "cpu"]
+def start_worker(
+    redis_url: str, model_dir: Path, log: Path, models: tuple[str, ...] = ("tiny",), max_batch: int = 8, **env: str
+) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        "arcdiff.cli",
+        "worker",
+        "--redis",
+        redis_url,
+        "--max-batch",
+        str(max_batch),
+        "--metrics-port",
+        "0",
+        "--device",
+        "cpu",
+    ]
     for m in models:
         cmd += ["--model", m]
-    return subprocess.Popen(cmd, cwd=REPO, env=child_env(model_dir, **env), stdout=log.open("ab"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=child_env(model_dir, **env),
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def workers_on(redis_url: str, model: str) -> int:
@@ -134,12 +178,24 @@ def start_api(port: int, model_dir: Path, log: Path, redis_url: str | None = Non
     cmd = [sys.executable, "-m", "arcdiff.cli", "serve", "--port", str(port), "--host", "127.0.0.1"]
     if redis_url:
         cmd += ["--redis", redis_url]
-    return subprocess.Popen(cmd, cwd=REPO, env=child_env(model_dir, **env), stdout=log.open("ab"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=child_env(model_dir, **env),
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
-def wait_api_ready(api: subprocess.Popen, http: "httpx.Client", log: Path, timeout: float = 90,
-                   path: str = "/readyz", what: str = "the API to be ready") -> None:
+def wait_api_ready(
+    api: subprocess.Popen,
+    http: httpx.Client,
+    log: Path,
+    timeout: float = 90,
+    path: str = "/readyz",
+    what: str = "the API to be ready",
+) -> None:
     """Wait for `path` (/readyz; /healthz: merely listening) to answer 200, failing at once with
     the log's tail if the API exits."""
     import httpx
@@ -157,6 +213,7 @@ def wait_api_ready(api: subprocess.Popen, http: "httpx.Client", log: Path, timeo
 
 def poll_generation(client: Any, gen_id: str, timeout: float, interval: float) -> dict:
     """GET the generation until it is finished or failed; returns its body."""
+
     def done() -> dict | None:
         body = client.get(f"/v1/generations/{gen_id}").json()
         return body if body["status"] in ("finished", "failed") else None
@@ -192,7 +249,9 @@ def png_info(data: bytes | str) -> tuple[str, tuple[int, int]]:
 _loaded: dict[tuple[str, str], Any] = {}
 
 
-def reference(model_dir: Path, model: str, steps: int, solver: str, seed: int, n: int) -> tuple[torch.Tensor, np.ndarray]:
+def reference(
+    model_dir: Path, model: str, steps: int, solver: str, seed: int, n: int
+) -> tuple[torch.Tensor, np.ndarray]:
     """What image k of a request must be: model.solvers.sample with per-image generators.
 
     Returns the float samples (n, C, H, W) and the uint8 pixels (n, H, W) of one-channel models."""

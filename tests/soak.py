@@ -26,9 +26,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx  # noqa: E402
-
-from servicekit import (RedisServer, free_port, make_models, start_api, start_worker, stop, wait_until,  # noqa: E402
-                        wait_workers)
+from servicekit import (
+    RedisServer,
+    free_port,
+    make_models,
+    start_api,
+    start_worker,
+    stop,
+    wait_until,  # noqa: E402
+    wait_workers,
+)
 
 SOLVERS = ["euler", "heun", "rk4", "ddim", "ddpm", "dpmpp2m"]
 
@@ -49,8 +56,14 @@ def make_body(rng: random.Random, i: int) -> tuple[dict, dict, int | None]:
     """(body, headers, expected 4xx or None)."""
     if i % 25 == 7:  # an invalid request now and then: it must be a 422, never accepted
         return {"model": "tiny", "steps": rng.choice([0, 5000, "ten"]), "solver": "rk4"}, {}, 422
-    body = {"model": rng.choice(["tiny", "tiny-eps"]), "steps": rng.randint(1, 30), "solver": rng.choice(SOLVERS),
-            "seed": rng.randrange(2**32), "n": rng.choice([1, 1, 2, 4]), "wait": rng.random() < 0.4}
+    body = {
+        "model": rng.choice(["tiny", "tiny-eps"]),
+        "steps": rng.randint(1, 30),
+        "solver": rng.choice(SOLVERS),
+        "seed": rng.randrange(2**32),
+        "n": rng.choice([1, 1, 2, 4]),
+        "wait": rng.random() < 0.4,
+    }
     headers = {}
     if body["wait"] and body["n"] == 1 and rng.random() < 0.3:
         headers["accept"] = "image/png"
@@ -109,13 +122,25 @@ def restarter(redis_url, model_dir, logs, workers, every, stop_event, events):
         sig = signal.SIGTERM if k % 2 == 0 else signal.SIGKILL
         stop(victim, sig, timeout=90)
         events.append(f"{time.strftime('%H:%M:%S')} worker {victim.pid}: {sig.name}")
-        workers.append(start_worker(redis_url, model_dir, logs / f"worker{len(events) + 1}.log", models=("tiny", "tiny-eps"),
-                                    max_batch=8, **WORKER_ENV))
+        workers.append(
+            start_worker(
+                redis_url,
+                model_dir,
+                logs / f"worker{len(events) + 1}.log",
+                models=("tiny", "tiny-eps"),
+                max_batch=8,
+                **WORKER_ENV,
+            )
+        )
         k += 1
 
 
-WORKER_ENV = {"ARCDIFF_HEARTBEAT_S": "1", "ARCDIFF_MAINTENANCE_S": "2", "ARCDIFF_DRAIN_TIMEOUT_S": "3",
-              "ARCDIFF_WORKER_TTL_S": "10"}
+WORKER_ENV = {
+    "ARCDIFF_HEARTBEAT_S": "1",
+    "ARCDIFF_MAINTENANCE_S": "2",
+    "ARCDIFF_DRAIN_TIMEOUT_S": "3",
+    "ARCDIFF_WORKER_TTL_S": "10",
+}
 
 
 def main(argv=None) -> int:
@@ -134,14 +159,26 @@ def main(argv=None) -> int:
     server = RedisServer(tmp)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    api = start_api(port, model_dir, logs / "api.log", redis_url=server.url, ARCDIFF_RETRIES="5",
-                    ARCDIFF_MAX_IMAGES="4", ARCDIFF_READY_CACHE_S="1")
-    workers = [start_worker(server.url, model_dir, logs / f"worker{i}.log", models=("tiny", "tiny-eps"), max_batch=8,
-                            **WORKER_ENV) for i in range(2)]
+    api = start_api(
+        port,
+        model_dir,
+        logs / "api.log",
+        redis_url=server.url,
+        ARCDIFF_RETRIES="5",
+        ARCDIFF_MAX_IMAGES="4",
+        ARCDIFF_READY_CACHE_S="1",
+    )
+    workers = [
+        start_worker(
+            server.url, model_dir, logs / f"worker{i}.log", models=("tiny", "tiny-eps"), max_batch=8, **WORKER_ENV
+        )
+        for i in range(2)
+    ]
     stop_event, events = threading.Event(), []
     t_start = time.monotonic()
     try:
         wait_workers(server.url, "tiny", 2, workers, timeout=180)
+
         def ready() -> bool:
             if api.poll() is not None:
                 raise RuntimeError(f"the API exited with {api.returncode}; see {logs / 'api.log'}")
@@ -151,15 +188,23 @@ def main(argv=None) -> int:
                 return False
 
         wait_until(ready, 120, "the API", interval=0.5)
-        print(f"soak: {args.requests} requests from {args.clients} clients over {args.minutes:g} min, "
-              f"a worker restarted every {args.restart_every:g} s; logs in {logs}", flush=True)
+        print(
+            f"soak: {args.requests} requests from {args.clients} clients over {args.minutes:g} min, "
+            f"a worker restarted every {args.restart_every:g} s; logs in {logs}",
+            flush=True,
+        )
         tally = Tally()
         spacing = args.minutes * 60 * args.clients / max(1, args.requests)
-        r_thread = threading.Thread(target=restarter, args=(server.url, model_dir, logs, workers, args.restart_every,
-                                                            stop_event, events), daemon=True)
+        r_thread = threading.Thread(
+            target=restarter,
+            args=(server.url, model_dir, logs, workers, args.restart_every, stop_event, events),
+            daemon=True,
+        )
         r_thread.start()
-        clients = [threading.Thread(target=client_loop, args=(base, tally, args.requests, spacing, 1000 + k))
-                   for k in range(args.clients)]
+        clients = [
+            threading.Thread(target=client_loop, args=(base, tally, args.requests, spacing, 1000 + k))
+            for k in range(args.clients)
+        ]
         for t in clients:
             t.start()
         for t in clients:
@@ -185,10 +230,14 @@ def main(argv=None) -> int:
                 time.sleep(0.5)
 
         statuses = collections.Counter(g["status"] for g in final.values())
-        reasons = collections.Counter((g.get("error") or "").splitlines()[-1][:100] for g in final.values()
-                                      if g["status"] != "finished")
-        wrong = [g["id"] for g in final.values() if g["status"] == "finished"
-                 and len(g["images"]) != tally.accepted[g["id"]]["n"]]
+        reasons = collections.Counter(
+            (g.get("error") or "").splitlines()[-1][:100] for g in final.values() if g["status"] != "finished"
+        )
+        wrong = [
+            g["id"]
+            for g in final.values()
+            if g["status"] == "finished" and len(g["images"]) != tally.accepted[g["id"]]["n"]
+        ]
         unaccounted = [g for g in tally.accepted if g not in final or final[g]["status"] == "lost"]
         print("\n=== soak counts ===")
         print(f"requests sent:              {tally.sent}")
@@ -209,9 +258,14 @@ def main(argv=None) -> int:
             print("unexpected:", u)
         for e in tally.server_errors[:10]:
             print("5xx:", e)
-        ok = (not unaccounted and not tally.server_errors and not wrong and not tally.unexpected
-              and tally.sent == sum(tally.rejected.values()) + len(tally.accepted)
-              and all(g.get("error") for g in final.values() if g["status"] == "failed"))
+        ok = (
+            not unaccounted
+            and not tally.server_errors
+            and not wrong
+            and not tally.unexpected
+            and tally.sent == sum(tally.rejected.values()) + len(tally.accepted)
+            and all(g.get("error") for g in final.values() if g["status"] == "failed")
+        )
         print("soak:", "OK: every request accounted for" if ok else "FAILED")
         return 0 if ok else 1
     finally:

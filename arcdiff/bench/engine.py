@@ -24,13 +24,25 @@ from arcdiff.bench.report import add_run_arguments
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", metavar="NAME", help="a registered model (default: mnist)")
-    src.add_argument("--config", metavar="NAME", help="a network config with random weights, dual head "
-                     "(cifar10, celeba64, church256, mnist, tiny)")
+    src.add_argument(
+        "--config",
+        metavar="NAME",
+        help="a network config with random weights, dual head (cifar10, celeba64, church256, mnist, tiny)",
+    )
     p.add_argument("--model-dir", metavar="DIR", help="folder of model folders (default ARCDIFF_MODEL_DIR or bundled)")
-    p.add_argument("--solver", default="ddim", help="solver (default ddim), or 'mix': every solver in each "
-                   "batch, as a busy service runs them")
-    p.add_argument("--steps", type=int, default=20, metavar="N", help="solver steps per image (default 20); with "
-                   "--solver mix, network evaluations per image (each solver gets the steps that cost about N)")
+    p.add_argument(
+        "--solver",
+        default="ddim",
+        help="solver (default ddim), or 'mix': every solver in each batch, as a busy service runs them",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=20,
+        metavar="N",
+        help="solver steps per image (default 20); with "
+        "--solver mix, network evaluations per image (each solver gets the steps that cost about N)",
+    )
     p.add_argument("--batch", type=int, default=64, metavar="B", help="images per network evaluation (default 64)")
     p.add_argument("--rounds", type=int, default=3, metavar="R", help="full batches measured (default 3)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
@@ -62,9 +74,17 @@ def run(args: argparse.Namespace) -> int:
     except (KeyError, ValueError, RuntimeError) as e:
         print(f"arcdiff bench engine: {e}", file=sys.stderr)
         return 2
-    record = measure_engine(loaded, solver=args.solver, steps=args.steps, batch=args.batch, rounds=args.rounds,
-                            compile_mode=args.compile, amp=args.amp, channels_last=args.channels_last,
-                            device_thread=device_thread)
+    record = measure_engine(
+        loaded,
+        solver=args.solver,
+        steps=args.steps,
+        batch=args.batch,
+        rounds=args.rounds,
+        compile_mode=args.compile,
+        amp=args.amp,
+        channels_last=args.channels_last,
+        device_thread=device_thread,
+    )
     print(summary(record), file=sys.stderr)
     if args.json:
         write_json(record, args.json)
@@ -142,18 +162,28 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def measure_engine(loaded: Any, *, solver: str, steps: int, batch: int, rounds: int, compile_mode: str = "none",
-                   amp: str = "none", channels_last: bool = False, backend: str = "inductor",
-                   device_thread: Any = None) -> dict[str, Any]:
+def measure_engine(
+    loaded: Any,
+    *,
+    solver: str,
+    steps: int,
+    batch: int,
+    rounds: int,
+    compile_mode: str = "none",
+    amp: str = "none",
+    channels_last: bool = False,
+    backend: str = "inductor",
+    device_thread: Any = None,
+) -> dict[str, Any]:
     """Run `rounds` full batches through a fresh engine; returns the JSON record.
 
     Pass the DeviceThread that loaded `loaded` (see worker/device_thread.py); the engine stops it."""
     import torch
 
     from arcdiff.bench.report import environment
+    from arcdiff.contract import GenerationSpec
     from arcdiff.model.solvers import nfe
     from arcdiff.worker.engine import Engine
-    from arcdiff.contract import GenerationSpec
     from arcdiff.worker.loading import SpeedSettings, compiled_forward, forward_for
 
     device = next(loaded.denoiser.parameters()).device
@@ -164,8 +194,16 @@ def measure_engine(loaded: Any, *, solver: str, steps: int, batch: int, rounds: 
     timed = _TimedForward(forward, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    engine = Engine({"m": loaded}, device=device, max_batch=batch, buckets=[batch], forwards={"m": timed},
-                    warm_up=True, worker="bench", device_thread=device_thread)
+    engine = Engine(
+        {"m": loaded},
+        device=device,
+        max_batch=batch,
+        buckets=[batch],
+        forwards={"m": timed},
+        warm_up=True,
+        worker="bench",
+        device_thread=device_thread,
+    )
     t0 = time.perf_counter()
     engine.start()  # compiles (if asked) and runs one forward at the batch size
     warm_up_s = time.perf_counter() - t0
@@ -173,8 +211,18 @@ def measure_engine(loaded: Any, *, solver: str, steps: int, batch: int, rounds: 
     mix = round_specs(solver, steps, batch)
 
     def round_of(i: int) -> list[GenerationSpec]:
-        return [GenerationSpec(id=f"bench-{i}-{j}", model="m", steps=st, solver=sv, seed=1000 * i + 100 * j, n=n,
-                               submitted_at=time.time()) for j, (sv, st, n) in enumerate(mix)]
+        return [
+            GenerationSpec(
+                id=f"bench-{i}-{j}",
+                model="m",
+                steps=st,
+                solver=sv,
+                seed=1000 * i + 100 * j,
+                n=n,
+                submitted_at=time.time(),
+            )
+            for j, (sv, st, n) in enumerate(mix)
+        ]
 
     try:
         for s in round_of(-1):  # one unmeasured round: allocator, thread pool, caches
@@ -242,8 +290,10 @@ def round_specs(solver: str, steps: int, batch: int) -> list[tuple[str, int, int
 
 def summary(r: dict[str, Any]) -> str:
     mem = r.get("peak_device_memory_bytes", r["peak_rss_bytes"])
-    return (f"{r['model']} on {r['device']}: {r['solver']} {r['steps']} steps ({r['nfe_per_image']} NFE/image), "
-            f"batch {r['batch']} x {r['rounds']} rounds, compile {r['compile']}, amp {r['amp']}: "
-            f"{r['images_per_s']:.2f} images/s, {r['nfe_per_s']:.0f} NFE/s, "
-            f"{100 * r['forward_share']:.1f}% of wall time in the forward "
-            f"({r['overhead_ms_per_tick']:.2f} ms engine work per tick), peak memory {mem / 2**20:.0f} MiB")
+    return (
+        f"{r['model']} on {r['device']}: {r['solver']} {r['steps']} steps ({r['nfe_per_image']} NFE/image), "
+        f"batch {r['batch']} x {r['rounds']} rounds, compile {r['compile']}, amp {r['amp']}: "
+        f"{r['images_per_s']:.2f} images/s, {r['nfe_per_s']:.0f} NFE/s, "
+        f"{100 * r['forward_share']:.1f}% of wall time in the forward "
+        f"({r['overhead_ms_per_tick']:.2f} ms engine work per tick), peak memory {mem / 2**20:.0f} MiB"
+    )

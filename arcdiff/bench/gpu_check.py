@@ -22,13 +22,20 @@ VARIANTS = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="cifar10", help="network config with random weights (default cifar10)")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64], metavar="B", help="batch sizes (default 1 8 64)")
+    p.add_argument(
+        "--batches", type=int, nargs="+", default=[1, 8, 64], metavar="B", help="batch sizes (default 1 8 64)"
+    )
     p.add_argument("--steps", type=int, default=20, metavar="N", help="ddim steps per image (default 20)")
     p.add_argument("--rounds", type=int, default=3, metavar="R", help="full batches measured per run (default 3)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
     p.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu to try the script (default cuda)")
-    p.add_argument("--budget-s", type=float, default=270.0, metavar="S",
-                   help="no run starts after this many seconds (default 270: the script ends within 5 minutes)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=270.0,
+        metavar="S",
+        help="no run starts after this many seconds (default 270: the script ends within 5 minutes)",
+    )
     p.add_argument("--json", metavar="PATH", help="write all records here ('-': stdout)")
 
 
@@ -45,9 +52,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"arcdiff bench gpu-check: unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("arcdiff bench gpu-check: CUDA is not available here (torch %s, built for CUDA %s); "
-              "check the driver (nvidia-smi) and the container's GPU access, or pass --device cpu to try the "
-              "script" % (torch.__version__, torch.version.cuda), file=sys.stderr)
+        print(
+            f"arcdiff bench gpu-check: CUDA is not available here (torch {torch.__version__}, built for CUDA "
+            f"{torch.version.cuda}); check the driver (nvidia-smi) and the container's GPU access, or pass "
+            "--device cpu to try the script",
+            file=sys.stderr,
+        )
         return 1
     start = time.monotonic()
     rows: list[dict[str, Any]] = []
@@ -65,10 +75,16 @@ def run(args: argparse.Namespace) -> int:
             continue
         device_thread = DeviceThread()
         try:
-            loaded = device_thread.call(load_for_bench, None, args.config, None, args.device,
-                                        VARIANTS[variant]["amp"])
-            rec = measure_engine(loaded, solver="ddim", steps=args.steps, batch=batch, rounds=args.rounds,
-                                 device_thread=device_thread, **VARIANTS[variant])
+            loaded = device_thread.call(load_for_bench, None, args.config, None, args.device, VARIANTS[variant]["amp"])
+            rec = measure_engine(
+                loaded,
+                solver="ddim",
+                steps=args.steps,
+                batch=batch,
+                rounds=args.rounds,
+                device_thread=device_thread,
+                **VARIANTS[variant],
+            )
         except Exception as e:  # one failed variant (say, a compiler problem) must not hide the others
             device_thread.shutdown()
             row["note"] = f"failed: {type(e).__name__}: {str(e)[:120]}"
@@ -76,18 +92,38 @@ def run(args: argparse.Namespace) -> int:
             continue
         records.append({"variant": variant, **rec})
         mem = rec.get("peak_device_memory_bytes", rec["peak_rss_bytes"])
-        row.update({"images/s": rec["images_per_s"], "NFE/s": rec["nfe_per_s"],
-                    "forward %": round(100 * rec["forward_share"], 1),
-                    "warm-up s": rec["warm_up_s"], "peak MiB": round(mem / 2**20)})
+        row.update(
+            {
+                "images/s": rec["images_per_s"],
+                "NFE/s": rec["nfe_per_s"],
+                "forward %": round(100 * rec["forward_share"], 1),
+                "warm-up s": rec["warm_up_s"],
+                "peak MiB": round(mem / 2**20),
+            }
+        )
         rows.append(row)
         print(f"  {variant} batch {batch}: {rec['images_per_s']:.1f} images/s", file=sys.stderr)
     rows.sort(key=lambda row: (variants.index(row["variant"]), row["batch"]))
     env = environment()
     out = sys.stderr if args.json == "-" else sys.stdout  # stdout then carries the JSON alone
-    print(f"\n{args.config} (random weights), ddim {args.steps} steps, on {env.get('gpu', args.device)} "
-          f"(torch {env['torch']}), {time.monotonic() - start:.0f} s", file=out)
-    print(table(rows, ["variant", "batch", "images/s", "NFE/s", "forward %", "warm-up s", "peak MiB", "note"]), file=out)
+    print(
+        f"\n{args.config} (random weights), ddim {args.steps} steps, on {env.get('gpu', args.device)} "
+        f"(torch {env['torch']}), {time.monotonic() - start:.0f} s",
+        file=out,
+    )
+    print(
+        table(rows, ["variant", "batch", "images/s", "NFE/s", "forward %", "warm-up s", "peak MiB", "note"]), file=out
+    )
     if args.json:
-        write_json({"bench": "gpu-check", "config": args.config, "steps": args.steps, "rows": rows,
-                    "records": records, "environment": env}, args.json)
+        write_json(
+            {
+                "bench": "gpu-check",
+                "config": args.config,
+                "steps": args.steps,
+                "rows": rows,
+                "records": records,
+                "environment": env,
+            },
+            args.json,
+        )
     return 0

@@ -31,7 +31,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Optional
+from typing import Any
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 REQUEST_KEYS = ("model", "steps", "solver", "n")
@@ -65,30 +65,69 @@ def _positive_float(text: str) -> float:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default=DEFAULT_URL, help=f"the service's base URL (default {DEFAULT_URL})")
-    p.add_argument("--concurrency", "-c", type=_positive_int, default=8, metavar="C",
-                   help="concurrent client loops, each one request at a time (default 8)")
-    p.add_argument("--duration", "-d", type=_positive_float, default=30.0, metavar="S",
-                   help="seconds during which new requests are started (default 30)")
-    p.add_argument("--max-requests", type=_positive_int, default=10000, metavar="N",
-                   help="start at most N requests in all (default 10000)")
-    p.add_argument("--timeout", type=_positive_float, default=60.0, metavar="S",
-                   help="after DURATION, seconds to wait for requests in flight; those still unfinished count "
-                        "as errors (GenerationTimeout) (default 60)")
-    p.add_argument("--mix", metavar="FILE", help="JSON list of {weight, request: {model, steps, solver, n}} "
-                   "(default: the first served model, rk4 10 steps n=1 and ddim 20 steps n=4)")
-    p.add_argument("--seed", type=int, default=0, metavar="K",
-                   help="seed of the sequence of mix entries and request seeds (default 0)")
+    p.add_argument(
+        "--concurrency",
+        "-c",
+        type=_positive_int,
+        default=8,
+        metavar="C",
+        help="concurrent client loops, each one request at a time (default 8)",
+    )
+    p.add_argument(
+        "--duration",
+        "-d",
+        type=_positive_float,
+        default=30.0,
+        metavar="S",
+        help="seconds during which new requests are started (default 30)",
+    )
+    p.add_argument(
+        "--max-requests",
+        type=_positive_int,
+        default=10000,
+        metavar="N",
+        help="start at most N requests in all (default 10000)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=60.0,
+        metavar="S",
+        help="after DURATION, seconds to wait for requests in flight; those still unfinished count "
+        "as errors (GenerationTimeout) (default 60)",
+    )
+    p.add_argument(
+        "--mix",
+        metavar="FILE",
+        help="JSON list of {weight, request: {model, steps, solver, n}} "
+        "(default: the first served model, rk4 10 steps n=1 and ddim 20 steps n=4)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="K",
+        help="seed of the sequence of mix entries and request seeds (default 0)",
+    )
     p.add_argument("--api-key", metavar="KEY", help="the service's API key (default ARCDIFF_API_KEY)")
-    p.add_argument("--json", metavar="PATH", help="write the JSON record to PATH ('-': stdout, the summary then "
-                   "goes to stderr); without it only the summary is printed")
-    p.add_argument("--allow-remote", action="store_true",
-                   help="allow a URL whose host is not loopback (127.0.0.0/8, ::1, localhost)")
+    p.add_argument(
+        "--json",
+        metavar="PATH",
+        help="write the JSON record to PATH ('-': stdout, the summary then "
+        "goes to stderr); without it only the summary is printed",
+    )
+    p.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a URL whose host is not loopback (127.0.0.0/8, ::1, localhost)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it is shown only on a terminal)")
 
 
 # ---- checks that need no network ------------------------------------------------------------------
 
-def check_url(url: str, allow_remote: bool) -> Optional[str]:
+
+def check_url(url: str, allow_remote: bool) -> str | None:
     """None if `url` may be driven, else the reason it may not."""
     import ipaddress
     from urllib.parse import urlsplit
@@ -110,8 +149,10 @@ def check_url(url: str, allow_remote: bool) -> Optional[str]:
             return None
     except ValueError:
         pass
-    return (f"--url {url!r}: host {host!r} is not loopback (127.0.0.0/8, ::1, localhost); "
-            "pass --allow-remote to drive a remote service")
+    return (
+        f"--url {url!r}: host {host!r} is not loopback (127.0.0.0/8, ::1, localhost); "
+        "pass --allow-remote to drive a remote service"
+    )
 
 
 def _is_int(v: Any) -> bool:
@@ -143,8 +184,10 @@ def parse_mix(data: Any, where: str = "mix") -> list[dict[str, Any]]:
             raise MixError(f"{at}: 'request' must be an object with model, steps, solver, n, not {type(req).__name__}")
         unknown = sorted(set(req) - set(REQUEST_KEYS))
         if unknown:
-            raise MixError(f"{at}: request has unknown key(s) {', '.join(map(repr, unknown))} "
-                           f"(expected {', '.join(REQUEST_KEYS)}; seeds come from --seed)")
+            raise MixError(
+                f"{at}: request has unknown key(s) {', '.join(map(repr, unknown))} "
+                f"(expected {', '.join(REQUEST_KEYS)}; seeds come from --seed)"
+            )
         for key in ("model", "steps", "solver"):
             if key not in req:
                 raise MixError(f"{at}: request is missing {key!r}")
@@ -159,8 +202,9 @@ def parse_mix(data: Any, where: str = "mix") -> list[dict[str, Any]]:
         name = raw.get("name")
         if name is not None and (not isinstance(name, str) or not name):
             raise MixError(f"{at}: 'name' must be a non-empty string, not {name!r}")
-        entries.append({"name": name or "{model}/{solver}/{steps}/n{n}".format(**request), "weight": weight,
-                        "request": request})
+        entries.append(
+            {"name": name or "{model}/{solver}/{steps}/n{n}".format(**request), "weight": weight, "request": request}
+        )
     seen: dict[str, int] = {}
     for e in entries:  # names label the per-entry figures: make them unique
         k = seen[e["name"]] = seen.get(e["name"], 0) + 1
@@ -191,10 +235,13 @@ def default_mix(models: list[dict]) -> list[dict[str, Any]]:
     name = models[0]["name"]
     solvers = models[0].get("solvers") or ["rk4", "ddim"]
     pick = lambda want: want if want in solvers else solvers[0]  # noqa: E731
-    return parse_mix([
-        {"weight": 3, "request": {"model": name, "steps": 10, "solver": pick("rk4"), "n": 1}},
-        {"weight": 1, "request": {"model": name, "steps": 20, "solver": pick("ddim"), "n": 4}},
-    ], "default mix")
+    return parse_mix(
+        [
+            {"weight": 3, "request": {"model": name, "steps": 10, "solver": pick("rk4"), "n": 1}},
+            {"weight": 1, "request": {"model": name, "steps": 20, "solver": pick("ddim"), "n": 4}},
+        ],
+        "default mix",
+    )
 
 
 def check_served(entries: list[dict[str, Any]], models: list[dict], where: str) -> None:
@@ -203,8 +250,10 @@ def check_served(entries: list[dict[str, Any]], models: list[dict], where: str) 
     for i, e in enumerate(entries):
         req = e["request"]
         if req["model"] not in served:
-            raise MixError(f"{where}: entry {i}: model {req['model']!r} is not served "
-                           f"(served: {', '.join(sorted(map(str, served))) or 'none'})")
+            raise MixError(
+                f"{where}: entry {i}: model {req['model']!r} is not served "
+                f"(served: {', '.join(sorted(map(str, served))) or 'none'})"
+            )
         solvers = served[req["model"]].get("solvers")
         if solvers and req["solver"] not in solvers:
             raise MixError(f"{where}: entry {i}: solver {req['solver']!r} is not one of {', '.join(solvers)}")
@@ -212,7 +261,8 @@ def check_served(entries: list[dict[str, Any]], models: list[dict], where: str) 
 
 # ---- figures --------------------------------------------------------------------------------------
 
-def percentile(sorted_values: list[float], p: float) -> Optional[float]:
+
+def percentile(sorted_values: list[float], p: float) -> float | None:
     """Nearest-rank percentile: the smallest value with at least p% of the values at or below it
     (always an observed value; p50 <= p95 <= p99 <= max). None for no values."""
     if not sorted_values:
@@ -221,15 +271,16 @@ def percentile(sorted_values: list[float], p: float) -> Optional[float]:
     return sorted_values[rank - 1]
 
 
-def latency_summary(values: list[float]) -> dict[str, Optional[float]]:
+def latency_summary(values: list[float]) -> dict[str, float | None]:
     s = sorted(values)
     out = {f"p{p}": _round(percentile(s, p)) for p in (50, 95, 99)}
-    out.update(min=_round(s[0]) if s else None, max=_round(s[-1]) if s else None,
-               mean=_round(sum(s) / len(s)) if s else None)
+    out.update(
+        min=_round(s[0]) if s else None, max=_round(s[-1]) if s else None, mean=_round(sum(s) / len(s)) if s else None
+    )
     return out
 
 
-def _round(v: Optional[float], digits: int = 3) -> Optional[float]:
+def _round(v: float | None, digits: int = 3) -> float | None:
     return None if v is None else round(float(v), digits)
 
 
@@ -238,12 +289,13 @@ class Tally:
 
     def __init__(self, entries: list[dict[str, Any]]):
         self.entries = entries
-        self.per_entry = [{"started": 0, "finished": 0, "rejected": 0, "failed": 0, "images": 0, "latency_ms": []}
-                          for _ in entries]
+        self.per_entry = [
+            {"started": 0, "finished": 0, "rejected": 0, "failed": 0, "images": 0, "latency_ms": []} for _ in entries
+        ]
         self.server: dict[str, list[float]] = {k: [] for k in ("queue_ms", "sample_ms", "encode_ms", "total_ms")}
         self.errors: dict[str, dict[str, Any]] = {}
-        self.first_start: Optional[float] = None
-        self.last_end: Optional[float] = None
+        self.first_start: float | None = None
+        self.last_end: float | None = None
 
     def started(self, i: int) -> None:
         if self.first_start is None:
@@ -284,8 +336,10 @@ def classify(exc: BaseException) -> tuple[str, str, bool]:
 
 # ---- the run --------------------------------------------------------------------------------------
 
-async def drive(args: argparse.Namespace, entries: list[dict[str, Any]], client: Any, tally: Tally,
-                progress: Any) -> dict[str, Any]:
+
+async def drive(
+    args: argparse.Namespace, entries: list[dict[str, Any]], client: Any, tally: Tally, progress: Any
+) -> dict[str, Any]:
     """Run the loops; returns timing facts (the outcomes are in `tally`)."""
     import asyncio
     import random
@@ -301,7 +355,7 @@ async def drive(args: argparse.Namespace, entries: list[dict[str, Any]], client:
     state = {"started": 0, "interrupted": False}
     stopping = asyncio.Event()
 
-    def plan() -> Optional[tuple[int, int]]:
+    def plan() -> tuple[int, int] | None:
         """The next request (entry index, seed), or None when no more may start. Drawn in start order,
         so the sequence depends only on --seed."""
         if stopping.is_set() or time.monotonic() >= stop_at or state["started"] >= args.max_requests:
@@ -325,8 +379,15 @@ async def drive(args: argparse.Namespace, entries: list[dict[str, Any]], client:
             tally.started(i)
             t = time.monotonic()
             try:
-                result = await client.generate(req["model"], req["steps"], req["solver"], seed=seed, n=req["n"],
-                                               timeout=max(0.01, hard_stop - t), wait=True)
+                result = await client.generate(
+                    req["model"],
+                    req["steps"],
+                    req["solver"],
+                    seed=seed,
+                    n=req["n"],
+                    timeout=max(0.01, hard_stop - t),
+                    wait=True,
+                )
             except asyncio.CancelledError:
                 tally.failed(i, "Cancelled", "still in flight when the run was stopped")
                 raise
@@ -347,8 +408,10 @@ async def drive(args: argparse.Namespace, entries: list[dict[str, Any]], client:
         if not stopping.is_set():  # first ^C: start no more requests, let those in flight finish
             state["interrupted"] = True
             stopping.set()
-            print("\narcdiff bench http: interrupted; waiting for requests in flight (^C again to abandon them)",
-                  file=sys.stderr)
+            print(
+                "\narcdiff bench http: interrupted; waiting for requests in flight (^C again to abandon them)",
+                file=sys.stderr,
+            )
         elif main is not None:
             main.cancel()
 
@@ -377,15 +440,17 @@ async def drive(args: argparse.Namespace, entries: list[dict[str, Any]], client:
     return {"t0": t0, "interrupted": state["interrupted"]}
 
 
-async def _main(args: argparse.Namespace, api_key: Optional[str],
-                entries: Optional[list[dict[str, Any]]]) -> tuple[int, Optional[dict[str, Any]]]:
+async def _main(
+    args: argparse.Namespace, api_key: str | None, entries: list[dict[str, Any]] | None
+) -> tuple[int, dict[str, Any] | None]:
     import httpx
 
     from arcdiff.client import APIError, AsyncClient, Unreachable
 
     # one connection per loop (httpx's default pool holds 100); no retries: overload is counted
-    transport = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=args.concurrency + 1,
-                                                             max_keepalive_connections=args.concurrency + 1))
+    transport = httpx.AsyncHTTPTransport(
+        limits=httpx.Limits(max_connections=args.concurrency + 1, max_keepalive_connections=args.concurrency + 1)
+    )
     async with AsyncClient(args.url, api_key, max_retries=0, transport=transport) as client:
         try:
             models = await client.models()
@@ -393,8 +458,10 @@ async def _main(args: argparse.Namespace, api_key: Optional[str],
             print(f"arcdiff bench http: {e}", file=sys.stderr)
             return 1, None
         except APIError as e:
-            print(f"arcdiff bench http: GET {args.url.rstrip('/')}/v1/models answered {e.status_code}: {e.message}",
-                  file=sys.stderr)
+            print(
+                f"arcdiff bench http: GET {args.url.rstrip('/')}/v1/models answered {e.status_code}: {e.message}",
+                file=sys.stderr,
+            )
             return 1, None
         try:
             if entries is not None:
@@ -439,11 +506,17 @@ def build_record(args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any
     wall = max(1e-9, end - (tally.first_start or out["t0"]))
     latencies = [v for e in tally.per_entry for v in e["latency_ms"]]
     per_entry = []
-    for entry, t in zip(out["entries"], tally.per_entry):
+    for entry, t in zip(out["entries"], tally.per_entry, strict=True):
         lat = latency_summary(t["latency_ms"])
-        per_entry.append({"name": entry["name"], "weight": entry["weight"], "request": entry["request"],
-                          **{k: t[k] for k in ("started", "finished", "rejected", "failed", "images")},
-                          "latency_ms": {k: lat[k] for k in ("p50", "p95", "p99", "max")}})
+        per_entry.append(
+            {
+                "name": entry["name"],
+                "weight": entry["weight"],
+                "request": entry["request"],
+                **{k: t[k] for k in ("started", "finished", "rejected", "failed", "images")},
+                "latency_ms": {k: lat[k] for k in ("p50", "p95", "p99", "max")},
+            }
+        )
     try:
         env = environment()
     except ImportError:  # a client machine without torch
@@ -459,8 +532,10 @@ def build_record(args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any
         "requests": {**totals, "unfinished": totals["rejected"] + totals["failed"]},
         "errors": dict(sorted(tally.errors.items(), key=lambda kv: -kv[1]["count"])),
         "wall_s": round(wall, 3),
-        "throughput": {"requests_per_s": round(totals["finished"] / wall, 3),
-                       "images_per_s": round(totals["images"] / wall, 3)},
+        "throughput": {
+            "requests_per_s": round(totals["finished"] / wall, 3),
+            "images_per_s": round(totals["images"] / wall, 3),
+        },
         # client-side, submit to images received, finished requests only; nearest-rank percentiles
         "latency_ms": latency_summary(latencies),
         "percentiles": "nearest-rank",
@@ -477,16 +552,26 @@ def summary(record: dict[str, Any]) -> str:
     from arcdiff.bench.report import table
 
     cols = ["entry", "weight", "started", "finished", "rejected", "failed", "images", "p50_ms", "p95_ms", "p99_ms"]
-    rows = [{"entry": e["name"], "weight": e["weight"], **{k: e[k] for k in cols[2:7]},
-             **{f"{p}_ms": e["latency_ms"][p] for p in ("p50", "p95", "p99")}} for e in record["per_entry"]]
+    rows = [
+        {
+            "entry": e["name"],
+            "weight": e["weight"],
+            **{k: e[k] for k in cols[2:7]},
+            **{f"{p}_ms": e["latency_ms"][p] for p in ("p50", "p95", "p99")},
+        }
+        for e in record["per_entry"]
+    ]
     r, lat = record["requests"], record["latency_ms"]
     rows.append({"entry": "all", **{k: r[k] for k in cols[2:7]}, **{f"{p}_ms": lat[p] for p in ("p50", "p95", "p99")}})
     th, srv = record["throughput"], record["server_ms"]
-    lines = [table(rows, cols), "",
-             f"{record['url']}: {r['finished']} finished in {record['wall_s']:.2f} s: "
-             f"{th['requests_per_s']:.3g} requests/s, {th['images_per_s']:.3g} images/s; "
-             f"latency max {lat['max']} ms; server median queue {srv['queue_ms_p50']} ms, "
-             f"sample {srv['sample_ms_p50']} ms"]
+    lines = [
+        table(rows, cols),
+        "",
+        f"{record['url']}: {r['finished']} finished in {record['wall_s']:.2f} s: "
+        f"{th['requests_per_s']:.3g} requests/s, {th['images_per_s']:.3g} images/s; "
+        f"latency max {lat['max']} ms; server median queue {srv['queue_ms_p50']} ms, "
+        f"sample {srv['sample_ms_p50']} ms",
+    ]
     for kind, err in record["errors"].items():
         lines.append(f"errors {kind}: {err['count']}, e.g. {err['examples'][0]!r}")
     if record["interrupted"]:

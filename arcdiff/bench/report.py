@@ -6,8 +6,9 @@ import argparse
 import json
 import platform
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 
 def environment() -> dict[str, Any]:
@@ -40,8 +41,8 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     """A plain aligned text table of the given columns."""
     cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(lines)
 
 
@@ -56,10 +57,21 @@ def _fmt(v: Any) -> str:
 def add_run_arguments(p: argparse.ArgumentParser, whose: str = "the network") -> None:
     """The flags every engine benchmark shares: device, compile, amp, threads, JSON output."""
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--compile", nargs="?", const="default", default="none",
-                   choices=("none", "default", "reduce-overhead", "max-autotune"),
-                   help=f"torch.compile {whose} (bare --compile: mode default; default none)")
-    p.add_argument("--amp", nargs="?", const="bf16", default="none", choices=("none", "bf16", "fp16"),
-                   help=f"autocast {whose} (bare --amp: bf16; default none)")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default="none",
+        choices=("none", "default", "reduce-overhead", "max-autotune"),
+        help=f"torch.compile {whose} (bare --compile: mode default; default none)",
+    )
+    p.add_argument(
+        "--amp",
+        nargs="?",
+        const="bf16",
+        default="none",
+        choices=("none", "bf16", "fp16"),
+        help=f"autocast {whose} (bare --amp: bf16; default none)",
+    )
     p.add_argument("--threads", type=int, metavar="T", help="torch intra-op threads (default: torch's)")
     p.add_argument("--json", metavar="PATH", help="write the JSON record here ('-': stdout)")

@@ -28,13 +28,19 @@ from arcdiff.bench.report import add_run_arguments
 
 # A small DDPM-style UNet2DModel: fast enough on a CPU, the same kinds of blocks as the big ones.
 UNET_SIZES = {
-    "small": {"block_out_channels": (32, 64, 64), "layers_per_block": 1,
-              "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-              "up_block_types": ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D")},
+    "small": {
+        "block_out_channels": (32, 64, 64),
+        "layers_per_block": 1,
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    },
     # google/ddpm-cifar10-32's architecture (35.7M parameters)
-    "ddpm-cifar10": {"block_out_channels": (128, 256, 256, 256), "layers_per_block": 2,
-                     "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-                     "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D")},
+    "ddpm-cifar10": {
+        "block_out_channels": (128, 256, 256, 256),
+        "layers_per_block": 2,
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    },
 }
 
 
@@ -42,9 +48,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unet", default="small", choices=sorted(UNET_SIZES), help="UNet2DModel size (default small)")
     p.add_argument("--image-size", type=int, default=32, metavar="S", help="image side in pixels (default 32)")
     p.add_argument("--steps", type=int, default=20, metavar="N", help="DDIM steps (default 20)")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 64], metavar="B",
-                   help="batch sizes, each measured on both sides (default: 1 64)")
-    p.add_argument("--repeats", type=int, default=3, metavar="R", help="timed runs per process; two processes per side and batch (default 3)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        nargs="+",
+        default=[1, 64],
+        metavar="B",
+        help="batch sizes, each measured on both sides (default: 1 64)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        metavar="R",
+        help="timed runs per process; two processes per side and batch (default 3)",
+    )
     add_run_arguments(p, whose="this engine's network (the diffusers side runs as its pipeline does)")
 
 
@@ -52,8 +70,10 @@ def run(args: argparse.Namespace) -> int:
     from arcdiff.bench.report import table, write_json
 
     if args.steps < 1 or args.repeats < 1 or any(b < 1 for b in args.batch) or args.image_size < 8:
-        print("arcdiff bench diffusers: --steps, --repeats and --batch must be at least 1, --image-size at least 8",
-              file=sys.stderr)
+        print(
+            "arcdiff bench diffusers: --steps, --repeats and --batch must be at least 1, --image-size at least 8",
+            file=sys.stderr,
+        )
         return 2
     try:
         import diffusers  # noqa: F401
@@ -68,13 +88,24 @@ def run(args: argparse.Namespace) -> int:
         print(f"arcdiff bench diffusers: {e}", file=sys.stderr)
         return 2
     try:
-        record = compare(args.unet, args.image_size, args.steps, args.batch, args.repeats, device, args.compile,
-                         args.amp, args.threads)
+        record = compare(
+            args.unet,
+            args.image_size,
+            args.steps,
+            args.batch,
+            args.repeats,
+            device,
+            args.compile,
+            args.amp,
+            args.threads,
+        )
     except RuntimeError as e:
         print(f"arcdiff bench diffusers: {e}", file=sys.stderr)
         return 1
-    print(table(record["results"], ["batch", "diffusers_s", "arcdiff_s", "ratio", "arcdiff_images_per_s"]),
-          file=sys.stderr)
+    print(
+        table(record["results"], ["batch", "diffusers_s", "arcdiff_s", "ratio", "arcdiff_images_per_s"]),
+        file=sys.stderr,
+    )
     if args.json:
         write_json(record, args.json)
     return 0
@@ -92,21 +123,56 @@ def save_random_unet(folder: Path, size: str, image_size: int) -> int:
     return sum(p.numel() for p in unet.parameters())
 
 
-def _run_side(side: str, folder: Path, batch: int, steps: int, repeats: int, device: str, compile_mode: str,
-              amp: str, threads: int | None) -> list[float]:
+def _run_side(
+    side: str,
+    folder: Path,
+    batch: int,
+    steps: int,
+    repeats: int,
+    device: str,
+    compile_mode: str,
+    amp: str,
+    threads: int | None,
+) -> list[float]:
     """Time one side in a fresh process; returns its `repeats` timings (after one warm-up run)."""
-    cmd = [sys.executable, "-m", "arcdiff.bench.vs_diffusers", side, str(folder), str(batch), str(steps), str(repeats),
-           device, compile_mode, amp, str(threads or 0)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [
-        str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")]))}
+    cmd = [
+        sys.executable,
+        "-m",
+        "arcdiff.bench.vs_diffusers",
+        side,
+        str(folder),
+        str(batch),
+        str(steps),
+        str(repeats),
+        device,
+        compile_mode,
+        amp,
+        str(threads or 0),
+    ]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")])
+        ),
+    }
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"the {side} side failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
 
 
-def compare(size: str, image_size: int, steps: int, batches: list[int], repeats: int, device: Any,
-            compile_mode: str = "none", amp: str = "none", threads: int | None = None) -> dict[str, Any]:
+def compare(
+    size: str,
+    image_size: int,
+    steps: int,
+    batches: list[int],
+    repeats: int,
+    device: Any,
+    compile_mode: str = "none",
+    amp: str = "none",
+    threads: int | None = None,
+) -> dict[str, Any]:
     """Both sides on the same saved weights; each timed in its own processes, in the order
     diffusers, arcdiff, arcdiff, diffusers per batch size (a steady drift of a shared machine's
     load then falls on both alike). Separate processes, because two threads doing torch work in
@@ -124,11 +190,18 @@ def compare(size: str, image_size: int, steps: int, batches: list[int], repeats:
             for side in ("diffusers", "arcdiff", "arcdiff", "diffusers"):
                 times[side] += _run_side(side, folder, batch, steps, repeats, str(device), compile_mode, amp, threads)
             theirs, ours = statistics.median(times["diffusers"]), statistics.median(times["arcdiff"])
-            results.append({"batch": batch, "diffusers_s": round(theirs, 6), "arcdiff_s": round(ours, 6),
-                            "ratio": round(theirs / ours, 3), "arcdiff_images_per_s": round(batch / ours, 2),
-                            "diffusers_images_per_s": round(batch / theirs, 2),
-                            "diffusers_runs_s": [round(t, 6) for t in times["diffusers"]],
-                            "arcdiff_runs_s": [round(t, 6) for t in times["arcdiff"]]})
+            results.append(
+                {
+                    "batch": batch,
+                    "diffusers_s": round(theirs, 6),
+                    "arcdiff_s": round(ours, 6),
+                    "ratio": round(theirs / ours, 3),
+                    "arcdiff_images_per_s": round(batch / ours, 2),
+                    "diffusers_images_per_s": round(batch / theirs, 2),
+                    "diffusers_runs_s": [round(t, 6) for t in times["diffusers"]],
+                    "arcdiff_runs_s": [round(t, 6) for t in times["arcdiff"]],
+                }
+            )
     return {
         "bench": "diffusers",
         "unet": size,
@@ -147,8 +220,17 @@ def compare(size: str, image_size: int, steps: int, batches: list[int], repeats:
     }
 
 
-def _time_side(side: str, folder: Path, batch: int, steps: int, repeats: int, device_name: str, compile_mode: str,
-               amp: str, threads: int) -> list[float]:
+def _time_side(
+    side: str,
+    folder: Path,
+    batch: int,
+    steps: int,
+    repeats: int,
+    device_name: str,
+    compile_mode: str,
+    amp: str,
+    threads: int,
+) -> list[float]:
     """In the child process: build one side and time it."""
     import torch
 
@@ -177,8 +259,10 @@ def _time_side(side: str, folder: Path, batch: int, steps: int, repeats: int, de
         if threads:
             torch.set_num_threads(threads)
         unet = UNet2DModel.from_pretrained(str(folder / "unet"), use_safetensors=True, local_files_only=True)
-        pipe = DDIMPipeline(unet=unet.to(device).eval(),
-                            scheduler=DDIMScheduler.from_pretrained(str(folder / "scheduler"), local_files_only=True))
+        pipe = DDIMPipeline(
+            unet=unet.to(device).eval(),
+            scheduler=DDIMScheduler.from_pretrained(str(folder / "scheduler"), local_files_only=True),
+        )
         pipe.set_progress_bar_config(disable=True)
         gen = torch.Generator("cpu").manual_seed(0)
 
@@ -189,10 +273,10 @@ def _time_side(side: str, folder: Path, batch: int, steps: int, repeats: int, de
         return timed(diffusers_batch)
 
     # arcdiff: as the worker runs it, all torch work on the engine's device thread
+    from arcdiff.contract import GenerationSpec
     from arcdiff.model.diffusers_adapter import load_diffusers_model
     from arcdiff.worker.device_thread import DeviceThread
     from arcdiff.worker.engine import Engine
-    from arcdiff.contract import GenerationSpec
     from arcdiff.worker.loading import AMP_DTYPES, SpeedSettings, compiled_forward, forward_for
 
     dt = DeviceThread()
@@ -202,13 +286,22 @@ def _time_side(side: str, folder: Path, batch: int, steps: int, repeats: int, de
     forward = forward_for(loaded.denoiser, False)
     if compile_mode != "none":
         forward = compiled_forward(forward, SpeedSettings(amp=amp, compile=compile_mode))
-    engine = Engine({"m": loaded}, device=device, max_batch=batch, buckets=[batch], forwards={"m": forward},
-                    warm_up=compile_mode != "none", worker="bench", device_thread=dt).start()
+    engine = Engine(
+        {"m": loaded},
+        device=device,
+        max_batch=batch,
+        buckets=[batch],
+        forwards={"m": forward},
+        warm_up=compile_mode != "none",
+        worker="bench",
+        device_thread=dt,
+    ).start()
     counter = iter(range(10**6))
 
     def arcdiff_batch() -> None:
-        spec = GenerationSpec(id=f"b{next(counter)}", model="m", steps=steps, solver="ddim", seed=0, n=batch,
-                              submitted_at=time.time())
+        spec = GenerationSpec(
+            id=f"b{next(counter)}", model="m", steps=steps, solver="ddim", seed=0, n=batch, submitted_at=time.time()
+        )
         engine.submit(spec).result()
 
     try:
@@ -219,6 +312,15 @@ def _time_side(side: str, folder: Path, batch: int, steps: int, repeats: int, de
 
 if __name__ == "__main__":  # one side, run by compare() in its own process
     side, folder_arg, batch_arg, steps_arg, repeats_arg, device_arg, compile_arg, amp_arg, threads_arg = sys.argv[1:10]
-    seconds = _time_side(side, Path(folder_arg), int(batch_arg), int(steps_arg), int(repeats_arg), device_arg,
-                         compile_arg, amp_arg, int(threads_arg))
+    seconds = _time_side(
+        side,
+        Path(folder_arg),
+        int(batch_arg),
+        int(steps_arg),
+        int(repeats_arg),
+        device_arg,
+        compile_arg,
+        amp_arg,
+        int(threads_arg),
+    )
     print(json.dumps({"side": side, "seconds": seconds}))

@@ -18,14 +18,22 @@ BENCHES = {"engine": "engine", "http": "http", "diffusers": "vs_diffusers", "gpu
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks: engine, http, diffusers (JSON out)", description=HELP,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "bench",
+        help="benchmarks: engine, http, diffusers (JSON out)",
+        description=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     inner = p.add_subparsers(dest="bench", metavar="BENCH")
     inner.required = True
     from arcdiff.cli.main import import_commands
 
     for name, mod in import_commands("arcdiff.bench", BENCHES):
-        q = inner.add_parser(name, help=mod.__doc__.strip().splitlines()[0], description=mod.__doc__,
-                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        q = inner.add_parser(
+            name,
+            help=mod.__doc__.strip().splitlines()[0],
+            description=mod.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         mod.add_arguments(q)
         q.set_defaults(func=mod.run)

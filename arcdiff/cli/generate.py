@@ -27,12 +27,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, mps, cuda or cuda:N (default auto)")
     p.add_argument("--model-dir", metavar="DIR", help="folder of model folders (default ARCDIFF_MODEL_DIR or bundled)")
     p.add_argument("--batch", type=int, default=64, metavar="B", help="images per network evaluation (default 64)")
-    p.add_argument("--url", metavar="URL", help="ask the service at URL (e.g. http://localhost:8000) instead of "
-                   "sampling locally; --device, --model-dir and --batch then do not apply")
-    p.add_argument("--api-key", metavar="KEY", default=os.environ.get("ARCDIFF_API_KEY") or None,
-                   help="with --url: the service's API key (default ARCDIFF_API_KEY)")
-    p.add_argument("--timeout", type=float, default=600.0, metavar="S",
-                   help="with --url: seconds to wait for the images, retries included (default 600)")
+    p.add_argument(
+        "--url",
+        metavar="URL",
+        help="ask the service at URL (e.g. http://localhost:8000) instead of "
+        "sampling locally; --device, --model-dir and --batch then do not apply",
+    )
+    p.add_argument(
+        "--api-key",
+        metavar="KEY",
+        default=os.environ.get("ARCDIFF_API_KEY") or None,
+        help="with --url: the service's API key (default ARCDIFF_API_KEY)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="with --url: seconds to wait for the images, retries included (default 600)",
+    )
     p.set_defaults(func=run)
 
 
@@ -43,11 +56,11 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from arcdiff.contract import MAX_STEPS
     from arcdiff.model.registry import ModelRegistry
     from arcdiff.model.rng import SEED_MAX, image_generator, image_seed, initial_noise
     from arcdiff.model.solvers import nfe, sample
     from arcdiff.worker.encode import grid, png_bytes, to_uint8
-    from arcdiff.contract import MAX_STEPS
     from arcdiff.worker.loading import resolve_device
 
     problems = []
@@ -59,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
         problems.append("-n and --batch must be at least 1")
     registry = ModelRegistry(args.model_dir)
     if args.model not in registry.models:
-        problems.append(f"unknown model {args.model!r} in {registry.root}; known: {', '.join(registry.names()) or 'none'}")
+        problems.append(
+            f"unknown model {args.model!r} in {registry.root}; known: {', '.join(registry.names()) or 'none'}"
+        )
     if problems:
         print("arcdiff generate: " + "; ".join(problems), file=sys.stderr)
         return 2
@@ -76,9 +91,11 @@ def run(args: argparse.Namespace) -> int:
     pixels = torch.cat(chunks)
     with open(args.out, "wb") as f:
         f.write(png_bytes(grid(pixels, args.nrow)))
-    print(f"wrote {args.out}: {args.n} images of {args.model} ({'x'.join(map(str, loaded.image_shape))}), "
-          f"{args.solver} {args.steps} steps = {nfe(args.solver, args.steps)} NFE each, seeds "
-          f"{image_seed(args.seed, 0)}..{image_seed(args.seed, args.n - 1)}, {time.perf_counter() - t0:.2f} s on {device}")
+    print(
+        f"wrote {args.out}: {args.n} images of {args.model} ({'x'.join(map(str, loaded.image_shape))}), "
+        f"{args.solver} {args.steps} steps = {nfe(args.solver, args.steps)} NFE each, seeds "
+        f"{image_seed(args.seed, 0)}..{image_seed(args.seed, args.n - 1)}, {time.perf_counter() - t0:.2f} s on {device}"
+    )
     return 0
 
 
@@ -105,16 +122,19 @@ def run_remote(args: argparse.Namespace) -> int:
         return 2
     try:
         with Client(args.url, api_key=args.api_key) as client:
-            result = client.generate(args.model, args.steps, args.solver, seed=args.seed, n=args.n,
-                                     timeout=args.timeout)
+            result = client.generate(
+                args.model, args.steps, args.solver, seed=args.seed, n=args.n, timeout=args.timeout
+            )
     except ArcdiffError as e:
         print(f"arcdiff generate: {args.url}: {e}", file=sys.stderr)
         return 1
     pil_grid(result.pil_images, args.nrow).save(args.out, format="PNG")
     m = result.metrics
-    print(f"wrote {args.out}: {result.n} images of {result.model} from {args.url}, {result.solver} {result.steps} "
-          f"steps = {result.nfe} NFE each, seeds {result.seeds[0]}..{result.seeds[-1]}; queue "
-          f"{m.get('queue_ms', 0):.0f} ms, sampling {m.get('sample_ms', 0):.0f} ms, encoding "
-          f"{m.get('encode_ms', 0):.0f} ms, total {m.get('total_ms', 0):.0f} ms on {m.get('device', '?')}"
-          + (f" ({result.retries} retries)" if result.retries else ""))
+    print(
+        f"wrote {args.out}: {result.n} images of {result.model} from {args.url}, {result.solver} {result.steps} "
+        f"steps = {result.nfe} NFE each, seeds {result.seeds[0]}..{result.seeds[-1]}; queue "
+        f"{m.get('queue_ms', 0):.0f} ms, sampling {m.get('sample_ms', 0):.0f} ms, encoding "
+        f"{m.get('encode_ms', 0):.0f} ms, total {m.get('total_ms', 0):.0f} ms on {m.get('device', '?')}"
+        + (f" ({result.retries} retries)" if result.retries else "")
+    )
     return 0

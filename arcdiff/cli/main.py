@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name, mod in import_commands("arcdiff.cli", COMMANDS):
+    for _name, mod in import_commands("arcdiff.cli", COMMANDS):
         mod.register(sub)
     return parser
 

@@ -17,16 +17,33 @@ Every flag overrides its ARCDIFF_ environment variable; see the README's setting
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run the HTTP API (embedded engine, or enqueue to Redis)", description=HELP,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "serve",
+        help="run the HTTP API (embedded engine, or enqueue to Redis)",
+        description=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--port", type=int, metavar="P", help="port (ARCDIFF_PORT; default 8000)")
     p.add_argument("--host", metavar="H", help="address (ARCDIFF_HOST; default 127.0.0.1, use 0.0.0.0 in containers)")
-    p.add_argument("--redis", metavar="URL", help="Redis URL, e.g. redis://localhost:6379/0 (ARCDIFF_REDIS_URL); "
-                                                  "unset: embedded mode")
-    p.add_argument("--workers", type=int, metavar="N", help="API processes (ARCDIFF_API_WORKERS; default 1); more than "
-                   "one needs --redis, and their metrics are merged with prometheus-client's multiprocess mode")
-    p.add_argument("--model", action="append", dest="models", metavar="NAME",
-                   help="serve only this model (repeatable; ARCDIFF_MODELS; default: all)")
+    p.add_argument(
+        "--redis",
+        metavar="URL",
+        help="Redis URL, e.g. redis://localhost:6379/0 (ARCDIFF_REDIS_URL); unset: embedded mode",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="API processes (ARCDIFF_API_WORKERS; default 1); more than "
+        "one needs --redis, and their metrics are merged with prometheus-client's multiprocess mode",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        metavar="NAME",
+        help="serve only this model (repeatable; ARCDIFF_MODELS; default: all)",
+    )
     add_engine_flags(p)
     p.set_defaults(func=run)
 
@@ -37,8 +54,14 @@ def run(args: argparse.Namespace) -> int:
     from arcdiff.service.app import SetupError, create_app
     from arcdiff.service.settings import Settings
 
-    flags = dict(port=args.port, host=args.host, redis_url=args.redis, models=args.models, **engine_flags(args),
-                 api_workers=args.workers)
+    flags = dict(
+        port=args.port,
+        host=args.host,
+        redis_url=args.redis,
+        models=args.models,
+        **engine_flags(args),
+        api_workers=args.workers,
+    )
     settings = settings_from(Settings, **flags)
     setup_logging(settings.log_level)
     if settings.api_workers > 1:
@@ -80,6 +103,12 @@ def run_processes(settings, flags: dict) -> int:
     for f in Path(prom_dir).glob("*.db"):
         f.unlink()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = prom_dir
-    uvicorn.run("arcdiff.service.app:create_app", factory=True, workers=settings.api_workers, host=settings.host,
-                port=settings.port, log_level=settings.log_level.lower())
+    uvicorn.run(
+        "arcdiff.service.app:create_app",
+        factory=True,
+        workers=settings.api_workers,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+    )
     return 0

@@ -20,8 +20,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="MNIST IDX file/folder, CIFAR-10 batch folder, or image folder")
     p.add_argument("--out", required=True, help="run folder (checkpoints; the model folder is OUT/NAME)")
     p.add_argument("--name", default="", help="model name (default: the config name, with -eps/-x0 for baselines)")
-    p.add_argument("--objective", choices=["dual", "eps", "x0"], default="dual",
-                   help="dual: x0 and eps heads with equation (12); eps or x0: one-head baselines")
+    p.add_argument(
+        "--objective",
+        choices=["dual", "eps", "x0"],
+        default="dual",
+        help="dual: x0 and eps heads with equation (12); eps or x0: one-head baselines",
+    )
     p.add_argument("--gamma", type=float, default=1.0, help="weight of the velocity term in equation (12)")
     p.add_argument("--steps", type=int, default=10_000, help="optimizer steps in total")
     p.add_argument("--batch", type=int, default=64, help="images per step")
@@ -47,10 +51,24 @@ def run(args: argparse.Namespace) -> int:
     from arcdiff.model.train import TrainingError, TrainSettings, train
 
     settings = TrainSettings(
-        config=args.config, data=args.data, out=args.out, name=args.name, objective=args.objective,
-        gamma=args.gamma, steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup, ema=args.ema,
-        grad_clip=args.grad_clip, hflip=args.hflip, seed=args.seed, checkpoint_every=args.checkpoint_every,
-        device=args.device, amp=not args.no_amp, threads=args.threads,
+        config=args.config,
+        data=args.data,
+        out=args.out,
+        name=args.name,
+        objective=args.objective,
+        gamma=args.gamma,
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        warmup=args.warmup,
+        ema=args.ema,
+        grad_clip=args.grad_clip,
+        hflip=args.hflip,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        device=args.device,
+        amp=not args.no_amp,
+        threads=args.threads,
     )
     try:
         folder = train(settings, resume=args.resume, progress=not args.quiet)

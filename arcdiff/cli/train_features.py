@@ -41,9 +41,17 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        facts = train_feature_net(args.data, args.out, holdout=args.holdout, refit=not args.no_refit,
-                                  epochs=args.epochs, batch=args.batch, lr=args.lr, seed=args.seed,
-                                  progress=not args.quiet)
+        facts = train_feature_net(
+            args.data,
+            args.out,
+            holdout=args.holdout,
+            refit=not args.no_refit,
+            epochs=args.epochs,
+            batch=args.batch,
+            lr=args.lr,
+            seed=args.seed,
+            progress=not args.quiet,
+        )
     except (DataError, ValueError) as e:
         print(f"arcdiff train-features: error: {e}", file=sys.stderr)
         return 2

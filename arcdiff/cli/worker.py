@@ -20,13 +20,26 @@ Every flag overrides its ARCDIFF_ environment variable; see the README's setting
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("worker", help="serve generation queues from Redis on one device", description=HELP,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", action="append", dest="models", metavar="NAME",
-                   help="model to serve (repeatable; ARCDIFF_MODELS; default: all in the model folder)")
+    p = sub.add_parser(
+        "worker",
+        help="serve generation queues from Redis on one device",
+        description=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        metavar="NAME",
+        help="model to serve (repeatable; ARCDIFF_MODELS; default: all in the model folder)",
+    )
     p.add_argument("--redis", metavar="URL", help="Redis URL (ARCDIFF_REDIS_URL); required")
-    p.add_argument("--metrics-port", type=int, metavar="P",
-                   help="Prometheus port (ARCDIFF_WORKER_METRICS_PORT; default 9101; 0: off)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="P",
+        help="Prometheus port (ARCDIFF_WORKER_METRICS_PORT; default 9101; 0: off)",
+    )
     p.add_argument("--name", metavar="NAME", help="worker name in RQ (ARCDIFF_WORKER_NAME; default host.pid.xxxxxx)")
     add_engine_flags(p)
     p.set_defaults(func=run)
@@ -37,8 +50,14 @@ def run(args: argparse.Namespace) -> int:
     from arcdiff.worker.main import WorkerSetupError, run_worker
     from arcdiff.worker.settings import WorkerSettings
 
-    settings = settings_from(WorkerSettings, models=args.models, redis_url=args.redis, **engine_flags(args),
-                             worker_metrics_port=args.metrics_port, worker_name=args.name)
+    settings = settings_from(
+        WorkerSettings,
+        models=args.models,
+        redis_url=args.redis,
+        **engine_flags(args),
+        worker_metrics_port=args.metrics_port,
+        worker_name=args.name,
+    )
     setup_logging(settings.log_level)
     models = settings.models or ModelRegistry(settings.model_dir).names()
     try:

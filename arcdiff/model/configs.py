@@ -7,21 +7,45 @@ from arcdiff.model.unet import UNetConfig
 
 CONFIGS: dict[str, UNetConfig] = {
     # DDPM's CIFAR-10 network (35.7M parameters with one head; the second head adds one conv's worth).
-    "cifar10": UNetConfig(image_size=32, channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
-                          attn_resolutions=(16,), dropout=0.1),
+    "cifar10": UNetConfig(
+        image_size=32, channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1
+    ),
     # DDIM's CelebA 64x64 network.
-    "celeba64": UNetConfig(image_size=64, channels=3, ch=128, ch_mult=(1, 2, 2, 2, 4), num_res_blocks=2,
-                           attn_resolutions=(16,), dropout=0.1),
+    "celeba64": UNetConfig(
+        image_size=64,
+        channels=3,
+        ch=128,
+        ch_mult=(1, 2, 2, 2, 4),
+        num_res_blocks=2,
+        attn_resolutions=(16,),
+        dropout=0.1,
+    ),
     # DDPM's LSUN 256x256 network.
-    "church256": UNetConfig(image_size=256, channels=3, ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
-                            attn_resolutions=(16,), dropout=0.0),
+    "church256": UNetConfig(
+        image_size=256,
+        channels=3,
+        ch=128,
+        ch_mult=(1, 1, 2, 2, 4, 4),
+        num_res_blocks=2,
+        attn_resolutions=(16,),
+        dropout=0.0,
+    ),
     # 28x28 grayscale, 28 -> 14 -> 7 with 16/32/64 channels, attention at 7 (and in the middle
     # block): about 0.7M parameters, ~0.3 s per training step at batch 32 on 2 CPU cores.
-    "mnist": UNetConfig(image_size=28, channels=1, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1,
-                        attn_resolutions=(7,), dropout=0.0, groups=8),
+    "mnist": UNetConfig(
+        image_size=28,
+        channels=1,
+        ch=16,
+        ch_mult=(1, 2, 4),
+        num_res_blocks=1,
+        attn_resolutions=(7,),
+        dropout=0.0,
+        groups=8,
+    ),
     # A few-thousand-parameter network for tests.
-    "tiny": UNetConfig(image_size=8, channels=1, ch=8, ch_mult=(1, 2), num_res_blocks=1,
-                       attn_resolutions=(4,), dropout=0.0, groups=4),
+    "tiny": UNetConfig(
+        image_size=8, channels=1, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0, groups=4
+    ),
 }
 
 

@@ -50,7 +50,9 @@ def read_idx(path: Path) -> np.ndarray:
     dims = struct.unpack(f">{ndim}I", data[4:header])
     expected = int(np.prod(dims))
     if len(data) - header != expected:
-        raise DataError(f"{path}: IDX header promises {expected} bytes of data for shape {dims}, file has {len(data) - header}")
+        raise DataError(
+            f"{path}: IDX header promises {expected} bytes of data for shape {dims}, file has {len(data) - header}"
+        )
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
 
 
@@ -173,7 +175,9 @@ def load_images(path: str | Path, image_size: int, channels: int) -> torch.Tenso
     name = path.name
     if "idx3" in name or (path.is_dir() and _find(path, "*idx3-ubyte*")):
         images, _ = load_mnist(path)
-    elif name.startswith(("data_batch", "test_batch")) or (path.is_dir() and _find(path, "data_batch_*", "*/data_batch_*")):
+    elif name.startswith(("data_batch", "test_batch")) or (
+        path.is_dir() and _find(path, "data_batch_*", "*/data_batch_*")
+    ):
         images, _ = load_cifar10(path)
     elif path.is_dir():
         return load_image_folder(path, image_size, channels)

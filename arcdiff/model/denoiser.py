@@ -20,8 +20,9 @@ reduced precision (autocast), and its output is cast back before any arithmetic.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from torch import nn

@@ -69,7 +69,9 @@ def alpha_bar_from_scheduler(sched: dict[str, Any], path: Path | None) -> torch.
     elif kind == "squaredcos_cap_v2":
         return cosine_alpha_bar(T)
     else:
-        raise ModelFormatError(f"{path}: beta_schedule {kind!r} is not supported (linear, scaled_linear, squaredcos_cap_v2)")
+        raise ModelFormatError(
+            f"{path}: beta_schedule {kind!r} is not supported (linear, scaled_linear, squaredcos_cap_v2)"
+        )
     return alpha_bar_from_betas(betas)
 
 
@@ -78,11 +80,15 @@ def read_diffusers_config(folder: Path) -> dict[str, Any]:
     unet_dir, sched_path = _paths(folder)
     ucfg = read_json(unet_dir / "config.json")
     if ucfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        raise ModelFormatError(f"{unet_dir / 'config.json'}: only UNet2DModel is supported, got {ucfg.get('_class_name')!r}")
+        raise ModelFormatError(
+            f"{unet_dir / 'config.json'}: only UNet2DModel is supported, got {ucfg.get('_class_name')!r}"
+        )
     sched = read_json(sched_path) if sched_path else {}
     ptype = sched.get("prediction_type", "epsilon")
     if ptype not in PREDICTION_TYPES:
-        raise ModelFormatError(f"{sched_path}: prediction_type {ptype!r} is not supported ({', '.join(PREDICTION_TYPES)})")
+        raise ModelFormatError(
+            f"{sched_path}: prediction_type {ptype!r} is not supported ({', '.join(PREDICTION_TYPES)})"
+        )
     size = ucfg.get("sample_size", 32)
     if isinstance(size, (list, tuple)):
         if len(set(size)) != 1:
@@ -125,8 +131,11 @@ def with_fixed_dtype(unet: nn.Module) -> nn.Module:
         self._arcdiff_dtype = get_parameter_dtype(self)
         return out
 
-    fixed = type(base.__name__, (base,), {"_arcdiff_fixed_dtype": True, "_apply": _apply,
-                                          "dtype": property(lambda self: self._arcdiff_dtype)})
+    fixed = type(
+        base.__name__,
+        (base,),
+        {"_arcdiff_fixed_dtype": True, "_apply": _apply, "dtype": property(lambda self: self._arcdiff_dtype)},
+    )
     unet.__class__ = fixed
     unet._arcdiff_dtype = get_parameter_dtype(unet)
     return unet

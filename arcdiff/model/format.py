@@ -97,7 +97,8 @@ def read_config(folder: Path) -> dict[str, Any]:
         raise ModelFormatError(f"{path}: bad architecture ({e})") from None
     if unet.heads != heads_for(cfg["prediction"]):
         raise ModelFormatError(
-            f"{path}: prediction {cfg['prediction']!r} needs {heads_for(cfg['prediction'])} head(s), architecture has {unet.heads}"
+            f"{path}: prediction {cfg['prediction']!r} needs {heads_for(cfg['prediction'])} head(s), "
+            f"architecture has {unet.heads}"
         )
     if (unet.image_size, unet.channels) != (cfg["image_size"], cfg["channels"]):
         raise ModelFormatError(f"{path}: image_size/channels disagree with the architecture")
@@ -148,8 +149,11 @@ def load_state(net: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Pat
     expected = net.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    shapes = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
+    shapes = [
+        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing key(s) (e.g. {missing[:3]})")
@@ -178,4 +182,3 @@ def load_model(
     lo, hi = cfg.get("data_range", [-1.0, 1.0])
     denoiser = Denoiser(net, cfg["prediction"], clip=max(abs(lo), abs(hi)), amp_dtype=amp_dtype).eval()
     return LoadedModel(name=cfg.get("name", folder.name), path=folder, config=cfg, denoiser=denoiser)
-

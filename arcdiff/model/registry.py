@@ -16,7 +16,14 @@ from typing import Any
 import torch
 
 from arcdiff.model.diffusers_adapter import is_diffusers_folder, load_diffusers_model, read_diffusers_config
-from arcdiff.model.format import WEIGHTS_FILE, LoadedModel, ModelFormatError, load_model, read_config, weight_parameter_count
+from arcdiff.model.format import (
+    WEIGHTS_FILE,
+    LoadedModel,
+    ModelFormatError,
+    load_model,
+    read_config,
+    weight_parameter_count,
+)
 
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parent / "weights"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -47,7 +54,9 @@ def describe(folder: Path) -> ModelInfo:
     else:
         cfg = read_config(folder)
         kind, params = "arcdiff", weight_parameter_count(folder / WEIGHTS_FILE)
-    return ModelInfo(folder.name, folder, kind, int(cfg["image_size"]), int(cfg["channels"]), cfg["prediction"], params, cfg)
+    return ModelInfo(
+        folder.name, folder, kind, int(cfg["image_size"]), int(cfg["channels"]), cfg["prediction"], params, cfg
+    )
 
 
 class ModelRegistry:

@@ -18,6 +18,8 @@ def image_generator(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
-def initial_noise(shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def initial_noise(
+    shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """x_T for one image: standard normal of `shape` (C, H, W), from the image's own generator."""
     return torch.randn(shape, generator=generator, dtype=dtype)

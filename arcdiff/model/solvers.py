@@ -25,7 +25,7 @@ cos(eta) x0_hat + sin(eta) eps_hat:
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -82,7 +82,9 @@ class Solver:
         eta, _ = self._etas(st)
         return st["x"], eta.to(st["x"].dtype)
 
-    def advance(self, st: State, x0_hat: torch.Tensor, eps_hat: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def advance(
+        self, st: State, x0_hat: torch.Tensor, eps_hat: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Consume one evaluation per sample; returns the mask of samples now finished."""
         raise NotImplementedError
 
@@ -134,7 +136,9 @@ class RungeKutta(Solver):
         eta = eta0 + c[stage] * h
         return self._combine(st, a[stage], h), eta.to(st["x"].dtype)
 
-    def advance(self, st: State, x0_hat: torch.Tensor, eps_hat: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def advance(
+        self, st: State, x0_hat: torch.Tensor, eps_hat: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
         eta0, h = self._step(st)
         stage = st["stage"]
         _, b, c_stage = self._tableau(h.device)
@@ -154,10 +158,14 @@ class DDIM(Solver):
 
     name = "ddim"
 
-    def advance(self, st: State, x0_hat: torch.Tensor, eps_hat: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def advance(
+        self, st: State, x0_hat: torch.Tensor, eps_hat: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
         _, eta1 = self._etas(st)
         x = st["x"]
-        st["x"] = _per_sample(torch.cos(eta1), x) * x0_hat.to(x.dtype) + _per_sample(torch.sin(eta1), x) * eps_hat.to(x.dtype)
+        st["x"] = _per_sample(torch.cos(eta1), x) * x0_hat.to(x.dtype) + _per_sample(torch.sin(eta1), x) * eps_hat.to(
+            x.dtype
+        )
         return self._next_step(st)
 
 
@@ -173,7 +181,9 @@ class DDPM(Solver):
     name = "ddpm"
     stochastic = True
 
-    def advance(self, st: State, x0_hat: torch.Tensor, eps_hat: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def advance(
+        self, st: State, x0_hat: torch.Tensor, eps_hat: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if noise is None:
             raise ValueError("ddpm is stochastic: advance() needs a noise tensor")
         eta0, eta1 = self._etas(st)
@@ -215,7 +225,9 @@ class DPMSolverPP2M(Solver):
         st["x0_prev"] = torch.zeros_like(x_T)
         return st
 
-    def advance(self, st: State, x0_hat: torch.Tensor, eps_hat: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def advance(
+        self, st: State, x0_hat: torch.Tensor, eps_hat: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
         eta0, eta1 = self._etas(st)
         eta_prev = st["eta_prev"]  # eta_{i-1}; eta_0 itself on the first step
         x = st["x"]
@@ -238,7 +250,9 @@ _IMPLS: dict[str, Solver] = {
     for s in (
         RungeKutta("euler", a=[[]], b=[1.0], c=[0.0]),
         RungeKutta("heun", a=[[], [1.0]], b=[0.5, 0.5], c=[0.0, 1.0]),
-        RungeKutta("rk4", a=[[], [0.5], [0.0, 0.5], [0.0, 0.0, 1.0]], b=[1 / 6, 1 / 3, 1 / 3, 1 / 6], c=[0.0, 0.5, 0.5, 1.0]),
+        RungeKutta(
+            "rk4", a=[[], [0.5], [0.0, 0.5], [0.0, 0.0, 1.0]], b=[1 / 6, 1 / 3, 1 / 3, 1 / 6], c=[0.0, 0.5, 0.5, 1.0]
+        ),
         DDIM(),
         DDPM(),
         DPMSolverPP2M(),

@@ -13,9 +13,10 @@ import math
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -90,9 +91,9 @@ def ema_decay(step: int, settings: TrainSettings) -> float:
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), net.parameters()):
+    for e, p in zip(ema.parameters(), net.parameters(), strict=True):
         e.lerp_(p, 1.0 - decay)
-    for e, b in zip(ema.buffers(), net.buffers()):
+    for e, b in zip(ema.buffers(), net.buffers(), strict=True):
         e.copy_(b)
 
 
@@ -216,7 +217,9 @@ class Trainer:
             opt_state["state"].setdefault(int(pid), {})[name] = v
         self.opt.load_state_dict(opt_state)
         self.g_data.set_state(tensors["rng.data"])
-        self.g_loss.set_state(tensors["rng.loss"].to(self.g_loss.device) if self.device.type != "cpu" else tensors["rng.loss"])
+        self.g_loss.set_state(
+            tensors["rng.loss"].to(self.g_loss.device) if self.device.type != "cpu" else tensors["rng.loss"]
+        )
         self.step, self.wall_time, self.loss_avg = state["step"], state["wall_time"], state["loss_avg"]
 
     # ---- the model folder -----------------------------------------------------------------------

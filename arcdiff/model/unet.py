@@ -44,7 +44,7 @@ class UNetConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "UNetConfig":
+    def from_dict(cls, d: dict) -> UNetConfig:
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known - {"type"}
         if unknown:
@@ -149,7 +149,11 @@ class UNet(nn.Module):
                 res = (res + 1) // 2
 
         self.mid = nn.ModuleList(
-            [ResBlock(cur, cur, temb_dim, cfg.dropout, g), AttnBlock(cur, g), ResBlock(cur, cur, temb_dim, cfg.dropout, g)]
+            [
+                ResBlock(cur, cur, temb_dim, cfg.dropout, g),
+                AttnBlock(cur, g),
+                ResBlock(cur, cur, temb_dim, cfg.dropout, g),
+            ]
         )
 
         self.up = nn.ModuleList()

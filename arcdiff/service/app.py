@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -14,8 +14,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from arcdiff.model.registry import ModelInfo, ModelRegistry
-from arcdiff.service.api.routes import generations, health, models, playground
 from arcdiff.service.api.deps import key_digests
+from arcdiff.service.api.routes import generations, health, models, playground
 from arcdiff.service.backend import Backend
 from arcdiff.service.limits import BodyLimitMiddleware
 from arcdiff.service.metrics import REJECTED, MetricsMiddleware, init_generation_series, init_route_series
@@ -40,8 +40,9 @@ def served_models(settings: Settings) -> dict[str, ModelInfo]:
     names = settings.models or registry.names()
     unknown = [n for n in names if n not in registry.models]
     if unknown:
-        raise SetupError(f"unknown model(s) {', '.join(unknown)} in {registry.root}; known: "
-                         f"{', '.join(registry.names()) or 'none'}")
+        raise SetupError(
+            f"unknown model(s) {', '.join(unknown)} in {registry.root}; known: {', '.join(registry.names()) or 'none'}"
+        )
     for name, err in registry.errors.items():
         log.warning("model folder %s skipped: %s", name, err)
     return {n: registry.info(n) for n in names}
@@ -116,7 +117,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(
-            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "X-API-Key", "Accept"],
             expose_headers=["Location", "Retry-After", "Server-Timing", "X-Generation-Id", "X-Seed"],
         )

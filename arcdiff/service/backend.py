@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from arcdiff.model.registry import ModelInfo
 from arcdiff.contract import GenerationSpec, JobResult
+from arcdiff.model.registry import ModelInfo
 
 
 class Rejected(Exception):

@@ -13,13 +13,13 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+from arcdiff.contract import GenerationSpec
 from arcdiff.model.registry import ModelInfo
 from arcdiff.service.backend import Generation, NotReady, QueueFull
 from arcdiff.service.metrics import QUEUE_DEPTH
 from arcdiff.service.settings import Settings
 from arcdiff.worker import metrics as worker_metrics
 from arcdiff.worker.engine import Engine
-from arcdiff.contract import GenerationSpec
 
 log = logging.getLogger("arcdiff.embedded")
 
@@ -98,16 +98,17 @@ class EmbeddedBackend:
     def _queued(self, model: str) -> int:
         engine = self.engine
         return sum(
-            1 for e in self._gens.values()
-            if e.spec.model == model and not e.future.done() and engine is not None and engine.status(e.spec.id) == "queued"
+            1
+            for e in self._gens.values()
+            if e.spec.model == model
+            and not e.future.done()
+            and engine is not None
+            and engine.status(e.spec.id) == "queued"
         )
 
     def _forget_expired(self) -> None:
         now = time.time()
-        expired = [
-            gid for gid, e in self._gens.items()
-            if e.done_at is not None and now - e.done_at > self._ttl(e)
-        ]
+        expired = [gid for gid, e in self._gens.items() if e.done_at is not None and now - e.done_at > self._ttl(e)]
         for gid in expired:
             del self._gens[gid]
         while len(self._gens) >= MAX_KEPT:

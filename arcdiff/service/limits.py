@@ -2,7 +2,8 @@
 
 Runs before routing and before any body is parsed: a Content-Length over the limit is refused
 without reading the body; a chunked body is counted as it arrives and refused once it passes the
-limit (bodies are small: the app gets the buffered body). A POST/PUT/PATCH with a body must say `Content-Type: application/json` (or `...+json`).
+limit (bodies are small: the app gets the buffered body). A POST/PUT/PATCH with a body must say
+`Content-Type: application/json` (or `...+json`).
 """
 
 from __future__ import annotations
@@ -15,8 +16,13 @@ _BODY_METHODS = {b"POST", b"PUT", b"PATCH", "POST", "PUT", "PATCH"}
 
 async def _send_error(send: Any, status: int, detail: str) -> None:
     body = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -49,8 +55,11 @@ class BodyLimitMiddleware:
         has_body = length is None and b"transfer-encoding" in headers or (length is not None and int(length) > 0)
         content_type = headers.get(b"content-type", b"").decode("latin-1")
         if has_body and not _is_json(content_type):
-            await _send_error(send, 415, f"the body must be JSON (Content-Type: application/json), got "
-                                         f"{content_type or 'no Content-Type'!r}")
+            await _send_error(
+                send,
+                415,
+                f"the body must be JSON (Content-Type: application/json), got {content_type or 'no Content-Type'!r}",
+            )
             return
 
         # read the whole (bounded) body first, then replay it to the app

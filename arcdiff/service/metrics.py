@@ -10,11 +10,21 @@ import os
 import time
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 HTTP_REQUESTS = Counter("arcdiff_http_requests", "HTTP requests", ["route", "method", "status"])
 HTTP_DURATION = Histogram(
-    "arcdiff_http_request_duration_seconds", "HTTP request duration (wait=true requests included)", ["route"],
+    "arcdiff_http_request_duration_seconds",
+    "HTTP request duration (wait=true requests included)",
+    ["route"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0),
 )
 GENERATIONS = Counter(
@@ -23,8 +33,9 @@ GENERATIONS = Counter(
     ["model", "solver", "status"],
 )
 REJECTED = Counter("arcdiff_generations_rejected", "Generation requests refused", ["reason"])
-QUEUE_DEPTH = Gauge("arcdiff_queue_depth", "Generations accepted and not yet started", ["model"],
-                    multiprocess_mode="max")
+QUEUE_DEPTH = Gauge(
+    "arcdiff_queue_depth", "Generations accepted and not yet started", ["model"], multiprocess_mode="max"
+)
 
 _METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
 

@@ -19,11 +19,11 @@ from rq.job import Job, JobStatus
 from rq.results import Result
 from rq.serializers import JSONSerializer
 
+from arcdiff.contract import TASK, GenerationSpec, JobResult, SpecError, queue_name
 from arcdiff.model.registry import ModelInfo
 from arcdiff.service.backend import Generation, NotReady, QueueFull
 from arcdiff.service.metrics import QUEUE_DEPTH
 from arcdiff.service.settings import Settings
-from arcdiff.contract import TASK, GenerationSpec, JobResult, SpecError, queue_name
 
 log = logging.getLogger("arcdiff.queue")
 
@@ -47,7 +47,9 @@ class RedisBackend:
         # short socket timeouts: a request must fail fast (503) when Redis is gone, not hang
         self.redis = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
         self.aredis = aredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)
-        self.queues = {name: Queue(queue_name(name), connection=self.redis, serializer=JSONSerializer) for name in models}
+        self.queues = {
+            name: Queue(queue_name(name), connection=self.redis, serializer=JSONSerializer) for name in models
+        }
         self._cached: tuple[float, str | None, set[str]] = (float("-inf"), None, set())
 
     async def start(self) -> None:
@@ -101,7 +103,9 @@ class RedisBackend:
         q = self.queues[spec.model]
         try:
             if q.count >= self.settings.queue_limit:
-                raise QueueFull(f"{self.settings.queue_limit} generations already waiting for {spec.model}", retry_after=1)
+                raise QueueFull(
+                    f"{self.settings.queue_limit} generations already waiting for {spec.model}", retry_after=1
+                )
             q.enqueue_call(
                 TASK,
                 args=(spec.to_payload(),),
@@ -129,8 +133,12 @@ class RedisBackend:
         waited = time.time() - spec.submitted_at
         if status == "queued" and waited > self.settings.queue_timeout_s:
             # no worker took it in time: it is failed whoever takes it later (the worker records it)
-            return Generation(spec, "failed", error=f"expired: waited {waited:.1f} s to start, longer than the queue "
-                                                    f"timeout of {self.settings.queue_timeout_s:g} s (ARCDIFF_QUEUE_TIMEOUT_S)")
+            return Generation(
+                spec,
+                "failed",
+                error=f"expired: waited {waited:.1f} s to start, longer than the queue "
+                f"timeout of {self.settings.queue_timeout_s:g} s (ARCDIFF_QUEUE_TIMEOUT_S)",
+            )
         if status == "finished":
             value = job.return_value()
             if value is None:  # result expired between the two reads
@@ -138,7 +146,11 @@ class RedisBackend:
             return Generation(spec, status, result=JobResult.from_payload(value))
         if status == "failed":
             latest = job.latest_result()
-            error = latest.exc_string if latest is not None and latest.exc_string else f"job {job.get_status(refresh=False)}"
+            error = (
+                latest.exc_string
+                if latest is not None and latest.exc_string
+                else f"job {job.get_status(refresh=False)}"
+            )
             return Generation(spec, status, error=error.strip())
         return Generation(spec, status)
 
@@ -169,7 +181,7 @@ class RedisBackend:
             with self.redis.pipeline(transaction=False) as pipe:
                 for q in self.queues.values():
                     pipe.llen(q.key)
-                return dict(zip(self.queues, pipe.execute()))
+                return dict(zip(self.queues, pipe.execute(), strict=True))
 
         try:
             return await asyncio.to_thread(depths)

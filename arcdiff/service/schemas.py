@@ -7,7 +7,8 @@ real limits: the models this deployment serves and its largest n.
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
@@ -23,19 +24,27 @@ class GenerationRequest(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"model": "mnist", "steps": 10, "solver": "rk4", "seed": 7, "n": 4, "wait": True}]},
+        json_schema_extra={
+            "examples": [{"model": "mnist", "steps": 10, "solver": "rk4", "seed": 7, "n": 4, "wait": True}]
+        },
     )
 
     model: str = Field(description="a model from GET /v1/models")
-    steps: int = Field(strict=True, ge=1, le=MAX_STEPS, description="solver steps (network evaluations = steps x stages)")
+    steps: int = Field(
+        strict=True, ge=1, le=MAX_STEPS, description="solver steps (network evaluations = steps x stages)"
+    )
     solver: Solver = Field(description="euler, heun, rk4 (velocity form), ddim, ddpm (stochastic) or dpmpp2m")
     seed: int | None = Field(
-        None, strict=True, ge=0, le=SEED_MAX,
+        None,
+        strict=True,
+        ge=0,
+        le=SEED_MAX,
         description="seed of image 0; image k uses (seed + k) mod 2^32. Omitted: the server picks one and returns it",
     )
     n: int = Field(1, strict=True, ge=1, le=MAX_IMAGES_CAP, description="number of images")
     wait: bool = Field(
-        False, strict=True,
+        False,
+        strict=True,
         description="hold the request until the images are done (bounded by the server's wait timeout, then 202)",
     )
 
@@ -60,7 +69,9 @@ def generation_request(models: Sequence[str], max_images: int) -> type[Generatio
 
 class ImageOut(BaseModel):
     index: int = Field(description="k: the image's index in the request")
-    seed: int = Field(description="the image's own seed, (seed + k) mod 2^32: ask for it with n=1 to get this image again")
+    seed: int = Field(
+        description="the image's own seed, (seed + k) mod 2^32: ask for it with n=1 to get this image again"
+    )
     png_base64: str = Field(description="the PNG, base64")
     url: str = Field(description="the raw PNG")
 

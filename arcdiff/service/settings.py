@@ -28,10 +28,12 @@ class Settings(WorkerSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="comma-separated keys, each plain or 'sha256:<64 hex>' (the SHA-256 of the key); if set, "
-                    "every route but /healthz and /readyz needs 'Authorization: Bearer KEY'",
+        "every route but /healthz and /readyz needs 'Authorization: Bearer KEY'",
     )
     rate_limit_images_per_min: int = Field(
-        0, ge=0, description="images per minute one API key (or, without keys, one client address) may ask for; 0: no limit"
+        0,
+        ge=0,
+        description="images per minute one API key (or, without keys, one client address) may ask for; 0: no limit",
     )
     max_body_bytes: int = Field(65536, ge=1024, description="largest request body; larger: 413")
     cors_origins: Annotated[list[str], NoDecode] = Field(

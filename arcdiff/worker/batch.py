@@ -12,7 +12,8 @@ when they leave (one check per finished batch of rows, not per tick).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -50,7 +51,9 @@ class SolverGroup:
     def __len__(self) -> int:
         return len(self.slots)
 
-    def add(self, x_T: torch.Tensor, steps: torch.Tensor, slots: Sequence[Any], generators: Sequence[torch.Generator]) -> None:
+    def add(
+        self, x_T: torch.Tensor, steps: torch.Tensor, slots: Sequence[Any], generators: Sequence[torch.Generator]
+    ) -> None:
         """Join: a fresh state for the new rows, concatenated after the running ones."""
         fresh = self.impl.init(x_T, steps)
         if self.state is None or not self.slots:

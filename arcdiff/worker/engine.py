@@ -25,12 +25,13 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
 
 import torch
 
+from arcdiff.contract import GenerationSpec, ImageResult, JobMetrics, JobResult
 from arcdiff.model.format import LoadedModel
 from arcdiff.model.rng import image_generator, image_seed, initial_noise
 from arcdiff.model.solvers import nfe as solver_nfe
@@ -38,7 +39,6 @@ from arcdiff.worker import metrics as m
 from arcdiff.worker.batch import SolverGroup, bucket_for, bucket_sizes
 from arcdiff.worker.device_thread import DeviceThread
 from arcdiff.worker.encode import png_bytes, to_uint8
-from arcdiff.contract import GenerationSpec, ImageResult, JobMetrics, JobResult
 
 log = logging.getLogger("arcdiff.engine")
 
@@ -281,7 +281,9 @@ class Engine:
 
     # ---- resolution (any thread) ---------------------------------------------------------------
 
-    def _close(self, task: _Task, result: JobResult | None = None, error: str | None = None, cancel: bool = False) -> bool:
+    def _close(
+        self, task: _Task, result: JobResult | None = None, error: str | None = None, cancel: bool = False
+    ) -> bool:
         """Resolve a generation exactly once; whoever closes it first wins."""
         with self._cond:
             if task.closed:
@@ -314,8 +316,13 @@ class Engine:
     # ---- device thread -------------------------------------------------------------------------
 
     def _run(self) -> None:
-        log.info("engine on %s: models %s, max batch %d, buckets %s", self.device, ", ".join(self._runners),
-                 self.max_batch, self.buckets)
+        log.info(
+            "engine on %s: models %s, max batch %d, buckets %s",
+            self.device,
+            ", ".join(self._runners),
+            self.max_batch,
+            self.buckets,
+        )
         self._sample_memory()
         with torch.inference_mode():
             try:
@@ -392,8 +399,10 @@ class Engine:
     def _expired_reason(self, spec: GenerationSpec, wall: float) -> str | None:
         waited = wall - spec.submitted_at
         if self.queue_timeout_s and waited > self.queue_timeout_s:
-            return (f"expired: waited {waited:.1f} s to start, longer than the queue timeout of "
-                    f"{self.queue_timeout_s:g} s (ARCDIFF_QUEUE_TIMEOUT_S)")
+            return (
+                f"expired: waited {waited:.1f} s to start, longer than the queue timeout of "
+                f"{self.queue_timeout_s:g} s (ARCDIFF_QUEUE_TIMEOUT_S)"
+            )
         return None
 
     def _sample_memory(self) -> None:
@@ -478,13 +487,18 @@ class Engine:
         now = time.time()
         failed: list[tuple[_Task, str]] = []
         with self._cond:
-            for row, ((task, k), ok, px) in enumerate(zip(owners, finite, pixels)):
+            for row, ((task, k), ok, px) in enumerate(zip(owners, finite, pixels, strict=True)):
                 self._leave(r, task)
                 if task.closed:
                     continue
                 if not ok:
-                    failed.append((task, f"image {k} (seed {image_seed(task.spec.seed, k)}) became non-finite "
-                                         f"(NaN or inf) during sampling"))
+                    failed.append(
+                        (
+                            task,
+                            f"image {k} (seed {image_seed(task.spec.seed, k)}) became non-finite "
+                            f"(NaN or inf) during sampling",
+                        )
+                    )
                     continue
                 task.last_leave = now
                 if self.keep_samples:

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -55,8 +56,9 @@ class SpeedSettings:
         return self.compile in ("reduce-overhead", "max-autotune")
 
 
-def resolve_speed(device: torch.device, amp: str = "auto", compile_mode: str = "auto",
-                  channels_last: bool | None = None) -> SpeedSettings:
+def resolve_speed(
+    device: torch.device, amp: str = "auto", compile_mode: str = "auto", channels_last: bool | None = None
+) -> SpeedSettings:
     """Fill in the "auto" (None for channels_last) settings with the defaults for `device`."""
     cuda = device.type == "cuda"
     if amp == "auto":
@@ -103,8 +105,9 @@ def prepare_models(
     return out
 
 
-def _prepare(registry: ModelRegistry, name: str, device: torch.device, speed: SpeedSettings,
-             backend: str | Callable[..., Any]) -> Prepared:
+def _prepare(
+    registry: ModelRegistry, name: str, device: torch.device, speed: SpeedSettings, backend: str | Callable[..., Any]
+) -> Prepared:
     t0 = time.perf_counter()
     loaded = registry.load(name, device=device, amp_dtype=AMP_DTYPES[speed.amp])
     load_s = time.perf_counter() - t0
@@ -113,8 +116,15 @@ def _prepare(registry: ModelRegistry, name: str, device: torch.device, speed: Sp
     forward, fallback = eager, None
     if speed.compile != "none":
         forward, fallback = compiled_forward(eager, speed, backend), eager
-    log.info("loaded %s on %s in %.2f s (amp %s, compile %s, channels-last %s)", name, device, load_s, speed.amp,
-             speed.compile, speed.channels_last)
+    log.info(
+        "loaded %s on %s in %.2f s (amp %s, compile %s, channels-last %s)",
+        name,
+        device,
+        load_s,
+        speed.amp,
+        speed.compile,
+        speed.channels_last,
+    )
     return Prepared(loaded, forward, fallback)
 
 

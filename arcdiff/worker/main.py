@@ -99,10 +99,13 @@ def run_worker(settings: WorkerSettings, models: list[str]) -> int:
         worker_ttl=settings.worker_ttl_s,
         maintenance_interval=settings.maintenance_s,
     )
-    log.info("worker %s serving %s on %s (max batch %d)", name, ", ".join(engine.models), engine.device, engine.max_batch)
+    log.info(
+        "worker %s serving %s on %s (max batch %d)", name, ", ".join(engine.models), engine.device, engine.max_batch
+    )
     for model, why in engine.failed_models.items():
-        log.error("worker %s does NOT serve %s (failed to load: %s); its jobs stay queued for other workers",
-                  name, model, why)
+        log.error(
+            "worker %s does NOT serve %s (failed to load: %s); its jobs stay queued for other workers", name, model, why
+        )
     try:
         worker.work(logging_level=settings.log_level)
     finally:

@@ -17,22 +17,47 @@ ENCODE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 
 IMAGES = Counter("arcdiff_worker_images", "Images finished by the engine", ["model", "solver"])
 NFE = Counter("arcdiff_worker_nfe", "Per-image network evaluations run by the engine", ["model", "solver"])
-JOBS = Counter("arcdiff_worker_jobs", "Generations ended by the engine (finished, failed, requeued)", ["model", "status"])
-BATCH_SIZE = Histogram("arcdiff_worker_batch_size", "Images in one network evaluation (before padding)", ["model"],
-                       buckets=BATCH_BUCKETS)
-QUEUE_WAIT = Histogram("arcdiff_worker_queue_wait_seconds", "Seconds from acceptance to a generation's first image in the batch",
-                       ["model"], buckets=LATENCY_BUCKETS)
-SAMPLE = Histogram("arcdiff_worker_sample_seconds", "Seconds a generation's images spent in the running batch",
-                   ["model"], buckets=LATENCY_BUCKETS)
-ENCODE = Histogram("arcdiff_worker_encode_seconds", "Seconds to PNG-encode one image", ["model"], buckets=ENCODE_BUCKETS)
+JOBS = Counter(
+    "arcdiff_worker_jobs", "Generations ended by the engine (finished, failed, requeued)", ["model", "status"]
+)
+BATCH_SIZE = Histogram(
+    "arcdiff_worker_batch_size", "Images in one network evaluation (before padding)", ["model"], buckets=BATCH_BUCKETS
+)
+QUEUE_WAIT = Histogram(
+    "arcdiff_worker_queue_wait_seconds",
+    "Seconds from acceptance to a generation's first image in the batch",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+SAMPLE = Histogram(
+    "arcdiff_worker_sample_seconds",
+    "Seconds a generation's images spent in the running batch",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+ENCODE = Histogram(
+    "arcdiff_worker_encode_seconds", "Seconds to PNG-encode one image", ["model"], buckets=ENCODE_BUCKETS
+)
 RUNNING = Gauge("arcdiff_worker_running_images", "Images in the running batch", ["model"], multiprocess_mode="livesum")
-WAITING = Gauge("arcdiff_worker_waiting_images", "Images held by the engine, waiting for a batch slot", ["model"],
-                multiprocess_mode="livesum")
+WAITING = Gauge(
+    "arcdiff_worker_waiting_images",
+    "Images held by the engine, waiting for a batch slot",
+    ["model"],
+    multiprocess_mode="livesum",
+)
 LOAD = Gauge("arcdiff_worker_load_seconds", "Seconds to load the model", ["model"], multiprocess_mode="max")
-COMPILE = Gauge("arcdiff_worker_compile_seconds", "Seconds to compile and warm up the model (all buckets)", ["model"],
-                multiprocess_mode="max")
-DEVICE_MEMORY = Gauge("arcdiff_worker_device_memory_bytes", "Device memory allocated by the engine", ["device"],
-                      multiprocess_mode="livesum")
+COMPILE = Gauge(
+    "arcdiff_worker_compile_seconds",
+    "Seconds to compile and warm up the model (all buckets)",
+    ["model"],
+    multiprocess_mode="max",
+)
+DEVICE_MEMORY = Gauge(
+    "arcdiff_worker_device_memory_bytes",
+    "Device memory allocated by the engine",
+    ["device"],
+    multiprocess_mode="livesum",
+)
 UP = Gauge("arcdiff_worker_up", "1 while the worker serves its queues", multiprocess_mode="livesum")
 BUSY = Gauge("arcdiff_worker_busy", "1 while the worker holds generations", multiprocess_mode="livesum")
 

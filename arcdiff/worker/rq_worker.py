@@ -41,9 +41,9 @@ from rq.worker import SimpleWorker, WorkerStatus
 from rq.worker.base import signal_name
 from rq.worker_registration import REDIS_WORKER_KEYS
 
+from arcdiff.contract import QUEUE_PREFIX, TASK, GenerationSpec, SpecError, queue_name
 from arcdiff.worker import metrics as m
 from arcdiff.worker.engine import Engine
-from arcdiff.contract import QUEUE_PREFIX, TASK, GenerationSpec, SpecError, queue_name
 
 log = logging.getLogger("arcdiff.worker")
 
@@ -117,7 +117,9 @@ class BatchingWorker(SimpleWorker):
             self._held[job.id] = held
         self._update_state()
         try:
-            held.future = self.engine.submit(held.spec, timeout_s=job.timeout if job.timeout and job.timeout > 0 else None)
+            held.future = self.engine.submit(
+                held.spec, timeout_s=job.timeout if job.timeout and job.timeout > 0 else None
+            )
         except Exception:
             log.exception("worker %s: engine refused job %s; requeueing it", self.name, job.id)
             with self._held_lock:
@@ -127,7 +129,9 @@ class BatchingWorker(SimpleWorker):
             return
         held.future.add_done_callback(lambda _f, job_id=job.id: self._done.put(job_id))
 
-    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> tuple[Job, Queue] | None:
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> tuple[Job, Queue] | None:
         """Wait for batch room, then pop a job from the queues of the models that have room.
 
         Returns None (which ends RQ's loop) once a stop was requested."""
@@ -149,8 +153,12 @@ class BatchingWorker(SimpleWorker):
                     continue
                 queues = [q for q in self._ordered_queues if q.name.removeprefix(QUEUE_PREFIX) in ready]
                 result = self.queue_class.dequeue_any(
-                    queues, POLL_S, connection=self.connection, job_class=self.job_class,
-                    serializer=self.serializer, death_penalty_class=self.death_penalty_class,
+                    queues,
+                    POLL_S,
+                    connection=self.connection,
+                    job_class=self.job_class,
+                    serializer=self.serializer,
+                    death_penalty_class=self.death_penalty_class,
                 )
             except DequeueTimeout:
                 continue
@@ -178,7 +186,9 @@ class BatchingWorker(SimpleWorker):
     def request_stop(self, signum: int, frame: Any) -> None:
         """First SIGTERM/SIGINT: stop taking jobs, drain (see teardown). Only sets flags: a signal
         handler must not raise out of a Redis call halfway through."""
-        log.warning("worker %s: got %s: stop taking jobs, drain the %d held", self.name, signal_name(signum), len(self._held))
+        log.warning(
+            "worker %s: got %s: stop taking jobs, drain the %d held", self.name, signal_name(signum), len(self._held)
+        )
         self._shutdown_requested_date = now()
         self._stop_requested = True
         signal.signal(signal.SIGINT, self._request_cold_stop)

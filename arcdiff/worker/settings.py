@@ -38,12 +38,14 @@ class WorkerSettings(BaseSettings):
     max_batch: int = Field(32, ge=1, le=1024, description="images in one network evaluation")
     encode_threads: int = Field(2, ge=1, le=64, description="threads that PNG-encode finished images")
     amp: Literal["auto", "none", "bf16", "fp16"] = Field(
-        "auto", description="autocast dtype for the network (solver state stays float32); auto: bf16 on CUDA "
-        "(fp16 without bf16 support), none elsewhere"
+        "auto",
+        description="autocast dtype for the network (solver state stays float32); auto: bf16 on CUDA "
+        "(fp16 without bf16 support), none elsewhere",
     )
     compile: Literal["auto", "none", "default", "reduce-overhead", "max-autotune"] = Field(
-        "auto", description="torch.compile mode, compiled per batch bucket at start-up; reduce-overhead adds "
-        "CUDA graphs; auto: reduce-overhead on CUDA, none elsewhere"
+        "auto",
+        description="torch.compile mode, compiled per batch bucket at start-up; reduce-overhead adds "
+        "CUDA graphs; auto: reduce-overhead on CUDA, none elsewhere",
     )
     channels_last: bool | None = Field(
         None, description="run the network in channels-last memory format; unset: on for CUDA, off elsewhere"
@@ -61,7 +63,9 @@ class WorkerSettings(BaseSettings):
     heartbeat_s: float = Field(10.0, gt=0, description="seconds between heartbeats of the jobs a worker holds")
     maintenance_s: int = Field(30, ge=1, description="seconds between a worker's RQ registry clean-ups")
     worker_ttl_s: int = Field(60, ge=5, description="a worker missing heartbeats this long is considered dead")
-    drain_timeout_s: float = Field(25.0, ge=0, description="on SIGTERM, seconds to finish running jobs before requeueing")
+    drain_timeout_s: float = Field(
+        25.0, ge=0, description="on SIGTERM, seconds to finish running jobs before requeueing"
+    )
     worker_name: str | None = Field(None, description="RQ worker name; unset: host.pid.random")
     worker_metrics_port: int = Field(9101, ge=0, le=65535, description="worker's Prometheus port; 0: none")
     log_level: str = Field("INFO", description="logging level")

@@ -10,8 +10,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from arcdiff.worker.engine import Engine
 from arcdiff.contract import GenerationSpec
+from arcdiff.worker.engine import Engine
 from arcdiff.worker.settings import WorkerSettings
 
 _engines: dict[str, Engine] = {}

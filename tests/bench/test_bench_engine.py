@@ -8,20 +8,43 @@ import subprocess
 import sys
 
 import pytest
-
 from servicekit import REPO
 
 
 def cli(*args, env=None, timeout=600):
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "arcdiff.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          env=full_env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "arcdiff.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+    )
 
 
 def test_bench_engine_record(tmp_path, model_dir):
     out = tmp_path / "engine.json"
-    r = cli("bench", "engine", "--model", "tiny", "--model-dir", str(model_dir), "--solver", "rk4", "--steps", "3",
-            "--batch", "4", "--rounds", "3", "--device", "cpu", "--json", str(out))
+    r = cli(
+        "bench",
+        "engine",
+        "--model",
+        "tiny",
+        "--model-dir",
+        str(model_dir),
+        "--solver",
+        "rk4",
+        "--steps",
+        "3",
+        "--batch",
+        "4",
+        "--rounds",
+        "3",
+        "--device",
+        "cpu",
+        "--json",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr
     rec = json.loads(out.read_text())
     assert rec["images"] == 12 and rec["nfe_per_image"] == 12 and rec["batch_sizes"] == [4]
@@ -35,8 +58,22 @@ def test_bench_engine_record(tmp_path, model_dir):
 
 
 def test_bench_engine_random_config_and_errors(tmp_path):
-    r = cli("bench", "engine", "--config", "tiny", "--steps", "2", "--batch", "2", "--rounds", "1", "--device", "cpu",
-            "--json", "-")
+    r = cli(
+        "bench",
+        "engine",
+        "--config",
+        "tiny",
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--rounds",
+        "1",
+        "--device",
+        "cpu",
+        "--json",
+        "-",
+    )
     assert r.returncode == 0, r.stderr
     rec = json.loads(r.stdout)
     assert rec["model"] == "random-tiny" and rec["parameters"] > 1000 and rec["image_shape"] == [1, 8, 8]
@@ -51,8 +88,23 @@ def test_bench_engine_random_config_and_errors(tmp_path):
 def test_bench_diffusers_side_by_side(tmp_path):
     pytest.importorskip("diffusers")
     out = tmp_path / "diffusers.json"
-    r = cli("bench", "diffusers", "--image-size", "16", "--steps", "2", "--batch", "1", "2", "--repeats", "1",
-            "--device", "cpu", "--json", str(out))
+    r = cli(
+        "bench",
+        "diffusers",
+        "--image-size",
+        "16",
+        "--steps",
+        "2",
+        "--batch",
+        "1",
+        "2",
+        "--repeats",
+        "1",
+        "--device",
+        "cpu",
+        "--json",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr
     rec = json.loads(out.read_text())
     assert [row["batch"] for row in rec["results"]] == [1, 2] and rec["parameters"] > 10_000
@@ -67,10 +119,23 @@ def test_bench_diffusers_side_by_side(tmp_path):
 
 def test_gpu_check_script_runs_on_cpu_and_refuses_without_cuda(tmp_path):
     out = tmp_path / "gpu.json"
-    env = {"DEVICE": "cpu", "CONFIG": "tiny", "STEPS": "2", "BATCHES": "1 2", "VARIANTS": "eager-fp32",
-           "OUT": str(out), "PYTHON": sys.executable}
-    r = subprocess.run(["bash", str(REPO / "deploy" / "gpu-check.sh")], cwd=tmp_path, capture_output=True, text=True,
-                       env={**os.environ, **env}, timeout=300)
+    env = {
+        "DEVICE": "cpu",
+        "CONFIG": "tiny",
+        "STEPS": "2",
+        "BATCHES": "1 2",
+        "VARIANTS": "eager-fp32",
+        "OUT": str(out),
+        "PYTHON": sys.executable,
+    }
+    r = subprocess.run(
+        ["bash", str(REPO / "deploy" / "gpu-check.sh")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "variant" in r.stdout and "eager-fp32" in r.stdout
     rec = json.loads(out.read_text())
@@ -83,8 +148,25 @@ def test_gpu_check_script_runs_on_cpu_and_refuses_without_cuda(tmp_path):
 
 
 def test_gpu_check_budget_skips_runs(tmp_path):
-    r = cli("bench", "gpu-check", "--config", "tiny", "--steps", "1", "--batches", "1", "2", "--variants",
-            "eager-fp32", "--device", "cpu", "--budget-s", "0", "--json", "-")
+    r = cli(
+        "bench",
+        "gpu-check",
+        "--config",
+        "tiny",
+        "--steps",
+        "1",
+        "--batches",
+        "1",
+        "2",
+        "--variants",
+        "eager-fp32",
+        "--device",
+        "cpu",
+        "--budget-s",
+        "0",
+        "--json",
+        "-",
+    )
     assert r.returncode == 0, r.stderr
     rec = json.loads(r.stdout)
     # with a budget of 0 s no run starts, and each is reported as skipped, not silently dropped
@@ -93,8 +175,26 @@ def test_gpu_check_budget_skips_runs(tmp_path):
 
 
 def test_bench_engine_mix_runs_every_solver_in_each_batch(tmp_path, model_dir):
-    r = cli("bench", "engine", "--model", "tiny", "--model-dir", str(model_dir), "--solver", "mix", "--steps", "4",
-            "--batch", "6", "--rounds", "2", "--device", "cpu", "--json", "-")
+    r = cli(
+        "bench",
+        "engine",
+        "--model",
+        "tiny",
+        "--model-dir",
+        str(model_dir),
+        "--solver",
+        "mix",
+        "--steps",
+        "4",
+        "--batch",
+        "6",
+        "--rounds",
+        "2",
+        "--device",
+        "cpu",
+        "--json",
+        "-",
+    )
     assert r.returncode == 0, r.stderr
     rec = json.loads(r.stdout)
     from arcdiff.model.solvers import SOLVERS

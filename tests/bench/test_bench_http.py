@@ -8,7 +8,6 @@ import sys
 
 import httpx
 import pytest
-
 from servicekit import REPO, child_env, free_port, start_api, stop, wait_api_ready
 
 pytestmark = pytest.mark.timeout(180)
@@ -20,8 +19,14 @@ MIX = [
 
 
 def bench(model_dir, *flags: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "arcdiff.cli", "bench", "http", "--no-progress", *flags], cwd=REPO,
-                          env=child_env(model_dir), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "arcdiff.cli", "bench", "http", "--no-progress", *flags],
+        cwd=REPO,
+        env=child_env(model_dir),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture
@@ -52,8 +57,21 @@ def write_mix(path, mix) -> str:
 def test_bench_record_adds_up(api, model_dir, tmp_path):
     base = api()
     out = tmp_path / "out" / "bench.json"
-    r = bench(model_dir, "--url", base, "--concurrency", "4", "--duration", "3", "--mix",
-              write_mix(tmp_path / "mix.json", MIX), "--json", str(out), "--seed", "5")
+    r = bench(
+        model_dir,
+        "--url",
+        base,
+        "--concurrency",
+        "4",
+        "--duration",
+        "3",
+        "--mix",
+        write_mix(tmp_path / "mix.json", MIX),
+        "--json",
+        str(out),
+        "--seed",
+        "5",
+    )
     assert r.returncode == 0, r.stderr
     rec = json.loads(out.read_text())
     req, lat = rec["requests"], rec["latency_ms"]
@@ -109,13 +127,26 @@ def test_refused_before_any_request(model_dir, tmp_path):
 def test_full_queue_is_counted_as_rejected(api, model_dir, tmp_path):
     """Batch of one, queue of one: six loops keep the queue full, so most of them get 429."""
     base = api(ARCDIFF_MAX_BATCH="1", ARCDIFF_QUEUE_LIMIT="1")
-    mix = [{"request": {"model": "tiny", "steps": 40, "solver": "ddim", "n": 1}},
-           {"request": {"model": "no-such-model", "steps": 1, "solver": "euler"}}]
+    mix = [
+        {"request": {"model": "tiny", "steps": 40, "solver": "ddim", "n": 1}},
+        {"request": {"model": "no-such-model", "steps": 1, "solver": "euler"}},
+    ]
     r = bench(model_dir, "--url", base, "--mix", write_mix(tmp_path / "unserved.json", mix))
     assert r.returncode == 2 and "entry 1: model 'no-such-model' is not served" in r.stderr, r.stderr
 
-    r = bench(model_dir, "--url", base, "-c", "6", "-d", "2", "--json", "-",
-              "--mix", write_mix(tmp_path / "mix.json", mix[:1]))
+    r = bench(
+        model_dir,
+        "--url",
+        base,
+        "-c",
+        "6",
+        "-d",
+        "2",
+        "--json",
+        "-",
+        "--mix",
+        write_mix(tmp_path / "mix.json", mix[:1]),
+    )
     assert r.returncode == 0, r.stderr
     rec = json.loads(r.stdout)  # with --json - the record alone is on stdout, the summary on stderr
     req = rec["requests"]

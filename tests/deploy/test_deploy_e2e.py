@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from deploy_helpers import (
@@ -121,17 +122,48 @@ def stack(tmp_path_factory, prometheus_bin):
     redis_port, api_port, worker_port, prom_port = free_port(), free_port(), free_port(), free_port()
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
     env = {k: v for k, v in os.environ.items() if not k.startswith("ARCDIFF_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-    env.update(ARCDIFF_MODEL_DIR=str(work / "models"), ARCDIFF_TORCH_THREADS="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(ROOT))
+    env.update(
+        ARCDIFF_MODEL_DIR=str(work / "models"), ARCDIFF_TORCH_THREADS="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)
+    )
     procs: list[Proc] = []
     try:
-        procs.append(Proc("redis", [redis_bin, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                                    "--appendonly", "no"], work, env))
-        procs.append(Proc("worker", [*arcdiff_command(), "worker", "--model", MODEL, "--device", "cpu",
-                                     "--max-batch", "8", "--redis", redis_url, "--metrics-port", str(worker_port)],
-                          work, env))
-        procs.append(Proc("api", [*arcdiff_command(), "serve", "--host", "127.0.0.1", "--port", str(api_port),
-                                  "--redis", redis_url], work, env))
+        procs.append(
+            Proc(
+                "redis",
+                [redis_bin, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                work,
+                env,
+            )
+        )
+        procs.append(
+            Proc(
+                "worker",
+                [
+                    *arcdiff_command(),
+                    "worker",
+                    "--model",
+                    MODEL,
+                    "--device",
+                    "cpu",
+                    "--max-batch",
+                    "8",
+                    "--redis",
+                    redis_url,
+                    "--metrics-port",
+                    str(worker_port),
+                ],
+                work,
+                env,
+            )
+        )
+        procs.append(
+            Proc(
+                "api",
+                [*arcdiff_command(), "serve", "--host", "127.0.0.1", "--port", str(api_port), "--redis", redis_url],
+                work,
+                env,
+            )
+        )
         api = f"http://127.0.0.1:{api_port}"
 
         def ready():
@@ -140,27 +172,51 @@ def stack(tmp_path_factory, prometheus_bin):
             return http_get(api + "/readyz", timeout=2)[0] == 200
 
         wait_until(ready, 120, "the API's /readyz (Redis reachable, a worker serving the model)", interval=0.5)
-        cfg = derive_prometheus_config({
-            API_JOB: [f"127.0.0.1:{api_port}"],
-            WORKER_JOB: [f"127.0.0.1:{worker_port}"],
-            "prometheus": [f"127.0.0.1:{prom_port}"],
-        })
+        cfg = derive_prometheus_config(
+            {
+                API_JOB: [f"127.0.0.1:{api_port}"],
+                WORKER_JOB: [f"127.0.0.1:{worker_port}"],
+                "prometheus": [f"127.0.0.1:{prom_port}"],
+            }
+        )
         (work / "prometheus").mkdir()
         with Prometheus(prometheus_bin, cfg, work / "prometheus", port=prom_port) as prom:
             wait_until(lambda: set(prom.targets_up().values()) == {"up"}, 20, "Prometheus to scrape api and worker")
             t0 = time.monotonic()
             results = []
             for i in range(REQUESTS):
-                body = {"model": MODEL, "steps": STEPS, "solver": "rk4", "seed": i, "n": IMAGES_PER_REQUEST, "wait": True}
+                body = {
+                    "model": MODEL,
+                    "steps": STEPS,
+                    "solver": "rk4",
+                    "seed": i,
+                    "n": IMAGES_PER_REQUEST,
+                    "wait": True,
+                }
                 status, res = post_json(api + "/v1/generations", body)
                 if status == 202:  # not finished within the API's wait: poll
-                    res = wait_until(lambda: (r := json.loads(http_get(api + res["url"])[1]))["status"] in ("finished", "failed") and r,
-                                     120, f"generation {res['id']}")
+                    url = api + res["url"]
+
+                    def done(url: str = url) -> Any:
+                        r = json.loads(http_get(url)[1])
+                        return r["status"] in ("finished", "failed") and r
+
+                    res = wait_until(
+                        done,
+                        120,
+                        f"generation {res['id']}",
+                    )
                     status = 200
                 results.append((status, res))
             elapsed = time.monotonic() - t0
-            yield {"prom": prom, "api": api, "procs": procs, "results": results, "elapsed": elapsed,
-                   "worker_port": worker_port}
+            yield {
+                "prom": prom,
+                "api": api,
+                "procs": procs,
+                "results": results,
+                "elapsed": elapsed,
+                "worker_port": worker_port,
+            }
     except Exception:
         for p in procs:
             print(f"--- {p.name} log ---\n{p.tail()}", file=sys.stderr)
@@ -181,10 +237,15 @@ def test_throughput_and_latency_series_exist_and_are_non_zero(stack):
     prom = stack["prom"]
     images = REQUESTS * IMAGES_PER_REQUEST
     # throughput: the counters reached what was generated, and their rate is non-zero
-    wait_until(lambda: prom.value(f"sum(arcdiff_worker_images_total) >= {images}"), 15,
-               f"arcdiff_worker_images_total to reach {images} in Prometheus")
+    wait_until(
+        lambda: prom.value(f"sum(arcdiff_worker_images_total) >= {images}"),
+        15,
+        f"arcdiff_worker_images_total to reach {images} in Prometheus",
+    )
     # rate() needs two scrapes inside its window after the increase
-    wait_until(lambda: (prom.value("sum(rate(arcdiff_worker_images_total[1m]))") or 0) > 0, 10, "a non-zero images rate")
+    wait_until(
+        lambda: (prom.value("sum(rate(arcdiff_worker_images_total[1m]))") or 0) > 0, 10, "a non-zero images rate"
+    )
     assert prom.value(f'sum(arcdiff_worker_images_total{{model="{MODEL}",solver="rk4"}})') == images
     assert prom.value("sum(arcdiff_worker_nfe_total)") >= images * 4 * STEPS
     assert prom.value("sum(rate(arcdiff_worker_nfe_total[1m]))") > 0
@@ -196,8 +257,11 @@ def test_throughput_and_latency_series_exist_and_are_non_zero(stack):
     p50 = "histogram_quantile(0.5, sum by (le) (rate(arcdiff_worker_sample_seconds_bucket[1m])))"
     sample_p50 = wait_until(lambda: (v := prom.value(p50)) is not None and v > 0 and v, 10, "a non-zero sampling p50")
     assert sample_p50 > 0
-    wait_until(lambda: (prom.value("sum(rate(arcdiff_generation_requests_total[1m]))") or 0) > 0, 10,
-               "a non-zero generation request rate")
+    wait_until(
+        lambda: (prom.value("sum(rate(arcdiff_generation_requests_total[1m]))") or 0) > 0,
+        10,
+        "a non-zero generation request rate",
+    )
     assert prom.value("sum(arcdiff_worker_up)") == 1
 
 

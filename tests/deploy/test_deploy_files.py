@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -108,7 +109,9 @@ def test_dockerfile_copies_existing_paths():
             if "*" in src:
                 continue
             assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
-    ignored = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    ignored = [
+        ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")
+    ]
     for args in instr("COPY"):
         for src in [p for p in shlex.split(args) if not p.startswith("--")][:-1]:
             top = src.rstrip("*").split("/")[0]
@@ -137,14 +140,20 @@ def test_dockerfile_ports_and_command():
     assert exposed == {API_PORT, WORKER_METRICS_PORT}
     assert exec_form(instr("ENTRYPOINT")[-1]) == ["arcdiff"]
     cmd = exec_form(instr("CMD")[-1])
-    assert cmd[0] == "serve" and cmd[cmd.index("--port") + 1] == str(API_PORT) and cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    assert (
+        cmd[0] == "serve"
+        and cmd[cmd.index("--port") + 1] == str(API_PORT)
+        and cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    )
     env = " ".join(instr("ENV"))
     assert re.search(r"ARCDIFF_MODEL_DIR=\"\"", env), "ARCDIFF_MODEL_DIR should default to empty (the bundled models)"
     assert f"ARCDIFF_WORKER_METRICS_PORT={WORKER_METRICS_PORT}" in env
 
 
 def test_dockerignore_keeps_build_inputs_out_of_the_way():
-    ignored = {ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")}
+    ignored = {
+        ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")
+    }
     for must in (".git", ".venv", "runs", "tests"):
         assert must in ignored, f".dockerignore should exclude {must}"
     for keep in ("model", "worker", "service", "pyproject.toml", "README.md", "deploy/docker", "deploy"):
@@ -314,14 +323,26 @@ def test_k8s_manifests_parse_with_required_fields():
                 for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
                     port = (c.get(probe, {}).get("httpGet") or c.get(probe, {}).get("tcpSocket") or {}).get("port")
                     if port is not None:
-                        assert port in names or port in names.values(), f"{where}: {probe} port {port} not a container port"
+                        assert port in names or port in names.values(), (
+                            f"{where}: {probe} port {port} not a container port"
+                        )
         if d["kind"] == "Service":
-            pods = [x for x in docs if x["kind"] == "Deployment"
-                    and d["spec"]["selector"].items() <= x["spec"]["template"]["metadata"]["labels"].items()]
+            pods = [
+                x
+                for x in docs
+                if x["kind"] == "Deployment"
+                and d["spec"]["selector"].items() <= x["spec"]["template"]["metadata"]["labels"].items()
+            ]
             assert len(pods) == 1, f"{where}: selector matches {len(pods)} Deployments"
-            ports = {p["name"]: p["containerPort"] for c in pods[0]["spec"]["template"]["spec"]["containers"] for p in c["ports"]}
+            ports = {
+                p["name"]: p["containerPort"]
+                for c in pods[0]["spec"]["template"]["spec"]["containers"]
+                for p in c["ports"]
+            }
             for p in d["spec"]["ports"]:
-                assert p["targetPort"] in ports or p["targetPort"] in ports.values(), f"{where}: targetPort {p['targetPort']}"
+                assert p["targetPort"] in ports or p["targetPort"] in ports.values(), (
+                    f"{where}: targetPort {p['targetPort']}"
+                )
 
 
 def test_k8s_kustomization_lists_every_manifest():

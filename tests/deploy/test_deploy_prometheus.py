@@ -110,17 +110,24 @@ def prom(prometheus_bin, tmp_path_factory):
     t = threading.Thread(target=ticker, daemon=True)
     t.start()
     port = free_port()
-    cfg = derive_prometheus_config({
-        API_JOB: [f"127.0.0.1:{api.port}"],
-        WORKER_JOB: [f"127.0.0.1:{worker.port}"],
-        "prometheus": [f"127.0.0.1:{port}"],
-    })
+    cfg = derive_prometheus_config(
+        {
+            API_JOB: [f"127.0.0.1:{api.port}"],
+            WORKER_JOB: [f"127.0.0.1:{worker.port}"],
+            "prometheus": [f"127.0.0.1:{port}"],
+        }
+    )
     try:
         with Prometheus(prometheus_bin, cfg, tmp_path_factory.mktemp("prometheus"), port=port) as p:
             # enough scrapes that rate() over the stand-ins' counters has two points per series
-            wait_until(lambda: p.value("count(rate(arcdiff_worker_images_total[1m]) > 0)") == 4
-                       and p.value("count(rate(arcdiff_http_request_duration_seconds_count[1m]) > 0)") == 2,
-                       30, "two scrapes of both stand-in exporters")
+            wait_until(
+                lambda: (
+                    p.value("count(rate(arcdiff_worker_images_total[1m]) > 0)") == 4
+                    and p.value("count(rate(arcdiff_http_request_duration_seconds_count[1m]) > 0)") == 2
+                ),
+                30,
+                "two scrapes of both stand-in exporters",
+            )
             yield p
     finally:
         stop.set()

@@ -25,7 +25,7 @@ class GaussianMixture:
         d = self.mu.shape[1]
         m = self.mean()
         c = torch.zeros(d, d, dtype=torch.float64)
-        for w, mu, sd in zip(self.w, self.mu, self.sd):
+        for w, mu, sd in zip(self.w, self.mu, self.sd, strict=True):
             c += w * (sd**2 * torch.eye(d, dtype=torch.float64) + torch.outer(mu - m, mu - m))
         return c
 
@@ -46,6 +46,4 @@ class GaussianMixture:
 
 
 def default_mixture() -> GaussianMixture:
-    return GaussianMixture(
-        means=[[-1.0, 0.5], [1.0, 1.0], [0.3, -1.2]], sds=[0.3, 0.4, 0.25], weights=[0.3, 0.5, 0.2]
-    )
+    return GaussianMixture(means=[[-1.0, 0.5], [1.0, 1.0], [0.3, -1.2]], sds=[0.3, 0.4, 0.25], weights=[0.3, 0.5, 0.2])

@@ -52,7 +52,9 @@ def test_frechet_closed_form_for_commuting_covariances():
     expected = 9 + 0 + 16 + (1 - 2) ** 2 + (2 - 1) ** 2 + (3 - 0.5) ** 2
     assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
     # singular: a zero-variance direction contributes only its mean difference
-    assert frechet_distance(mu1, np.diag([1.0, 0.0, 0.0]), mu2, np.diag([4.0, 0.0, 0.0])) == pytest.approx(25 + 1, rel=1e-10)
+    assert frechet_distance(mu1, np.diag([1.0, 0.0, 0.0]), mu2, np.diag([4.0, 0.0, 0.0])) == pytest.approx(
+        25 + 1, rel=1e-10
+    )
 
 
 def test_frechet_general_case_matches_scipy_sqrtm():
@@ -207,9 +209,30 @@ def run_cli(*argv: str) -> int:
 
 def test_arcdiff_eval_end_to_end(tiny_models, blob_folder, tmp_path, capsys):
     cache = tmp_path / "cache"
-    args = ["eval", "--model", "tiny", "--model-dir", str(tiny_models), "--solver", "rk4", "--steps", "2",
-            "--num-samples", "12", "--batch", "5", "--ref", str(blob_folder), "--out", str(tmp_path / "out"),
-            "--cache-dir", str(cache), "--seed", "3", "--quiet"]
+    args = [
+        "eval",
+        "--model",
+        "tiny",
+        "--model-dir",
+        str(tiny_models),
+        "--solver",
+        "rk4",
+        "--steps",
+        "2",
+        "--num-samples",
+        "12",
+        "--batch",
+        "5",
+        "--ref",
+        str(blob_folder),
+        "--out",
+        str(tmp_path / "out"),
+        "--cache-dir",
+        str(cache),
+        "--seed",
+        "3",
+        "--quiet",
+    ]
     assert run_cli(*args) == 0
     line = capsys.readouterr().out
     assert "FID" in line and "floor" in line and "NFE=8" in line
@@ -252,8 +275,25 @@ def _bad_refs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
 
 def test_bad_ref_paths_give_clear_errors(tiny_models, tmp_path, capsys):
     for what, (path, message) in _bad_refs(tmp_path).items():
-        rc = run_cli("eval", "--model", "tiny", "--model-dir", str(tiny_models), "--solver", "ddim", "--steps", "1",
-                     "--num-samples", "4", "--ref", str(path), "--out", str(tmp_path / "out"), "--no-cache", "--quiet")
+        rc = run_cli(
+            "eval",
+            "--model",
+            "tiny",
+            "--model-dir",
+            str(tiny_models),
+            "--solver",
+            "ddim",
+            "--steps",
+            "1",
+            "--num-samples",
+            "4",
+            "--ref",
+            str(path),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-cache",
+            "--quiet",
+        )
         err = capsys.readouterr().err
         assert rc == 2, what
         assert err.startswith("arcdiff eval: error:") and str(path.name) in err, (what, err)
@@ -261,8 +301,19 @@ def test_bad_ref_paths_give_clear_errors(tiny_models, tmp_path, capsys):
 
 
 def test_bad_model_solver_and_count_give_clear_errors(tiny_models, blob_folder, tmp_path, capsys):
-    base = ["eval", "--model-dir", str(tiny_models), "--ref", str(blob_folder), "--out", str(tmp_path), "--no-cache",
-            "--quiet", "--steps", "1"]
+    base = [
+        "eval",
+        "--model-dir",
+        str(tiny_models),
+        "--ref",
+        str(blob_folder),
+        "--out",
+        str(tmp_path),
+        "--no-cache",
+        "--quiet",
+        "--steps",
+        "1",
+    ]
     assert run_cli(*base, "--model", "nope", "--solver", "ddim", "--num-samples", "4") == 2
     assert "unknown model 'nope'; known models: tiny" in capsys.readouterr().err
     assert run_cli(*base, "--model", "tiny", "--solver", "leapfrog", "--num-samples", "4") == 2
@@ -286,14 +337,30 @@ def test_table_cells_cover_the_issue_grid():
 def test_table_runs_and_keeps_finished_cells(tiny_models, blob_folder, tmp_path, capsys):
     from arcdiff.model.eval.table import main
 
-    args = ["--ref", str(blob_folder), "--num-samples", "4", "--out", str(tmp_path / "t"), "--model-dir",
-            str(tiny_models), "--models", "mnist-eps", "--rename", "tiny=mnist-eps", "--cache-dir",
-            str(tmp_path / "c"), "--quiet"]
+    args = [
+        "--ref",
+        str(blob_folder),
+        "--num-samples",
+        "4",
+        "--out",
+        str(tmp_path / "t"),
+        "--model-dir",
+        str(tiny_models),
+        "--models",
+        "mnist-eps",
+        "--rename",
+        "tiny=mnist-eps",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--quiet",
+    ]
     assert main(args) == 0
     md = (tmp_path / "t" / "table.md").read_text()
     assert "| mnist-eps | ddim |" in md and "| mnist-eps | rk4 |" in md and "Floor (two random halves" in md
     records = json.loads((tmp_path / "t" / "table.json").read_text())["records"]
-    assert sorted((r["solver"], r["nfe"]) for r in records) == sorted((s, n) for s in ("ddim", "rk4") for n in (8, 20, 40, 80))
+    assert sorted((r["solver"], r["nfe"]) for r in records) == sorted(
+        (s, n) for s in ("ddim", "rk4") for n in (8, 20, 40, 80)
+    )
     capsys.readouterr()
     assert main(args) == 0  # a rerun keeps every record
     assert capsys.readouterr().out.count("kept the existing record") == 8

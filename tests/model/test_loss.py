@@ -39,7 +39,9 @@ def test_perfect_prediction_has_zero_loss():
 
 
 def test_objectives_select_their_terms():
-    net = lambda x, eta: torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:])
+    def net(x, eta):
+        return torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:])
+
     x0 = torch.ones(2, 1, 2, 2)
     l_dual = DiffusionLoss("dual", gamma=0.0)(net, x0, torch.Generator().manual_seed(3))
     l_x0 = DiffusionLoss("x0")(lambda x, e: torch.zeros_like(x), x0, torch.Generator().manual_seed(3))

@@ -30,7 +30,9 @@ def test_eta_round_trips():
 
 def test_linear_beta_schedule_on_eta_axis():
     betas = S.linear_betas(1000)
-    assert torch.isclose(betas[0], torch.tensor(1e-4, dtype=torch.float64)) and torch.isclose(betas[-1], torch.tensor(0.02, dtype=torch.float64))
+    assert torch.isclose(betas[0], torch.tensor(1e-4, dtype=torch.float64)) and torch.isclose(
+        betas[-1], torch.tensor(0.02, dtype=torch.float64)
+    )
     etas = S.linear_etas(1000)
     ab = S.alpha_bar_from_betas(betas)
     assert etas.shape == (1000,)

@@ -5,10 +5,10 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from gmm import default_mixture
-from arcdiff.model.denoiser import Denoiser
+
 from arcdiff.model.configs import get_config
+from arcdiff.model.denoiser import Denoiser
 from arcdiff.model.rng import image_generator
 from arcdiff.model.solvers import SOLVERS, draw_noise, get_solver, nfe, sample
 from arcdiff.model.unet import UNet
@@ -48,7 +48,7 @@ def test_solver_names_and_nfe():
 def test_convergence_order(reference, solver, steps, order, tol):
     xT, ref = reference
     errs = [((sample(GMM.denoiser, xT, n, solver) - ref) ** 2).mean().sqrt().item() for n in steps]
-    assert all(a > b for a, b in zip(errs, errs[1:])), errs
+    assert all(a > b for a, b in zip(errs, errs[1:], strict=True)), errs
     slope = -np.polyfit(np.log(steps), np.log(errs), 1)[0]
     assert abs(slope - order) < tol, f"{solver}: fitted order {slope:.2f}, errors {errs}"
 
@@ -110,7 +110,7 @@ def test_mixed_state_equals_separate_runs(solver):
             out[active[j]] = st["x"][j]
         keep = ~finished
         st = {key: v[keep] for key, v in st.items()}
-        active = [k for k, f in zip(active, finished.tolist()) if not f]
+        active = [k for k, f in zip(active, finished.tolist(), strict=True) if not f]
         tick += 1
     for k in range(3):
         assert torch.allclose(out[k], alone[k][0], atol=1e-12, rtol=0), (solver, k)

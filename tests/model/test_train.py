@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from arcdiff.model.data import DataError, load_cifar10, load_images, load_mnist, read_idx
 from arcdiff.model.format import load_model
-from arcdiff.model.train import TrainingError, TrainSettings, Trainer, train
+from arcdiff.model.train import Trainer, TrainingError, TrainSettings, train
 
 
 def blobs(n=64, size=8, seed=0) -> torch.Tensor:
@@ -22,8 +22,17 @@ def blobs(n=64, size=8, seed=0) -> torch.Tensor:
 
 
 def settings(tmp_path, **kw) -> TrainSettings:
-    base = dict(config="tiny", data="made-up", out=str(tmp_path / "run"), steps=6, batch=8, lr=2e-3, warmup=2,
-                checkpoint_every=3, seed=0)
+    base = dict(
+        config="tiny",
+        data="made-up",
+        out=str(tmp_path / "run"),
+        steps=6,
+        batch=8,
+        lr=2e-3,
+        warmup=2,
+        checkpoint_every=3,
+        seed=0,
+    )
     base.update(kw)
     return TrainSettings(**base)
 

@@ -4,7 +4,6 @@ import signal
 
 import httpx
 import pytest
-
 from servicekit import free_port, start_api, stop, wait_until
 
 

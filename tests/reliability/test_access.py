@@ -23,8 +23,13 @@ def bearer(key):
 def api(model_dir, tmp_path_factory):
     from conftest import Api
 
-    a = Api(model_dir, tmp_path_factory.mktemp("access") / "api.log", ARCDIFF_API_KEYS=f"{PLAIN},{HASHED}",
-            ARCDIFF_RATE_LIMIT_IMAGES_PER_MIN=str(LIMIT), ARCDIFF_MAX_BATCH="8")
+    a = Api(
+        model_dir,
+        tmp_path_factory.mktemp("access") / "api.log",
+        ARCDIFF_API_KEYS=f"{PLAIN},{HASHED}",
+        ARCDIFF_RATE_LIMIT_IMAGES_PER_MIN=str(LIMIT),
+        ARCDIFF_MAX_BATCH="8",
+    )
     a.wait_ready()
     yield a
     a.close()
@@ -33,8 +38,13 @@ def api(model_dir, tmp_path_factory):
 def test_hashed_and_plain_keys_401_without_403_wrong(api):
     c = api.client
     gen_url = "/v1/generations/" + "a" * 32
-    for method, path in (("GET", "/v1/models"), ("POST", "/v1/generations"), ("GET", gen_url),
-                         ("GET", gen_url + "/images/0.png"), ("GET", "/metrics")):
+    for method, path in (
+        ("GET", "/v1/models"),
+        ("POST", "/v1/generations"),
+        ("GET", gen_url),
+        ("GET", gen_url + "/images/0.png"),
+        ("GET", "/metrics"),
+    ):
         kw = {"json": BODY} if method == "POST" else {}
         r = c.request(method, path, **kw)
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (path, r.text)
@@ -73,19 +83,31 @@ def test_per_key_images_per_minute(api):
     assert c.post("/v1/generations", json=BODY, headers=bearer(other)).status_code == 202, "limits are per key"
 
 
-@pytest.mark.parametrize("model", ["../tiny", "..%2Ftiny", "/etc/passwd", "tiny/../tiny", "tiny\x00", "~/.ssh/id_rsa",
-                                   "C:\\windows", ".", ""])
+@pytest.mark.parametrize(
+    "model",
+    ["../tiny", "..%2Ftiny", "/etc/passwd", "tiny/../tiny", "tiny\x00", "~/.ssh/id_rsa", "C:\\windows", ".", ""],
+)
 def test_model_names_that_look_like_paths_are_422(api, model):
     r = api.client.post("/v1/generations", json={**BODY, "model": model}, headers=bearer(PLAIN))
     assert r.status_code == 422 and r.json()["message"].startswith("model: "), r.text
 
 
-@pytest.mark.parametrize("path", ["/v1/generations/..%2F..%2Fetc%2Fpasswd", "/v1/generations/%2Fetc%2Fpasswd",
-                                  "/v1/generations/a/b", "/v1/generations/" + "a" * 31 + "%2F",
-                                  "/v1/generations/" + "a" * 32 + "/images/..%2F..%2Fx.png",
-                                  "/v1/generations/" + "A" * 32, "/v1/generations/..",
-                                  "/v1/generations/" + "a" * 32 + "/images/0.png%00",
-                                  "/static/..%2F..%2Fsettings.py", "/static/..%2Fapi%2Fdeps.py", "/static/%2Fetc%2Fpasswd"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/generations/..%2F..%2Fetc%2Fpasswd",
+        "/v1/generations/%2Fetc%2Fpasswd",
+        "/v1/generations/a/b",
+        "/v1/generations/" + "a" * 31 + "%2F",
+        "/v1/generations/" + "a" * 32 + "/images/..%2F..%2Fx.png",
+        "/v1/generations/" + "A" * 32,
+        "/v1/generations/..",
+        "/v1/generations/" + "a" * 32 + "/images/0.png%00",
+        "/static/..%2F..%2Fsettings.py",
+        "/static/..%2Fapi%2Fdeps.py",
+        "/static/%2Fetc%2Fpasswd",
+    ],
+)
 def test_ids_that_look_like_paths_are_404(api, path):
     r = api.client.get(path, headers=bearer(PLAIN), follow_redirects=True)  # a trailing slash redirects first
     assert r.status_code in (404, 422), (r.status_code, r.text)
@@ -119,8 +141,11 @@ def test_no_request_path_reaches_the_file_system(model_dir, tmp_path):
 
 
 def test_cors_is_off_unless_configured(api, model_dir):
-    preflight = {"origin": "https://evil.example", "access-control-request-method": "POST",
-                 "access-control-request-headers": "authorization,content-type"}
+    preflight = {
+        "origin": "https://evil.example",
+        "access-control-request-method": "POST",
+        "access-control-request-headers": "authorization,content-type",
+    }
     r = api.client.options("/v1/generations", headers=preflight)
     assert "access-control-allow-origin" not in r.headers and r.status_code in (401, 405)
     r = api.client.get("/v1/models", headers={**bearer(PLAIN), "origin": "https://evil.example"})

@@ -20,9 +20,16 @@ def api(model_dir, tmp_path_factory):
     from conftest import Api
 
     # short waits and job timeouts: fuzzed wait=true requests for 1000 steps must not pile up
-    a = Api(model_dir, tmp_path_factory.mktemp("fuzz") / "api.log", ARCDIFF_WAIT_TIMEOUT_S="0.3",
-            ARCDIFF_JOB_TIMEOUT_S="1", ARCDIFF_MAX_IMAGES="4", ARCDIFF_QUEUE_LIMIT="8", ARCDIFF_MAX_BATCH="8",
-            ARCDIFF_MAX_BODY_BYTES="4096")
+    a = Api(
+        model_dir,
+        tmp_path_factory.mktemp("fuzz") / "api.log",
+        ARCDIFF_WAIT_TIMEOUT_S="0.3",
+        ARCDIFF_JOB_TIMEOUT_S="1",
+        ARCDIFF_MAX_IMAGES="4",
+        ARCDIFF_QUEUE_LIMIT="8",
+        ARCDIFF_MAX_BATCH="8",
+        ARCDIFF_MAX_BODY_BYTES="4096",
+    )
     a.wait_ready()
     yield a
     a.close()
@@ -36,15 +43,24 @@ def test_schemathesis_finds_no_server_error(api):
     seen: dict[int, int] = {}
     for op in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
             @given(case=op.as_strategy(generation_mode=mode))
-            @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
-                      phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+            @settings(
+                max_examples=EXAMPLES,
+                deadline=None,
+                database=None,
+                derandomize=True,
+                phases=[Phase.explicit, Phase.generate],
+                suppress_health_check=list(HealthCheck),
+            )
             def run(case):
                 response = case.call(base_url=api.url, timeout=30)
                 seen[response.status_code] = seen.get(response.status_code, 0) + 1
                 assert response.status_code < 500, (
-                    f"{op.label} ({mode.value}) -> {response.status_code}: {response.text[:500]}\n"
-                    f"{case.as_curl_command()}")
+                    # run at once below, inside the loop that binds op and mode
+                    f"{op.label} ({mode.value}) -> {response.status_code}: {response.text[:500]}\n"  # noqa: B023
+                    f"{case.as_curl_command()}"
+                )
 
             try:
                 run()
@@ -68,10 +84,14 @@ def raw_http(api, data: bytes, timeout=10) -> tuple[int, bytes]:
                 chunks.append(chunk)
                 if b"\r\n\r\n" in b"".join(chunks) and b"content-length" in b"".join(chunks).lower():
                     head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-                    length = [int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")]
+                    length = [
+                        int(line.split(b":")[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length")
+                    ]
                     if length and len(body) >= length[0]:
                         break
-        except (ConnectionResetError, socket.timeout):
+        except (TimeoutError, ConnectionResetError):
             pass
     raw = b"".join(chunks)
     return int(raw.split(b" ", 2)[1]), raw
@@ -84,16 +104,39 @@ BODY = b'{"model": "tiny", "steps": 2, "solver": "ddim"}'
     "method, path, headers, body, want",
     [
         ("POST", "/v1/generations", {"content-type": "application/json"}, b"{" * 5000, 413),
-        ("POST", "/v1/generations", {"content-type": "application/json"},
-         b'{"model": "tiny", "steps": 2, "solver": "ddim", "pad": "' + b"x" * 10_000 + b'"}', 413),
+        (
+            "POST",
+            "/v1/generations",
+            {"content-type": "application/json"},
+            b'{"model": "tiny", "steps": 2, "solver": "ddim", "pad": "' + b"x" * 10_000 + b'"}',
+            413,
+        ),
         ("POST", "/v1/generations", {"content-type": "text/plain"}, BODY, 415),
         ("POST", "/v1/generations", {"content-type": "application/x-www-form-urlencoded"}, b"model=tiny&steps=2", 415),
         ("POST", "/v1/generations", {"content-type": "multipart/form-data; boundary=x"}, b"--x--", 415),
         ("POST", "/v1/generations", {"content-type": "application/json"}, b"\xff\xfe\x00garbage", 422),
         ("POST", "/v1/generations", {"content-type": "application/json"}, b"not json at all", 422),
-        ("POST", "/v1/generations", {"content-type": "application/json"}, b'{"model": "tiny", "steps": 1e999, "solver": "ddim"}', 422),
-        ("POST", "/v1/generations", {"content-type": "application/json"}, b'{"model": "tiny", "steps": 99999999999999999999999999, "solver": "ddim"}', 422),
-        ("POST", "/v1/generations", {"content-type": "application/json"}, b'{"model": "tiny", "steps": 2, "solver": "ddim", "n": -5}', 422),
+        (
+            "POST",
+            "/v1/generations",
+            {"content-type": "application/json"},
+            b'{"model": "tiny", "steps": 1e999, "solver": "ddim"}',
+            422,
+        ),
+        (
+            "POST",
+            "/v1/generations",
+            {"content-type": "application/json"},
+            b'{"model": "tiny", "steps": 99999999999999999999999999, "solver": "ddim"}',
+            422,
+        ),
+        (
+            "POST",
+            "/v1/generations",
+            {"content-type": "application/json"},
+            b'{"model": "tiny", "steps": 2, "solver": "ddim", "n": -5}',
+            422,
+        ),
         ("POST", "/v1/generations", {"content-type": "application/json"}, b"[" * 3000 + b"]" * 3000, 413),
         ("POST", "/v1/generations", {"content-type": "application/json"}, b"[" * 1000 + b"]" * 1000, 400),
         ("PUT", "/v1/generations", {"content-type": "application/json"}, BODY, 405),
@@ -118,22 +161,30 @@ def test_malformed_requests_are_4xx(api, method, path, headers, body, want):
 def test_chunked_huge_body_is_413_without_reading_it_all(api):
     """No Content-Length: the body is counted as it arrives and refused past the limit."""
     chunk = b"x" * 1000
-    req = (b"POST /v1/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-           b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+    req = (
+        b"POST /v1/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )
     req += (b"%x\r\n" % len(chunk) + chunk + b"\r\n") * 20 + b"0\r\n\r\n"
     code, raw = raw_http(api, req)
     assert code == 413, raw[:300]
 
 
 def test_declared_huge_body_is_413_before_it_is_sent(api):
-    code, raw = raw_http(api, b"POST /v1/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                              b"Content-Length: 10000000000\r\nConnection: close\r\n\r\n{")
+    code, raw = raw_http(
+        api,
+        b"POST /v1/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 10000000000\r\nConnection: close\r\n\r\n{",
+    )
     assert code == 413, raw[:300]
 
 
 def test_garbage_and_bad_http_never_5xx(api):
-    for data in (b"GARBAGE\r\n\r\n", b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
-                 b"POST /v1/generations HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n"):
+    for data in (
+        b"GARBAGE\r\n\r\n",
+        b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /v1/generations HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    ):
         try:
             code, _ = raw_http(api, data)
         except (IndexError, ValueError):  # the server closed the connection without an answer: fine

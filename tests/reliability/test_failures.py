@@ -16,8 +16,8 @@ from rq.command import send_stop_job_command
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
-
 from servicekit import REDIS_SERVER, free_port, start_worker, stop, wait_until, wait_workers
+
 from arcdiff.contract import TASK, GenerationSpec
 
 pytestmark = pytest.mark.timeout(400)
@@ -37,8 +37,22 @@ class RestartableRedis:
 
     def start(self):
         self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                REDIS_SERVER,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
         def up():
             try:
@@ -70,15 +84,36 @@ def stack(model_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("failures")
     server = RestartableRedis(logs)
     worker_models = make_broken_model_dir(model_dir, tmp_path_factory.mktemp("wmodels"))
-    api = Api(model_dir, logs / "api.log", redis_url=server.url, ARCDIFF_RESULT_TTL_S=str(RESULT_TTL_S),
-              ARCDIFF_QUEUE_TIMEOUT_S=str(QUEUE_TIMEOUT_S), ARCDIFF_READY_CACHE_S="0.5", ARCDIFF_WAIT_TIMEOUT_S="60")
-    w = start_worker(server.url, worker_models, logs / "worker.log", models=("tiny", "tiny-eps", "broken"), max_batch=4,
-                     ARCDIFF_QUEUE_TIMEOUT_S=str(QUEUE_TIMEOUT_S), ARCDIFF_HEARTBEAT_S="1", ARCDIFF_WORKER_TTL_S="10")
+    api = Api(
+        model_dir,
+        logs / "api.log",
+        redis_url=server.url,
+        ARCDIFF_RESULT_TTL_S=str(RESULT_TTL_S),
+        ARCDIFF_QUEUE_TIMEOUT_S=str(QUEUE_TIMEOUT_S),
+        ARCDIFF_READY_CACHE_S="0.5",
+        ARCDIFF_WAIT_TIMEOUT_S="60",
+    )
+    w = start_worker(
+        server.url,
+        worker_models,
+        logs / "worker.log",
+        models=("tiny", "tiny-eps", "broken"),
+        max_batch=4,
+        ARCDIFF_QUEUE_TIMEOUT_S=str(QUEUE_TIMEOUT_S),
+        ARCDIFF_HEARTBEAT_S="1",
+        ARCDIFF_WORKER_TTL_S="10",
+    )
     api.wait_listening()
     wait_workers(server.url, "tiny", 1, [w])
     wait_until(lambda: api.client.get("/readyz").status_code == 200, 60, "readyz", interval=0.2)
-    st = {"api": api, "redis": server, "worker": w, "worker_log": logs / "worker.log", "logs": logs,
-          "worker_models": worker_models}
+    st = {
+        "api": api,
+        "redis": server,
+        "worker": w,
+        "worker_log": logs / "worker.log",
+        "logs": logs,
+        "worker_models": worker_models,
+    }
     yield st
     stop(st["worker"], signal.SIGKILL, timeout=10)
     api.close()
@@ -116,14 +151,17 @@ def test_overload_429_drops_nothing_accepted(model_dir):
     app = create_app(Settings(model_dir=model_dir, redis_url=None, max_batch=1, queue_limit=2, torch_threads=1))
     with TestClient(app) as c:
         wait_until(lambda: c.get("/readyz").status_code == 200, 60, "models to load")
-        answers = [c.post("/v1/generations", json={"model": "tiny", "steps": 20, "solver": "rk4", "seed": i})
-                   for i in range(8)]
+        answers = [
+            c.post("/v1/generations", json={"model": "tiny", "steps": 20, "solver": "rk4", "seed": i}) for i in range(8)
+        ]
         accepted = [r.json()["url"] for r in answers if r.status_code == 202]
         refused = [r for r in answers if r.status_code == 429]
         assert len(accepted) + len(refused) == 8 and refused and len(accepted) >= 2
         assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
-        done = [wait_until(lambda u=u: (g := c.get(u).json())["status"] in ("finished", "failed") and g, 60, u)
-                for u in accepted]
+        done = [
+            wait_until(lambda u=u: (g := c.get(u).json())["status"] in ("finished", "failed") and g, 60, u)
+            for u in accepted
+        ]
         assert [g["status"] for g in done] == ["finished"] * len(accepted)
 
 
@@ -135,10 +173,12 @@ def test_model_that_fails_to_load_is_named_and_its_jobs_left_alone(stack):
     (worker,) = Worker.all(connection=conn)
     assert sorted(worker.queue_names()) == ["arcdiff:tiny", "arcdiff:tiny-eps"]
     # a job for the broken model (enqueued by hand: this API does not serve it) is never taken
-    spec = GenerationSpec(id=uuid.uuid4().hex, model="broken", steps=2, solver="ddim", seed=0, n=1,
-                          submitted_at=time.time())
+    spec = GenerationSpec(
+        id=uuid.uuid4().hex, model="broken", steps=2, solver="ddim", seed=0, n=1, submitted_at=time.time()
+    )
     job = Queue("arcdiff:broken", connection=conn, serializer=JSONSerializer).enqueue_call(
-        TASK, args=(spec.to_payload(),), job_id=spec.id)
+        TASK, args=(spec.to_payload(),), job_id=spec.id
+    )
     r = post_wait(stack["api"])
     assert r.status_code == 200 and r.json()["status"] == "finished"
     time.sleep(1.5)
@@ -180,18 +220,26 @@ def test_unfetched_result_stays_for_its_ttl_then_404(stack):
 
 def test_job_waiting_longer_than_the_queue_timeout_fails_with_the_reason(stack):
     api, conn = stack["api"], stack["redis"].client
-    long = api.client.post("/v1/generations", json={"model": "tiny", "steps": 1000, "solver": "rk4", "seed": 1,
-                                                    "n": 4}).json()  # fills the worker's batch (4)
+    long = api.client.post(
+        "/v1/generations", json={"model": "tiny", "steps": 1000, "solver": "rk4", "seed": 1, "n": 4}
+    ).json()  # fills the worker's batch (4)
     wait_until(lambda: api.client.get(long["url"]).json()["status"] == "running", 60, "the long one to run")
     late = api.client.post("/v1/generations", json={"model": "tiny", "steps": 2, "solver": "ddim", "seed": 2}).json()
     assert api.client.get(late["url"]).json()["status"] == "queued"
-    gen = wait_until(lambda: (g := api.client.get(late["url"]).json())["status"] == "failed" and g,
-                     QUEUE_TIMEOUT_S + 30, "the waiting one to expire", interval=0.2)
+    gen = wait_until(
+        lambda: (g := api.client.get(late["url"]).json())["status"] == "failed" and g,
+        QUEUE_TIMEOUT_S + 30,
+        "the waiting one to expire",
+        interval=0.2,
+    )
     assert gen["error"].startswith("expired: waited") and "ARCDIFF_QUEUE_TIMEOUT_S" in gen["error"]
     send_stop_job_command(conn, long["id"])
     # the worker takes it once there is room, and records the failure in RQ with the reason
-    job = wait_until(lambda: (j := Job.fetch(late["id"], connection=conn, serializer=JSONSerializer)).get_status()
-                     == "failed" and j, 60, "the worker to fail it")
+    job = wait_until(
+        lambda: (j := Job.fetch(late["id"], connection=conn, serializer=JSONSerializer)).get_status() == "failed" and j,
+        60,
+        "the worker to fail it",
+    )
     assert "expired: waited" in job.latest_result().exc_string
     assert api.client.get(long["url"]).json()["status"] == "failed"
 
@@ -202,12 +250,20 @@ def test_rate_limit_is_shared_by_api_processes_through_redis(stack, model_dir):
     from arcdiff.service.settings import Settings
 
     def app():
-        return TestClient(create_app(Settings(model_dir=model_dir, redis_url=stack["redis"].url,
-                                              rate_limit_images_per_min=5, api_keys="shared-key")))
+        return TestClient(
+            create_app(
+                Settings(
+                    model_dir=model_dir,
+                    redis_url=stack["redis"].url,
+                    rate_limit_images_per_min=5,
+                    api_keys="shared-key",
+                )
+            )
+        )
 
     body, head = {"model": "tiny", "steps": 2, "solver": "ddim"}, {"authorization": "Bearer shared-key"}
     with app() as a, app() as b:
-        for attempt in range(2):  # a minute boundary between the requests resets the window: once more then
+        for _attempt in range(2):  # a minute boundary between the requests resets the window: once more then
             first = a.post("/v1/generations", json={**body, "n": 3}, headers=head).status_code
             second = b.post("/v1/generations", json={**body, "n": 2}, headers=head).status_code
             third = b.post("/v1/generations", json=body, headers=head)
@@ -239,8 +295,14 @@ def test_a_pickled_job_is_refused_never_unpickled(stack, tmp_path):
     conn = stack["redis"].client
     marker = tmp_path / "pwned"
     job = Queue("arcdiff:tiny", connection=conn).enqueue_call(TASK, args=(Evil(marker),), job_id=uuid.uuid4().hex)
-    wait_until(lambda: conn.zscore("rq:failed:arcdiff:tiny", job.id) is not None
-               or b"failed" == conn.hget(f"rq:job:{job.id}", "status"), 60, "the worker to fail the job")
+    wait_until(
+        lambda: (
+            conn.zscore("rq:failed:arcdiff:tiny", job.id) is not None
+            or b"failed" == conn.hget(f"rq:job:{job.id}", "status")
+        ),
+        60,
+        "the worker to fail the job",
+    )
     assert not marker.exists(), "the pickle ran"
     reason = Job.fetch(job.id, connection=conn, serializer=JSONSerializer).latest_result().exc_string
     assert "cannot read the job's data" in reason and "JSON" in reason, reason
@@ -269,20 +331,34 @@ def test_job_of_a_killed_worker_with_no_retries_left_fails_with_a_reason(stack):
     """SIGKILL mid-batch and no retry left: another worker's maintenance fails the job (never
     left started), and GET says why. (With retries it runs again: tests/worker/test_rq_worker.py.)"""
     conn, api = stack["redis"].client, stack["api"]
-    spec = GenerationSpec(id=uuid.uuid4().hex, model="tiny", steps=1000, solver="rk4", seed=3, n=2,
-                          submitted_at=time.time())
-    job = Queue("arcdiff:tiny", connection=conn, serializer=JSONSerializer).enqueue_call(
-        TASK, args=(spec.to_payload(),), job_id=spec.id, timeout=600, result_ttl=600, failure_ttl=600)
+    spec = GenerationSpec(
+        id=uuid.uuid4().hex, model="tiny", steps=1000, solver="rk4", seed=3, n=2, submitted_at=time.time()
+    )
+    Queue("arcdiff:tiny", connection=conn, serializer=JSONSerializer).enqueue_call(
+        TASK, args=(spec.to_payload(),), job_id=spec.id, timeout=600, result_ttl=600, failure_ttl=600
+    )
     wait_until(lambda: api.client.get(f"/v1/generations/{spec.id}").json()["status"] == "running", 60, "it to run")
     stack["worker"].kill()
     stack["worker"].wait(10)
     log = stack["logs"] / "worker-after-kill.log"
-    stack["worker"] = start_worker(stack["redis"].url, stack["worker_models"], log, models=("tiny", "tiny-eps"),
-                                   max_batch=4, ARCDIFF_HEARTBEAT_S="1", ARCDIFF_MAINTENANCE_S="1",
-                                   ARCDIFF_WORKER_TTL_S="10", ARCDIFF_QUEUE_TIMEOUT_S=str(QUEUE_TIMEOUT_S))
+    stack["worker"] = start_worker(
+        stack["redis"].url,
+        stack["worker_models"],
+        log,
+        models=("tiny", "tiny-eps"),
+        max_batch=4,
+        ARCDIFF_HEARTBEAT_S="1",
+        ARCDIFF_MAINTENANCE_S="1",
+        ARCDIFF_WORKER_TTL_S="10",
+        ARCDIFF_QUEUE_TIMEOUT_S=str(QUEUE_TIMEOUT_S),
+    )
     stack["worker_log"] = log
-    gen = wait_until(lambda: (g := api.client.get(f"/v1/generations/{spec.id}").json())["status"] == "failed" and g,
-                     90, "the abandoned job to fail", interval=0.5)
+    gen = wait_until(
+        lambda: (g := api.client.get(f"/v1/generations/{spec.id}").json())["status"] == "failed" and g,
+        90,
+        "the abandoned job to fail",
+        interval=0.5,
+    )
     assert "Abandoned" in gen["error"], gen["error"]  # RQ's words: "... due to AbandonedJobError ..."
     assert spec.id not in StartedJobRegistry("arcdiff:tiny", connection=conn).get_job_ids()
 

@@ -1,11 +1,10 @@
 """The HTTP API in embedded mode (engine in-process), driven through FastAPI's in-process client."""
 
-
 import pytest
 from fastapi.testclient import TestClient
+from servicekit import assert_images_match, one_thread, png_info, png_pixels, poll_generation, wait_until
 
 from arcdiff.model.solvers import SOLVERS
-from servicekit import assert_images_match, one_thread, png_info, png_pixels, poll_generation, wait_until
 from arcdiff.service.app import create_app
 from arcdiff.service.settings import Settings
 
@@ -136,8 +135,14 @@ def test_accept_png_returns_the_image_with_server_timing(client, model_dir):
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     timing = dict(part.split(";dur=") for part in r.headers["server-timing"].split(", "))
     assert set(timing) == {"queue", "sample", "encode", "total"} and float(timing["total"]) > 0
-    assert_images_match([{"index": 0, "seed": 7, "png_base64": __import__("base64").b64encode(r.content).decode()}],
-                        model_dir, "tiny", 3, "ddim", 7)
+    assert_images_match(
+        [{"index": 0, "seed": 7, "png_base64": __import__("base64").b64encode(r.content).decode()}],
+        model_dir,
+        "tiny",
+        3,
+        "ddim",
+        7,
+    )
     r = client.post("/v1/generations", json={**BASE, "n": 2, "wait": True}, headers={"accept": "image/png"})
     assert r.status_code == 406
     r = client.post("/v1/generations", json={**BASE, "n": 2}, headers={"accept": "image/png, application/json;q=0.5"})
@@ -145,11 +150,13 @@ def test_accept_png_returns_the_image_with_server_timing(client, model_dir):
 
 
 def test_mixed_requests_at_once_all_correct_and_sharing_batches(client, model_dir):
-    bodies = [{"model": "tiny", "steps": 2 + i, "solver": s, "seed": 10 * i, "n": 1 + i % 2} for i, s in enumerate(SOLVERS)]
+    bodies = [
+        {"model": "tiny", "steps": 2 + i, "solver": s, "seed": 10 * i, "n": 1 + i % 2} for i, s in enumerate(SOLVERS)
+    ]
     bodies.append({"model": "tiny-eps", "steps": 3, "solver": "dpmpp2m", "seed": 5, "n": 2})
     ids = [client.post("/v1/generations", json=b).json()["id"] for b in bodies]
     gens = [poll(client, i) for i in ids]
-    for body, gen in zip(bodies, gens):
+    for body, gen in zip(bodies, gens, strict=True):
         assert gen["status"] == "finished", gen
         assert len(gen["images"]) == body["n"]
         assert_images_match(gen["images"], model_dir, body["model"], body["steps"], body["solver"], body["seed"])
@@ -159,8 +166,9 @@ def test_mixed_requests_at_once_all_correct_and_sharing_batches(client, model_di
 
 def test_short_request_finishes_while_a_long_one_runs(client):
     long = client.post("/v1/generations", json={**BASE, "steps": 60, "solver": "rk4"}).json()
-    wait_until(lambda: client.get(long["url"]).json()["status"] == "running", 60, "the long one to start",
-               interval=0.01)
+    wait_until(
+        lambda: client.get(long["url"]).json()["status"] == "running", 60, "the long one to start", interval=0.01
+    )
     short = client.post("/v1/generations", json={**BASE, "steps": 1, "wait": True}).json()
     assert short["status"] == "finished"
     assert client.get(long["url"]).json()["status"] == "running", "the short request waited for the long one"
@@ -173,26 +181,50 @@ def test_models_health_ready_metrics_openapi(client):
     assert gen["status"] == "finished" and client.get(gen["url"]).status_code == 200
     models = {m["name"]: m for m in client.get("/v1/models").json()}
     assert set(models) == {"tiny", "tiny-eps"}
-    assert models["tiny"] == {"name": "tiny", "image_size": 8, "channels": 1, "prediction": "x0_eps",
-                              "parameters": models["tiny"]["parameters"], "solvers": list(SOLVERS)}
+    assert models["tiny"] == {
+        "name": "tiny",
+        "image_size": 8,
+        "channels": 1,
+        "prediction": "x0_eps",
+        "parameters": models["tiny"]["parameters"],
+        "solvers": list(SOLVERS),
+    }
     assert models["tiny-eps"]["prediction"] == "eps" and models["tiny"]["parameters"] > 40_000
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json() == {"status": "ready", "mode": "embedded", "reason": None}
     text = client.get("/metrics").text
-    for name in ("arcdiff_http_requests_total", "arcdiff_http_request_duration_seconds_bucket",
-                 "arcdiff_generation_requests_total", "arcdiff_queue_depth", "arcdiff_worker_images_total",
-                 "arcdiff_worker_nfe_total", "arcdiff_worker_jobs_total", "arcdiff_worker_batch_size_bucket",
-                 "arcdiff_worker_queue_wait_seconds_bucket", "arcdiff_worker_sample_seconds_bucket",
-                 "arcdiff_worker_encode_seconds_bucket", "arcdiff_worker_running_images",
-                 "arcdiff_worker_waiting_images", "arcdiff_worker_load_seconds", "arcdiff_worker_compile_seconds",
-                 "arcdiff_worker_device_memory_bytes"):
+    for name in (
+        "arcdiff_http_requests_total",
+        "arcdiff_http_request_duration_seconds_bucket",
+        "arcdiff_generation_requests_total",
+        "arcdiff_queue_depth",
+        "arcdiff_worker_images_total",
+        "arcdiff_worker_nfe_total",
+        "arcdiff_worker_jobs_total",
+        "arcdiff_worker_batch_size_bucket",
+        "arcdiff_worker_queue_wait_seconds_bucket",
+        "arcdiff_worker_sample_seconds_bucket",
+        "arcdiff_worker_encode_seconds_bucket",
+        "arcdiff_worker_running_images",
+        "arcdiff_worker_waiting_images",
+        "arcdiff_worker_load_seconds",
+        "arcdiff_worker_compile_seconds",
+        "arcdiff_worker_device_memory_bytes",
+    ):
         assert f"\n{name}{{" in text, name
     for name in ("arcdiff_worker_up 1.0", "arcdiff_worker_busy 0.0"):
         assert f"\n{name}\n" in text, name
     assert 'route="/v1/generations/{gen_id}"' in text  # route templates, never raw ids
     spec = client.get("/openapi.json").json()
-    assert {"/v1/generations", "/v1/generations/{gen_id}", "/v1/generations/{gen_id}/images/{k}.png",
-            "/v1/models", "/healthz", "/readyz", "/metrics"} <= set(spec["paths"])
+    assert {
+        "/v1/generations",
+        "/v1/generations/{gen_id}",
+        "/v1/generations/{gen_id}/images/{k}.png",
+        "/v1/models",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    } <= set(spec["paths"])
     req = spec["components"]["schemas"]["GenerationRequest"]
     assert req["additionalProperties"] is False
     assert req["properties"]["n"]["maximum"] == 16 and req["properties"]["steps"]["maximum"] == 1000

@@ -6,10 +6,20 @@ import signal
 
 import httpx
 import pytest
+from servicekit import (
+    assert_images_match,
+    free_port,
+    png_info,
+    poll_generation,
+    start_api,
+    start_worker,
+    stop,
+    wait_api_ready,
+    wait_until,
+    wait_workers,
+)
 
 from arcdiff.model.solvers import SOLVERS
-from servicekit import (assert_images_match, free_port, png_info, poll_generation, start_api, start_worker, stop,
-                        wait_api_ready, wait_until, wait_workers)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -27,8 +37,14 @@ def stack(redis_server, model_dir, tmp_path_factory):
     wait_api_ready(api, client, logs / "api.log", 90, path="/healthz", what="the API to listen")
 
     def add_worker(**env):
-        p = start_worker(redis_server.url, model_dir, logs / f"worker{len(workers)}.log", models=("tiny", "tiny-eps"),
-                         max_batch=8, **env)
+        p = start_worker(
+            redis_server.url,
+            model_dir,
+            logs / f"worker{len(workers)}.log",
+            models=("tiny", "tiny-eps"),
+            max_batch=8,
+            **env,
+        )
         workers.append(p)
         wait_workers(redis_server.url, "tiny", len([w for w in workers if w.poll() is None]), workers)
         return p
@@ -77,12 +93,14 @@ def test_one_worker_mixed_requests_life_cycle_and_no_head_of_line_blocking(one_w
     long = client.post("/v1/generations", json={"model": "tiny", "steps": 300, "solver": "rk4", "seed": 3}).json()
     assert long["status"] == "queued"
     wait_until(lambda: client.get(long["url"]).json()["status"] == "running", 60, "the long one to run", interval=0.02)
-    bodies = [{"model": "tiny", "steps": 1 + i % 3, "solver": s, "seed": 100 + i, "n": 1 + i % 2}
-              for i, s in enumerate(SOLVERS)]
+    bodies = [
+        {"model": "tiny", "steps": 1 + i % 3, "solver": s, "seed": 100 + i, "n": 1 + i % 2}
+        for i, s in enumerate(SOLVERS)
+    ]
     ids = [client.post("/v1/generations", json=b).json()["id"] for b in bodies]
     gens = [poll(client, i) for i in ids]
     assert client.get(long["url"]).json()["status"] == "running", "short requests waited for the long one"
-    for body, gen in zip(bodies, gens):
+    for body, gen in zip(bodies, gens, strict=True):
         assert gen["status"] == "finished", gen
         assert_images_match(gen["images"], model_dir, "tiny", body["steps"], body["solver"], body["seed"])
         assert max(gen["metrics"]["batch_sizes"]) > gen["n"], f"ran alone: {gen['metrics']}"
@@ -94,12 +112,14 @@ def test_one_worker_mixed_requests_life_cycle_and_no_head_of_line_blocking(one_w
 
 def test_wait_png_and_image_urls_through_redis(one_worker, model_dir):
     client = one_worker["client"]
-    r = client.post("/v1/generations", json={"model": "tiny-eps", "steps": 3, "solver": "euler", "seed": 9, "n": 2,
-                                             "wait": True})
+    r = client.post(
+        "/v1/generations", json={"model": "tiny-eps", "steps": 3, "solver": "euler", "seed": 9, "n": 2, "wait": True}
+    )
     assert r.status_code == 200 and r.json()["status"] == "finished"
     assert_images_match(r.json()["images"], model_dir, "tiny-eps", 3, "euler", 9)
-    r = client.post("/v1/generations", json={"model": "tiny", "steps": 3, "solver": "heun", "seed": 9, "n": 2,
-                                             "wait": True})
+    r = client.post(
+        "/v1/generations", json={"model": "tiny", "steps": 3, "solver": "heun", "seed": 9, "n": 2, "wait": True}
+    )
     assert r.status_code == 200, r.text
     gen = r.json()
     assert gen["status"] == "finished" and gen["nfe"] == 6
@@ -107,8 +127,11 @@ def test_wait_png_and_image_urls_through_redis(one_worker, model_dir):
         raw = client.get(im["url"])
         assert raw.headers["content-type"] == "image/png" and png_info(raw.content) == ("PNG:L", (8, 8))
     assert_images_match(gen["images"], model_dir, "tiny", 3, "heun", 9)
-    r = client.post("/v1/generations", json={"model": "tiny", "steps": 3, "solver": "heun", "seed": 10, "wait": True},
-                    headers={"accept": "image/png"})
+    r = client.post(
+        "/v1/generations",
+        json={"model": "tiny", "steps": 3, "solver": "heun", "seed": 10, "wait": True},
+        headers={"accept": "image/png"},
+    )
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert r.content == client.get(gen["images"][1]["url"]).content  # seed 10 = image 1 of seed 9
     assert "sample;dur=" in r.headers["server-timing"]
@@ -120,7 +143,7 @@ def test_two_workers_share_the_queue(two_workers, model_dir):
     bodies = [{"model": "tiny", "steps": 12, "solver": "rk4", "seed": 1000 + 10 * i, "n": 4} for i in range(6)]
     ids = [client.post("/v1/generations", json=b).json()["id"] for b in bodies]
     gens = [poll(client, i) for i in ids]
-    for body, gen in zip(bodies, gens):
+    for body, gen in zip(bodies, gens, strict=True):
         assert gen["status"] == "finished", gen
         assert_images_match(gen["images"], model_dir, "tiny", 12, "rk4", body["seed"])
     workers = {g["metrics"]["worker"] for g in gens}
@@ -135,12 +158,16 @@ def test_sigterm_one_of_two_workers_mid_run_loses_no_generation(two_workers, mod
     bodies = [{"model": "tiny", "steps": 250, "solver": "rk4", "seed": 2000 + 10 * i, "n": 4} for i in range(4)]
     bodies += [{"model": "tiny", "steps": 2, "solver": "ddpm", "seed": 3000 + i, "n": 1} for i in range(4)]
     ids = [client.post("/v1/generations", json=b).json()["id"] for b in bodies]
-    wait_until(lambda: all(client.get(f"/v1/generations/{i}").json()["status"] == "running" for i in ids[:4]),
-               60, "long generations to run", interval=0.05)
+    wait_until(
+        lambda: all(client.get(f"/v1/generations/{i}").json()["status"] == "running" for i in ids[:4]),
+        60,
+        "long generations to run",
+        interval=0.05,
+    )
     first.send_signal(signal.SIGTERM)
     assert first.wait(60) == 0
     gens = [poll(client, i) for i in ids]
-    for body, gen in zip(bodies, gens):
+    for body, gen in zip(bodies, gens, strict=True):
         assert gen["status"] == "finished", gen
         assert_images_match(gen["images"], model_dir, "tiny", body["steps"], body["solver"], body["seed"])
     import redis

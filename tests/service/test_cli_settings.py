@@ -5,11 +5,11 @@ import sys
 
 import numpy as np
 import pytest
+from servicekit import REPO, child_env, one_thread, png_pixels, reference
 
 from arcdiff.cli import build_parser, main
 from arcdiff.cli._common import settings_from
 from arcdiff.service.settings import Settings
-from servicekit import REPO, child_env, one_thread, png_pixels, reference
 from arcdiff.worker.settings import WorkerSettings
 
 
@@ -29,8 +29,10 @@ def test_top_level_help_lists_the_commands():
 
 
 def test_command_modules_import_no_heavy_libraries():
-    code = ("import sys; import arcdiff.cli.serve, arcdiff.cli.worker, arcdiff.cli.generate; "
-            "heavy = [m for m in ('torch', 'uvicorn', 'fastapi', 'rq') if m in sys.modules]; print(heavy)")
+    code = (
+        "import sys; import arcdiff.cli.serve, arcdiff.cli.worker, arcdiff.cli.generate; "
+        "heavy = [m for m in ('torch', 'uvicorn', 'fastapi', 'rq') if m in sys.modules]; print(heavy)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
@@ -38,8 +40,29 @@ def test_command_modules_import_no_heavy_libraries():
 def test_generate_writes_the_same_images_as_the_service(model_dir, tmp_path, capsys):
     out = tmp_path / "grid.png"
     with one_thread():
-        code = main(["generate", "--model", "tiny", "--steps", "3", "--solver", "ddpm", "--seed", "5", "-n", "5",
-                     "-o", str(out), "--model-dir", str(model_dir), "--device", "cpu", "--batch", "2"])
+        code = main(
+            [
+                "generate",
+                "--model",
+                "tiny",
+                "--steps",
+                "3",
+                "--solver",
+                "ddpm",
+                "--seed",
+                "5",
+                "-n",
+                "5",
+                "-o",
+                str(out),
+                "--model-dir",
+                str(model_dir),
+                "--device",
+                "cpu",
+                "--batch",
+                "2",
+            ]
+        )
         assert code == 0
         _, want = reference(model_dir, "tiny", 3, "ddpm", 5, 5)
     assert "wrote" in capsys.readouterr().out
@@ -47,13 +70,14 @@ def test_generate_writes_the_same_images_as_the_service(model_dir, tmp_path, cap
     assert grid.shape == (2 + 2 * 10, 2 + 3 * 10)  # 3 per row, 2 rows of 8x8 tiles with 2-pixel padding
     for k in range(5):
         r, c = divmod(k, 3)
-        tile = grid[2 + r * 10: 10 + r * 10, 2 + c * 10: 10 + c * 10].astype(int)
+        tile = grid[2 + r * 10 : 10 + r * 10, 2 + c * 10 : 10 + c * 10].astype(int)
         assert np.abs(tile - want[k].astype(int)).max() <= 1
 
 
 def test_generate_rejects_bad_arguments(model_dir, tmp_path, capsys):
-    code = main(["generate", "--model", "nope", "--steps", "0", "-o", str(tmp_path / "x.png"),
-                 "--model-dir", str(model_dir)])
+    code = main(
+        ["generate", "--model", "nope", "--steps", "0", "-o", str(tmp_path / "x.png"), "--model-dir", str(model_dir)]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "--steps" in err and "unknown model 'nope'" in err
     assert not (tmp_path / "x.png").exists()
@@ -61,15 +85,25 @@ def test_generate_rejects_bad_arguments(model_dir, tmp_path, capsys):
 
 def test_serve_and_worker_refuse_unknown_models(model_dir):
     env = child_env(model_dir)
-    for args in (["serve", "--model", "nope", "--port", "8999"], ["worker", "--model", "nope", "--redis", "redis://127.0.0.1:1/0"]):
-        out = subprocess.run([sys.executable, "-m", "arcdiff.cli", *args], cwd=REPO, env=env, capture_output=True,
-                             text=True, timeout=120)
+    for args in (
+        ["serve", "--model", "nope", "--port", "8999"],
+        ["worker", "--model", "nope", "--redis", "redis://127.0.0.1:1/0"],
+    ):
+        out = subprocess.run(
+            [sys.executable, "-m", "arcdiff.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+        )
         assert out.returncode == 2 and "unknown model(s) nope" in out.stderr, out.stderr
 
 
 def test_worker_needs_redis(model_dir):
-    out = subprocess.run([sys.executable, "-m", "arcdiff.cli", "worker", "--model", "tiny"], cwd=REPO,
-                         env=child_env(model_dir), capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "arcdiff.cli", "worker", "--model", "tiny"],
+        cwd=REPO,
+        env=child_env(model_dir),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and "needs a Redis URL" in out.stderr
 
 

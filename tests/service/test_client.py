@@ -12,10 +12,18 @@ import time
 import httpx
 import numpy as np
 import pytest
-
 from servicekit import REPO, free_port, png_pixels, reference, start_api, stop, wait_api_ready, wait_until
-from arcdiff.client import (APIError, AsyncClient, Client, GenerationFailed, GenerationResult, GenerationTimeout,
-                            Unreachable, retry_after_seconds)
+
+from arcdiff.client import (
+    APIError,
+    AsyncClient,
+    Client,
+    GenerationFailed,
+    GenerationResult,
+    GenerationTimeout,
+    Unreachable,
+    retry_after_seconds,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -26,8 +34,15 @@ KEY = "client-test-key"
 def service(model_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("client")
     port = free_port()
-    api = start_api(port, model_dir, logs / "api.log", ARCDIFF_API_KEYS=KEY, ARCDIFF_MAX_BATCH="1",
-                    ARCDIFF_QUEUE_LIMIT="1", ARCDIFF_TORCH_THREADS="1")
+    api = start_api(
+        port,
+        model_dir,
+        logs / "api.log",
+        ARCDIFF_API_KEYS=KEY,
+        ARCDIFF_MAX_BATCH="1",
+        ARCDIFF_QUEUE_LIMIT="1",
+        ARCDIFF_TORCH_THREADS="1",
+    )
     base = f"http://127.0.0.1:{port}"
     http = httpx.Client(base_url=base, timeout=60, headers={"Authorization": f"Bearer {KEY}"})
 
@@ -51,7 +66,14 @@ def test_generate(service):
     with Client(service["base"], api_key=KEY) as client:
         assert [m["name"] for m in client.models()] == ["tiny", "tiny-eps"]
         result = client.generate("tiny", steps=3, solver="ddim", seed=7, n=3, timeout=60)
-    assert (result.model, result.steps, result.solver, result.seed, result.n, result.nfe) == ("tiny", 3, "ddim", 7, 3, 3)
+    assert (result.model, result.steps, result.solver, result.seed, result.n, result.nfe) == (
+        "tiny",
+        3,
+        "ddim",
+        7,
+        3,
+        3,
+    )
     check_images(result, service["model_dir"], 3, "ddim", 7, 3)
     assert len(result.pil_images) == 3 and result.retries == 0
     m = result.metrics
@@ -84,8 +106,11 @@ def test_errors_carry_the_api_message(service):
     for key in (None, "wrong"):
         with Client(service["base"], api_key=key) as client, pytest.raises(APIError) as e:
             client.generate("tiny", steps=2, solver="euler")
-        raw = httpx.post(service["base"] + "/v1/generations", json={"model": "tiny", "steps": 2, "solver": "euler"},
-                         headers={"Authorization": f"Bearer {key}"} if key else {})
+        raw = httpx.post(
+            service["base"] + "/v1/generations",
+            json={"model": "tiny", "steps": 2, "solver": "euler"},
+            headers={"Authorization": f"Bearer {key}"} if key else {},
+        )
         assert e.value.status_code == raw.status_code in (401, 403) and e.value.message == raw.json()["detail"]
 
     with Client(f"http://127.0.0.1:{free_port()}", api_key=KEY) as client, pytest.raises(Unreachable):
@@ -96,8 +121,9 @@ def test_retry_on_429_honours_retry_after(service):
     """Batch of one, queue of one: a long generation runs, a second waits, so the queue is full."""
     http = service["http"]
     long = http.post("/v1/generations", json={"model": "tiny", "steps": 300, "solver": "ddim", "seed": 1}).json()
-    wait_until(lambda: http.get(long["url"]).json()["status"] == "running", 30, "the long generation to start",
-               interval=0.01)
+    wait_until(
+        lambda: http.get(long["url"]).json()["status"] == "running", 30, "the long generation to start", interval=0.01
+    )
     queued = http.post("/v1/generations", json={"model": "tiny", "steps": 1, "solver": "euler", "seed": 2})
     assert queued.status_code == 202
     full = http.post("/v1/generations", json={"model": "tiny", "steps": 1, "solver": "euler"})
@@ -130,6 +156,7 @@ def test_503_is_retried_then_surfaced(model_dir, tmp_path):
     api = start_api(port, broken.parent, tmp_path / "api.log")
     base = f"http://127.0.0.1:{port}"
     try:
+
         def failed_loading():
             if api.poll() is not None:
                 raise RuntimeError((tmp_path / "api.log").read_text()[-3000:])
@@ -172,9 +199,14 @@ def test_async_twin(service):
         async with AsyncClient(service["base"], api_key=KEY, max_retries=60) as client:
             assert [m["name"] for m in await client.models()] == ["tiny", "tiny-eps"]
             # three at once against a queue of one: the ones turned away retry
-            results = await asyncio.gather(*(client.generate("tiny", steps=3, solver="ddim", seed=s, n=1, timeout=120,
-                                                             wait=s != 8)  # one of them polls from the start
-                                             for s in (7, 8, 9)))
+            results = await asyncio.gather(
+                *(
+                    client.generate(
+                        "tiny", steps=3, solver="ddim", seed=s, n=1, timeout=120, wait=s != 8
+                    )  # one of them polls from the start
+                    for s in (7, 8, 9)
+                )
+            )
             with pytest.raises(APIError) as e:
                 await client.generate("tiny", steps=0, solver="euler")
             return results, e.value
@@ -199,8 +231,19 @@ def test_generate_command_with_url(service, model_dir, tmp_path, monkeypatch, ca
     got, want = png_pixels(remote.read_bytes()).astype(int), png_pixels(local.read_bytes()).astype(int)
     assert got.shape == want.shape == (2 * 10 + 2, 3 * 10 + 2) and np.abs(got - want).max() <= 1
 
-    bad = ["generate", "--url", service["base"], "--model", "tiny", "--steps", "5000", "--solver", "rk4", "-o",
-           str(tmp_path / "x.png")]
+    bad = [
+        "generate",
+        "--url",
+        service["base"],
+        "--model",
+        "tiny",
+        "--steps",
+        "5000",
+        "--solver",
+        "rk4",
+        "-o",
+        str(tmp_path / "x.png"),
+    ]
     assert main(bad) == 1
     assert "steps: Input should be less than or equal to 1000" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
@@ -208,8 +251,19 @@ def test_generate_command_with_url(service, model_dir, tmp_path, monkeypatch, ca
 
 # ---- retry rules, on a mock transport ------------------------------------------------------------
 
-FINISHED = {"id": "a" * 32, "status": "finished", "url": "/v1/generations/" + "a" * 32, "model": "m", "steps": 1,
-            "solver": "euler", "seed": 3, "n": 0, "nfe": 1, "images": [], "metrics": {"total_ms": 1.0}}
+FINISHED = {
+    "id": "a" * 32,
+    "status": "finished",
+    "url": "/v1/generations/" + "a" * 32,
+    "model": "m",
+    "steps": 1,
+    "solver": "euler",
+    "seed": 3,
+    "n": 0,
+    "nfe": 1,
+    "images": [],
+    "metrics": {"total_ms": 1.0},
+}
 
 
 def scripted(answers, seen):
@@ -223,16 +277,19 @@ def scripted(answers, seen):
 
 def test_retry_after_is_honoured_and_bounded():
     seen = []
-    answers = [(503, {"Retry-After": "0.2"}, {"detail": "loading models"}),
-               (429, {"Retry-After": "3600"}, {"detail": "queue full"}),  # capped by max_retry_wait
-               (202, {}, {**FINISHED, "status": "queued", "images": []}),
-               (200, {}, {**FINISHED, "status": "running"}),
-               (200, {}, FINISHED)]
-    with Client("http://svc", api_key="k", transport=scripted(answers, seen), max_retry_wait=0.3,
-                poll_interval=0.01) as client:
+    answers = [
+        (503, {"Retry-After": "0.2"}, {"detail": "loading models"}),
+        (429, {"Retry-After": "3600"}, {"detail": "queue full"}),  # capped by max_retry_wait
+        (202, {}, {**FINISHED, "status": "queued", "images": []}),
+        (200, {}, {**FINISHED, "status": "running"}),
+        (200, {}, FINISHED),
+    ]
+    with Client(
+        "http://svc", api_key="k", transport=scripted(answers, seen), max_retry_wait=0.3, poll_interval=0.01
+    ) as client:
         result = client.generate("m", 1, "euler", timeout=10)
     assert result.retries == 2 and result.id == "a" * 32 and not answers
-    gaps = [b[0] - a[0] for a, b in zip(seen, seen[1:])]
+    gaps = [b[0] - a[0] for a, b in zip(seen, seen[1:], strict=True)]
     assert 0.2 <= gaps[0] < 0.29 and 0.3 <= gaps[1] < 0.39
     assert all(r.headers["authorization"] == "Bearer k" for _, r in seen)
     posts = [r for _, r in seen if r.method == "POST"]
@@ -255,8 +312,10 @@ def test_retry_after_is_honoured_and_bounded():
         client.generate("m", 1, "euler")
     assert e.value.status_code == 500 and e.value.message == "boom"
     answers = [(202, {}, {**FINISHED, "status": "queued"}), (200, {}, {**FINISHED, "status": "failed", "error": "NaN"})]
-    with Client("http://svc", transport=scripted(answers, []), poll_interval=0.01) as client, \
-            pytest.raises(GenerationFailed, match="NaN"):
+    with (
+        Client("http://svc", transport=scripted(answers, []), poll_interval=0.01) as client,
+        pytest.raises(GenerationFailed, match="NaN"),
+    ):
         client.generate("m", 1, "euler")
 
 
@@ -268,6 +327,8 @@ def test_retry_after_forms():
 
 
 def test_client_module_stays_light():
-    code = "import sys, arcdiff.client; print(sorted(m for m in ('torch', 'numpy', 'PIL', 'fastapi') if m in sys.modules))"
+    code = (
+        "import sys, arcdiff.client; print(sorted(m for m in ('torch', 'numpy', 'PIL', 'fastapi') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from servicekit import REPO, free_port, start_api, stop, wait_api_ready, wait_until
 
 pytestmark = pytest.mark.timeout(240)
@@ -28,8 +27,10 @@ BUNDLED_MNIST = REPO / "arcdiff" / "model" / "weights" / "mnist"
 def _need_browser():
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).exists()]
     if missing:
-        pytest.skip(f"no headless browser: {', '.join(missing)} missing "
-                    "(apt-get install --no-install-recommends chromium chromium-driver)")
+        pytest.skip(
+            f"no headless browser: {', '.join(missing)} missing "
+            "(apt-get install --no-install-recommends chromium chromium-driver)"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +40,15 @@ def service(model_dir, tmp_path_factory):
     nice = bool(SCREENSHOT) and (BUNDLED_MNIST / "config.json").exists()
     folder, model = (BUNDLED_MNIST.parent, "mnist") if nice else (model_dir, "tiny")
     port = free_port()
-    api = start_api(port, folder, logs / "api.log", ARCDIFF_API_KEYS=KEY, ARCDIFF_MAX_BATCH="16",
-                    ARCDIFF_TORCH_THREADS="1", ARCDIFF_RATE_LIMIT_IMAGES_PER_MIN=str(RATE_LIMIT))
+    api = start_api(
+        port,
+        folder,
+        logs / "api.log",
+        ARCDIFF_API_KEYS=KEY,
+        ARCDIFF_MAX_BATCH="16",
+        ARCDIFF_TORCH_THREADS="1",
+        ARCDIFF_RATE_LIMIT_IMAGES_PER_MIN=str(RATE_LIMIT),
+    )
     base = f"http://127.0.0.1:{port}"
     http = httpx.Client(base_url=base, timeout=60)
 
@@ -60,13 +68,25 @@ def browser(service, tmp_path_factory):
     profile = tmp_path_factory.mktemp("chromium-profile")
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--hide-scrollbars", "--force-device-scale-factor=1", f"--user-data-dir={profile}",
-                "--window-size=1280,860"):
+    for arg in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        "--force-device-scale-factor=1",
+        f"--user-data-dir={profile}",
+        "--window-size=1280,860",
+    ):
         opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER,
-                                              log_output=str(service["logs"] / "chromedriver.log")), options=opts)
+    driver = webdriver.Chrome(
+        service=Service(executable_path=CHROMEDRIVER, log_output=str(service["logs"] / "chromedriver.log")),
+        options=opts,
+    )
     driver.set_page_load_timeout(30)
     yield driver
     driver.quit()
@@ -98,11 +118,13 @@ def generate(driver, model, steps, solver, seed, n, timeout=120):
     set_value(driver, "seed", seed)
     set_value(driver, "n", n)
     driver.find_element("id", "generate").click()
-    wait_for(driver, "return document.querySelectorAll('article.run').length > arguments[0]", "a result card",
-             10, before)
+    wait_for(
+        driver, "return document.querySelectorAll('article.run').length > arguments[0]", "a result card", 10, before
+    )
     card = driver.find_element("css selector", "article.run")
-    wait_until(lambda: card.get_attribute("data-status") in ("finished", "failed"), timeout, "the generation",
-               interval=0.1)
+    wait_until(
+        lambda: card.get_attribute("data-status") in ("finished", "failed"), timeout, "the generation", interval=0.1
+    )
     assert card.get_attribute("data-status") == "finished", card.text
     done = """const imgs = [...arguments[0].querySelectorAll('img.sample')];
               return imgs.length === arguments[1] && imgs.every((i) => i.complete && i.naturalWidth > 0
@@ -136,26 +158,45 @@ def test_playground_in_a_real_browser(service, browser, tmp_path):
     assert "API key" in driver.find_element("id", "err-key").text
     driver.find_element("id", "api-key").send_keys(KEY)
     driver.find_element("id", "key-use").click()
-    options = wait_for(driver, "const o = [...document.getElementById('model').options].map((o) => o.value);"
-                               "return o.length ? o : null", "the model list", 30)
+    options = wait_for(
+        driver,
+        "const o = [...document.getElementById('model').options].map((o) => o.value);return o.length ? o : null",
+        "the model list",
+        30,
+    )
     want = [m["name"] for m in http.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()]
     assert options == want and model in options
     assert driver.find_element("id", "err-key").text == ""
     # inputs limited like the API: the limits come from /openapi.json
-    limits = js(driver, "return ['steps', 'n', 'seed'].map((f) => [document.getElementById(f).min,"
-                        " document.getElementById(f).max])")
+    limits = js(
+        driver,
+        "return ['steps', 'n', 'seed'].map((f) => [document.getElementById(f).min, document.getElementById(f).max])",
+    )
     assert limits == [["1", "1000"], ["1", "16"], ["0", "4294967295"]]
     assert js(driver, "return [...document.getElementById('solver').options].map((o) => o.value)") == [
-        "euler", "heun", "rk4", "ddim", "ddpm", "dpmpp2m"]
+        "euler",
+        "heun",
+        "rk4",
+        "ddim",
+        "ddpm",
+        "dpmpp2m",
+    ]
 
     # four images, each with its seed, the right natural size, scaled up with crisp pixels
     card = generate(driver, model, 3, "ddim", 7, 4)
-    size = next(m["image_size"] for m in http.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
-                if m["name"] == model)
-    imgs = js(driver, """return [...arguments[0].querySelectorAll('img.sample')].map((i) => ({
+    size = next(
+        m["image_size"]
+        for m in http.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
+        if m["name"] == model
+    )
+    imgs = js(
+        driver,
+        """return [...arguments[0].querySelectorAll('img.sample')].map((i) => ({
         w: i.naturalWidth, h: i.naturalHeight, shown: i.getBoundingClientRect().width, seed: i.dataset.seed,
         caption: i.nextElementSibling.textContent, src: i.src,
-        rendering: getComputedStyle(i).imageRendering}))""", card)
+        rendering: getComputedStyle(i).imageRendering}))""",
+        card,
+    )
     assert [i["seed"] for i in imgs] == ["7", "8", "9", "10"]
     assert [i["caption"] for i in imgs] == ["seed 7", "seed 8", "seed 9", "seed 10"]
     for i in imgs:
@@ -188,8 +229,11 @@ def test_playground_in_a_real_browser(service, browser, tmp_path):
     runs = js(driver, "return document.querySelectorAll('article.run').length")
     driver.find_element("id", "generate").click()
     wait_for(driver, "return document.getElementById('err-steps').textContent", "the steps error", 10)
-    api = http.post("/v1/generations", headers={"Authorization": f"Bearer {KEY}"},
-                    json={"model": model, "steps": 5000, "solver": "rk4", "seed": 2026, "n": 99}).json()
+    api = http.post(
+        "/v1/generations",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={"model": model, "steps": 5000, "solver": "rk4", "seed": 2026, "n": 99},
+    ).json()
     msg = {e["loc"][-1]: e["msg"] for e in api["detail"]}
     assert driver.find_element("id", "err-steps").text == msg["steps"] == "Input should be less than or equal to 1000"
     assert driver.find_element("id", "err-n").text == msg["n"]
@@ -203,7 +247,6 @@ def test_playground_in_a_real_browser(service, browser, tmp_path):
     generate(driver, model, 2, "euler", 5, 1)
     assert driver.find_element("id", "err-steps").text == "" and driver.find_element("id", "err-form").text == ""
 
-
     # a 429 (here: the key's images-per-minute limit) shows the API's message and Retry-After beside the button
     set_value(driver, "n", 16)
     for _ in range(5):  # a minute boundary resets the window: one more try then
@@ -212,15 +255,21 @@ def test_playground_in_a_real_browser(service, browser, tmp_path):
         if driver.find_element("id", "err-form").text:
             break
     text = driver.find_element("id", "err-form").text
-    api = http.post("/v1/generations", headers={"Authorization": f"Bearer {KEY}"},
-                    json={"model": model, "steps": 2, "solver": "euler", "n": 16})
+    api = http.post(
+        "/v1/generations",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={"model": model, "steps": 2, "solver": "euler", "n": 16},
+    )
     assert text.startswith("Too many requests: ") and "Try again in" in text, text
     if api.status_code == 429:  # (unless a new minute began just now)
         assert api.json()["detail"] in text, text
 
     # no script errors on the way (the API's 401/422/429 answers are logged as failed loads: expected)
-    errors = [e["message"] for e in driver.get_log("browser")
-              if e["level"] == "SEVERE" and "Failed to load resource" not in e["message"]]
+    errors = [
+        e["message"]
+        for e in driver.get_log("browser")
+        if e["level"] == "SEVERE" and "Failed to load resource" not in e["message"]
+    ]
     assert not errors, errors
 
 
@@ -238,4 +287,3 @@ def test_wrong_key_is_reported_beside_the_key(service, browser):
     assert api.status_code in (401, 403)
     assert driver.find_element("id", "err-key").text.startswith(api.json()["detail"])
     assert js(driver, "return document.getElementById('model').options.length") == 0
-

@@ -8,12 +8,12 @@ import time
 
 import pytest
 import torch
+from servicekit import one_thread, reference
 
+from arcdiff.contract import GenerationSpec
 from arcdiff.model.registry import ModelRegistry
 from arcdiff.model.solvers import SOLVERS
-from servicekit import one_thread, reference
 from arcdiff.worker.engine import Engine
-from arcdiff.contract import GenerationSpec
 from arcdiff.worker.loading import SpeedSettings, prepare_models, resolve_speed
 
 
@@ -35,19 +35,29 @@ def graphs() -> int:
 
 
 def run_mixed(model_dir, backend, mode="default"):
-    prepared = prepare_models(ModelRegistry(model_dir), ["tiny", "tiny-eps"], torch.device("cpu"),
-                              SpeedSettings(compile=mode), backend=backend)
-    eng = Engine({n: p.loaded for n, p in prepared.items()}, max_batch=8, keep_samples=True,
-                 forwards={n: p.forward for n, p in prepared.items()}, warm_up=True,
-                 fallbacks={n: p.eager for n, p in prepared.items()}, recompile_stance="fail_on_recompile")
+    prepared = prepare_models(
+        ModelRegistry(model_dir),
+        ["tiny", "tiny-eps"],
+        torch.device("cpu"),
+        SpeedSettings(compile=mode),
+        backend=backend,
+    )
+    eng = Engine(
+        {n: p.loaded for n, p in prepared.items()},
+        max_batch=8,
+        keep_samples=True,
+        forwards={n: p.forward for n, p in prepared.items()},
+        warm_up=True,
+        fallbacks={n: p.eager for n, p in prepared.items()},
+        recompile_stance="fail_on_recompile",
+    )
     before = graphs()  # the counter is process-wide and other tests compile too
     eng.start()
     try:
         after_warm_up = graphs()
         # every solver, several step counts and image counts, two models: batches of every size
         # from 1 to 8 pass through the buckets 1, 2, 4, 8
-        specs = [spec(f"g{i}", steps=1 + i % 4, solver=s, seed=10 * i, n=1 + i % 3)
-                 for i, s in enumerate(SOLVERS * 2)]
+        specs = [spec(f"g{i}", steps=1 + i % 4, solver=s, seed=10 * i, n=1 + i % 3) for i, s in enumerate(SOLVERS * 2)]
         specs += [spec("e", steps=3, solver="heun", seed=7, n=3, model="tiny-eps")]
         futures = [eng.submit(s) for s in specs]
         results = [f.result(300) for f in futures]
@@ -66,15 +76,16 @@ def test_compiled_engine_has_one_graph_per_bucket_and_no_recompiles(model_dir, m
     assert n_graphs == 2 * len(eng.buckets), "one graph per model and bucket"
     assert len(sizes) >= 4, f"the mix should have run several batch sizes, got {sorted(sizes)}"
     assert set(eng.warm_up_s) == {"tiny", "tiny-eps"} and not eng.failed_models
-    for s, r in zip(specs, results):  # compiled or not, the same images
+    for s, r in zip(specs, results, strict=True):  # compiled or not, the same images
         want, _ = reference(model_dir, s.model, s.steps, s.solver, s.seed, s.n)
         assert torch.allclose(r.extra["samples"], want, atol=1e-5), s
 
 
 def test_a_recompile_after_warm_up_is_an_error_under_the_guard(model_dir):
     """The guard is live: a shape that no bucket covers fails instead of compiling quietly."""
-    prepared = prepare_models(ModelRegistry(model_dir), ["tiny"], torch.device("cpu"), SpeedSettings(compile="default"),
-                              backend="eager")
+    prepared = prepare_models(
+        ModelRegistry(model_dir), ["tiny"], torch.device("cpu"), SpeedSettings(compile="default"), backend="eager"
+    )
     fwd = prepared["tiny"].forward
     with torch.inference_mode():
         fwd(torch.zeros(2, 1, 8, 8), torch.full((2,), 0.5))
@@ -88,10 +99,21 @@ def test_a_compiler_that_fails_leaves_the_model_served_eagerly(model_dir, caplog
     def broken_backend(gm, example_inputs):
         raise RuntimeError("this compiler cannot build the graph")
 
-    prepared = prepare_models(ModelRegistry(model_dir), ["tiny"], torch.device("cpu"), SpeedSettings(compile="default"),
-                              backend=broken_backend)
-    eng = Engine({"tiny": prepared["tiny"].loaded}, max_batch=4, keep_samples=True,
-                 forwards={"tiny": prepared["tiny"].forward}, fallbacks={"tiny": prepared["tiny"].eager}, warm_up=True)
+    prepared = prepare_models(
+        ModelRegistry(model_dir),
+        ["tiny"],
+        torch.device("cpu"),
+        SpeedSettings(compile="default"),
+        backend=broken_backend,
+    )
+    eng = Engine(
+        {"tiny": prepared["tiny"].loaded},
+        max_batch=4,
+        keep_samples=True,
+        forwards={"tiny": prepared["tiny"].forward},
+        fallbacks={"tiny": prepared["tiny"].eager},
+        warm_up=True,
+    )
     eng.start()
     try:
         assert "serving it uncompiled" in caplog.text and "tiny" in eng.models and not eng.failed_models
@@ -129,6 +151,6 @@ def test_bf16_autocast_on_cpu_when_asked_keeps_the_solver_in_float32(model_dir):
 @pytest.mark.slow
 def test_inductor_compiled_engine_no_recompiles(model_dir):
     eng, specs, results, sizes, n_graphs = run_mixed(model_dir, backend="inductor", mode="reduce-overhead")
-    for s, r in zip(specs, results):
+    for s, r in zip(specs, results, strict=True):
         want, _ = reference(model_dir, s.model, s.steps, s.solver, s.seed, s.n)
         assert torch.allclose(r.extra["samples"], want, atol=1e-4), s

@@ -6,14 +6,13 @@ import time
 import numpy as np
 import pytest
 import torch
+from servicekit import one_thread, png_info, png_pixels, reference
 
+from arcdiff.contract import GenerationSpec
 from arcdiff.model.registry import ModelRegistry
 from arcdiff.model.solvers import SOLVERS
-from servicekit import one_thread, png_info, png_pixels, reference
 from arcdiff.worker.batch import bucket_for, bucket_sizes
 from arcdiff.worker.engine import Engine, GenerationFailed
-from arcdiff.contract import GenerationSpec
-
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -54,7 +53,7 @@ def test_every_solver_matches_the_reference_sampler(loaded, model_dir):
         specs = [spec(f"s{i}", steps=2 + i, solver=s, seed=100 * i, n=2) for i, s in enumerate(SOLVERS)]
         specs.append(spec("eps", steps=3, solver="heun", seed=5, n=2, model="tiny-eps"))
         futures = [eng.submit(s) for s in specs]
-        for s, fut in zip(specs, futures):
+        for s, fut in zip(specs, futures, strict=True):
             res = fut.result(120)
             want, want_px = reference(model_dir, s.model, s.steps, s.solver, s.seed, s.n)
             got = res.extra["samples"]
@@ -191,8 +190,11 @@ def test_many_concurrent_submitters(loaded):
     eng = make_engine(loaded, max_batch=4)
     results = {}
     try:
+
         def submit(i):
-            results[i] = eng.submit(spec(f"t{i}", steps=1 + i % 4, solver=SOLVERS[i % len(SOLVERS)], seed=i, n=1 + i % 3))
+            results[i] = eng.submit(
+                spec(f"t{i}", steps=1 + i % 4, solver=SOLVERS[i % len(SOLVERS)], seed=i, n=1 + i % 3)
+            )
 
         threads = [threading.Thread(target=submit, args=(i,)) for i in range(12)]
         for t in threads:

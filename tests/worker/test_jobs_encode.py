@@ -4,11 +4,11 @@ import time
 
 import pytest
 import torch
-
-from arcdiff.model.solvers import SOLVERS
 from servicekit import png_info, png_pixels
-from arcdiff.worker.encode import grid, png_bytes, to_uint8
+
 from arcdiff.contract import GenerationSpec, ImageResult, JobMetrics, JobResult, SpecError, queue_name
+from arcdiff.model.solvers import SOLVERS
+from arcdiff.worker.encode import grid, png_bytes, to_uint8
 
 GOOD = {"id": "a" * 32, "model": "tiny", "steps": 10, "solver": "rk4", "seed": 7, "n": 2, "submitted_at": time.time()}
 
@@ -80,6 +80,7 @@ def test_grid_layout():
 def test_stock_rq_task_runs_one_generation(model_dir, monkeypatch):
     """worker.tasks.generate: what a stock RQ worker runs; same JSON result as the batching worker."""
     from servicekit import assert_images_match, one_thread
+
     from arcdiff.worker import tasks
 
     monkeypatch.setenv("ARCDIFF_MODEL_DIR", str(model_dir))

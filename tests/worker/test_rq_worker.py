@@ -13,8 +13,8 @@ from rq.command import send_stop_job_command
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
-
 from servicekit import REPO, assert_images_match, start_worker, stop, wait_until, wait_workers
+
 from arcdiff.contract import TASK, GenerationSpec
 
 
@@ -43,11 +43,19 @@ def workers(redis_url, model_dir, tmp_path):
 
 
 def enqueue(conn, steps, solver="rk4", seed=0, n=1, payload=None, func=TASK, retries=1):
-    spec = GenerationSpec(id=uuid.uuid4().hex, model="tiny", steps=steps, solver=solver, seed=seed, n=n,
-                          submitted_at=time.time())
+    spec = GenerationSpec(
+        id=uuid.uuid4().hex, model="tiny", steps=steps, solver=solver, seed=seed, n=n, submitted_at=time.time()
+    )
     q = Queue("arcdiff:tiny", connection=conn, serializer=JSONSerializer)
-    return q.enqueue_call(func, args=(payload if payload is not None else spec.to_payload(),), job_id=spec.id,
-                          timeout=600, result_ttl=600, failure_ttl=600, retry=Retry(max=retries))
+    return q.enqueue_call(
+        func,
+        args=(payload if payload is not None else spec.to_payload(),),
+        job_id=spec.id,
+        timeout=600,
+        result_ttl=600,
+        failure_ttl=600,
+        retry=Retry(max=retries),
+    )
 
 
 def fetch(conn, job):
@@ -80,7 +88,7 @@ def test_jobs_share_the_batch_with_an_honest_rq_lifecycle(conn, workers, redis_u
     (worker,) = Worker.all(connection=conn)
     assert worker.get_state() == "busy" and worker.queue_names() == ["arcdiff:tiny"]
     wait_until(lambda: fetch(conn, long).last_heartbeat > beat, 10, "a heartbeat of the running job")
-    for job, (steps, solver, seed) in zip(shorts, ((3, "ddim", 10), (3, "ddpm", 11))):
+    for job, (steps, solver, seed) in zip(shorts, ((3, "ddim", 10), (3, "ddpm", 11)), strict=True):
         res = fetch(conn, job).return_value()
         assert_images_match(res["images"], model_dir, "tiny", steps, solver, seed)
         assert res["metrics"]["worker"] == worker.name and res["metrics"]["device"] == "cpu"
@@ -90,8 +98,13 @@ def test_jobs_share_the_batch_with_an_honest_rq_lifecycle(conn, workers, redis_u
     assert status(conn, long) == "stopped"
     assert "stopped on request" in fetch(conn, long).latest_result().exc_string
     assert not started.get_job_ids()
-    info = subprocess.run([sys.executable, "-m", "rq.cli", "info", "-u", redis_url, "--only-queues"], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    info = subprocess.run(
+        [sys.executable, "-m", "rq.cli", "info", "-u", redis_url, "--only-queues"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "arcdiff:tiny" in info.stdout and "2 finished" in info.stdout, info.stdout + info.stderr
 
 
@@ -129,7 +142,9 @@ def test_sigterm_mid_run_loses_no_job(conn, workers, redis_url, model_dir):
     worker finishes every one of them."""
     w = workers(ARCDIFF_DRAIN_TIMEOUT_S="0.2")
     wait_workers(redis_url, "tiny", 1, [w])
-    jobs = [enqueue(conn, steps=100, seed=i, n=2) for i in range(2)] + [enqueue(conn, steps=2, seed=10 + i) for i in range(3)]
+    jobs = [enqueue(conn, steps=100, seed=i, n=2) for i in range(2)] + [
+        enqueue(conn, steps=2, seed=10 + i) for i in range(3)
+    ]
     for j in jobs[:2]:
         wait_status(conn, j, {"started"})
     w.send_signal(signal.SIGTERM)

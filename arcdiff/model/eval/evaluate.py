@@ -85,8 +85,15 @@ def model_uint8(x: torch.Tensor, data_range: tuple[float, float] = (-1.0, 1.0)) 
 
 @torch.inference_mode()
 def generate_samples(
-    loaded: LoadedModel, solver: str, steps: int, num_samples: int, *, seed: int = 0, batch: int = 64,
-    device: str | torch.device = "cpu", progress: bool = False,
+    loaded: LoadedModel,
+    solver: str,
+    steps: int,
+    num_samples: int,
+    *,
+    seed: int = 0,
+    batch: int = 64,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
 ) -> torch.Tensor:
     """num_samples images (uint8, (K, C, H, W)) from `loaded` with `solver` in `steps` steps."""
     from tqdm import tqdm
@@ -98,8 +105,13 @@ def generate_samples(
     lo, hi = loaded.config.get("data_range", [-1.0, 1.0])
     per_batch = nfe(solver, steps)
     out = []
-    with tqdm(total=math.ceil(num_samples / batch) * per_batch, desc=f"sampling {solver} x{steps}", unit="nfe",
-              disable=not progress, leave=False) as bar:
+    with tqdm(
+        total=math.ceil(num_samples / batch) * per_batch,
+        desc=f"sampling {solver} x{steps}",
+        unit="nfe",
+        disable=not progress,
+        leave=False,
+    ) as bar:
         for start in range(0, num_samples, batch):
             gens = [image_generator(image_seed(seed, k)) for k in range(start, min(num_samples, start + batch))]
             x_T = torch.stack([initial_noise(shape, g) for g in gens]).to(device)
@@ -113,7 +125,11 @@ def _subset(n: int, k: int, seed: int) -> torch.Tensor:
 
 
 def score(
-    samples: torch.Tensor, reference: ReferenceFeatures, extractor: FeatureExtractor, *, batch: int = 256,
+    samples: torch.Tensor,
+    reference: ReferenceFeatures,
+    extractor: FeatureExtractor,
+    *,
+    batch: int = 256,
     progress: bool = False,
 ) -> dict[str, Any]:
     """The metrics of uint8 samples against reference features."""
@@ -171,7 +187,9 @@ def evaluate(
     the real images at `ref`. Pass `extractor` and `reference` to reuse them across evals."""
     t0 = time.perf_counter()
     if num_samples < PR_NEIGHBOURS + 1:
-        raise ValueError(f"num_samples must be at least {PR_NEIGHBOURS + 1} (k = {PR_NEIGHBOURS} neighbours), got {num_samples}")
+        raise ValueError(
+            f"num_samples must be at least {PR_NEIGHBOURS + 1} (k = {PR_NEIGHBOURS} neighbours), got {num_samples}"
+        )
     get_solver(solver)
     if isinstance(model, str):
         from arcdiff.model.registry import ModelRegistry
@@ -181,20 +199,34 @@ def evaluate(
     if extractor is None:
         extractor = get_extractor(features, c, inception_path=inception, mnist_weights=mnist_weights, device=device)
     if reference is None:
-        reference = reference_features(ref, size, c, extractor, cache_dir=cache_dir, use_cache=use_cache,
-                                       progress=progress)
+        reference = reference_features(
+            ref, size, c, extractor, cache_dir=cache_dir, use_cache=use_cache, progress=progress
+        )
     t1 = time.perf_counter()
-    samples = generate_samples(model, solver, steps, num_samples, seed=seed, batch=batch, device=device,
-                               progress=progress)
+    samples = generate_samples(
+        model, solver, steps, num_samples, seed=seed, batch=batch, device=device, progress=progress
+    )
     t2 = time.perf_counter()
     scores = score(samples, reference, extractor, progress=progress)
     t3 = time.perf_counter()
     return EvalResult(
-        model=model.name, solver=solver, steps=steps, nfe=nfe(solver, steps), num_samples=num_samples, seed=seed,
-        ref=str(ref), ref_images=reference.count, extractor=extractor.id, **scores,
+        model=model.name,
+        solver=solver,
+        steps=steps,
+        nfe=nfe(solver, steps),
+        num_samples=num_samples,
+        seed=seed,
+        ref=str(ref),
+        ref_images=reference.count,
+        extractor=extractor.id,
+        **scores,
         floor={k: (int(v) if k == "n_half" else float(v)) for k, v in reference.floor.items()},
-        sample_seconds=round(t2 - t1, 3), feature_seconds=round(t3 - t2 + (t1 - t0), 3),
-        wall_seconds=round(t3 - t0, 3), device=str(device), threads=torch.get_num_threads(), batch=batch,
+        sample_seconds=round(t2 - t1, 3),
+        feature_seconds=round(t3 - t2 + (t1 - t0), 3),
+        wall_seconds=round(t3 - t0, 3),
+        device=str(device),
+        threads=torch.get_num_threads(),
+        batch=batch,
         grid=samples[:64].clone(),
     )
 
@@ -207,7 +239,9 @@ def grid_image(images: torch.Tensor, nrow: int = 8, pad: int = 2) -> torch.Tenso
     canvas = torch.zeros(c, rows * (h + pad) + pad, cols * (w + pad) + pad, dtype=torch.uint8)
     for i in range(n):
         r, q = divmod(i, nrow)
-        canvas[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = images[i]
+        canvas[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = (
+            images[i]
+        )
     return canvas.permute(1, 2, 0)
 
 

@@ -55,7 +55,9 @@ def _sqrtm_psd(a: torch.Tensor) -> torch.Tensor:
     return (v * w.clamp(min=0).sqrt()) @ v.T
 
 
-def _frechet(mu1: torch.Tensor, sigma1: torch.Tensor, s1h: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> float:
+def _frechet(
+    mu1: torch.Tensor, sigma1: torch.Tensor, s1h: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor
+) -> float:
     m = s1h @ sigma2 @ s1h
     tr_covmean = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
     diff = mu1 - mu2
@@ -64,7 +66,9 @@ def _frechet(mu1: torch.Tensor, sigma1: torch.Tensor, s1h: torch.Tensor, mu2: to
 
 
 def frechet_distance(
-    mu1: torch.Tensor | np.ndarray, sigma1: torch.Tensor | np.ndarray, mu2: torch.Tensor | np.ndarray,
+    mu1: torch.Tensor | np.ndarray,
+    sigma1: torch.Tensor | np.ndarray,
+    mu2: torch.Tensor | np.ndarray,
     sigma2: torch.Tensor | np.ndarray,
 ) -> float:
     """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)).
@@ -78,8 +82,10 @@ def frechet_distance(
     busy CPU)."""
     mu1, mu2, sigma1, sigma2 = _f64(mu1), _f64(mu2), _f64(sigma1), _f64(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.numel(), mu1.numel()):
-        raise ValueError(f"mismatched statistics: mu {tuple(mu1.shape)} vs {tuple(mu2.shape)}, "
-                         f"sigma {tuple(sigma1.shape)} vs {tuple(sigma2.shape)}")
+        raise ValueError(
+            f"mismatched statistics: mu {tuple(mu1.shape)} vs {tuple(mu2.shape)}, "
+            f"sigma {tuple(sigma1.shape)} vs {tuple(sigma2.shape)}"
+        )
     return _frechet(mu1, sigma1, _sqrtm_psd(sigma1), mu2, sigma2)
 
 

@@ -44,7 +44,7 @@ class MnistNetConfig:
     dropout: float = 0.25
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MnistNetConfig":
+    def from_dict(cls, d: dict[str, Any]) -> MnistNetConfig:
         d = dict(d)
         d["widths"] = tuple(d["widths"])
         return cls(**d)
@@ -85,8 +85,13 @@ def prepare(images: torch.Tensor, image_size: int = 28) -> torch.Tensor:
 class MnistExtractor:
     """FeatureExtractor over a trained MnistFeatureNet; also gives class probabilities."""
 
-    def __init__(self, net: MnistFeatureNet, weights_sha256: str, facts: dict[str, Any] | None = None,
-                 device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        net: MnistFeatureNet,
+        weights_sha256: str,
+        facts: dict[str, Any] | None = None,
+        device: str | torch.device = "cpu",
+    ):
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
         self.facts = facts or {}
@@ -157,8 +162,16 @@ def accuracy(net: MnistFeatureNet, x: torch.Tensor, labels: torch.Tensor, batch:
 
 
 def fit(
-    images: torch.Tensor, labels: torch.Tensor, *, epochs: int = 10, batch: int = 64, lr: float = 2e-3, seed: int = 0,
-    cfg: MnistNetConfig = MnistNetConfig(), progress: bool = False, desc: str = "train",
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    epochs: int = 10,
+    batch: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+    cfg: MnistNetConfig = MnistNetConfig(),
+    progress: bool = False,
+    desc: str = "train",
 ) -> MnistFeatureNet:
     """Adam with a cosine learning rate, random shifts, cross-entropy; deterministic for a seed."""
     from tqdm import tqdm
@@ -189,8 +202,16 @@ def fit(
 
 
 def train_feature_net(
-    data: str | Path, out: str | Path = WEIGHTS_DIR, *, holdout: int = 2000, refit: bool = True, epochs: int = 10,
-    batch: int = 64, lr: float = 2e-3, seed: int = 0, progress: bool = True,
+    data: str | Path,
+    out: str | Path = WEIGHTS_DIR,
+    *,
+    holdout: int = 2000,
+    refit: bool = True,
+    epochs: int = 10,
+    batch: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Fit on all but `holdout` labelled MNIST images, measure held-out accuracy, then (refit)
     fit again on all of them with the same recipe; write the weights and facts to `out`.
@@ -211,26 +232,53 @@ def train_feature_net(
     facts: dict[str, Any] = {"architecture": {**asdict(cfg), "widths": list(cfg.widths)}}
     if holdout:
         tr, te = perm[: n - holdout], perm[n - holdout :]
-        net = fit(images[tr], labels[tr], epochs=epochs, batch=batch, lr=lr, seed=seed, cfg=cfg, progress=progress,
-                  desc="fit (held-out split)")
-        facts["holdout"] = {"train_images": n - holdout, "test_images": holdout,
-                            "accuracy": round(accuracy(net, prepare(images[te]), labels[te]), 4)}
+        net = fit(
+            images[tr],
+            labels[tr],
+            epochs=epochs,
+            batch=batch,
+            lr=lr,
+            seed=seed,
+            cfg=cfg,
+            progress=progress,
+            desc="fit (held-out split)",
+        )
+        facts["holdout"] = {
+            "train_images": n - holdout,
+            "test_images": holdout,
+            "accuracy": round(accuracy(net, prepare(images[te]), labels[te]), 4),
+        }
     if refit or not holdout:
-        net = fit(images, labels, epochs=epochs, batch=batch, lr=lr, seed=seed, cfg=cfg, progress=progress,
-                  desc="fit (all images)")
+        net = fit(
+            images,
+            labels,
+            epochs=epochs,
+            batch=batch,
+            lr=lr,
+            seed=seed,
+            cfg=cfg,
+            progress=progress,
+            desc="fit (all images)",
+        )
     trained_on = n if (refit or not holdout) else n - holdout
-    facts.update({
-        "trained_on_images": trained_on,
-        "training_accuracy": round(accuracy(net, prepare(images), labels), 4),
-        "data": str(Path(data)),
-        "epochs": epochs, "batch": batch, "lr": lr, "seed": seed, "augmentation": "random shifts up to 2 px",
-        "pooled_features": f"fc1 after ReLU, {cfg.hidden}-d (FID, precision/recall)",
-        "spatial_features": f"conv3 after ReLU, first {cfg.spatial_channels} channels of the "
-                            f"{cfg.image_size // 4}x{cfg.image_size // 4} map, flattened (sFID)",
-        "wall_seconds": round(time.time() - t0, 1),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    })
+    facts.update(
+        {
+            "trained_on_images": trained_on,
+            "training_accuracy": round(accuracy(net, prepare(images), labels), 4),
+            "data": str(Path(data)),
+            "epochs": epochs,
+            "batch": batch,
+            "lr": lr,
+            "seed": seed,
+            "augmentation": "random shifts up to 2 px",
+            "pooled_features": f"fc1 after ReLU, {cfg.hidden}-d (FID, precision/recall)",
+            "spatial_features": f"conv3 after ReLU, first {cfg.spatial_channels} channels of the "
+            f"{cfg.image_size // 4}x{cfg.image_size // 4} map, flattened (sFID)",
+            "wall_seconds": round(time.time() - t0, 1),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        }
+    )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}

@@ -64,8 +64,10 @@ class ReferenceFeatures:
         if ("floor_at", k) not in self._memo:
             perm = torch.randperm(self.count, generator=torch.Generator().manual_seed(seed))
             a, b = perm[:k], perm[k:]
-            self._memo[("floor_at", k)] = (fid_from_features(self.pooled[b], self.pooled[a]),
-                                          fid_from_features(self.spatial[b], self.spatial[a]))
+            self._memo[("floor_at", k)] = (
+                fid_from_features(self.pooled[b], self.pooled[a]),
+                fid_from_features(self.spatial[b], self.spatial[a]),
+            )
         return self._memo[("floor_at", k)]
 
 
@@ -103,8 +105,11 @@ def _save(path: Path, ref: ReferenceFeatures) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     try:
-        save_file({"pooled": ref.pooled.contiguous(), "spatial": ref.spatial.contiguous()}, tmp,
-                  metadata={"key": json.dumps(ref.key, sort_keys=True), "floor": json.dumps(ref.floor)})
+        save_file(
+            {"pooled": ref.pooled.contiguous(), "spatial": ref.spatial.contiguous()},
+            tmp,
+            metadata={"key": json.dumps(ref.key, sort_keys=True), "floor": json.dumps(ref.floor)},
+        )
         os.replace(tmp, path)  # atomic: a concurrent eval never reads half a file
     finally:
         if os.path.exists(tmp):
@@ -119,8 +124,9 @@ def _load(path: Path, key: dict[str, Any]) -> ReferenceFeatures | None:
             meta = f.metadata() or {}
             if json.loads(meta.get("key", "null")) != key:
                 return None  # a hash collision or an older layout: recompute
-            return ReferenceFeatures(f.get_tensor("pooled"), f.get_tensor("spatial"), json.loads(meta["floor"]), key,
-                                     cached=True)
+            return ReferenceFeatures(
+                f.get_tensor("pooled"), f.get_tensor("spatial"), json.loads(meta["floor"]), key, cached=True
+            )
     except Exception:  # unreadable or truncated cache entry: recompute and overwrite it
         return None
 
@@ -142,8 +148,15 @@ def reference_features(
     if not path.exists():
         raise DataError(f"{path}: reference data not found (no such file or folder)")
     path = path.resolve()
-    key = {"version": CACHE_VERSION, "ref": str(path), "fingerprint": _fingerprint(path), "image_size": image_size,
-           "channels": channels, "extractor": extractor.id, "floor_seed": FLOOR_SEED}
+    key = {
+        "version": CACHE_VERSION,
+        "ref": str(path),
+        "fingerprint": _fingerprint(path),
+        "image_size": image_size,
+        "channels": channels,
+        "extractor": extractor.id,
+        "floor_seed": FLOOR_SEED,
+    }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     cache_file = Path(cache_dir or default_cache_dir()) / f"ref-{digest}.safetensors"
     if use_cache and cache_file.is_file():

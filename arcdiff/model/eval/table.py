@@ -20,8 +20,13 @@ from typing import Any
 
 NFES = (8, 20, 40, 80)
 ROWS: tuple[tuple[str, str], ...] = (
-    ("mnist", "euler"), ("mnist", "heun"), ("mnist", "rk4"), ("mnist", "ddim"), ("mnist", "dpmpp2m"),
-    ("mnist-eps", "ddim"), ("mnist-eps", "rk4"),
+    ("mnist", "euler"),
+    ("mnist", "heun"),
+    ("mnist", "rk4"),
+    ("mnist", "ddim"),
+    ("mnist", "dpmpp2m"),
+    ("mnist-eps", "ddim"),
+    ("mnist-eps", "rk4"),
 )
 DEFAULT_SAMPLES = 500  # README, evaluation section: ~36 min on 1 CPU thread, ~20-25 min on 2, for all 28 cells
 
@@ -40,10 +45,16 @@ def cells(rows: tuple[tuple[str, str], ...] = ROWS, nfes: tuple[int, ...] = NFES
 def _pivot(records: list[dict[str, Any]], fmt, title: str, nfes: tuple[int, ...]) -> list[str]:
     by = {(r["model"], r["solver"], r["nfe"]): r for r in records}
     rows = list(dict.fromkeys((r["model"], r["solver"]) for r in records))
-    lines = [f"**{title}**", "", "| model | solver | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
-             "| --- | --- | " + " | ".join("---:" for _ in nfes) + " |"]
+    lines = [
+        f"**{title}**",
+        "",
+        "| model | solver | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+        "| --- | --- | " + " | ".join("---:" for _ in nfes) + " |",
+    ]
     for m, s in rows:
-        lines.append(f"| {m} | {s} | " + " | ".join(fmt(by[(m, s, n)]) if (m, s, n) in by else "-" for n in nfes) + " |")
+        lines.append(
+            f"| {m} | {s} | " + " | ".join(fmt(by[(m, s, n)]) if (m, s, n) in by else "-" for n in nfes) + " |"
+        )
     return lines + [""]
 
 
@@ -57,35 +68,54 @@ def markdown(records: list[dict[str, Any]], command: str, nfes: tuple[int, ...] 
         "",
         f"Floor (two random halves of the real data, {f['n_half']} images each): FID {f['fid']:.2f}, "
         f"sFID {f['sfid']:.2f}, precision {f['precision']:.3f}, recall {f['recall']:.3f}."
-        + (f" FID of {r0['num_samples']} real images against the rest: {r0['floor_fid_at_k']:.2f} "
-           f"(sFID {r0['floor_sfid_at_k']:.2f}), about what a perfect model scores with this many samples."
-           if r0.get("floor_fid_at_k") is not None else ""),
+        + (
+            f" FID of {r0['num_samples']} real images against the rest: {r0['floor_fid_at_k']:.2f} "
+            f"(sFID {r0['floor_sfid_at_k']:.2f}), about what a perfect model scores with this many samples."
+            if r0.get("floor_fid_at_k") is not None
+            else ""
+        ),
         "",
         f"Reproduce: `{command}`",
         "",
     ]
     body = (
         _pivot(records, lambda r: f"{r['fid']:.2f}", "FID (lower is better)", nfes)
-        + _pivot(records, lambda r: f"{r['precision']:.2f} / {r['recall']:.2f}", "precision / recall (higher is better)", nfes)
+        + _pivot(
+            records,
+            lambda r: f"{r['precision']:.2f} / {r['recall']:.2f}",
+            "precision / recall (higher is better)",
+            nfes,
+        )
         + _pivot(records, lambda r: f"{r['sfid']:.2f}", "sFID (lower is better)", nfes)
-        + _pivot(records, lambda r: f"{r['confident_fraction']:.0%}" if r.get("confident_fraction") is not None else "-",
-                 "samples the classifier calls a digit with confidence > 0.9", nfes)
+        + _pivot(
+            records,
+            lambda r: f"{r['confident_fraction']:.0%}" if r.get("confident_fraction") is not None else "-",
+            "samples the classifier calls a digit with confidence > 0.9",
+            nfes,
+        )
     )
     secs = sum(r["wall_seconds"] for r in records)
-    tail = [f"{len(records)} evals, {secs / 60:.1f} min of eval time "
-            f"({r0['threads']} thread(s) on {r0['device']}, batch {r0['batch']})."]
+    tail = [
+        f"{len(records)} evals, {secs / 60:.1f} min of eval time "
+        f"({r0['threads']} thread(s) on {r0['device']}, batch {r0['batch']})."
+    ]
     return "\n".join(head + body + tail) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m arcdiff.model.eval.table", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m arcdiff.model.eval.table",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--ref", required=True, help="real images (the MNIST IDX folder)")
     p.add_argument("--num-samples", type=int, default=DEFAULT_SAMPLES, help="samples per cell")
     p.add_argument("--out", default="eval/table", help="output folder")
     p.add_argument("--model-dir", default=None, help="models folder (default: ARCDIFF_MODEL_DIR or the bundled models)")
     p.add_argument("--models", default="", help="comma-separated model names to keep (default: all rows)")
-    p.add_argument("--rename", default="", help="NAME=ROWNAME,...: evaluate NAME in place of ROWNAME (e.g. a test model)")
+    p.add_argument(
+        "--rename", default="", help="NAME=ROWNAME,...: evaluate NAME in place of ROWNAME (e.g. a test model)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=128, help="images per sampling batch")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
@@ -93,8 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", default=None, help="reference-feature cache folder")
     p.add_argument("--force", action="store_true", help="redo cells whose record exists")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--existing-only", action="store_true",
-                   help="write the table from the records already in OUT/records, running nothing (missing cells: -)")
+    p.add_argument(
+        "--existing-only",
+        action="store_true",
+        help="write the table from the records already in OUT/records, running nothing (missing cells: -)",
+    )
     args = p.parse_args(argv)
 
     import torch
@@ -135,8 +168,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{i + 1}/{len(todo)}] {stem}: no record, left out", flush=True)
             continue
         else:
-            res = evaluate(loaded[m], solver, steps, args.num_samples, args.ref, seed=args.seed, batch=args.batch,
-                           extractor=extractor, reference=reference, device=args.device, progress=not args.quiet)
+            res = evaluate(
+                loaded[m],
+                solver,
+                steps,
+                args.num_samples,
+                args.ref,
+                seed=args.seed,
+                batch=args.batch,
+                extractor=extractor,
+                reference=reference,
+                device=args.device,
+                progress=not args.quiet,
+            )
             res.model = m  # the row's name, also under --rename
             write_record(res, records_dir)
             rec = res.to_json()
@@ -147,8 +191,9 @@ def main(argv: list[str] | None = None) -> int:
             if (m, solver, steps) == ("mnist", "rk4", 10):
                 save_grid(res.grid, out / "mnist-rk4-10steps.png", scale=2)
         records.append(rec)
-    command = "python -m arcdiff.model.eval.table " + " ".join(a for a in (argv if argv is not None else sys.argv[1:])
-                                                       if a != "--existing-only")
+    command = "python -m arcdiff.model.eval.table " + " ".join(
+        a for a in (argv if argv is not None else sys.argv[1:]) if a != "--existing-only"
+    )
     (out / "table.json").write_text(json.dumps({"command": command, "records": records}, indent=2) + "\n")
     (out / "table.md").write_text(markdown(records, command))
     print(f"{len(todo)} cells in {(time.time() - t0) / 60:.1f} min; wrote {out / 'table.md'} and {out / 'table.json'}")

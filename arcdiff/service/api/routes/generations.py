@@ -9,18 +9,17 @@ import secrets
 import time
 import uuid
 from dataclasses import asdict
-from typing import Optional
 
 from fastapi import APIRouter, Depends, Request, Response, status
 from fastapi.responses import JSONResponse
 
+from arcdiff.contract import SEED_MAX, GenerationSpec, JobMetrics
+from arcdiff.model.solvers import nfe as solver_nfe
 from arcdiff.service.api.deps import BackendDep, SettingsDep, require_api_key
 from arcdiff.service.backend import Generation, Rejected
 from arcdiff.service.metrics import GENERATIONS, REJECTED
 from arcdiff.service.ratelimit import RateLimited
 from arcdiff.service.schemas import ErrorOut, GenerationOut, GenerationRequest, ImageOut, LatencyOut, ValidationErrorOut
-from arcdiff.contract import SEED_MAX, GenerationSpec, JobMetrics
-from arcdiff.model.solvers import nfe as solver_nfe
 
 ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 PREFIX = "/v1/generations"
@@ -33,13 +32,25 @@ def generation_url(gen_id: str) -> str:
 def to_out(gen: Generation) -> GenerationOut:
     spec, url = gen.spec, generation_url(gen.spec.id)
     out = GenerationOut(
-        id=spec.id, status=gen.status, url=url, model=spec.model, steps=spec.steps, solver=spec.solver,
-        seed=spec.seed, n=spec.n, nfe=solver_nfe(spec.solver, spec.steps), error=gen.error,
+        id=spec.id,
+        status=gen.status,
+        url=url,
+        model=spec.model,
+        steps=spec.steps,
+        solver=spec.solver,
+        seed=spec.seed,
+        n=spec.n,
+        nfe=solver_nfe(spec.solver, spec.steps),
+        error=gen.error,
     )
     if gen.result is not None:
         out.images = [
-            ImageOut(index=im.index, seed=im.seed, png_base64=base64.b64encode(im.png).decode("ascii"),
-                     url=f"{url}/images/{im.index}.png")
+            ImageOut(
+                index=im.index,
+                seed=im.seed,
+                png_base64=base64.b64encode(im.png).decode("ascii"),
+                url=f"{url}/images/{im.index}.png",
+            )
             for im in gen.result.images
         ]
         out.metrics = LatencyOut(**asdict(gen.result.metrics))
@@ -48,8 +59,12 @@ def to_out(gen: Generation) -> GenerationOut:
 
 def server_timing(metrics: JobMetrics) -> str:
     """The latency record as a Server-Timing header (milliseconds)."""
-    parts = [("queue", metrics.queue_ms), ("sample", metrics.sample_ms), ("encode", metrics.encode_ms),
-             ("total", metrics.total_ms)]
+    parts = [
+        ("queue", metrics.queue_ms),
+        ("sample", metrics.sample_ms),
+        ("encode", metrics.encode_ms),
+        ("total", metrics.total_ms),
+    ]
     return ", ".join(f"{name};dur={value:.3f}" for name, value in parts)
 
 
@@ -75,18 +90,20 @@ def accept_weights(accept: str) -> tuple[float, float]:
     return png, json
 
 
-def _json(gen: Generation, code: int, headers: Optional[dict] = None) -> JSONResponse:
+def _json(gen: Generation, code: int, headers: dict | None = None) -> JSONResponse:
     return JSONResponse(to_out(gen).model_dump(mode="json"), status_code=code, headers=headers)
 
 
-def _error(code: int, detail: str, headers: Optional[dict] = None) -> JSONResponse:
+def _error(code: int, detail: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=code, headers=headers)
 
 
 _CREATE_RESPONSES = {
-    200: {"description": "wait=true and done in time: the generation (status finished or failed); with "
-                         "'Accept: image/png' and n=1, the PNG itself with a Server-Timing header",
-          "content": {"image/png": {}}},
+    200: {
+        "description": "wait=true and done in time: the generation (status finished or failed); with "
+        "'Accept: image/png' and n=1, the PNG itself with a Server-Timing header",
+        "content": {"image/png": {}},
+    },
     202: {"description": "accepted (or wait=true and not done within the server's wait timeout): poll its url"},
     401: {"model": ErrorOut, "description": "API keys are configured and the request has none"},
     403: {"model": ErrorOut, "description": "the API key matches none configured"},
@@ -94,8 +111,11 @@ _CREATE_RESPONSES = {
     413: {"model": ErrorOut, "description": "the body is larger than the server's limit"},
     415: {"model": ErrorOut, "description": "the body is not JSON (Content-Type: application/json)"},
     422: {"model": ValidationErrorOut, "description": "an invalid field; the message names it"},
-    429: {"model": ErrorOut, "description": "the model's queue is full, or the key's images-per-minute limit is "
-                                            "reached; retry after Retry-After seconds"},
+    429: {
+        "model": ErrorOut,
+        "description": "the model's queue is full, or the key's images-per-minute limit is "
+        "reached; retry after Retry-After seconds",
+    },
     500: {"model": GenerationOut, "description": "'Accept: image/png' and the generation failed (error says why)"},
     503: {"model": ErrorOut, "description": "not ready (models loading, Redis unreachable or no worker for the model)"},
 }
@@ -105,23 +125,38 @@ def build_router(request_model: type[GenerationRequest]) -> APIRouter:
     """The generations router for this deployment's request schema (its models and largest n)."""
     router = APIRouter(prefix=PREFIX, tags=["generations"], dependencies=[Depends(require_api_key)])
 
-    @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=GenerationOut,
-                 responses=_CREATE_RESPONSES, summary="Generate images")
-    async def create_generation(body: request_model, request: Request, backend: BackendDep,
-                                settings: SettingsDep) -> Response:
+    @router.post(
+        "",
+        status_code=status.HTTP_202_ACCEPTED,
+        response_model=GenerationOut,
+        responses=_CREATE_RESPONSES,
+        summary="Generate images",
+    )
+    async def create_generation(
+        body: request_model, request: Request, backend: BackendDep, settings: SettingsDep
+    ) -> Response:
         """Queue a generation; with wait=true hold the request until it is done (or the server's wait
         timeout passes, then 202). Image k has seed (seed + k) mod 2^32."""
         png_q, json_q = accept_weights(request.headers.get("accept", ""))
         want_png = png_q > 0 and png_q >= json_q
         if want_png and not (body.wait and body.n == 1):
             if json_q <= 0:
-                return _error(status.HTTP_406_NOT_ACCEPTABLE,
-                              "image/png is returned only for wait=true with n=1; use GET "
-                              f"{PREFIX}/{{id}}/images/{{k}}.png, or accept application/json")
+                return _error(
+                    status.HTTP_406_NOT_ACCEPTABLE,
+                    "image/png is returned only for wait=true with n=1; use GET "
+                    f"{PREFIX}/{{id}}/images/{{k}}.png, or accept application/json",
+                )
             want_png = False
         seed = body.seed if body.seed is not None else secrets.randbelow(SEED_MAX + 1)
-        spec = GenerationSpec(id=uuid.uuid4().hex, model=body.model, steps=body.steps, solver=body.solver,
-                              seed=seed, n=body.n, submitted_at=time.time())
+        spec = GenerationSpec(
+            id=uuid.uuid4().hex,
+            model=body.model,
+            steps=body.steps,
+            solver=body.solver,
+            seed=seed,
+            n=body.n,
+            submitted_at=time.time(),
+        )
         limiter, caller = request.app.state.limiter, getattr(request.state, "client_id", "anonymous")
         try:
             if limiter is not None:
@@ -149,28 +184,43 @@ def build_router(request_model: type[GenerationRequest]) -> APIRouter:
         if want_png:
             if gen.status != "finished":
                 return _json(gen, status.HTTP_500_INTERNAL_SERVER_ERROR, location)
-            headers = {**location, "Server-Timing": server_timing(gen.result.metrics),
-                       "X-Generation-Id": spec.id, "X-Seed": str(gen.result.images[0].seed)}
+            headers = {
+                **location,
+                "Server-Timing": server_timing(gen.result.metrics),
+                "X-Generation-Id": spec.id,
+                "X-Seed": str(gen.result.images[0].seed),
+            }
             return Response(gen.result.images[0].png, media_type="image/png", headers=headers)
         return _json(gen, status.HTTP_200_OK, location)
 
-    @router.get("/{gen_id}", response_model=GenerationOut, summary="Read a generation",
-                responses={401: {"model": ErrorOut, "description": "API keys are configured and the request has none"},
-                           403: {"model": ErrorOut, "description": "the API key matches none configured"},
-                           404: {"model": ErrorOut, "description": "unknown or expired id"},
-                           503: {"model": ErrorOut, "description": "the queue is unreachable"}})
+    @router.get(
+        "/{gen_id}",
+        response_model=GenerationOut,
+        summary="Read a generation",
+        responses={
+            401: {"model": ErrorOut, "description": "API keys are configured and the request has none"},
+            403: {"model": ErrorOut, "description": "the API key matches none configured"},
+            404: {"model": ErrorOut, "description": "unknown or expired id"},
+            503: {"model": ErrorOut, "description": "the queue is unreachable"},
+        },
+    )
     async def read_generation(gen_id: str, backend: BackendDep) -> Response:
         """Status (queued, running, finished, failed); when finished its images and latency record."""
         gen = await _find(backend, gen_id)
         return gen if isinstance(gen, Response) else _json(gen, status.HTTP_200_OK)
 
-    @router.get("/{gen_id}/images/{k}.png", summary="One image as PNG",
-                responses={200: {"content": {"image/png": {}}, "description": "the PNG"},
-                           401: {"model": ErrorOut, "description": "API keys are configured and the request has none"},
-                           403: {"model": ErrorOut, "description": "the API key matches none configured"},
-                           404: {"model": ErrorOut, "description": "unknown id, or no image k"},
-                           409: {"model": ErrorOut, "description": "the generation is not finished"}},
-                response_class=Response)
+    @router.get(
+        "/{gen_id}/images/{k}.png",
+        summary="One image as PNG",
+        responses={
+            200: {"content": {"image/png": {}}, "description": "the PNG"},
+            401: {"model": ErrorOut, "description": "API keys are configured and the request has none"},
+            403: {"model": ErrorOut, "description": "the API key matches none configured"},
+            404: {"model": ErrorOut, "description": "unknown id, or no image k"},
+            409: {"model": ErrorOut, "description": "the generation is not finished"},
+        },
+        response_class=Response,
+    )
     async def read_image(gen_id: str, k: int, backend: BackendDep) -> Response:
         gen = await _find(backend, gen_id)
         if isinstance(gen, Response):

@@ -17,8 +17,12 @@ async def healthz() -> HealthOut:
     return HealthOut()
 
 
-@router.get("/readyz", response_model=ReadyOut, summary="Readiness",
-            responses={503: {"model": ReadyOut, "description": "not ready; reason says why"}})
+@router.get(
+    "/readyz",
+    response_model=ReadyOut,
+    summary="Readiness",
+    responses={503: {"model": ReadyOut, "description": "not ready; reason says why"}},
+)
 async def readyz(backend: BackendDep) -> JSONResponse:
     """Ready when the models are loaded (embedded) or Redis answers and a worker serves each model."""
     ready, reason = await backend.readiness()
@@ -26,10 +30,17 @@ async def readyz(backend: BackendDep) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response, dependencies=[Depends(require_api_key)],
-            responses={200: {"content": {"text/plain": {}}},
-                       401: {"model": ErrorOut, "description": "API keys are configured and the request has none"},
-                       403: {"model": ErrorOut, "description": "the API key matches none configured"}})
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    dependencies=[Depends(require_api_key)],
+    responses={
+        200: {"content": {"text/plain": {}}},
+        401: {"model": ErrorOut, "description": "API keys are configured and the request has none"},
+        403: {"model": ErrorOut, "description": "the API key matches none configured"},
+    },
+)
 async def metrics(backend: BackendDep) -> Response:
     await backend.scrape()
     data, content_type = render()
