@@ -42,6 +42,11 @@ def cells(rows: tuple[tuple[str, str], ...] = ROWS, nfes: tuple[int, ...] = NFES
     return out
 
 
+def shown_path(path: str) -> str:
+    """A path as the table prints it: an absolute one belongs to the machine that ran it, so it reads MNIST_DIR."""
+    return "MNIST_DIR" if Path(path).is_absolute() else path
+
+
 def _pivot(records: list[dict[str, Any]], fmt, title: str, nfes: tuple[int, ...]) -> list[str]:
     by = {(r["model"], r["solver"], r["nfe"]): r for r in records}
     rows = list(dict.fromkeys((r["model"], r["solver"]) for r in records))
@@ -63,7 +68,7 @@ def markdown(records: list[dict[str, Any]], command: str, nfes: tuple[int, ...] 
     f = r0["floor"]
     head = [
         f"FID, sFID and precision/recall (k = {r0['k_neighbours']}) of {r0['num_samples']} samples per cell "
-        f"against the {r0['ref_images']} images of `{r0['ref']}`, features from `{r0['extractor']}`; "
+        f"against the {r0['ref_images']} images of `{shown_path(r0['ref'])}`, features from `{r0['extractor']}`; "
         f"precision/recall against a random {r0['pr_ref_images']} of them.",
         "",
         f"Floor (two random halves of the real data, {f['n_half']} images each): FID {f['fid']:.2f}, "
@@ -192,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
                 save_grid(res.grid, out / "mnist-rk4-10steps.png", scale=2)
         records.append(rec)
     command = "python -m arcdiff.model.eval.table " + " ".join(
-        a for a in (argv if argv is not None else sys.argv[1:]) if a != "--existing-only"
+        shown_path(a) if a == args.ref else a
+        for a in (argv if argv is not None else sys.argv[1:])
+        if a != "--existing-only"
     )
     (out / "table.json").write_text(json.dumps({"command": command, "records": records}, indent=2) + "\n")
     (out / "table.md").write_text(markdown(records, command))
