@@ -39,6 +39,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--no-amp", action="store_true", help="train in float32 on CUDA (default: bf16 autocast)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    p.add_argument(
+        "--arch",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the network config, repeatable: e.g. --arch ch=24 --arch time_cond=logsnr "
+        "--arch ch_mult=[1,2,2] (fields: see arcdiff/model/unet.py UNetConfig)",
+    )
+    p.add_argument(
+        "--eta-density",
+        choices=["uniform", "logit_normal"],
+        default="uniform",
+        help="how training draws eta: uniform on [0, pi/2] (the paper) or logit-normal (more of the middle)",
+    )
+    p.add_argument(
+        "--lr-schedule",
+        choices=["constant", "cosine"],
+        default="constant",
+        help="after warm-up: constant, or cosine decay to --lr-min-ratio * lr at --steps",
+    )
+    p.add_argument("--lr-min-ratio", type=float, default=0.1, help="final lr / lr with --lr-schedule cosine")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -47,9 +68,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
+    from arcdiff.model.configs import parse_overrides
     from arcdiff.model.data import DataError
     from arcdiff.model.train import TrainingError, TrainSettings, train
 
+    try:
+        arch = parse_overrides(args.arch)
+    except ValueError as e:
+        print(f"arcdiff train: error: {e}", file=sys.stderr)
+        return 2
     settings = TrainSettings(
         config=args.config,
         data=args.data,
@@ -69,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         amp=not args.no_amp,
         threads=args.threads,
+        arch=arch,
+        eta_density=args.eta_density,
+        lr_schedule=args.lr_schedule,
+        lr_min_ratio=args.lr_min_ratio,
     )
     try:
         folder = train(settings, resume=args.resume, progress=not args.quiet)

@@ -49,9 +49,27 @@ CONFIGS: dict[str, UNetConfig] = {
 }
 
 
-def get_config(name: str, heads: int = 2) -> UNetConfig:
+def get_config(name: str, heads: int = 2, overrides: dict | None = None) -> UNetConfig:
+    """The named config with `heads` and any field overrides (e.g. {"ch": 24, "time_cond": "logsnr"})."""
     try:
         cfg = CONFIGS[name]
     except KeyError:
         raise KeyError(f"unknown network config {name!r}; known: {', '.join(sorted(CONFIGS))}") from None
-    return UNetConfig.from_dict({**cfg.to_dict(), "heads": heads})
+    return UNetConfig.from_dict({**cfg.to_dict(), **(overrides or {}), "heads": heads})
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """KEY=VALUE strings (the CLI's --arch) as UNetConfig fields; values parsed as JSON where they
+    parse (numbers, lists), else kept as strings. Unknown fields are refused by UNetConfig."""
+    import json
+
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--arch {item!r}: expected KEY=VALUE, e.g. ch=24 or ch_mult=[1,2,4]")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out

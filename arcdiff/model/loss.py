@@ -15,6 +15,11 @@ from arcdiff.model.denoiser import split_prediction
 from arcdiff.model.schedule import ETA_MAX, q_sample, velocity
 
 Objective = Literal["dual", "eps", "x0"]
+# How training draws eta: uniform on [0, pi/2] (the paper), or logit-normal (eta = pi/2 *
+# sigmoid(N(0, 1)), as SD3 draws t), which spends more steps on the middle of the quarter circle,
+# where the image's content is decided, and fewer near the ends, where x or eps alone nearly gives
+# the answer.
+ETA_DENSITIES = ("uniform", "logit_normal")
 OBJECTIVE_PREDICTION = {"dual": "x0_eps", "eps": "eps", "x0": "x0"}
 
 
@@ -32,13 +37,25 @@ def dual_loss(x0_hat, eps_hat, x0, eps, eta, gamma: float) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class DiffusionLoss:
-    """Draws eta ~ U(0, pi/2) and eps ~ N(0, I), noises x0, and scores the network's output.
+    """Draws eta (per `eta_density`) and eps ~ N(0, I), noises x0, and scores the network's output.
 
     objective: "dual" (equation 12, two heads), "eps" (noise only, DDPM's loss) or "x0" (image only).
     """
 
     objective: Objective = "dual"
     gamma: float = 1.0
+    eta_density: str = "uniform"
+
+    def __post_init__(self) -> None:
+        if self.eta_density not in ETA_DENSITIES:
+            raise ValueError(f"unknown eta density {self.eta_density!r}; expected one of {ETA_DENSITIES}")
+
+    def draw_eta(self, b: int, generator: torch.Generator) -> torch.Tensor:
+        if self.eta_density == "logit_normal":
+            u = torch.sigmoid(torch.randn(b, generator=generator, device=generator.device, dtype=torch.float32))
+        else:
+            u = torch.rand(b, generator=generator, device=generator.device, dtype=torch.float32)
+        return u * ETA_MAX
 
     @property
     def prediction(self) -> str:
@@ -46,7 +63,7 @@ class DiffusionLoss:
 
     def __call__(self, net: torch.nn.Module, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         b = x0.shape[0]
-        eta = torch.rand(b, generator=generator, device=generator.device, dtype=torch.float32).to(x0.device) * ETA_MAX
+        eta = self.draw_eta(b, generator).to(x0.device)
         eps = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=torch.float32).to(x0.device)
         x = q_sample(x0, eps, eta)
         raw = net(x, eta).float()

@@ -14,7 +14,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from arcdiff.model.format import make_config, save_model
 from arcdiff.model.loss import OBJECTIVE_PREDICTION, DiffusionLoss
 from arcdiff.model.unet import UNet, count_parameters
 
+LR_SCHEDULES = ("constant", "cosine")
 CHECKPOINT_TENSORS = "checkpoint.safetensors"
 CHECKPOINT_STATE = "checkpoint.json"
 
@@ -52,10 +53,29 @@ class TrainSettings:
     device: str = "cpu"
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    arch: dict = field(default_factory=dict)  # UNetConfig field overrides on top of `config`
+    eta_density: str = "uniform"  # how training draws eta; see model.loss.ETA_DENSITIES
+    lr_schedule: str = "constant"  # constant after warm-up, or cosine decay to lr_min_ratio * lr at `steps`
+    lr_min_ratio: float = 0.1
 
     # Settings that change the trajectory: a resume with different values would not continue
     # the same run, so it is refused.
-    TRAJECTORY = ("config", "objective", "gamma", "batch", "lr", "warmup", "ema", "grad_clip", "hflip", "seed")
+    TRAJECTORY = (
+        "config",
+        "objective",
+        "gamma",
+        "batch",
+        "lr",
+        "warmup",
+        "ema",
+        "grad_clip",
+        "hflip",
+        "seed",
+        "arch",
+        "eta_density",
+        "lr_schedule",
+        "lr_min_ratio",
+    )
 
     def model_name(self) -> str:
         return self.name or (self.config if self.objective == "dual" else f"{self.config}-{self.objective}")
@@ -80,8 +100,14 @@ def hardware_description(device: torch.device) -> str:
 
 
 def lr_at(step: int, settings: TrainSettings) -> float:
-    """Linear warm-up to lr, then constant (the EMA does the averaging)."""
-    return settings.lr * min(1.0, (step + 1) / max(1, settings.warmup))
+    """Linear warm-up to lr, then constant (the EMA does the averaging) or a cosine decay that
+    reaches lr_min_ratio * lr at `settings.steps` (so with cosine the step count is part of the run)."""
+    warm = min(1.0, (step + 1) / max(1, settings.warmup))
+    if settings.lr_schedule == "cosine" and step >= settings.warmup:
+        progress = min(1.0, (step - settings.warmup) / max(1, settings.steps - settings.warmup))
+        floor = settings.lr_min_ratio
+        return settings.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return settings.lr * warm
 
 
 def ema_decay(step: int, settings: TrainSettings) -> float:
@@ -108,7 +134,12 @@ class Trainer:
             torch.set_num_threads(settings.threads)
         self.device = torch.device(settings.device)
         self.prediction = OBJECTIVE_PREDICTION[settings.objective]
-        self.unet_config = get_config(settings.config, heads=heads_for(self.prediction))
+        if settings.lr_schedule not in LR_SCHEDULES:
+            raise TrainingError(f"unknown lr schedule {settings.lr_schedule!r}; expected one of {LR_SCHEDULES}")
+        try:
+            self.unet_config = get_config(settings.config, heads=heads_for(self.prediction), overrides=settings.arch)
+        except (TypeError, ValueError) as e:
+            raise TrainingError(f"network config {settings.config!r} with {settings.arch}: {e}") from None
         if images is None:
             images = load_images(settings.data, self.unet_config.image_size, self.unet_config.channels)
         if images.shape[0] < 1:
@@ -120,7 +151,7 @@ class Trainer:
         self.ema.load_state_dict(self.net.state_dict())
         self.ema.requires_grad_(False)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=settings.lr)
-        self.loss_fn = DiffusionLoss(settings.objective, settings.gamma)
+        self.loss_fn = DiffusionLoss(settings.objective, settings.gamma, settings.eta_density)
         self.g_data = torch.Generator().manual_seed(settings.seed)
         self.g_loss = torch.Generator(device=self.device).manual_seed(settings.seed + 1)
         self.step = 0
@@ -201,9 +232,15 @@ class Trainer:
         except (OSError, ValueError) as e:
             raise TrainingError(f"{folder}: cannot read checkpoint ({e})") from None
         saved = state["settings"]
-        changed = [k for k in TrainSettings.TRAJECTORY if saved.get(k) != getattr(self.s, k)]
+        # a setting newer than the checkpoint was, by construction, at its default then
+        defaults = {
+            f.name: f.default if f.default_factory is MISSING else f.default_factory() for f in fields(TrainSettings)
+        }
+        changed = [k for k in TrainSettings.TRAJECTORY if saved.get(k, defaults[k]) != getattr(self.s, k)]
         if changed:
-            diffs = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, now {getattr(self.s, k)!r}" for k in changed)
+            diffs = ", ".join(
+                f"{k}: checkpoint {saved.get(k, defaults[k])!r}, now {getattr(self.s, k)!r}" for k in changed
+            )
             raise TrainingError(f"{state_path}: cannot resume with different settings ({diffs})")
         self.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
         self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
@@ -237,6 +274,10 @@ class Trainer:
             "grad_clip": self.s.grad_clip,
             "hflip": self.s.hflip,
             "seed": self.s.seed,
+            "arch": self.s.arch,
+            "eta_density": self.s.eta_density,
+            "lr_schedule": self.s.lr_schedule,
+            "lr_min_ratio": self.s.lr_min_ratio if self.s.lr_schedule == "cosine" else None,
             "wall_time_s": round(self.wall_time, 1),
             "final_loss_ema": round(self.loss_avg, 5),
             "hardware": hardware_description(self.device),

@@ -19,7 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arcdiff.model.schedule import ETA_MAX
+from arcdiff.model.schedule import ETA_MAX, log_snr_half
+
+TIME_CONDS = ("eta", "logsnr")
+# lambda is infinite at both ends; the network sees it clipped to |lambda| <= 13.8 (eta within 1e-6
+# of an end), beyond which no sampler step resolves a difference.
+LOGSNR_ETA_MARGIN = 1e-6
+# the slowest frequency of the log-SNR embedding is 1/LOGSNR_MAX_PERIOD radian per unit of lambda/4
+LOGSNR_MAX_PERIOD = 100.0
 
 
 @dataclass(frozen=True)
@@ -33,8 +40,14 @@ class UNetConfig:
     dropout: float = 0.1
     heads: int = 2
     groups: int = 32
-    # Scale of eta before the sinusoidal embedding: eta * 2/pi * time_scale puts pi/2 at the
-    # position t = 1000 of the DDPM embedding, so the frequencies cover the same range.
+    # What the network is told about the noise level:
+    # - "eta": DDPM's sinusoidal embedding of t = eta * 2/pi * time_scale (t = 1000 at pi/2). Its top
+    #   frequency (one radian per unit of t) makes the output ripple in eta with a period of
+    #   pi^2 / (2 time_scale) (0.0099 for 1000): steps of a similar size alias the ripple.
+    # - "logsnr": the embedding of lambda / 4 = log(cot eta) / 4 (EDM conditions on log sigma the
+    #   same way) with a top frequency of one radian per unit: smooth at the scale of any step a
+    #   sampler takes, and fine where the noise level changes fastest in log terms, near both ends.
+    time_cond: str = "eta"
     time_scale: float = 1000.0
 
     def to_dict(self) -> dict:
@@ -42,6 +55,13 @@ class UNetConfig:
         d["ch_mult"] = list(self.ch_mult)
         d["attn_resolutions"] = list(self.attn_resolutions)
         return d
+
+    def __post_init__(self) -> None:
+        if self.time_cond not in TIME_CONDS:
+            raise ValueError(f"unknown time_cond {self.time_cond!r}; expected one of {TIME_CONDS}")
+        for width in {self.ch, *(self.ch * m for m in self.ch_mult)}:
+            if width % min(self.groups, width):
+                raise ValueError(f"{width} channels do not split into {self.groups} groups: choose ch, ch_mult to fit")
 
     @classmethod
     def from_dict(cls, d: dict) -> UNetConfig:
@@ -66,6 +86,29 @@ def timestep_embedding(eta: torch.Tensor, dim: int, time_scale: float) -> torch.
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
+
+
+def logsnr_embedding(eta: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of lambda / 4 = log(cot eta) / 4 (float32, (B,) -> (B, dim)), with
+    frequencies from 1 down to 1 / LOGSNR_MAX_PERIOD radian per unit."""
+    eta = eta.float().clamp(LOGSNR_ETA_MARGIN, ETA_MAX - LOGSNR_ETA_MARGIN)
+    c = log_snr_half(eta) / 4
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(LOGSNR_MAX_PERIOD) * torch.arange(half, device=eta.device, dtype=torch.float32) / max(1, half - 1)
+    )
+    args = c[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def noise_embedding(eta: torch.Tensor, cfg: UNetConfig) -> torch.Tensor:
+    """The conditioning vector for the network's time MLP, per cfg.time_cond."""
+    if cfg.time_cond == "logsnr":
+        return logsnr_embedding(eta, cfg.ch)
+    return timestep_embedding(eta, cfg.ch, cfg.time_scale)
 
 
 class ResBlock(nn.Module):
@@ -171,7 +214,7 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(cur, cfg.heads * cfg.channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
-        temb = self.temb(timestep_embedding(eta, self.cfg.ch, self.cfg.time_scale).to(x.dtype))
+        temb = self.temb(noise_embedding(eta, self.cfg).to(x.dtype))
         h = self.conv_in(x)
         skips = [h]
         for block in self.down:

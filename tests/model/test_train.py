@@ -1,4 +1,6 @@
 import gzip
+import json
+import math
 import struct
 
 import numpy as np
@@ -67,6 +69,21 @@ def test_resume_refuses_changed_settings(tmp_path):
         train(settings(tmp_path, steps=6), progress=False, images=blobs())
 
 
+def test_resume_of_a_checkpoint_older_than_a_setting(tmp_path):
+    """A checkpoint written before a setting existed resumes with that setting at its default, and
+    is refused with another value."""
+    train(settings(tmp_path, steps=3), progress=False, images=blobs())
+    state_file = tmp_path / "run" / "checkpoint.json"
+    state = json.loads(state_file.read_text())
+    for key in ("arch", "eta_density", "lr_schedule", "lr_min_ratio"):
+        del state["settings"][key]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(TrainingError, match="eta_density: checkpoint 'uniform', now 'logit_normal'"):
+        train(settings(tmp_path, steps=6, eta_density="logit_normal"), resume=True, progress=False, images=blobs())
+    folder = train(settings(tmp_path, steps=6), resume=True, progress=False, images=blobs())
+    assert load_model(folder).config["training"]["steps"] == 6
+
+
 def write_idx(path, arr: np.ndarray, gz: bool):
     header = struct.pack(">HBB", 0, 8, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
     data = header + arr.astype(np.uint8).tobytes()
@@ -123,3 +140,42 @@ def test_image_folder_and_cifar_binary(tmp_path):
     (tmp_path / "cifar" / "data_batch_1.bin").write_bytes(rec.tobytes())
     imgs, labels = load_cifar10(tmp_path / "cifar")
     assert imgs.shape == (3, 3, 32, 32) and labels.tolist() == [1, 2, 3] and int(imgs.max()) == 7
+
+
+def test_recipe_options_reach_the_exported_model(tmp_path):
+    """--arch overrides, the eta density and the lr schedule are part of the run and of the model folder."""
+    from arcdiff.model.registry import ModelRegistry
+
+    s = settings(
+        tmp_path, arch={"ch": 12, "time_cond": "logsnr"}, eta_density="logit_normal", lr_schedule="cosine", steps=4
+    )
+    folder = train(s, images=blobs(), progress=False)
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["architecture"]["ch"] == 12 and cfg["architecture"]["time_cond"] == "logsnr"
+    assert cfg["training"]["eta_density"] == "logit_normal" and cfg["training"]["lr_schedule"] == "cosine"
+    model = ModelRegistry(folder.parent).load(folder.name)
+    x0_hat, eps_hat = model.denoiser(torch.randn(2, 1, 8, 8), torch.tensor([0.0, math.pi / 2]))
+    assert torch.isfinite(x0_hat).all() and torch.isfinite(eps_hat).all()
+    with pytest.raises(TrainingError, match="ch_mult"):
+        Trainer(settings(tmp_path / "b", arch={"ch_mult": "wide"}), images=blobs())
+
+
+def test_lr_schedules_and_eta_densities():
+    from arcdiff.model.loss import DiffusionLoss
+    from arcdiff.model.train import lr_at
+
+    s = TrainSettings(config="tiny", data="", out="", lr=1e-3, warmup=10, steps=110, lr_schedule="cosine")
+    assert lr_at(4, s) == pytest.approx(0.5e-3)
+    assert lr_at(10, s) == pytest.approx(1e-3)
+    assert lr_at(110, s) == pytest.approx(1e-4)
+    assert lr_at(60, s) == pytest.approx(1e-4 + 0.9e-3 * 0.5)
+    assert lr_at(100, TrainSettings(config="tiny", data="", out="", lr=1e-3, warmup=10)) == 1e-3
+    g = torch.Generator().manual_seed(0)
+    mid = lambda e: ((e > math.pi / 8) & (e < 3 * math.pi / 8)).double().mean().item()  # noqa: E731
+    uniform = DiffusionLoss("dual", eta_density="uniform").draw_eta(20000, g)
+    logit = DiffusionLoss("dual", eta_density="logit_normal").draw_eta(20000, g)
+    assert abs(mid(uniform) - 0.5) < 0.02
+    assert abs(mid(logit) - 0.7266) < 0.02  # P(|N(0,1)| < logit(3/4))
+    assert 0 <= logit.min() and logit.max() <= math.pi / 2
+    with pytest.raises(ValueError, match="eta density"):
+        DiffusionLoss("dual", eta_density="middle")

@@ -1,8 +1,10 @@
+import math
+
 import pytest
 import torch
 
 from arcdiff.model.configs import CONFIGS, get_config
-from arcdiff.model.unet import UNet, count_parameters
+from arcdiff.model.unet import UNet, UNetConfig, count_parameters
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -55,3 +57,28 @@ def test_compiles_in_one_graph():
     x, eta = torch.randn(2, 1, 8, 8), torch.rand(2)
     with torch.no_grad():
         assert torch.allclose(compiled(x, eta), net(x, eta), atol=1e-6)
+
+
+def test_logsnr_conditioning_is_smooth_in_eta_and_finite_at_both_ends():
+    """The legacy embedding's top frequency is 637 rad per unit eta (a ripple with period 0.0099);
+    the log-SNR one is bounded by 1 / (4 sin(eta) cos(eta)) per unit eta, smooth at any step size."""
+    from arcdiff.model.unet import logsnr_embedding, timestep_embedding
+
+    eta = torch.linspace(0.05, math.pi / 2 - 0.05, 2001, dtype=torch.float64)
+    h = float(eta[1] - eta[0])
+    slope_logsnr = (logsnr_embedding(eta[1:], 16) - logsnr_embedding(eta[:-1], 16)).abs().amax() / h
+    slope_eta = (timestep_embedding(eta[1:], 16, 1000.0) - timestep_embedding(eta[:-1], 16, 1000.0)).abs().amax() / h
+    assert slope_logsnr < 1 / (4 * math.sin(0.05) * math.cos(0.05)) + 0.1, slope_logsnr
+    assert slope_eta > 100 * slope_logsnr / 5
+    ends = torch.tensor([0.0, math.pi / 2, float(torch.tensor(math.pi / 2))])
+    assert torch.isfinite(logsnr_embedding(ends, 16)).all()
+    net = UNet(UNetConfig.from_dict({**get_config("tiny").to_dict(), "time_cond": "logsnr"}))
+    out = net(torch.randn(3, 1, 8, 8), ends)
+    assert torch.isfinite(out).all()
+
+
+def test_time_cond_is_checked_and_old_configs_keep_the_eta_embedding():
+    old = {k: v for k, v in get_config("tiny").to_dict().items() if k != "time_cond"}
+    assert UNetConfig.from_dict(old).time_cond == "eta"
+    with pytest.raises(ValueError, match="time_cond"):
+        UNetConfig.from_dict({**old, "time_cond": "sigma"})
