@@ -59,6 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="constant",
         help="after warm-up: constant, or cosine decay to --lr-min-ratio * lr at --steps",
     )
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (GPU training; slow start)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format (GPU training)")
     p.add_argument("--lr-min-ratio", type=float, default=0.1, help="final lr / lr with --lr-schedule cosine")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -100,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
         eta_density=args.eta_density,
         lr_schedule=args.lr_schedule,
         lr_min_ratio=args.lr_min_ratio,
+        compile=args.compile,
+        channels_last=args.channels_last,
     )
     try:
         folder = train(settings, resume=args.resume, progress=not args.quiet)

@@ -57,6 +57,8 @@ class TrainSettings:
     eta_density: str = "uniform"  # how training draws eta; see model.loss.ETA_DENSITIES
     lr_schedule: str = "constant"  # constant after warm-up, or cosine decay to lr_min_ratio * lr at `steps`
     lr_min_ratio: float = 0.1
+    compile: bool = False  # torch.compile the network for the training step (worth it on a GPU)
+    channels_last: bool = False  # NHWC activations: faster convolutions on tensor-core GPUs
 
     # Settings that change the trajectory: a resume with different values would not continue
     # the same run, so it is refused.
@@ -117,8 +119,8 @@ def ema_decay(step: int, settings: TrainSettings) -> float:
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), net.parameters(), strict=True):
-        e.lerp_(p, 1.0 - decay)
+    # one fused op over all tensors (a kernel per parameter would dominate a GPU step of a small net)
+    torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1.0 - decay)
     for e, b in zip(ema.buffers(), net.buffers(), strict=True):
         e.copy_(b)
 
@@ -144,13 +146,19 @@ class Trainer:
             images = load_images(settings.data, self.unet_config.image_size, self.unet_config.channels)
         if images.shape[0] < 1:
             raise TrainingError(f"{settings.data}: no images")
-        self.images = images  # uint8 (N, C, H, W), kept on CPU
+        # uint8 (N, C, H, W). On a GPU the whole set lives on the device (CIFAR-10 is 150 MB), so a
+        # batch is one gather there: nothing on the host has to keep up with the GPU.
+        self.images = images.to(self.device) if self.device.type == "cuda" else images
         torch.manual_seed(settings.seed)  # initial weights only; all later randomness is in the generators
         self.net = UNet(self.unet_config).to(self.device)
+        if settings.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        # the network the loss calls; self.net keeps the parameters and the state-dict names
+        self.forward_net: torch.nn.Module = torch.compile(self.net) if settings.compile else self.net  # type: ignore[assignment]
         self.ema = UNet(self.unet_config).to(self.device).eval()
         self.ema.load_state_dict(self.net.state_dict())
         self.ema.requires_grad_(False)
-        self.opt = torch.optim.Adam(self.net.parameters(), lr=settings.lr)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=settings.lr, fused=self.device.type == "cuda")
         self.loss_fn = DiffusionLoss(settings.objective, settings.gamma, settings.eta_density)
         self.g_data = torch.Generator().manual_seed(settings.seed)
         self.g_loss = torch.Generator(device=self.device).manual_seed(settings.seed + 1)
@@ -162,11 +170,12 @@ class Trainer:
     # ---- one step -------------------------------------------------------------------------------
     def batch(self) -> torch.Tensor:
         idx = torch.randint(0, self.images.shape[0], (self.s.batch,), generator=self.g_data)
-        x0 = to_model_range(self.images[idx])
+        x0 = to_model_range(self.images[idx.to(self.images.device)])
         if self.s.hflip:
             flip = torch.rand(self.s.batch, generator=self.g_data) < 0.5
-            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        return x0.to(self.device)
+            x0 = torch.where(flip.to(x0.device)[:, None, None, None], x0.flip(-1), x0)
+        x0 = x0.to(self.device)
+        return x0.contiguous(memory_format=torch.channels_last) if self.s.channels_last else x0
 
     def train_step(self) -> float:
         x0 = self.batch()
@@ -175,9 +184,9 @@ class Trainer:
         self.net.train()
         if self.use_amp:
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = self.loss_fn(self.net, x0, self.g_loss).mean()
+                loss = self.loss_fn(self.forward_net, x0, self.g_loss).mean()
         else:
-            loss = self.loss_fn(self.net, x0, self.g_loss).mean()
+            loss = self.loss_fn(self.forward_net, x0, self.g_loss).mean()
         if not torch.isfinite(loss):
             raise TrainingError(f"loss is {loss.item()} at step {self.step}: lower --lr or check the data")
         self.opt.zero_grad(set_to_none=True)
@@ -278,6 +287,8 @@ class Trainer:
             "eta_density": self.s.eta_density,
             "lr_schedule": self.s.lr_schedule,
             "lr_min_ratio": self.s.lr_min_ratio if self.s.lr_schedule == "cosine" else None,
+            "compile": self.s.compile,
+            "channels_last": self.s.channels_last,
             "wall_time_s": round(self.wall_time, 1),
             "final_loss_ema": round(self.loss_avg, 5),
             "hardware": hardware_description(self.device),

@@ -179,3 +179,31 @@ def test_lr_schedules_and_eta_densities():
     assert 0 <= logit.min() and logit.max() <= math.pi / 2
     with pytest.raises(ValueError, match="eta density"):
         DiffusionLoss("dual", eta_density="middle")
+
+
+def test_channels_last_trains_the_same_run(tmp_path):
+    """The GPU settings change the memory layout, not the run: same losses and weights within float error."""
+    data = blobs()
+    plain, nhwc = (
+        Trainer(settings(tmp_path / "a"), images=data),
+        Trainer(settings(tmp_path / "b", channels_last=True), images=data),
+    )
+    losses = [(plain.train_step(), nhwc.train_step()) for _ in range(4)]
+    assert all(abs(a - b) < 1e-4 * max(1.0, abs(a)) for a, b in losses), losses
+    # weights may differ by a few Adam steps' worth (lr per step) where a gradient is near zero and
+    # rounding flips its sign; the networks must still compute the same function
+    x, eta = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.linspace(0.1, 1.5, 4)
+    with torch.no_grad():
+        a, b = plain.ema(x, eta), nhwc.ema(x.contiguous(memory_format=torch.channels_last), eta)
+    assert (a - b).abs().max() < 1e-2 * a.abs().max(), (a - b).abs().max()
+
+
+@pytest.mark.slow
+def test_compiled_training_step_matches_eager(tmp_path):
+    data = blobs()
+    eager, compiled = (
+        Trainer(settings(tmp_path / "a"), images=data),
+        Trainer(settings(tmp_path / "b", compile=True), images=data),
+    )
+    losses = [(eager.train_step(), compiled.train_step()) for _ in range(3)]
+    assert all(abs(a - b) < 1e-3 * max(1.0, abs(a)) for a, b in losses), losses
