@@ -11,10 +11,17 @@ HELP = """Measure, don't guess. Each benchmark prints a summary and writes a JSO
   http       a running service driven with a request mix: throughput, latency percentiles, errors
   diffusers  the same diffusers UNet2DModel weights sampled by diffusers' DDIMPipeline and by this
              engine's ddim at the same steps and batch: the speed ratio
-  gpu-check  engine over batch 1/8/64, eager fp32 vs compile + bf16 (what deploy/gpu-check.sh runs)"""
+  gpu-check  engine over batch 1/8/64, eager fp32 vs compile + bf16 (what deploy/gpu-check.sh runs)
+  flops      a network's FLOP per image (forward, training step) and a training run's estimated cost"""
 
 # benchmark name -> module under bench/ exposing add_arguments(parser) and run(args) -> int
-BENCHES = {"engine": "engine", "http": "http", "diffusers": "vs_diffusers", "gpu-check": "gpu_check"}
+BENCHES = {
+    "engine": "engine",
+    "http": "http",
+    "diffusers": "vs_diffusers",
+    "gpu-check": "gpu_check",
+    "flops": "flops",
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -204,3 +204,23 @@ def test_bench_engine_mix_runs_every_solver_in_each_batch(tmp_path, model_dir):
     assert {g["solver"]: g["steps"] for g in gens}["rk4"] == 1 and rec["nfe_per_image"] == 4
     # all six leave together after 4 evaluations, so 2 rounds are 8 full-batch forwards
     assert rec["forward_calls"] == 8 and rec["batch_sizes"] == [6]
+
+
+def test_bench_flops_counts_the_network_and_the_run(tmp_path):
+    """Counted FLOP follow the architecture: a 3x3 conv on 8x8 maps dominates the tiny net, so
+    doubling its width about quadruples the count; the run total and the estimate are products."""
+    out, wide = tmp_path / "f.json", tmp_path / "w.json"
+    r = cli(
+        "bench", "flops", "--config", "tiny", "--steps", "1000", "--batch", "16", "--tflops", "2", "--json", str(out)
+    )
+    assert r.returncode == 0, r.stderr
+    r2 = cli("bench", "flops", "--config", "tiny", "--arch", "ch=16", "--json", str(wide))
+    assert r2.returncode == 0, r2.stderr
+    rec, rec_wide = json.loads(out.read_text()), json.loads(wide.read_text())
+    assert 0 < rec["forward_gflop"] < rec["train_gflop_per_image"] < 4 * rec["forward_gflop"]
+    assert 3.0 < rec_wide["forward_gflop"] / rec["forward_gflop"] < 4.2
+    assert rec["total_flop"] == pytest.approx(rec["train_gflop_per_image"] * 1e9 * 16 * 1000)
+    est = rec["estimates"][0]
+    assert est["hours"] == pytest.approx(rec["total_flop"] / 2e12 / 3600)
+    bad = cli("bench", "flops", "--config", "nope")
+    assert bad.returncode == 2 and "nope" in bad.stderr
