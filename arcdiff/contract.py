@@ -75,6 +75,19 @@ class GenerationSpec:
         return spec
 
 
+def queue_expiry(spec: GenerationSpec, queue_timeout_s: float | None, now: float) -> str | None:
+    """Why a generation that has not started by `now` (time.time()) is expired, or None while it may
+    still start. Time spent in Redis counts (submitted_at is when the API accepted it). Both sides
+    apply it: the worker does not start an expired generation, the API shows it failed."""
+    waited = now - spec.submitted_at
+    if queue_timeout_s and waited > queue_timeout_s:
+        return (
+            f"expired: waited {waited:.1f} s to start, longer than the queue timeout of "
+            f"{queue_timeout_s:g} s (ARCDIFF_QUEUE_TIMEOUT_S)"
+        )
+    return None
+
+
 @dataclass
 class ImageResult:
     index: int

@@ -19,7 +19,7 @@ from rq.job import Job, JobStatus
 from rq.results import Result
 from rq.serializers import JSONSerializer
 
-from arcdiff.contract import TASK, GenerationSpec, JobResult, SpecError, queue_name
+from arcdiff.contract import TASK, GenerationSpec, JobResult, SpecError, queue_expiry, queue_name
 from arcdiff.model.registry import ModelInfo
 from arcdiff.service.backend import Generation, NotReady, QueueFull
 from arcdiff.service.metrics import QUEUE_DEPTH
@@ -130,15 +130,10 @@ class RedisBackend:
         except (NoSuchJobError, SpecError, IndexError, TypeError, ValueError):
             return None
         status = _STATUS.get(job.get_status(refresh=False), "queued")
-        waited = time.time() - spec.submitted_at
-        if status == "queued" and waited > self.settings.queue_timeout_s:
+        expired = queue_expiry(spec, self.settings.queue_timeout_s, time.time()) if status == "queued" else None
+        if expired:
             # no worker took it in time: it is failed whoever takes it later (the worker records it)
-            return Generation(
-                spec,
-                "failed",
-                error=f"expired: waited {waited:.1f} s to start, longer than the queue "
-                f"timeout of {self.settings.queue_timeout_s:g} s (ARCDIFF_QUEUE_TIMEOUT_S)",
-            )
+            return Generation(spec, "failed", error=expired)
         if status == "finished":
             value = job.return_value()
             if value is None:  # result expired between the two reads

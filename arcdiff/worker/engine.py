@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from arcdiff.contract import GenerationSpec, ImageResult, JobMetrics, JobResult
+from arcdiff.contract import GenerationSpec, ImageResult, JobMetrics, JobResult, queue_expiry
 from arcdiff.model.format import LoadedModel
 from arcdiff.model.rng import image_generator, image_seed, initial_noise
 from arcdiff.model.solvers import nfe as solver_nfe
@@ -397,13 +397,7 @@ class Engine:
             self._close(t, error=self._expired_reason(t.spec, wall))
 
     def _expired_reason(self, spec: GenerationSpec, wall: float) -> str | None:
-        waited = wall - spec.submitted_at
-        if self.queue_timeout_s and waited > self.queue_timeout_s:
-            return (
-                f"expired: waited {waited:.1f} s to start, longer than the queue timeout of "
-                f"{self.queue_timeout_s:g} s (ARCDIFF_QUEUE_TIMEOUT_S)"
-            )
-        return None
+        return queue_expiry(spec, self.queue_timeout_s, wall)
 
     def _sample_memory(self) -> None:
         """Device memory in use, once a second: CUDA's allocator on a GPU, the process's RSS on CPU."""

@@ -6,7 +6,15 @@ import pytest
 import torch
 from servicekit import png_info, png_pixels
 
-from arcdiff.contract import GenerationSpec, ImageResult, JobMetrics, JobResult, SpecError, queue_name
+from arcdiff.contract import (
+    GenerationSpec,
+    ImageResult,
+    JobMetrics,
+    JobResult,
+    SpecError,
+    queue_expiry,
+    queue_name,
+)
 from arcdiff.model.solvers import SOLVERS
 from arcdiff.worker.encode import grid, png_bytes, to_uint8
 
@@ -23,6 +31,16 @@ def test_spec_round_trip():
     spec = GenerationSpec.from_payload(GOOD)
     assert GenerationSpec.from_payload(spec.to_payload()) == spec
     assert queue_name("mnist") == "arcdiff:mnist"
+
+
+def test_queue_expiry_counts_from_acceptance():
+    spec = GenerationSpec.from_payload({**GOOD, "submitted_at": 1000.0})
+    assert queue_expiry(spec, 30.0, 1029.9) is None
+    assert queue_expiry(spec, None, 10**9) is None  # no timeout: never expires
+    reason = queue_expiry(spec, 30.0, 1030.5)
+    assert reason == (
+        "expired: waited 30.5 s to start, longer than the queue timeout of 30 s (ARCDIFF_QUEUE_TIMEOUT_S)"
+    )
 
 
 @pytest.mark.parametrize(
