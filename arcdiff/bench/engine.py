@@ -183,8 +183,8 @@ def measure_engine(
     from arcdiff.bench.report import environment
     from arcdiff.contract import GenerationSpec
     from arcdiff.model.solvers import nfe
-    from arcdiff.worker.engine import Engine
-    from arcdiff.worker.loading import SpeedSettings, compiled_forward, forward_for
+    from arcdiff.worker.engine import Engine, EngineConfig
+    from arcdiff.worker.loading import Prepared, SpeedSettings, compiled_forward, forward_for
 
     device = next(loaded.denoiser.parameters()).device
     speed = SpeedSettings(amp=amp, compile=compile_mode, channels_last=channels_last)
@@ -194,16 +194,8 @@ def measure_engine(
     timed = _TimedForward(forward, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    engine = Engine(
-        {"m": loaded},
-        device=device,
-        max_batch=batch,
-        buckets=[batch],
-        forwards={"m": timed},
-        warm_up=True,
-        worker="bench",
-        device_thread=device_thread,
-    )
+    config = EngineConfig(device=device, max_batch=batch, buckets=(batch,), warm_up=True, worker="bench")
+    engine = Engine({"m": Prepared(loaded, timed)}, config, device_thread=device_thread)
     t0 = time.perf_counter()
     engine.start()  # compiles (if asked) and runs one forward at the batch size
     warm_up_s = time.perf_counter() - t0

@@ -276,8 +276,8 @@ def _time_side(
     from arcdiff.contract import GenerationSpec
     from arcdiff.model.diffusers_adapter import load_diffusers_model
     from arcdiff.worker.device_thread import DeviceThread
-    from arcdiff.worker.engine import Engine
-    from arcdiff.worker.loading import AMP_DTYPES, SpeedSettings, compiled_forward, forward_for
+    from arcdiff.worker.engine import Engine, EngineConfig
+    from arcdiff.worker.loading import AMP_DTYPES, Prepared, SpeedSettings, compiled_forward, forward_for
 
     dt = DeviceThread()
     if threads:
@@ -286,16 +286,10 @@ def _time_side(
     forward = forward_for(loaded.denoiser, False)
     if compile_mode != "none":
         forward = compiled_forward(forward, SpeedSettings(amp=amp, compile=compile_mode))
-    engine = Engine(
-        {"m": loaded},
-        device=device,
-        max_batch=batch,
-        buckets=[batch],
-        forwards={"m": forward},
-        warm_up=compile_mode != "none",
-        worker="bench",
-        device_thread=dt,
-    ).start()
+    config = EngineConfig(
+        device=device, max_batch=batch, buckets=(batch,), warm_up=compile_mode != "none", worker="bench"
+    )
+    engine = Engine({"m": Prepared(loaded, forward)}, config, device_thread=dt).start()
     counter = iter(range(10**6))
 
     def arcdiff_batch() -> None:

@@ -15,35 +15,33 @@ Each tick, for each model with work:
 
 One device thread runs the ticks (round robin over models); callers talk to it through a lock
 and get a concurrent.futures.Future per generation. Nothing here knows about HTTP or Redis.
+Warm-up and the eager fallback live beside loading (loading.py), result assembly in results.py.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
-from arcdiff.contract import GenerationSpec, ImageResult, JobMetrics, JobResult, queue_expiry
+from arcdiff.contract import GenerationSpec, JobResult, queue_expiry
 from arcdiff.model.format import LoadedModel
 from arcdiff.model.rng import image_generator, image_seed, initial_noise
-from arcdiff.model.solvers import nfe as solver_nfe
 from arcdiff.worker import metrics as m
 from arcdiff.worker.batch import SolverGroup, bucket_for, bucket_sizes
 from arcdiff.worker.device_thread import DeviceThread
-from arcdiff.worker.encode import png_bytes, to_uint8
+from arcdiff.worker.encode import to_uint8
+from arcdiff.worker.loading import PAD_ETA, Forward, Prepared, WarmUpFailed, warm_up
+from arcdiff.worker.results import Collected, encode_png, job_result
 
 log = logging.getLogger("arcdiff.engine")
-
-Forward = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-PAD_ETA = math.pi / 4  # eta for padding rows: any finite value, their outputs are dropped
 
 
 def _rss_bytes() -> int | None:
@@ -58,6 +56,43 @@ class GenerationFailed(Exception):
     """A generation the engine could not finish; str() is the reason shown to the client."""
 
 
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine's settings (plain values; the models and threads it runs are passed beside it).
+
+    `buckets`: the padded batch sizes (default 1, 2, 4, ..., max_batch); the largest must be
+    max_batch. A benchmark that always runs full batches warms up just (max_batch,).
+    `warm_up`: before serving, call every model's forward once per bucket on the device thread
+    (compiles there; CUDA graphs are recorded per thread), see loading.warm_up.
+    `recompile_stance`: torch.compiler stance set after the warm-up ("eager_on_recompile" in the
+    worker: an unexpected new shape runs eagerly instead of stalling the batch for a compile;
+    tests use "fail_on_recompile")."""
+
+    device: str | torch.device = "cpu"
+    max_batch: int = 32
+    buckets: tuple[int, ...] | None = None
+    encode_threads: int = 2
+    worker: str = ""  # the name shown in each result's metrics
+    job_timeout_s: float | None = None  # a generation not done this long after submission fails
+    # a generation still waiting this long after it was accepted (spec.submitted_at, so time
+    # spent in Redis counts) fails instead of starting
+    queue_timeout_s: float | None = None
+    keep_samples: bool = False  # also return the float samples (tests, local tools)
+    warm_up: bool = False
+    recompile_stance: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {self.max_batch}")
+        buckets = self.bucket_sizes
+        if buckets[-1] != self.max_batch or buckets[0] < 1:
+            raise ValueError(f"buckets {buckets} must be positive and end at max_batch {self.max_batch}")
+
+    @property
+    def bucket_sizes(self) -> list[int]:
+        return sorted(set(self.buckets)) if self.buckets else bucket_sizes(self.max_batch)
+
+
 @dataclass(eq=False)
 class _Task:
     """One generation held by the engine."""
@@ -70,22 +105,18 @@ class _Task:
     closed: bool = False
     admitted: int = 0  # images admitted to the batch so far
     in_batch: int = 0  # images in the batch now
-    pngs: dict[int, bytes] = field(default_factory=dict)
-    samples: dict[int, torch.Tensor] = field(default_factory=dict)  # only with keep_samples
-    first_admit: float | None = None  # time.time()
-    last_leave: float | None = None
-    batch_sizes: set[int] = field(default_factory=set)
+    out: Collected = field(default_factory=Collected)
 
 
 class _Runner:
     """The batch of one model: its waiting images, its solver groups and its network."""
 
-    def __init__(self, name: str, loaded: LoadedModel, forward: Forward):
+    def __init__(self, name: str, prepared: Prepared):
         self.name = name
-        self.loaded = loaded
-        self.forward = forward
-        self.shape = loaded.image_shape
-        self.data_range = loaded.config.get("data_range", [-1.0, 1.0])
+        self.prepared = prepared
+        self.forward: Forward = prepared.forward
+        self.shape = prepared.loaded.image_shape
+        self.data_range = prepared.loaded.config.get("data_range", [-1.0, 1.0])
         self.waiting: deque[tuple[_Task, int]] = deque()  # (generation, image index), FIFO
         self.groups: dict[str, SolverGroup] = {}
         self.active: dict[str, _Task] = {}  # generations with rows in the batch, by id
@@ -98,62 +129,36 @@ class Engine:
 
     def __init__(
         self,
-        models: Mapping[str, LoadedModel],
-        device: str | torch.device = "cpu",
-        max_batch: int = 32,
-        encode_threads: int = 2,
-        worker: str = "",
-        forwards: Mapping[str, Forward] | None = None,
-        job_timeout_s: float | None = None,
-        keep_samples: bool = False,
-        queue_timeout_s: float | None = None,
+        models: Mapping[str, Prepared | LoadedModel],
+        config: EngineConfig = EngineConfig(),
+        *,
         failed_models: Mapping[str, str] | None = None,
-        warm_up: bool = False,
-        fallbacks: Mapping[str, Forward] | None = None,
-        recompile_stance: str | None = None,
-        buckets: Iterable[int] | None = None,
         device_thread: DeviceThread | None = None,
     ):
-        """`warm_up`: before serving, call every model's forward once per batch bucket on the
-        device thread (compiles there; CUDA graphs are recorded per thread). A model whose warm-up
-        fails is served with its entry in `fallbacks` (the eager forward) or not at all.
-        `recompile_stance`: torch.compiler stance set after the warm-up ("eager_on_recompile"
-        in the worker: an unexpected new shape runs eagerly instead of stalling the batch for a
-        compile; tests use "fail_on_recompile").
-        `buckets`: the padded batch sizes (default 1, 2, 4, ..., max_batch); the largest must be
-        max_batch. A benchmark that always runs full batches warms up just [max_batch].
+        """`models`: what to serve, by name; a LoadedModel runs its own denoiser eagerly, a Prepared
+        its (compiled) forward with its eager fallback for the warm-up.
+        `failed_models`: models that failed to load (name -> why), reported beside those that fail
+        to warm up.
         `device_thread`: the thread to run the ticks on; pass the one that loaded the models (see
         worker/device_thread.py for why one thread should do all torch work). Default: a new one.
         Either way the engine owns it from then on and stops it in close()."""
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
-        self.device = torch.device(device)
-        self.max_batch = max_batch
-        self.buckets = sorted(set(buckets)) if buckets else bucket_sizes(max_batch)
-        if self.buckets[-1] != max_batch or self.buckets[0] < 1:
-            raise ValueError(f"buckets {self.buckets} must be positive and end at max_batch {max_batch}")
-        self.worker = worker
-        self.job_timeout_s = job_timeout_s
-        # a generation still waiting this long after it was accepted (spec.submitted_at, so time
-        # spent in Redis counts) fails instead of starting
-        self.queue_timeout_s = queue_timeout_s
-        self.failed_models = dict(failed_models or {})  # models that failed to load: name -> why
-        self.keep_samples = keep_samples  # also return the float samples (tests, local tools)
-        forwards = forwards or {}
-        self._runners = {name: _Runner(name, lm, forwards.get(name, lm.denoiser)) for name, lm in models.items()}
+        self.config = config
+        self.device = torch.device(config.device)
+        self.max_batch = config.max_batch
+        self.buckets = config.bucket_sizes
+        self.worker = config.worker
+        self.failed_models = dict(failed_models or {})  # models not served: name -> why
+        self._runners = {name: _Runner(name, Prepared.of(p)) for name, p in models.items()}
         for name in self._runners:
             m.init_model_series(name)
         self._tasks: dict[str, _Task] = {}
         self._cond = threading.Condition()
         self._closing = False
-        self._pool = ThreadPoolExecutor(max_workers=encode_threads, thread_name_prefix="arcdiff-encode")
+        self._pool = ThreadPoolExecutor(max_workers=config.encode_threads, thread_name_prefix="arcdiff-encode")
         self._device_thread = device_thread or DeviceThread("arcdiff-engine")
         self._loop: Future | None = None
         self._next_deadline_check = 0.0
         self._next_memory_sample = 0.0
-        self._warm_up = warm_up
-        self._fallbacks = dict(fallbacks or {})
-        self._recompile_stance = recompile_stance
         self._ready = threading.Event()
         self.warm_up_s: dict[str, float] = {}  # model -> seconds its warm-up took
 
@@ -191,7 +196,7 @@ class Engine:
             m.JOBS.labels(spec.model, "failed").inc()
             fut.set_exception(GenerationFailed(expired))
             return fut
-        timeout_s = timeout_s if timeout_s is not None else self.job_timeout_s
+        timeout_s = timeout_s if timeout_s is not None else self.config.job_timeout_s
         deadline = time.monotonic() + timeout_s if timeout_s else None
         task = _Task(spec, fut, deadline, timeout_s)
         with self._cond:
@@ -326,7 +331,7 @@ class Engine:
         self._sample_memory()
         with torch.inference_mode():
             try:
-                if self._warm_up:
+                if self.config.warm_up:
                     self._warm_up_all()
             finally:
                 self._ready.set()
@@ -348,35 +353,15 @@ class Engine:
         log.info("engine stopped")
 
     def _warm_up_all(self) -> None:
-        """One forward per bucket and model (inside inference_mode, as the ticks run), so every
-        compile happens now and no request pays for one."""
+        """Warm every model up on this thread; one that cannot be served leaves the engine."""
         for name, r in list(self._runners.items()):
-            t0 = time.perf_counter()
             try:
-                self._warm_up_one(r)
-            except Exception as e:  # a compiler that cannot handle this model on this device
-                why = f"{type(e).__name__}: {e}"
-                fallback = self._fallbacks.get(name)
-                if fallback is None:
-                    log.exception("warm-up of %s failed; not serving it", name)
-                    self.failed_models[name] = f"warm-up failed: {why}"
-                    del self._runners[name]
-                    continue
-                log.exception("warm-up of %s failed; serving it uncompiled", name)
-                r.forward = fallback
-                self._warm_up_one(r)
-            self.warm_up_s[name] = time.perf_counter() - t0
-            m.COMPILE.labels(name).set(self.warm_up_s[name])
-            log.info("warmed up %s on %s: buckets %s in %.2f s", name, self.device, self.buckets, self.warm_up_s[name])
-        if self._recompile_stance:
-            torch.compiler.set_stance(self._recompile_stance)
-
-    def _warm_up_one(self, r: _Runner) -> None:
-        for b in self.buckets:
-            x = torch.zeros((b, *r.shape), device=self.device)
-            r.forward(x, torch.full((b,), PAD_ETA, device=self.device))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+                r.forward, self.warm_up_s[name] = warm_up(name, r.prepared, self.buckets, self.device)
+            except WarmUpFailed as e:
+                self.failed_models[name] = str(e)
+                del self._runners[name]
+        if self.config.recompile_stance:
+            torch.compiler.set_stance(self.config.recompile_stance)
 
     @staticmethod
     def _has_work(r: _Runner) -> bool:
@@ -397,7 +382,7 @@ class Engine:
             self._close(t, error=self._expired_reason(t.spec, wall))
 
     def _expired_reason(self, spec: GenerationSpec, wall: float) -> str | None:
-        return queue_expiry(spec, self.queue_timeout_s, wall)
+        return queue_expiry(spec, self.config.queue_timeout_s, wall)
 
     def _sample_memory(self) -> None:
         """Device memory in use, once a second: CUDA's allocator on a GPU, the process's RSS on CPU."""
@@ -430,7 +415,7 @@ class Engine:
         x0_hat, eps_hat = r.forward(x, eta)
         m.BATCH_SIZE.labels(r.name).observe(n)
         for task in list(r.active.values()):
-            task.batch_sizes.add(n)
+            task.out.batch_sizes.add(n)
         offset = 0
         for g in groups:
             rows = len(g)
@@ -456,7 +441,7 @@ class Engine:
                 r.active[task.spec.id] = task
                 if task.state == "queued":
                     task.state = "running"
-                    task.first_admit = now
+                    task.out.first_admit = now
                     m.QUEUE_WAIT.labels(r.name).observe(max(0.0, now - task.spec.submitted_at))
             m.WAITING.labels(r.name).set(len(r.waiting))
             m.RUNNING.labels(r.name).set(r.in_batch)
@@ -494,9 +479,9 @@ class Engine:
                         )
                     )
                     continue
-                task.last_leave = now
-                if self.keep_samples:
-                    task.samples[k] = xs[row].float().cpu()
+                task.out.last_leave = now
+                if self.config.keep_samples:
+                    task.out.samples[k] = xs[row].float().cpu()
                 m.IMAGES.labels(r.name, solver).inc()
                 self._pool.submit(self._encode, r, task, k, px)
             m.RUNNING.labels(r.name).set(r.in_batch)
@@ -545,9 +530,7 @@ class Engine:
 
     def _encode(self, r: _Runner, task: _Task, k: int, pixels: torch.Tensor) -> None:
         try:
-            t0 = time.perf_counter()
-            png = png_bytes(pixels)
-            m.ENCODE.labels(r.name).observe(time.perf_counter() - t0)
+            png = encode_png(r.name, pixels)
         except Exception as e:
             log.exception("encoding image %d of %s failed", k, task.spec.id)
             self._close(task, error=f"PNG encoding failed: {e}")
@@ -555,27 +538,8 @@ class Engine:
         with self._cond:
             if task.closed:
                 return
-            task.pngs[k] = png
-            done = len(task.pngs) == task.spec.n
+            task.out.pngs[k] = png
+            done = len(task.out.pngs) == task.spec.n
         if done:
-            self._close(task, result=self._result(r, task))
-
-    def _result(self, r: _Runner, task: _Task) -> JobResult:
-        spec, now = task.spec, time.time()
-        first = task.first_admit or now
-        last = task.last_leave or now
-        m.SAMPLE.labels(r.name).observe(max(0.0, last - first))
-        per_image = solver_nfe(spec.solver, spec.steps)
-        images = [ImageResult(k, image_seed(spec.seed, k), task.pngs[k]) for k in range(spec.n)]
-        metrics = JobMetrics(
-            queue_ms=round(max(0.0, first - spec.submitted_at) * 1000, 3),
-            sample_ms=round(max(0.0, last - first) * 1000, 3),
-            encode_ms=round(max(0.0, now - last) * 1000, 3),
-            total_ms=round(max(0.0, now - spec.submitted_at) * 1000, 3),
-            nfe=per_image,
-            batch_sizes=sorted(task.batch_sizes),
-            device=str(self.device),
-            worker=self.worker,
-        )
-        extra = {"samples": torch.stack([task.samples[k] for k in range(spec.n)])} if self.keep_samples else {}
-        return JobResult(images=images, nfe=per_image, metrics=metrics, extra=extra)
+            result = job_result(task.spec, task.out, str(self.device), self.worker, self.config.keep_samples)
+            self._close(task, result=result)

@@ -5,15 +5,16 @@ Per device, "auto" settings resolve to (see `resolve_speed`):
   and torch.compile in "reduce-overhead" mode (inductor kernels + CUDA graphs);
 - CPU and MPS: eager float32, unless asked.
 
-A compiled forward is compiled once per batch bucket, with static shapes, during the engine's
-warm-up (`Engine.start`), on the engine's own thread: CUDA graphs are recorded per thread, so the
-thread that replays them must be the one that recorded them. If compiling fails, the model is
-served eagerly and the error is logged (see `Prepared.eager`).
+A compiled forward is compiled once per batch bucket, with static shapes, during the warm-up
+(`warm_up`, which `Engine.start` runs on the engine's own thread: CUDA graphs are recorded per
+thread, so the thread that replays them must be the one that recorded them). If compiling fails,
+the model is served eagerly and the error is logged (see `Prepared.eager`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,11 +25,12 @@ import torch
 from arcdiff.model.format import LoadedModel
 from arcdiff.model.registry import ModelRegistry
 from arcdiff.worker import metrics as m
-from arcdiff.worker.engine import Forward
 
 log = logging.getLogger("arcdiff.loading")
 
+Forward = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PAD_ETA = math.pi / 4  # eta for padding and warm-up rows: any finite value, their outputs are dropped
 
 
 def resolve_device(device: str) -> torch.device:
@@ -74,9 +76,16 @@ def resolve_speed(
 
 @dataclass
 class Prepared:
+    """A loaded model and the forward the engine runs it with."""
+
     loaded: LoadedModel
     forward: Forward  # what the engine calls: compiled when asked
-    eager: Forward | None  # the uncompiled forward, the fallback if compiling fails; None when not compiled
+    eager: Forward | None = None  # the uncompiled forward, the fallback if compiling fails; None when not compiled
+
+    @classmethod
+    def of(cls, model: LoadedModel | Prepared) -> Prepared:
+        """A LoadedModel runs its own denoiser, eagerly."""
+        return model if isinstance(model, Prepared) else cls(model, model.denoiser)
 
 
 def prepare_models(
@@ -161,3 +170,40 @@ def compiled_forward(forward: Forward, speed: SpeedSettings, backend: str | Call
         return x0_hat.clone(), eps_hat.clone()
 
     return replay
+
+
+class WarmUpFailed(RuntimeError):
+    """A forward failed at warm-up and there is no eager forward to fall back to; str() says why."""
+
+
+def warm_up(name: str, prepared: Prepared, buckets: Sequence[int], device: torch.device) -> tuple[Forward, float]:
+    """Call the model's forward once per batch bucket, so every compile happens now and no request
+    pays for one; returns the forward to serve (the eager one if compiling failed) and the seconds
+    it took. Run it on the device thread, inside inference_mode, as the engine's ticks run.
+
+    Raises WarmUpFailed when the forward fails and there is no eager one; an eager forward that
+    fails too raises its own error."""
+    t0 = time.perf_counter()
+    forward = prepared.forward
+    try:
+        _run_buckets(forward, prepared.loaded.image_shape, buckets, device)
+    except Exception as e:  # a compiler that cannot handle this model on this device
+        why = f"{type(e).__name__}: {e}"
+        if prepared.eager is None:
+            log.exception("warm-up of %s failed; not serving it", name)
+            raise WarmUpFailed(f"warm-up failed: {why}") from e
+        log.exception("warm-up of %s failed; serving it uncompiled", name)
+        forward = prepared.eager
+        _run_buckets(forward, prepared.loaded.image_shape, buckets, device)
+    seconds = time.perf_counter() - t0
+    m.COMPILE.labels(name).set(seconds)
+    log.info("warmed up %s on %s: buckets %s in %.2f s", name, device, list(buckets), seconds)
+    return forward, seconds
+
+
+def _run_buckets(forward: Forward, shape: Sequence[int], buckets: Sequence[int], device: torch.device) -> None:
+    for b in buckets:
+        x = torch.zeros((b, *shape), device=device)
+        forward(x, torch.full((b,), PAD_ETA, device=device))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -11,7 +11,7 @@ import torch
 
 from arcdiff.model.registry import ModelRegistry
 from arcdiff.worker.device_thread import DeviceThread
-from arcdiff.worker.engine import Engine
+from arcdiff.worker.engine import Engine, EngineConfig
 from arcdiff.worker.loading import prepare_models, resolve_device, resolve_speed
 from arcdiff.worker.settings import WorkerSettings
 
@@ -53,21 +53,17 @@ def build_engine(settings: WorkerSettings, models: list[str], worker_name: str =
     if not prepared:
         device_thread.shutdown()
         raise WorkerSetupError("no model could be loaded: " + "; ".join(f"{n}: {why}" for n, why in failed.items()))
-    return Engine(
-        {name: p.loaded for name, p in prepared.items()},
+    config = EngineConfig(
         device=device,
         max_batch=settings.max_batch,
         encode_threads=settings.encode_threads,
         worker=worker_name,
-        forwards={name: p.forward for name, p in prepared.items()},
         job_timeout_s=settings.job_timeout_s,
         queue_timeout_s=settings.queue_timeout_s,
-        failed_models=failed,
         warm_up=speed.compile != "none",
-        fallbacks={name: p.eager for name, p in prepared.items() if p.eager is not None},
         recompile_stance="eager_on_recompile" if speed.compile != "none" else None,
-        device_thread=device_thread,
     )
+    return Engine(prepared, config, failed_models=failed, device_thread=device_thread)
 
 
 def run_worker(settings: WorkerSettings, models: list[str]) -> int:

@@ -13,7 +13,7 @@ from servicekit import one_thread, reference
 from arcdiff.contract import GenerationSpec
 from arcdiff.model.registry import ModelRegistry
 from arcdiff.model.solvers import SOLVERS
-from arcdiff.worker.engine import Engine
+from arcdiff.worker.engine import Engine, EngineConfig
 from arcdiff.worker.loading import SpeedSettings, prepare_models, resolve_speed
 
 
@@ -43,13 +43,7 @@ def run_mixed(model_dir, backend, mode="default"):
         backend=backend,
     )
     eng = Engine(
-        {n: p.loaded for n, p in prepared.items()},
-        max_batch=8,
-        keep_samples=True,
-        forwards={n: p.forward for n, p in prepared.items()},
-        warm_up=True,
-        fallbacks={n: p.eager for n, p in prepared.items()},
-        recompile_stance="fail_on_recompile",
+        prepared, EngineConfig(max_batch=8, keep_samples=True, warm_up=True, recompile_stance="fail_on_recompile")
     )
     before = graphs()  # the counter is process-wide and other tests compile too
     eng.start()
@@ -106,14 +100,7 @@ def test_a_compiler_that_fails_leaves_the_model_served_eagerly(model_dir, caplog
         SpeedSettings(compile="default"),
         backend=broken_backend,
     )
-    eng = Engine(
-        {"tiny": prepared["tiny"].loaded},
-        max_batch=4,
-        keep_samples=True,
-        forwards={"tiny": prepared["tiny"].forward},
-        fallbacks={"tiny": prepared["tiny"].eager},
-        warm_up=True,
-    )
+    eng = Engine(prepared, EngineConfig(max_batch=4, keep_samples=True, warm_up=True))
     eng.start()
     try:
         assert "serving it uncompiled" in caplog.text and "tiny" in eng.models and not eng.failed_models
@@ -135,7 +122,7 @@ def test_auto_speed_settings_per_device():
 
 def test_bf16_autocast_on_cpu_when_asked_keeps_the_solver_in_float32(model_dir):
     prepared = prepare_models(ModelRegistry(model_dir), ["tiny"], torch.device("cpu"), SpeedSettings(amp="bf16"))
-    eng = Engine({"tiny": prepared["tiny"].loaded}, max_batch=4, keep_samples=True)
+    eng = Engine({"tiny": prepared["tiny"].loaded}, EngineConfig(max_batch=4, keep_samples=True))
     eng.start()
     try:
         res = eng.submit(spec("b", 4, "ddim", 3, 2)).result(60)

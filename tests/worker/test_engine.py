@@ -12,7 +12,8 @@ from arcdiff.contract import GenerationSpec
 from arcdiff.model.registry import ModelRegistry
 from arcdiff.model.solvers import SOLVERS
 from arcdiff.worker.batch import bucket_for, bucket_sizes
-from arcdiff.worker.engine import Engine, GenerationFailed
+from arcdiff.worker.engine import Engine, EngineConfig, GenerationFailed
+from arcdiff.worker.loading import Prepared
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -31,9 +32,9 @@ def spec(id, steps=4, solver="ddim", seed=0, n=1, model="tiny"):
     return GenerationSpec(id=id, model=model, steps=steps, solver=solver, seed=seed, n=n, submitted_at=time.time())
 
 
-def make_engine(loaded, start=True, **kw):
-    kw.setdefault("max_batch", 8)
-    eng = Engine(loaded, worker="test", keep_samples=True, **kw)
+def make_engine(loaded, start=True, max_batch=8, forwards=None):
+    models = {name: Prepared(lm, (forwards or {}).get(name, lm.denoiser)) for name, lm in loaded.items()}
+    eng = Engine(models, EngineConfig(max_batch=max_batch, worker="test", keep_samples=True))
     return eng.start() if start else eng
 
 
@@ -245,7 +246,8 @@ def test_engine_ticks_on_the_device_thread_it_was_given(loaded):
         seen.add(threading.current_thread().name)
         return base(x, eta)
 
-    eng = Engine(loaded, max_batch=4, forwards={"tiny": forward}, device_thread=dt).start()
+    models = {"tiny": Prepared(loaded["tiny"], forward), "tiny-eps": loaded["tiny-eps"]}
+    eng = Engine(models, EngineConfig(max_batch=4), device_thread=dt).start()
     try:
         eng.submit(spec("d", steps=2, solver="euler", n=2)).result(60)
         assert seen == {dt.name}  # (dt.call would wait behind the engine's loop, which holds the thread)
