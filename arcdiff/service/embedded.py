@@ -18,7 +18,6 @@ from arcdiff.model.registry import ModelInfo
 from arcdiff.service.backend import Generation, NotReady, QueueFull
 from arcdiff.service.metrics import QUEUE_DEPTH
 from arcdiff.service.settings import Settings
-from arcdiff.worker import metrics as worker_metrics
 from arcdiff.worker.engine import Engine
 
 log = logging.getLogger("arcdiff.embedded")
@@ -150,6 +149,5 @@ class EmbeddedBackend:
     async def scrape(self) -> None:
         for model, depth in (await self.queue_depths()).items():
             QUEUE_DEPTH.labels(model).set(depth)
-        # the in-process engine is this deployment's one worker
-        worker_metrics.UP.set(1 if self.engine is not None and self.engine.alive else 0)
-        worker_metrics.BUSY.set(1 if self.engine is not None and self.engine.held() else 0)
+        if self.engine is not None:  # until it exists, its worker gauges read 0
+            self.engine.report_as_worker()

@@ -217,6 +217,12 @@ class Engine:
             task = self._tasks.get(job_id)
             return task.state if task else None
 
+    def report_as_worker(self) -> None:
+        """Set the worker gauges (up, busy) from this engine's state: in embedded mode the
+        in-process engine is the deployment's one worker and no RQ worker sets them."""
+        m.UP.set(1 if self.alive else 0)
+        m.BUSY.set(1 if self.held() else 0)
+
     def held(self) -> int:
         with self._cond:
             return len(self._tasks)
