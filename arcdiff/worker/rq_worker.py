@@ -9,7 +9,10 @@ ones still sample. A lifecycle thread finishes each job in RQ when the engine re
 
 Dequeueing waits for room in the model's batch first, so jobs stay in Redis, visible as queued
 and free for other workers, until this one can run them. Blocking pops are short (1 s) so a
-stop request is seen promptly without raising out of a Redis call.
+stop request is seen promptly without raising out of a Redis call. RQ's `max_idle_time` holds:
+a worker idle that long leaves the loop.
+
+What this needs of RQ beyond its public API goes through worker/rq_compat.py.
 
 Ways out of the loop, each logged: SIGTERM/SIGINT (warm: stop taking jobs, requeue the ones not
 started, let the running ones finish for up to drain_timeout_s, requeue the rest), a second
@@ -34,15 +37,13 @@ from rq import Queue
 from rq.command import parse_payload
 from rq.exceptions import DequeueTimeout
 from rq.executions import Execution
-from rq.job import Job, JobStatus
+from rq.job import Job
 from rq.serializers import JSONSerializer
-from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
-from rq.worker.base import signal_name
-from rq.worker_registration import REDIS_WORKER_KEYS
 
 from arcdiff.contract import QUEUE_PREFIX, TASK, GenerationSpec, SpecError, queue_name
 from arcdiff.worker import metrics as m
+from arcdiff.worker import rq_compat as rq_internal
 from arcdiff.worker.engine import Engine
 
 log = logging.getLogger("arcdiff.worker")
@@ -76,6 +77,7 @@ class BatchingWorker(SimpleWorker):
         self._cold = False
         self._in_teardown = False
         self._stop_ids: set[str] = set()  # jobs stopped on request (rq's stop-job command)
+        self._stop_signal_at: float | None = None  # time.monotonic() of the first SIGTERM/SIGINT
 
     # ---- RQ hooks ----------------------------------------------------------------------------
 
@@ -125,7 +127,7 @@ class BatchingWorker(SimpleWorker):
             with self._held_lock:
                 self._held.pop(job.id, None)
             self._requeue_one(held)
-            self._stop_requested = True  # an engine that refuses work cannot serve this queue
+            rq_internal.request_stop(self)  # an engine that refuses work cannot serve this queue
             return
         held.future.add_done_callback(lambda _f, job_id=job.id: self._done.put(job_id))
 
@@ -134,11 +136,16 @@ class BatchingWorker(SimpleWorker):
     ) -> tuple[Job, Queue] | None:
         """Wait for batch room, then pop a job from the queues of the models that have room.
 
-        Returns None (which ends RQ's loop) once a stop was requested."""
+        Returns None (which ends RQ's loop) once a stop was requested, or after `max_idle_time`
+        seconds without a job."""
         backoff = 1.0
         by_model = {q.name.removeprefix(QUEUE_PREFIX): q for q in self.queues}
+        idle_since = time.monotonic()
         while True:
-            if self._stop_requested:
+            if rq_internal.stop_requested(self):
+                return None
+            if max_idle_time is not None and time.monotonic() - idle_since >= max_idle_time:
+                log.info("worker %s: idle for %d s: leaving the loop", self.name, max_idle_time)
                 return None
             try:
                 self.heartbeat()
@@ -147,11 +154,11 @@ class BatchingWorker(SimpleWorker):
                 if self.should_run_maintenance_tasks:
                     self.run_maintenance_tasks()
                 ready = self.engine.wait_for_room(by_model, timeout=POLL_S)
-                if self._stop_requested:
+                if rq_internal.stop_requested(self):
                     return None
                 if not ready:
                     continue
-                queues = [q for q in self._ordered_queues if q.name.removeprefix(QUEUE_PREFIX) in ready]
+                queues = [q for q in rq_internal.ordered_queues(self) if q.name.removeprefix(QUEUE_PREFIX) in ready]
                 result = self.queue_class.dequeue_any(
                     queues,
                     POLL_S,
@@ -176,30 +183,33 @@ class BatchingWorker(SimpleWorker):
     def _ensure_registered(self) -> None:
         """Register again if Redis lost this worker (restarted without persistence, or flushed):
         otherwise the API would see no worker for these models and answer 503 forever."""
-        if self.connection.sismember(REDIS_WORKER_KEYS, self.key):
+        if rq_internal.is_registered(self):
             return
         log.warning("worker %s: not registered in Redis any more (Redis restarted?): registering again", self.name)
         self.connection.delete(self.key)
         self.register_birth()
-        self._state = "starting"  # so _update_state writes the real one again
+        self._update_state(force=True)  # the new registration has no state yet
 
     def request_stop(self, signum: int, frame: Any) -> None:
         """First SIGTERM/SIGINT: stop taking jobs, drain (see teardown). Only sets flags: a signal
         handler must not raise out of a Redis call halfway through."""
         log.warning(
-            "worker %s: got %s: stop taking jobs, drain the %d held", self.name, signal_name(signum), len(self._held)
+            "worker %s: got %s: stop taking jobs, drain the %d held",
+            self.name,
+            rq_internal.signal_name(signum),
+            len(self._held),
         )
-        self._shutdown_requested_date = now()
-        self._stop_requested = True
+        self._stop_signal_at = time.monotonic()
+        rq_internal.request_stop(self)
         signal.signal(signal.SIGINT, self._request_cold_stop)
         signal.signal(signal.SIGTERM, self._request_cold_stop)
 
     def _request_cold_stop(self, signum: int, frame: Any) -> None:
-        if self._shutdown_requested_date and (now() - self._shutdown_requested_date).total_seconds() < 1:
+        if self._stop_signal_at is not None and time.monotonic() - self._stop_signal_at < 1:
             return  # the same stop delivered twice (process group and pool)
-        log.warning("worker %s: got %s again: requeue everything held now", self.name, signal_name(signum))
+        log.warning("worker %s: got %s again: requeue everything held now", self.name, rq_internal.signal_name(signum))
         self._cold = True
-        self._stop_requested = True
+        rq_internal.request_stop(self)
 
     def handle_payload(self, message: Any) -> None:
         """RQ's pubsub commands. stop-job / stop-execution name one of the many jobs held here
@@ -315,7 +325,7 @@ class BatchingWorker(SimpleWorker):
         exc = h.future.exception()
         try:
             if exc is None:
-                self._finalize_success(h.job, h.queue, h.execution, h.future.result().to_payload())
+                rq_internal.finish_job(self, h.job, h.queue, h.execution, h.future.result().to_payload())
             else:
                 self._fail(h, str(exc))
         except Exception:
@@ -325,8 +335,8 @@ class BatchingWorker(SimpleWorker):
     def _fail(self, h: _Held, reason: str) -> None:
         if h.job.id in self._stop_ids:
             self._stop_ids.discard(h.job.id)
-            self._stopped_job_id = h.job.id  # RQ then records it as stopped, not failed
-        h.job._status = JobStatus.FAILED
+            rq_internal.mark_stopped_on_request(self, h.job.id)  # RQ then records it as stopped, not failed
+        rq_internal.mark_failed(h.job)
         h.job.retries_left = 0  # the engine's verdict is final; retries are for abandoned jobs
         self.handle_execution_ended(h.job, h.queue, h.job.failure_callback_timeout)
         self.handle_job_failure(h.job, h.queue, exc_string=reason, execution=h.execution)
@@ -359,11 +369,12 @@ class BatchingWorker(SimpleWorker):
             raise SpecError(f"model {spec.model!r} does not belong on queue {queue.name!r}")
         return spec
 
-    def _update_state(self) -> None:
+    def _update_state(self, force: bool = False) -> None:
         busy = bool(self._held)
         m.BUSY.set(1 if busy else 0)
-        if self._state != (WorkerStatus.BUSY if busy else WorkerStatus.IDLE) and not self._in_teardown:
+        wanted = WorkerStatus.BUSY if busy else WorkerStatus.IDLE
+        if (force or self.get_state() != wanted) and not self._in_teardown:
             try:
-                self.set_state(WorkerStatus.BUSY if busy else WorkerStatus.IDLE)
+                self.set_state(wanted)
             except redis.exceptions.RedisError:
                 pass
