@@ -1,0 +1,146 @@
+"""The import graph between arcdiff's parts follows the architecture: data flows service -> Redis ->
+worker -> model, the contract is neutral, the client is torch-free, and no two parts import each
+other. Every import counts, also those inside functions: a lazy import is still a dependency.
+
+Read from the source with `ast` (nothing is imported), so a violation is found even in code that
+the tests never run."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import arcdiff
+
+ROOT = Path(arcdiff.__file__).parent
+PARTS = ("model", "worker", "contract", "service", "client", "cli", "bench")
+
+# part -> the parts it may import
+ALLOWED: dict[str, set[str]] = {
+    "model": set(),  # the method: no web, queue or worker code
+    "contract": set(),  # neutral, and torch-free: the client and the API import it
+    "client": {"contract"},  # torch-free HTTP client
+    "worker": {"model", "contract"},
+    "service": {"contract", "model", "worker"},  # model and worker only through the modules below
+    "bench": {"model", "worker", "client", "contract"},
+    "cli": set(PARTS) - {"cli"},  # the console script may use everything
+}
+# (importing module prefix, imported part) -> the modules of that part it may import
+NARROW: dict[tuple[str, str], tuple[str, ...]] = {
+    # model metadata (registry) and the solver names and their NFE, which the API validates and answers with
+    ("arcdiff.service", "model"): ("arcdiff.model.registry", "arcdiff.model.solvers"),
+    # the engine runs in the API process only in embedded mode
+    ("arcdiff.service.embedded", "worker"): ("arcdiff.worker",),
+    # the API's settings extend the worker's (embedded mode runs the same engine)
+    ("arcdiff.service.settings", "worker"): ("arcdiff.worker.settings",),
+}
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def part_of(module: str) -> str | None:
+    bits = module.split(".")
+    if bits[0] != "arcdiff" or len(bits) < 2:
+        return None
+    return bits[1] if bits[1] in PARTS else None
+
+
+def imports_of(path: Path) -> list[tuple[str, int]]:
+    """Every arcdiff module the file at `path` imports, with its line."""
+    return imports_in(path.read_text(), module_name(path), path.name == "__init__.py")
+
+
+def imports_in(source: str, module: str, is_package: bool = False) -> list[tuple[str, int]]:
+    """Every arcdiff module `source` (the text of `module`) imports, with its line."""
+    package = module if is_package else module.rpartition(".")[0]
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against the importing package
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            # `from arcdiff import contract` imports arcdiff.contract; `from x.y import name` imports x.y
+            out.append((target, node.lineno))
+            out += [(f"{target}.{alias.name}", node.lineno) for alias in node.names if target == "arcdiff"]
+    return [(name, line) for name, line in out if name == "arcdiff" or name.startswith("arcdiff.")]
+
+
+def edges() -> list[tuple[str, str, int, str]]:
+    """(importing module, imported module, line, file) for every import between two parts."""
+    found = []
+    for path in sorted(ROOT.rglob("*.py")):
+        src = module_name(path)
+        for target, line in imports_of(path):
+            a, b = part_of(src), part_of(target)
+            if a and b and a != b:
+                found.append((src, target, line, str(path.relative_to(ROOT.parent))))
+    return found
+
+
+def test_the_walk_sees_the_imports_it_must_see():
+    """Guards the checker itself: known edges of the tree are found, with lazy imports too."""
+    pairs = {(src, dst) for src, dst, _, _ in edges()}
+    assert ("arcdiff.worker.engine", "arcdiff.contract") in pairs
+    assert ("arcdiff.service.embedded", "arcdiff.worker.main") in pairs  # inside a function
+    assert {"worker", "service", "bench", "cli"} <= {part_of(src) for src, *_ in edges()}
+
+
+def test_parts_import_only_what_the_architecture_allows():
+    bad = []
+    for src, dst, line, file in edges():
+        a, b = part_of(src), part_of(dst)
+        if b not in ALLOWED[a]:
+            bad.append(f"{file}:{line}: {a} must not import {b} ({dst})")
+            continue
+        rules = [(prefix, mods) for (prefix, part), mods in NARROW.items() if part == b and a == part_of(prefix)]
+        if not rules:
+            continue
+        allowed = [mods for prefix, mods in rules if src == prefix or src.startswith(prefix + ".")]
+        if not any(dst == m or dst.startswith(m + ".") for mods in allowed for m in mods):
+            bad.append(f"{file}:{line}: {src} must not import {dst}")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_cycle_between_parts():
+    graph: dict[str, set[str]] = {p: set() for p in PARTS}
+    for src, dst, _, _ in edges():
+        graph[part_of(src)].add(part_of(dst))
+
+    def cycle_from(node: str, path: list[str]) -> list[str] | None:
+        if node in path:
+            return path[path.index(node) :] + [node]
+        for nxt in sorted(graph[node]):
+            found = cycle_from(nxt, path + [node])
+            if found:
+                return found
+        return None
+
+    for part in PARTS:
+        assert cycle_from(part, []) is None, " -> ".join(cycle_from(part, []))
+
+
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ("from arcdiff.model.solvers import nfe", "arcdiff.model.solvers"),
+        ("import arcdiff.worker.metrics as m", "arcdiff.worker.metrics"),
+        ("from arcdiff import contract", "arcdiff.contract"),
+        ("def f():\n    from arcdiff.cli.main import main", "arcdiff.cli.main"),
+        ("from ..worker import engine", "arcdiff.worker"),
+    ],
+)
+def test_import_forms_are_recognised(source, expected):
+    assert expected in [name for name, _ in imports_in(source, "arcdiff.service.probe")]
