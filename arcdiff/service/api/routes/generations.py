@@ -1,14 +1,15 @@
 """/v1/generations: create one (optionally waiting for it), read it, fetch its PNGs."""
 
-# No `from __future__ import annotations` here: the request schema is built per app and the
-# endpoint's annotation must be evaluated where it is defined.
-
 import base64
+import functools
+import inspect
 import re
 import secrets
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response, status
 from fastapi.responses import JSONResponse
@@ -121,118 +122,149 @@ _CREATE_RESPONSES = {
 }
 
 
-def build_router(request_model: type[GenerationRequest]) -> APIRouter:
-    """The generations router for this deployment's request schema (its models and largest n)."""
-    router = APIRouter(prefix=PREFIX, tags=["generations"], dependencies=[Depends(require_api_key)])
+async def create_generation(
+    body: GenerationRequest, request: Request, backend: BackendDep, settings: SettingsDep
+) -> Response:
+    """Queue a generation; with wait=true hold the request until it is done (or the server's wait
+    timeout passes, then 202). Image k has seed (seed + k) mod 2^32."""
+    png_q, json_q = accept_weights(request.headers.get("accept", ""))
+    want_png = png_q > 0 and png_q >= json_q
+    if want_png and not (body.wait and body.n == 1):
+        if json_q <= 0:
+            return _error(
+                status.HTTP_406_NOT_ACCEPTABLE,
+                "image/png is returned only for wait=true with n=1; use GET "
+                f"{PREFIX}/{{id}}/images/{{k}}.png, or accept application/json",
+            )
+        want_png = False
+    seed = body.seed if body.seed is not None else secrets.randbelow(SEED_MAX + 1)
+    spec = GenerationSpec(
+        id=uuid.uuid4().hex,
+        model=body.model,
+        steps=body.steps,
+        solver=body.solver,
+        seed=seed,
+        n=body.n,
+        submitted_at=time.time(),
+    )
+    limiter, caller = request.app.state.limiter, getattr(request.state, "client_id", "anonymous")
+    try:
+        if limiter is not None:
+            await limiter.take(caller, spec.n)
+        try:
+            await backend.submit(spec)
+        except Rejected:
+            if limiter is not None:
+                await limiter.give_back(caller, spec.n)
+            raise
+    except Rejected as e:
+        REJECTED.labels(e.reason).inc()
+        return _error(e.status_code, str(e), headers={"Retry-After": str(e.retry_after)})
+    except RateLimited as e:
+        REJECTED.labels("rate_limited").inc()
+        return _error(status.HTTP_429_TOO_MANY_REQUESTS, str(e), headers={"Retry-After": str(e.retry_after)})
+    location = {"Location": generation_url(spec.id)}
+    if not body.wait:
+        GENERATIONS.labels(spec.model, spec.solver, "queued").inc()
+        return _json(Generation(spec, "queued"), status.HTTP_202_ACCEPTED, location)
+    gen = await backend.wait(spec.id, settings.wait_timeout_s) or Generation(spec, "queued")
+    GENERATIONS.labels(spec.model, spec.solver, gen.status if gen.done else "queued").inc()
+    if not gen.done:
+        return _json(gen, status.HTTP_202_ACCEPTED, location)
+    if want_png:
+        if gen.status != "finished":
+            return _json(gen, status.HTTP_500_INTERNAL_SERVER_ERROR, location)
+        headers = {
+            **location,
+            "Server-Timing": server_timing(gen.result.metrics),
+            "X-Generation-Id": spec.id,
+            "X-Seed": str(gen.result.images[0].seed),
+        }
+        return Response(gen.result.images[0].png, media_type="image/png", headers=headers)
+    return _json(gen, status.HTTP_200_OK, location)
 
-    @router.post(
+
+_READ_RESPONSES = {
+    401: {"model": ErrorOut, "description": "API keys are configured and the request has none"},
+    403: {"model": ErrorOut, "description": "the API key matches none configured"},
+    404: {"model": ErrorOut, "description": "unknown or expired id"},
+    503: {"model": ErrorOut, "description": "the queue is unreachable"},
+}
+
+
+async def read_generation(gen_id: str, backend: BackendDep) -> Response:
+    """Status (queued, running, finished, failed); when finished its images and latency record."""
+    gen = await _find(backend, gen_id)
+    return gen if isinstance(gen, Response) else _json(gen, status.HTTP_200_OK)
+
+
+_IMAGE_RESPONSES = {
+    200: {"content": {"image/png": {}}, "description": "the PNG"},
+    401: {"model": ErrorOut, "description": "API keys are configured and the request has none"},
+    403: {"model": ErrorOut, "description": "the API key matches none configured"},
+    404: {"model": ErrorOut, "description": "unknown id, or no image k"},
+    409: {"model": ErrorOut, "description": "the generation is not finished"},
+}
+
+
+async def read_image(gen_id: str, k: int, backend: BackendDep) -> Response:
+    gen = await _find(backend, gen_id)
+    if isinstance(gen, Response):
+        return gen
+    if gen.status != "finished":
+        return _error(status.HTTP_409_CONFLICT, f"generation {gen_id} is {gen.status}, not finished")
+    if not 0 <= k < len(gen.result.images):
+        return _error(status.HTTP_404_NOT_FOUND, f"generation {gen_id} has images 0..{len(gen.result.images) - 1}")
+    im = gen.result.images[k]
+    return Response(im.png, media_type="image/png", headers={"X-Seed": str(im.seed)})
+
+
+def build_router(request_model: type[GenerationRequest]) -> APIRouter:
+    """The generations router for this deployment's request schema (its models and largest n):
+    create_generation validates its body with `request_model`, which also shows in /openapi.json."""
+    router = APIRouter(prefix=PREFIX, tags=["generations"], dependencies=[Depends(require_api_key)])
+    router.add_api_route(
         "",
+        with_body_model(create_generation, request_model),
+        methods=["POST"],
         status_code=status.HTTP_202_ACCEPTED,
         response_model=GenerationOut,
         responses=_CREATE_RESPONSES,
         summary="Generate images",
     )
-    async def create_generation(
-        body: request_model, request: Request, backend: BackendDep, settings: SettingsDep
-    ) -> Response:
-        """Queue a generation; with wait=true hold the request until it is done (or the server's wait
-        timeout passes, then 202). Image k has seed (seed + k) mod 2^32."""
-        png_q, json_q = accept_weights(request.headers.get("accept", ""))
-        want_png = png_q > 0 and png_q >= json_q
-        if want_png and not (body.wait and body.n == 1):
-            if json_q <= 0:
-                return _error(
-                    status.HTTP_406_NOT_ACCEPTABLE,
-                    "image/png is returned only for wait=true with n=1; use GET "
-                    f"{PREFIX}/{{id}}/images/{{k}}.png, or accept application/json",
-                )
-            want_png = False
-        seed = body.seed if body.seed is not None else secrets.randbelow(SEED_MAX + 1)
-        spec = GenerationSpec(
-            id=uuid.uuid4().hex,
-            model=body.model,
-            steps=body.steps,
-            solver=body.solver,
-            seed=seed,
-            n=body.n,
-            submitted_at=time.time(),
-        )
-        limiter, caller = request.app.state.limiter, getattr(request.state, "client_id", "anonymous")
-        try:
-            if limiter is not None:
-                await limiter.take(caller, spec.n)
-            try:
-                await backend.submit(spec)
-            except Rejected:
-                if limiter is not None:
-                    await limiter.give_back(caller, spec.n)
-                raise
-        except Rejected as e:
-            REJECTED.labels(e.reason).inc()
-            return _error(e.status_code, str(e), headers={"Retry-After": str(e.retry_after)})
-        except RateLimited as e:
-            REJECTED.labels("rate_limited").inc()
-            return _error(status.HTTP_429_TOO_MANY_REQUESTS, str(e), headers={"Retry-After": str(e.retry_after)})
-        location = {"Location": generation_url(spec.id)}
-        if not body.wait:
-            GENERATIONS.labels(spec.model, spec.solver, "queued").inc()
-            return _json(Generation(spec, "queued"), status.HTTP_202_ACCEPTED, location)
-        gen = await backend.wait(spec.id, settings.wait_timeout_s) or Generation(spec, "queued")
-        GENERATIONS.labels(spec.model, spec.solver, gen.status if gen.done else "queued").inc()
-        if not gen.done:
-            return _json(gen, status.HTTP_202_ACCEPTED, location)
-        if want_png:
-            if gen.status != "finished":
-                return _json(gen, status.HTTP_500_INTERNAL_SERVER_ERROR, location)
-            headers = {
-                **location,
-                "Server-Timing": server_timing(gen.result.metrics),
-                "X-Generation-Id": spec.id,
-                "X-Seed": str(gen.result.images[0].seed),
-            }
-            return Response(gen.result.images[0].png, media_type="image/png", headers=headers)
-        return _json(gen, status.HTTP_200_OK, location)
-
-    @router.get(
+    router.add_api_route(
         "/{gen_id}",
+        read_generation,
+        methods=["GET"],
         response_model=GenerationOut,
         summary="Read a generation",
-        responses={
-            401: {"model": ErrorOut, "description": "API keys are configured and the request has none"},
-            403: {"model": ErrorOut, "description": "the API key matches none configured"},
-            404: {"model": ErrorOut, "description": "unknown or expired id"},
-            503: {"model": ErrorOut, "description": "the queue is unreachable"},
-        },
+        responses=_READ_RESPONSES,
     )
-    async def read_generation(gen_id: str, backend: BackendDep) -> Response:
-        """Status (queued, running, finished, failed); when finished its images and latency record."""
-        gen = await _find(backend, gen_id)
-        return gen if isinstance(gen, Response) else _json(gen, status.HTTP_200_OK)
-
-    @router.get(
+    router.add_api_route(
         "/{gen_id}/images/{k}.png",
+        read_image,
+        methods=["GET"],
         summary="One image as PNG",
-        responses={
-            200: {"content": {"image/png": {}}, "description": "the PNG"},
-            401: {"model": ErrorOut, "description": "API keys are configured and the request has none"},
-            403: {"model": ErrorOut, "description": "the API key matches none configured"},
-            404: {"model": ErrorOut, "description": "unknown id, or no image k"},
-            409: {"model": ErrorOut, "description": "the generation is not finished"},
-        },
+        responses=_IMAGE_RESPONSES,
         response_class=Response,
     )
-    async def read_image(gen_id: str, k: int, backend: BackendDep) -> Response:
-        gen = await _find(backend, gen_id)
-        if isinstance(gen, Response):
-            return gen
-        if gen.status != "finished":
-            return _error(status.HTTP_409_CONFLICT, f"generation {gen_id} is {gen.status}, not finished")
-        if not 0 <= k < len(gen.result.images):
-            return _error(status.HTTP_404_NOT_FOUND, f"generation {gen_id} has images 0..{len(gen.result.images) - 1}")
-        im = gen.result.images[k]
-        return Response(im.png, media_type="image/png", headers={"X-Seed": str(im.seed)})
-
     return router
+
+
+def with_body_model(
+    endpoint: Callable[..., Awaitable[Response]], model: type[GenerationRequest]
+) -> Callable[..., Awaitable[Response]]:
+    """`endpoint` with its `body` parameter annotated as `model`: FastAPI reads the signature to
+    validate the body and to write the schema, and the schema is per deployment."""
+    signature = inspect.signature(endpoint)
+    params = [p.replace(annotation=model) if p.name == "body" else p for p in signature.parameters.values()]
+
+    @functools.wraps(endpoint)
+    async def bound(*args: Any, **kwargs: Any) -> Response:
+        return await endpoint(*args, **kwargs)
+
+    bound.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    return bound
 
 
 async def _find(backend, gen_id: str):
