@@ -14,8 +14,7 @@ from typing import Any
 
 from rq.job import Job, JobStatus
 from rq.queue import Queue
-from rq.worker import Worker
-from rq.worker.base import signal_name
+from rq.worker.base import BaseWorker, signal_name
 from rq.worker_registration import REDIS_WORKER_KEYS
 
 __all__ = [
@@ -30,28 +29,28 @@ __all__ = [
 ]
 
 
-def request_stop(worker: Worker) -> None:
+def request_stop(worker: BaseWorker) -> None:
     """Make RQ's loop end at its next turn (`work()` checks the flag before each dequeue) without
     raising: RQ's own request_stop raises StopRequested from a signal handler when idle, which
     could land halfway through a Redis call."""
     worker._stop_requested = True
 
 
-def stop_requested(worker: Worker) -> bool:
+def stop_requested(worker: BaseWorker) -> bool:
     return bool(worker._stop_requested)
 
 
-def ordered_queues(worker: Worker) -> list[Queue]:
+def ordered_queues(worker: BaseWorker) -> list[Queue]:
     """The worker's queues in the order its dequeue strategy wants them tried now."""
     return list(worker._ordered_queues)
 
 
-def is_registered(worker: Worker) -> bool:
+def is_registered(worker: BaseWorker) -> bool:
     """Whether Redis still lists the worker (a Redis restarted without persistence forgets it)."""
     return bool(worker.connection.sismember(REDIS_WORKER_KEYS, worker.key))
 
 
-def mark_stopped_on_request(worker: Worker, job_id: str) -> None:
+def mark_stopped_on_request(worker: BaseWorker, job_id: str) -> None:
     """The next handle_job_failure of `job_id` records it STOPPED (not failed) and never retries
     it, as RQ does for its stop-job command (which assumes the one job of a work horse)."""
     worker._stopped_job_id = job_id
@@ -63,7 +62,7 @@ def mark_failed(job: Job) -> None:
     job._status = JobStatus.FAILED
 
 
-def finish_job(worker: Worker, job: Job, queue: Queue, execution: Any, result: Any) -> None:
+def finish_job(worker: BaseWorker, job: Job, queue: Queue, execution: Any, result: Any) -> None:
     """Record a job that was started with prepare_execution as finished with `result` (stored with
     the worker's serializer), out of the StartedJobRegistry, success callback run: what RQ does
     when a job function returns."""
