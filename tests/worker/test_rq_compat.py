@@ -2,6 +2,9 @@
 arcdiff.worker.rq_compat (the one module that touches RQ's internals). If RQ changes one of these,
 a test here fails before a worker misbehaves; pyproject.toml pins RQ to the versions checked."""
 
+import signal
+import time
+
 import pytest
 import redis
 from rq import Queue, Retry, SimpleWorker
@@ -121,12 +124,11 @@ def test_a_job_stopped_on_request_is_recorded_stopped_not_failed(worker, queues,
 def test_the_batching_worker_leaves_its_loop_after_max_idle_time(redis_url, conn, model_dir):
     """RQ's max_idle_time holds for the batching worker's own dequeue loop: idle that long, it
     leaves the loop (teardown included) instead of waiting for jobs forever."""
-    import time
-
     from arcdiff.model.registry import ModelRegistry
     from arcdiff.worker.engine import Engine, EngineConfig
     from arcdiff.worker.rq_worker import BatchingWorker
 
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # work() replaces them
     engine = Engine({"tiny": ModelRegistry(model_dir).load("tiny")}, EngineConfig(max_batch=2)).start()
     try:
         worker = BatchingWorker(engine, connection=conn, name="compat-idle")
@@ -136,3 +138,5 @@ def test_the_batching_worker_leaves_its_loop_after_max_idle_time(redis_url, conn
         assert not rq_compat.is_registered(worker)  # teardown ran: it registered its death
     finally:
         engine.close()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
