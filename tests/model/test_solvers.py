@@ -1,5 +1,6 @@
 """Solvers against an exact denoiser (a Gaussian mixture's posterior mean), one shared base for all."""
 
+import itertools
 import math
 
 import numpy as np
@@ -48,7 +49,7 @@ def test_solver_names_and_nfe():
 def test_convergence_order(reference, solver, steps, order, tol):
     xT, ref = reference
     errs = [((sample(GMM.denoiser, xT, n, solver) - ref) ** 2).mean().sqrt().item() for n in steps]
-    assert all(a > b for a, b in zip(errs, errs[1:], strict=True)), errs
+    assert all(a > b for a, b in itertools.pairwise(errs)), errs
     slope = -np.polyfit(np.log(steps), np.log(errs), 1)[0]
     assert abs(slope - order) < tol, f"{solver}: fitted order {slope:.2f}, errors {errs}"
 
