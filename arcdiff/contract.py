@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 QUEUE_PREFIX = "arcdiff:"
-# the RQ function name a generation job carries; stock RQ workers can run it (worker/tasks.py),
+# the RQ function name a generation job carries; stock RQ workers can run it (arcdiff/worker/tasks.py),
 # the batching worker reads its arguments and never imports it
 TASK = "arcdiff.worker.tasks.generate"
 MAX_STEPS = 1000

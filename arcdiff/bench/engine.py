@@ -177,7 +177,7 @@ def measure_engine(
 ) -> dict[str, Any]:
     """Run `rounds` full batches through a fresh engine; returns the JSON record.
 
-    Pass the DeviceThread that loaded `loaded` (see worker/device_thread.py); the engine stops it."""
+    Pass the DeviceThread that loaded `loaded` (see arcdiff/worker/device_thread.py); the engine stops it."""
     import torch
 
     from arcdiff.bench.report import environment

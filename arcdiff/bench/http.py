@@ -35,7 +35,7 @@ from typing import Any
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 REQUEST_KEYS = ("model", "steps", "solver", "n")
-SEED_MAX = 2**32 - 1  # worker.jobs.SEED_MAX, not imported to keep this module light
+SEED_MAX = 2**32 - 1  # arcdiff.contract.SEED_MAX, not imported to keep this module light
 MAX_EXAMPLES = 3  # example messages kept per error kind
 
 

@@ -3,7 +3,7 @@
 One diffusers UNet2DModel with random weights (speed does not depend on them) is saved to a
 temporary folder, then sampled at the same steps and batch size
 - by diffusers' own DDIMPipeline (output_type "np": sampling plus conversion to numpy), and
-- by this engine with the ddim solver, loading the same folder through model/diffusers_adapter.py
+- by this engine with the ddim solver, loading the same folder through arcdiff/model/diffusers_adapter.py
   (sampling plus PNG encoding of every image, a little more work than diffusers does).
 Each side is timed in its own processes, two per side and batch size in the order diffusers,
 arcdiff, arcdiff, diffusers, each one unmeasured warm-up run and then REPEATS timed runs of one
@@ -176,7 +176,7 @@ def compare(
     """Both sides on the same saved weights; each timed in its own processes, in the order
     diffusers, arcdiff, arcdiff, diffusers per batch size (a steady drift of a shared machine's
     load then falls on both alike). Separate processes, because two threads doing torch work in
-    one process slow each other down on a CPU (see worker/device_thread.py)."""
+    one process slow each other down on a CPU (see arcdiff/worker/device_thread.py)."""
     import diffusers
 
     from arcdiff.bench.report import environment

@@ -14,7 +14,7 @@ HELP = """Measure, don't guess. Each benchmark prints a summary and writes a JSO
   gpu-check  engine over batch 1/8/64, eager fp32 vs compile + bf16 (what deploy/gpu-check.sh runs)
   flops      a network's FLOP per image (forward, training step) and a training run's estimated cost"""
 
-# benchmark name -> module under bench/ exposing add_arguments(parser) and run(args) -> int
+# benchmark name -> module under arcdiff/bench/ exposing add_arguments(parser) and run(args) -> int
 BENCHES = {
     "engine": "engine",
     "http": "http",

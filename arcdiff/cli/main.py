@@ -12,7 +12,7 @@ import importlib
 import sys
 from typing import Any
 
-# subcommand name -> module under service.commands
+# subcommand name -> module under arcdiff.cli
 COMMANDS: dict[str, str] = {
     "serve": "serve",
     "worker": "worker",

@@ -13,7 +13,7 @@ Without a Redis URL the same continuous-batching engine runs in this process (em
 one command gives a working service. With --redis URL (or ARCDIFF_REDIS_URL) the API only
 enqueues, and `arcdiff worker` processes do the sampling.
 
-Every flag overrides its ARCDIFF_ environment variable; see the README's settings table."""
+Every flag overrides its ARCDIFF_ environment variable; see docs/configuration.md."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:

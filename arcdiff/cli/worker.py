@@ -16,7 +16,7 @@ taking jobs, lets running ones finish (ARCDIFF_DRAIN_TIMEOUT_S, default 25 s) an
 rest; a second SIGTERM requeues at once. Run one worker per GPU, on as many hosts as you like,
 against one Redis.
 
-Every flag overrides its ARCDIFF_ environment variable; see the README's settings table."""
+Every flag overrides its ARCDIFF_ environment variable; see docs/configuration.md."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:

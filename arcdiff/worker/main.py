@@ -45,7 +45,7 @@ def build_engine(settings: WorkerSettings, models: list[str], worker_name: str =
             log.error("model %s failed to load, not serving it: %s", name, failed[name])
     loadable = [name for name in models if name not in failed]
     speed = resolve_speed(device, settings.amp, settings.compile, settings.channels_last)
-    # every torch call of this process from here on runs on one thread (see worker/device_thread.py)
+    # every torch call of this process from here on runs on one thread (see arcdiff/worker/device_thread.py)
     device_thread = DeviceThread()
     if settings.torch_threads:
         device_thread.call(torch.set_num_threads, settings.torch_threads)

@@ -1,4 +1,4 @@
-"""The function a generation job names (worker.jobs.TASK), for workers other than `arcdiff worker`.
+"""The function a generation job names (arcdiff.contract.TASK), for workers other than `arcdiff worker`.
 
 `arcdiff worker` never calls it: it reads the job's spec and batches it. A stock RQ worker can
 run it (`rq worker -w rq.SimpleWorker -S rq.serializers.JSONSerializer arcdiff:mnist`): one

@@ -2,7 +2,7 @@
 selenium, against `arcdiff serve` (embedded mode, tiny models, API keys on) under uvicorn.
 
 Set ARCDIFF_SCREENSHOT=docs/playground.png to (re)make the README's screenshot; it uses the bundled
-`mnist` model when model/weights/mnist exists, else the tiny one. Without it the screenshot goes to
+`mnist` model when arcdiff/model/weights/mnist exists, else the tiny one. Without it the screenshot goes to
 the test's tmp folder.
 """
 

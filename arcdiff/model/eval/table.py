@@ -1,12 +1,12 @@
-"""The README table: FID, sFID and precision/recall against NFE for the bundled MNIST models.
+"""The evaluation table (docs/evaluation.md): FID, sFID and precision/recall against NFE for the bundled MNIST models.
 
-    python -m arcdiff.model.eval.table --ref ../shared/data/mnist --num-samples 500 --out eval/table
+    python -m arcdiff.model.eval.table --ref MNIST_DIR --num-samples 500 --out eval/table
 
 Rows: `mnist` with euler, heun, rk4, ddim, dpmpp2m and `mnist-eps` with ddim and rk4; columns:
 NFE 8, 20, 40, 80 (rk4 at 2/5/10/20 steps, heun at 4/10/20/40, the one-evaluation solvers at
 8/20/40/80). Every eval uses the same seeds, so all cells start from the same noise. Each eval's
 record lands in OUT/records/; a rerun skips the cells whose record exists (--force redoes them).
-Writes OUT/table.md and OUT/table.json, and OUT/mnist-rk4-10steps.png (the README's sample grid).
+Writes OUT/table.md and OUT/table.json, and OUT/mnist-rk4-10steps.png (the sample grid in docs/evaluation.md).
 """
 
 from __future__ import annotations
