@@ -152,7 +152,7 @@ def load_image_folder(path: str | Path, image_size: int, channels: int) -> torch
                 w, h = im.size
                 s = min(w, h)
                 im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-                im = im.resize((image_size, image_size), Image.BICUBIC)
+                im = im.resize((image_size, image_size), Image.Resampling.BICUBIC)
                 out[i] = np.asarray(im).reshape(image_size, image_size, channels)
         except (UnidentifiedImageError, OSError) as e:
             raise DataError(f"{f}: cannot read image ({e})") from None

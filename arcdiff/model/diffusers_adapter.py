@@ -128,7 +128,7 @@ def with_fixed_dtype(unet: nn.Module) -> nn.Module:
 
     def _apply(self: nn.Module, fn: Any, *args: Any, **kwargs: Any) -> nn.Module:
         out = base._apply(self, fn, *args, **kwargs)
-        self._arcdiff_dtype = get_parameter_dtype(self)
+        self._arcdiff_dtype = get_parameter_dtype(self)  # type: ignore[assignment]  # torch types Module.__setattr__ for tensors/modules only
         return out
 
     fixed = type(
@@ -137,12 +137,14 @@ def with_fixed_dtype(unet: nn.Module) -> nn.Module:
         {"_arcdiff_fixed_dtype": True, "_apply": _apply, "dtype": property(lambda self: self._arcdiff_dtype)},
     )
     unet.__class__ = fixed
-    unet._arcdiff_dtype = get_parameter_dtype(unet)
+    unet._arcdiff_dtype = get_parameter_dtype(unet)  # type: ignore[assignment]  # as in _apply above
     return unet
 
 
 class DiffusersNet(nn.Module):
     """net(x, eta) -> UNet2DModel(x, t(eta)).sample, t the fractional timestep of angle eta."""
+
+    etas: torch.Tensor  # a buffer; nn.Module.__getattr__ is typed Tensor | Module
 
     def __init__(self, unet: nn.Module, alpha_bar: torch.Tensor):
         super().__init__()

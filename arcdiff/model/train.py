@@ -25,7 +25,7 @@ from arcdiff.model.configs import get_config
 from arcdiff.model.data import load_images, to_model_range
 from arcdiff.model.denoiser import heads_for
 from arcdiff.model.format import make_config, save_model
-from arcdiff.model.loss import OBJECTIVE_PREDICTION, DiffusionLoss
+from arcdiff.model.loss import OBJECTIVE_PREDICTION, DiffusionLoss, Objective
 from arcdiff.model.unet import UNet, count_parameters
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -39,7 +39,7 @@ class TrainSettings:
     data: str
     out: str
     name: str = ""
-    objective: str = "dual"
+    objective: Objective = "dual"
     gamma: float = 1.0
     steps: int = 10_000
     batch: int = 64
@@ -152,7 +152,7 @@ class Trainer:
         torch.manual_seed(settings.seed)  # initial weights only; all later randomness is in the generators
         self.net = UNet(self.unet_config).to(self.device)
         if settings.channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
+            self.net = self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's Module.to overloads omit memory_format
         # the network the loss calls; self.net keeps the parameters and the state-dict names
         self.forward_net: torch.nn.Module = torch.compile(self.net) if settings.compile else self.net  # type: ignore[assignment]
         self.ema = UNet(self.unet_config).to(self.device).eval()

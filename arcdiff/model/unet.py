@@ -218,12 +218,14 @@ class UNet(nn.Module):
         h = self.conv_in(x)
         skips = [h]
         for block in self.down:
+            assert isinstance(block, nn.ModuleList)  # for the type checker: ModuleList's items are typed Module
             for layer in block:
                 h = layer(h, temb) if isinstance(layer, ResBlock) else layer(h)
             skips.append(h)
         for layer in self.mid:
             h = layer(h, temb) if isinstance(layer, ResBlock) else layer(h)
         for block in self.up:
+            assert isinstance(block, nn.ModuleList)
             if isinstance(block[0], Upsample):
                 h = block[0](h, skips[-1].shape[-2:])
                 continue

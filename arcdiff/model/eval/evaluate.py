@@ -251,7 +251,7 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, scale: int 
     g = grid_image(images, nrow).numpy()
     im = Image.fromarray(g[..., 0] if g.shape[-1] == 1 else g)
     if scale > 1:
-        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+        im = im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     im.save(path)

@@ -123,4 +123,6 @@ class InceptionExtractor:
                 # the block's 1x1 branch is TF's mixed_6/conv; run it again on the block's input
                 spatial = layer.conv(h)[:, :SPATIAL_CHANNELS].flatten(1)
             h = layer(h)
+        if spatial is None:
+            raise RuntimeError("Inception-v3 graph has no mixed_6 block: no spatial features for sFID")
         return h.reshape(h.shape[0], -1).float().cpu(), spatial.float().cpu()

@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             left -= res.num_samples * res.nfe
             eta = left * sum(rate) / len(rate) / 60
             print(f"[{i + 1}/{len(todo)}] {res.line()}  (about {eta:.0f} min left)", flush=True)
-            if (m, solver, steps) == ("mnist", "rk4", 10):
+            if (m, solver, steps) == ("mnist", "rk4", 10) and res.grid is not None:
                 save_grid(res.grid, out / "mnist-rk4-10steps.png", scale=2)
         records.append(rec)
     command = "python -m arcdiff.model.eval.table " + " ".join(
