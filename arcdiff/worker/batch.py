@@ -65,28 +65,36 @@ class SolverGroup:
         if self.impl.stochastic:
             self.generators.extend(generators)
 
+    def _live(self) -> State:
+        """The running state; a group is stepped only after add() gave it rows."""
+        if self.state is None:
+            raise RuntimeError("solver group has no state: add() rows before stepping it")
+        return self.state
+
     def point(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every row's next evaluation point (x, eta)."""
-        return self.impl.point(self.state)
+        return self.impl.point(self._live())
 
     def advance(self, x0_hat: torch.Tensor, eps_hat: torch.Tensor) -> list[int]:
         """Consume one evaluation per row; returns the indices of the rows that finished."""
-        noise = draw_noise(self.state["x"], self.generators) if self.impl.stochastic else None
-        self.impl.advance(self.state, x0_hat, eps_hat, noise)
+        state = self._live()
+        noise = draw_noise(state["x"], self.generators) if self.impl.stochastic else None
+        self.impl.advance(state, x0_hat, eps_hat, noise)
         self.remaining = [r - 1 for r in self.remaining]
         return [i for i, r in enumerate(self.remaining) if r <= 0]
 
     def remove(self, rows: Sequence[int]) -> tuple[list[Any], torch.Tensor]:
         """Leave: drop the given rows; returns their owners and final x (in row order)."""
+        state = self._live()
         rows = sorted(set(rows))
         if not rows:
-            return [], self.state["x"][:0]
+            return [], state["x"][:0]
         gone = set(rows)
         kept = [i for i in range(len(self.slots)) if i not in gone]
-        device = self.state["x"].device
-        x = self.state["x"][_index(rows, device)]
+        device = state["x"].device
+        x = state["x"][_index(rows, device)]
         keep = _index(kept, device)
-        self.state = {k: v[keep] for k, v in self.state.items()}
+        self.state = {k: v[keep] for k, v in state.items()}
         owners = [self.slots[i] for i in rows]
         self.slots = [self.slots[i] for i in kept]
         self.remaining = [self.remaining[i] for i in kept]

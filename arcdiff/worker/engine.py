@@ -397,7 +397,7 @@ class Engine:
             return
         self._next_memory_sample = now + 1.0
         if self.device.type == "cuda":
-            used = torch.cuda.memory_allocated(self.device)
+            used: int | None = torch.cuda.memory_allocated(self.device)
         else:
             used = _rss_bytes()
         if used is not None:

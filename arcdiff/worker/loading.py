@@ -141,7 +141,7 @@ def forward_for(denoiser: torch.nn.Module, channels_last: bool) -> Forward:
     """The denoiser itself, or a forward that feeds it channels-last inputs."""
     if not channels_last:
         return denoiser
-    denoiser.to(memory_format=torch.channels_last)
+    denoiser.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's Module.to overloads omit memory_format
 
     def forward(x: torch.Tensor, eta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return denoiser(x.contiguous(memory_format=torch.channels_last), eta)

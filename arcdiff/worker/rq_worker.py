@@ -129,7 +129,7 @@ class BatchingWorker(SimpleWorker):
             self._requeue_one(held)
             rq_internal.request_stop(self)  # an engine that refuses work cannot serve this queue
             return
-        held.future.add_done_callback(lambda _f, job_id=job.id: self._done.put(job_id))
+        held.future.add_done_callback(lambda _f: self._done.put(job.id))
 
     def dequeue_job_and_maintain_ttl(
         self, timeout: int | None, max_idle_time: int | None = None
