@@ -3,6 +3,8 @@ the per-key images-per-minute limit, CORS off unless configured, and request dat
 like a path never reaching the file system."""
 
 import hashlib
+import os
+import sys
 
 import pytest
 from fastapi.testclient import TestClient
@@ -113,31 +115,108 @@ def test_ids_that_look_like_paths_are_404(api, path):
     assert r.status_code in (404, 422), (r.status_code, r.text)
 
 
+# Audit events (PEP 578) that name a path: every open through Python (builtins.open, io.open,
+# os.open, pathlib, and C extensions that call Python's open) raises "open"; listing a folder
+# (os.listdir, os.scandir, hence Path.iterdir, os.walk, glob) raises its own.
+FS_EVENTS = {
+    "open",
+    "os.listdir",
+    "os.scandir",
+    "glob.glob",
+    "glob.glob/2",
+    "os.chdir",
+    "os.mkdir",
+    "os.remove",
+    "os.rename",
+    "os.rmdir",
+    "os.truncate",
+    "shutil.copyfile",
+    "shutil.rmtree",
+}
+_fs_events: list[tuple[str, str]] | None = None  # recording while not None
+
+
+def _audit(event, args):
+    if _fs_events is not None and event in FS_EVENTS and args and args[0] is not None:
+        path = args[0]
+        path = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else f"fd {path}"
+        _fs_events.append((event, path))
+
+
+_audit_hook_added = False
+
+
+def _open_fds() -> dict[str, str]:
+    """fd -> what it points at, for this process."""
+    fds = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed between listdir and readlink
+            pass
+    return fds
+
+
 def test_no_request_path_reaches_the_file_system(model_dir, tmp_path):
-    """The only file-system reads are the model folder at startup: count opens while serving."""
-    import builtins
-    import os
+    """The only file-system reads are the model folder at startup: nothing a request does touches
+    the disk there, nor any path the request names.
+
+    Three checks, because no single one sees everything. (1) Audit hooks see every Python-level
+    open and folder listing in this process, from any thread: the registry's config.json reads
+    (Path.read_text) and folder scans (Path.iterdir), code that calls open/os.open, and native
+    extensions that call Python's open. They do not see opens made natively (safetensors' Rust
+    reader behind safe_open) nor os.stat/Path.is_file (no audit event). (2) The requests run a
+    second time with the model folder moved away: a request that reads model files in any way,
+    natively included, then fails. (3) The process's open fds (/proc/self/fd) before and after:
+    a file left open by a request. A native read of a path other than the model folder, opened
+    and closed within a request, is seen by none of these."""
+    global _fs_events, _audit_hook_added
+    import shutil
 
     from arcdiff.service.app import create_app
     from arcdiff.service.settings import Settings
 
-    with TestClient(create_app(Settings(model_dir=model_dir, redis_url=None, max_batch=4))) as c:
+    if not _audit_hook_added:  # an audit hook cannot be removed: add one, for the whole session
+        sys.addaudithook(_audit)
+        _audit_hook_added = True
+    models = shutil.copytree(model_dir, tmp_path / "models")
+
+    def touches_disk_it_should_not(path: str) -> bool:
+        return "passwd" in path or str(model_dir) in path or str(models) in path or ".." in path
+
+    def requests(c):
+        for model in ("../tiny", str(models / "tiny"), str(model_dir / "tiny")):
+            r = c.post("/v1/generations", json={**BODY, "model": model})
+            assert r.status_code == 422, r.text
+        for gid in ("..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", "..", "a" * 32):
+            assert c.get(f"/v1/generations/{gid}").status_code == 404
+        r = c.get("/v1/models")
+        assert r.status_code == 200, r.text
+        r = c.post("/v1/generations", json={**BODY, "wait": True})
+        assert r.status_code == 200, r.text
+
+    with TestClient(create_app(Settings(model_dir=models, redis_url=None, max_batch=4))) as c:
         from servicekit import wait_until
 
         wait_until(lambda: c.get("/readyz").status_code == 200, 60, "models")
-        opened = []
-        real_open, real_os_open = builtins.open, os.open
-        builtins.open = lambda f, *a, **k: (opened.append(str(f)), real_open(f, *a, **k))[1]
-        os.open = lambda f, *a, **k: (opened.append(str(f)), real_os_open(f, *a, **k))[1]
+        fds_before = _open_fds()
+        _fs_events = []
         try:
-            for model in ("../tiny", str(model_dir / "tiny")):
-                assert c.post("/v1/generations", json={**BODY, "model": model}).status_code == 422
-            for gid in ("..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", "..", "a" * 32):
-                assert c.get(f"/v1/generations/{gid}").status_code == 404
-            assert c.post("/v1/generations", json={**BODY, "wait": True}).status_code == 200
+            requests(c)
         finally:
-            builtins.open, os.open = real_open, real_os_open
-        assert not [f for f in opened if "passwd" in f or str(model_dir) in f or ".." in f], opened
+            events, _fs_events = _fs_events, None
+        bad_events = [e for e in events if touches_disk_it_should_not(e[1])]
+        assert not bad_events, bad_events
+
+        away = models.rename(tmp_path / "moved-away")
+        try:
+            requests(c)
+        finally:
+            away.rename(models)
+        fds_after = _open_fds()
+    opened = {fd: target for fd, target in fds_after.items() if fds_before.get(fd) != target}
+    leaked = [f for f in opened.values() if touches_disk_it_should_not(f)]
+    assert not leaked, leaked
 
 
 def test_cors_is_off_unless_configured(api, model_dir):
