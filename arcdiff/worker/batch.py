@@ -1,6 +1,6 @@
 """The running images of one solver, kept as one batched solver state, and the batch buckets.
 
-The solvers in model/solvers.py are per-sample state machines whose state is a dict of tensors
+The solvers in arcdiff/model/solvers.py are per-sample state machines whose state is a dict of tensors
 with a leading batch dimension. Images join by concatenating a fresh state and leave by indexing;
 the update itself is one vectorised call for the whole group, whatever step each image is at.
 

@@ -140,7 +140,7 @@ class Engine:
         `failed_models`: models that failed to load (name -> why), reported beside those that fail
         to warm up.
         `device_thread`: the thread to run the ticks on; pass the one that loaded the models (see
-        worker/device_thread.py for why one thread should do all torch work). Default: a new one.
+        arcdiff/worker/device_thread.py for why one thread should do all torch work). Default: a new one.
         Either way the engine owns it from then on and stops it in close()."""
         self.config = config
         self.device = torch.device(config.device)

@@ -12,7 +12,7 @@ and free for other workers, until this one can run them. Blocking pops are short
 stop request is seen promptly without raising out of a Redis call. RQ's `max_idle_time` holds:
 a worker idle that long leaves the loop.
 
-What this needs of RQ beyond its public API goes through worker/rq_compat.py.
+What this needs of RQ beyond its public API goes through arcdiff/worker/rq_compat.py.
 
 Ways out of the loop, each logged: SIGTERM/SIGINT (warm: stop taking jobs, requeue the ones not
 started, let the running ones finish for up to drain_timeout_s, requeue the rest), a second

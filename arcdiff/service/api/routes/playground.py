@@ -1,4 +1,4 @@
-"""GET /: the playground, one static page (service/static/) that calls the API from the browser.
+"""GET /: the playground, one static page (arcdiff/service/static/) that calls the API from the browser.
 
 The page and its assets need no API key (they are static and hold no data); the API calls the
 page makes send the key the user enters. Nothing is loaded from other hosts, and the Content-
