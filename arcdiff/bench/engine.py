@@ -45,6 +45,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch", type=int, default=64, metavar="B", help="images per network evaluation (default 64)")
     p.add_argument("--rounds", type=int, default=3, metavar="R", help="full batches measured (default 3)")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        metavar="M",
+        help="the engine's max batch, with the worker's batch buckets (1, 2, 4, ..., M); rounds then run one "
+        "after the other so the running batch is --batch (default: M = --batch, one bucket, rounds queued at once)",
+    )
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     add_run_arguments(p)
 
@@ -55,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
     problems = []
     if args.steps < 1 or args.batch < 1 or args.rounds < 1:
         problems.append("--steps, --batch and --rounds must be at least 1")
+    if args.max_batch is not None and args.max_batch < args.batch:
+        problems.append("--max-batch must be at least --batch")
     from arcdiff.model.solvers import SOLVERS
 
     if args.solver not in SOLVERS and args.solver != "mix":
@@ -80,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps,
         batch=args.batch,
         rounds=args.rounds,
+        max_batch=args.max_batch,
         compile_mode=args.compile,
         amp=args.amp,
         channels_last=args.channels_last,
@@ -125,6 +135,7 @@ class _TimedForward:
         self.cuda = device.type == "cuda"
         self.seconds = 0.0
         self.calls = 0
+        self.rows = 0  # rows the network saw, padding included
         self.events: list[tuple[Any, Any]] = []
         self.active = False
 
@@ -132,6 +143,7 @@ class _TimedForward:
         if not self.active:  # warm-up calls are not counted
             return self.forward(x, eta)
         self.calls += 1
+        self.rows += x.shape[0]
         if self.cuda:
             import torch
 
@@ -169,6 +181,7 @@ def measure_engine(
     steps: int,
     batch: int,
     rounds: int,
+    max_batch: int | None = None,
     compile_mode: str = "none",
     amp: str = "none",
     channels_last: bool = False,
@@ -177,7 +190,12 @@ def measure_engine(
 ) -> dict[str, Any]:
     """Run `rounds` full batches through a fresh engine; returns the JSON record.
 
-    Pass the DeviceThread that loaded `loaded` (see arcdiff/worker/device_thread.py); the engine stops it."""
+    `max_batch` (above `batch`): the engine gets the worker's buckets up to it and the rounds run
+    one after the other, so each tick's batch is `batch` rows and the engine decides what the
+    network sees (with padding: the next bucket).
+
+    Pass the DeviceThread that loaded `loaded` (see arcdiff/worker/device_thread.py); the engine stops
+    it."""
     import torch
 
     from arcdiff.bench.report import environment
@@ -194,7 +212,10 @@ def measure_engine(
     timed = _TimedForward(forward, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    config = EngineConfig(device=device, max_batch=batch, buckets=(batch,), warm_up=True, worker="bench")
+    buckets = None if max_batch and max_batch > batch else (batch,)
+    config = EngineConfig(
+        device=device, max_batch=batch if buckets else max_batch, buckets=buckets, warm_up=True, worker="bench"
+    )
     engine = Engine({"m": Prepared(loaded, timed)}, config, device_thread=device_thread)
     t0 = time.perf_counter()
     engine.start()  # compiles (if asked) and runs one forward at the batch size
@@ -221,8 +242,14 @@ def measure_engine(
             engine.submit(s).result()
         timed.active = True
         t0 = time.perf_counter()
-        futures = [engine.submit(s) for i in range(rounds) for s in round_of(i)]
-        results = [f.result() for f in futures]
+        if buckets:
+            futures = [engine.submit(s) for i in range(rounds) for s in round_of(i)]
+            results = [f.result() for f in futures]
+        else:
+            results = []
+            for i in range(rounds):
+                futures = [engine.submit(s) for s in round_of(i)]
+                results += [f.result() for f in futures]
         wall = time.perf_counter() - t0
     finally:
         engine.close()
@@ -240,6 +267,7 @@ def measure_engine(
         "steps": steps,
         "nfe_per_image": per_image_nfe,
         "batch": batch,
+        "max_batch": max_batch or batch,
         "rounds": rounds,
         "compile": compile_mode,
         "amp": amp,
@@ -251,6 +279,7 @@ def measure_engine(
         "nfe_per_s": round(evaluations / wall, 1),
         "generations_per_round": [{"solver": sv, "steps": st, "n": n} for sv, st, n in mix],
         "forward_calls": timed.calls,
+        "forward_rows_per_call": round(timed.rows / max(timed.calls, 1), 2),
         "forward_s": round(forward_s, 6),
         "forward_share": round(forward_s / wall, 4),
         "overhead_ms_per_tick": round((wall - forward_s) / max(timed.calls, 1) * 1000, 3),
