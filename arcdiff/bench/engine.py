@@ -214,11 +214,15 @@ def measure_engine(
         torch.cuda.reset_peak_memory_stats(device)
     buckets = None if max_batch and max_batch > batch else (batch,)
     config = EngineConfig(
-        device=device, max_batch=batch if buckets else max_batch, buckets=buckets, warm_up=True, worker="bench"
+        device=device,
+        max_batch=batch if buckets else max_batch,
+        buckets=buckets,
+        warm_up=compile_mode != "none",  # as in the worker: compiled networks warm up and get padded batches
+        worker="bench",
     )
     engine = Engine({"m": Prepared(loaded, timed)}, config, device_thread=device_thread)
     t0 = time.perf_counter()
-    engine.start()  # compiles (if asked) and runs one forward at the batch size
+    engine.start()  # compiles (if asked) and runs one forward per bucket
     warm_up_s = time.perf_counter() - t0
 
     mix = round_specs(solver, steps, batch)
@@ -241,7 +245,7 @@ def measure_engine(
         for s in round_of(-1):  # one unmeasured round: allocator, thread pool, caches
             engine.submit(s).result()
         timed.active = True
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         if buckets:
             futures = [engine.submit(s) for i in range(rounds) for s in round_of(i)]
             results = [f.result() for f in futures]
@@ -250,7 +254,7 @@ def measure_engine(
             for i in range(rounds):
                 futures = [engine.submit(s) for s in round_of(i)]
                 results += [f.result() for f in futures]
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     finally:
         engine.close()
     forward_s = timed.total()
@@ -276,6 +280,9 @@ def measure_engine(
         "wall_s": round(wall, 6),
         "images": images,
         "images_per_s": round(images / wall, 3),
+        # CPU seconds of this process (all its threads): the cost of the work on a CPU shared with others
+        "cpu_s": round(cpu, 6),
+        "images_per_cpu_s": round(images / cpu, 3),
         "nfe_per_s": round(evaluations / wall, 1),
         "generations_per_round": [{"solver": sv, "steps": st, "n": n} for sv, st, n in mix],
         "forward_calls": timed.calls,

@@ -4,8 +4,9 @@ network evaluation ("tick").
 Each tick, for each model with work:
 1. admit waiting images FIFO up to max_batch; each gets its own generator seeded from
    (request seed, image index), its own step grid and a fresh solver state in its solver's group;
-2. gather every running image's next point (x, eta) into one tensor, padded to a bucket size
-   (1, 2, 4, ..., max_batch) so a compiled network sees few shapes;
+2. gather every running image's next point (x, eta) into one tensor; a compiled network gets it
+   padded to a bucket size (1, 2, 4, ..., max_batch) so it sees few shapes, an eager one the
+   exact batch (on a CPU a padded row costs as much as a real one);
 3. one forward -> (x0_hat, eps_hat);
 4. scatter back: each solver group advances all its rows in one vectorised call; finished rows
    leave (known on the host: no device sync per tick), are turned into pixels in one op and
@@ -61,7 +62,9 @@ class EngineConfig:
     """The engine's settings (plain values; the models and threads it runs are passed beside it).
 
     `buckets`: the padded batch sizes (default 1, 2, 4, ..., max_batch); the largest must be
-    max_batch. A benchmark that always runs full batches warms up just (max_batch,).
+    max_batch. Batches are padded to them only with `warm_up` (a compiled network, which wants
+    few shapes); otherwise the network runs the exact batch. A benchmark that always runs full
+    batches warms up just (max_batch,).
     `warm_up`: before serving, call every model's forward once per bucket on the device thread
     (compiles there; CUDA graphs are recorded per thread), see loading.warm_up.
     `recompile_stance`: torch.compiler stance set after the warm-up ("eager_on_recompile" in the
@@ -414,7 +417,7 @@ class Engine:
         points = [g.point() for g in groups]
         x = torch.cat([p[0] for p in points])
         eta = torch.cat([p[1] for p in points])
-        b = bucket_for(n, self.buckets)
+        b = bucket_for(n, self.buckets) if self.config.warm_up else n
         if b > n:
             x = torch.cat([x, x.new_zeros((b - n, *x.shape[1:]))])
             eta = torch.cat([eta, eta.new_full((b - n,), PAD_ETA)])

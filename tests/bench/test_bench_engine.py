@@ -57,6 +57,19 @@ def test_bench_engine_record(tmp_path, model_dir):
     assert "of wall time in the forward" in r.stderr
 
 
+def test_bench_engine_below_max_batch_runs_the_exact_batch_eagerly(model_dir):
+    """--max-batch: the worker's buckets (1, 2, 4, 8) and a running batch of 3 rows; the eager
+    network sees 3 rows per call, not the bucket of 4."""
+    common = ["bench", "engine", "--model", "tiny", "--model-dir", str(model_dir), "--device", "cpu"]
+    r = cli(*common, "--steps", "2", "--batch", "3", "--max-batch", "8", "--rounds", "2", "--json", "-")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)
+    assert rec["batch"] == 3 and rec["max_batch"] == 8 and rec["batch_sizes"] == [3]
+    assert rec["forward_calls"] == 4 and rec["forward_rows_per_call"] == 3
+    r = cli(*common, "--batch", "4", "--max-batch", "2")
+    assert r.returncode == 2 and "--max-batch must be at least --batch" in r.stderr
+
+
 def test_bench_engine_random_config_and_errors(tmp_path):
     r = cli(
         "bench",
