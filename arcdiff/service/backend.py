@@ -66,3 +66,6 @@ class Backend(Protocol):
 
     async def readiness(self) -> tuple[bool, str | None]:
         """(ready, reason when not)."""
+
+    async def workers(self) -> dict[str, int]:
+        """Live workers per served model (embedded: 1 while the in-process engine serves it)."""

@@ -146,6 +146,11 @@ class EmbeddedBackend:
     async def queue_depths(self) -> dict[str, int]:
         return {name: self._queued(name) for name in self.models}
 
+    async def workers(self) -> dict[str, int]:
+        serving = self.engine is not None and self.engine.alive
+        failed = self.engine.failed_models if self.engine is not None else {}
+        return {name: int(serving and name not in failed) for name in self.models}
+
     async def scrape(self) -> None:
         for model, depth in (await self.queue_depths()).items():
             QUEUE_DEPTH.labels(model).set(depth)

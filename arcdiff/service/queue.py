@@ -50,7 +50,7 @@ class RedisBackend:
         self.queues = {
             name: Queue(queue_name(name), connection=self.redis, serializer=JSONSerializer) for name in models
         }
-        self._cached: tuple[float, str | None, set[str]] = (float("-inf"), None, set())
+        self._cached: tuple[float, str | None, dict[str, int]] = (float("-inf"), None, {})
 
     async def start(self) -> None:
         pass
@@ -61,42 +61,52 @@ class RedisBackend:
 
     # ---- readiness -----------------------------------------------------------------------------
 
-    def _check(self) -> tuple[str | None, set[str]]:
-        """(a problem with Redis itself, the models no live worker serves)."""
+    def _check(self) -> tuple[str | None, dict[str, int]]:
+        """(a problem with Redis itself, live workers per model)."""
         try:
             self.redis.ping()
-            missing = {name for name, q in self.queues.items() if not Worker.all(queue=q)}
+            counts = {name: len(Worker.all(queue=q)) for name, q in self.queues.items()}
         except redis.RedisError as e:
-            return f"Redis unreachable: {e}", set()
-        return None, missing
+            return f"Redis unreachable: {e}", {}
+        return None, counts
 
-    async def _state(self, fresh: bool = False) -> tuple[str | None, set[str]]:
-        checked_at, error, missing = self._cached
+    async def _state(self, fresh: bool = False) -> tuple[str | None, dict[str, int]]:
+        checked_at, error, counts = self._cached
         if fresh or time.monotonic() - checked_at > self.settings.ready_cache_s:
-            error, missing = await asyncio.to_thread(self._check)
-            self._cached = (time.monotonic(), error, missing)
-        return error, missing
+            error, counts = await asyncio.to_thread(self._check)
+            self._cached = (time.monotonic(), error, counts)
+        return error, counts
 
     async def readiness(self) -> tuple[bool, str | None]:
+        """Ready when Redis answers: the queue holds generations until a worker takes them, so
+        workers may scale to zero. ARCDIFF_READY_REQUIRES_WORKERS also wants a worker per model."""
         if not self.models:
             return False, "no models to serve"
-        error, missing = await self._state()
+        error, counts = await self._state()
         if error:
             return False, error
-        if missing:
-            return False, f"no worker serving {', '.join(sorted(missing))}"
+        missing = sorted(name for name, n in counts.items() if not n)
+        if missing and self.settings.ready_requires_workers:
+            return False, f"no worker serving {', '.join(missing)} (ARCDIFF_READY_REQUIRES_WORKERS is set)"
         return True, None
+
+    async def workers(self) -> dict[str, int]:
+        error, counts = await self._state()
+        if error:
+            raise NotReady(error, retry_after=2)
+        return counts
 
     # ---- generations ---------------------------------------------------------------------------
 
     async def submit(self, spec: GenerationSpec) -> None:
-        error, missing = await self._state()
-        if error or spec.model in missing:  # a cached "no": look again before refusing
-            error, missing = await self._state(fresh=True)
+        error, counts = await self._state()
+        strict = self.settings.ready_requires_workers
+        if error or (strict and not counts.get(spec.model)):  # a cached "no": look again before refusing
+            error, counts = await self._state(fresh=True)
         if error:
             raise NotReady(error, retry_after=2)
-        if spec.model in missing:
-            raise NotReady(f"no worker serving {spec.model}", retry_after=2)
+        if strict and not counts.get(spec.model):
+            raise NotReady(f"no worker serving {spec.model} (ARCDIFF_READY_REQUIRES_WORKERS is set)", retry_after=2)
         await asyncio.to_thread(self._enqueue, spec)
 
     def _enqueue(self, spec: GenerationSpec) -> None:

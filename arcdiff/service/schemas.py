@@ -100,6 +100,11 @@ class GenerationOut(BaseModel):
     error: str | None = Field(None, description="why a failed generation failed")
     images: list[ImageOut] = Field(default_factory=list, description="when finished")
     metrics: LatencyOut | None = Field(None, description="latency record, when finished")
+    workers: int | None = Field(
+        None,
+        description="in the answer to a POST that is not done: live workers serving the model (0: the generation "
+        "waits in the queue until one starts)",
+    )
 
 
 class ModelOut(BaseModel):
@@ -109,6 +114,11 @@ class ModelOut(BaseModel):
     prediction: str = Field(description="x0_eps (dual head), eps, x0 or v")
     parameters: int
     solvers: list[str] = list(SOLVER_NAMES)
+    workers: int | None = Field(
+        None,
+        description="live workers serving the model (embedded: 1 once loaded); 0: generations wait in the queue "
+        "until one starts; null: unknown (Redis unreachable)",
+    )
 
 
 class HealthOut(BaseModel):
@@ -119,6 +129,7 @@ class ReadyOut(BaseModel):
     status: Literal["ready", "not ready"]
     mode: Literal["embedded", "redis"]
     reason: str | None = None
+    workers: dict[str, int] | None = Field(None, description="when ready: live workers per model (0: scaled to zero)")
 
 
 class ErrorOut(BaseModel):

@@ -25,6 +25,12 @@ class Settings(WorkerSettings):
     queue_limit: int = Field(256, ge=1, description="generations waiting per model before 429")
     wait_timeout_s: float = Field(60.0, gt=0, description="longest a wait=true request is held before 202")
     ready_cache_s: float = Field(2.0, ge=0, description="seconds a readiness check (Redis, workers) is reused")
+    ready_requires_workers: bool = Field(
+        False,
+        description="with Redis: /readyz is 503 and generations are refused (503) while a served model has no live "
+        "worker, so the API leaves the load balancer's rotation. Off (default): the API is ready when Redis answers "
+        "and generations wait in the queue until a worker starts (workers can scale to zero)",
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="comma-separated keys, each plain or 'sha256:<64 hex>' (the SHA-256 of the key); if set, "

@@ -413,7 +413,12 @@ def test_k8s_keda_scales_workers_on_rq_queue_lists():
     assert so["apiVersion"] == "keda.sh/v1alpha1"
     assert so["spec"]["scaleTargetRef"]["name"] == "arcdiff-worker"
     assert so["spec"]["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
-    assert so["spec"]["minReplicaCount"] >= 1, "keep one worker so /readyz stays ready"
+    # scale to zero: the API stays ready without workers (generations wait in the queue) unless
+    # the config asks for the strict readiness, which would take the API out of the Service
+    assert so["spec"]["minReplicaCount"] == 0
+    cfg = k8s("ConfigMap", "arcdiff-config")["data"]
+    assert cfg.get("ARCDIFF_READY_REQUIRES_WORKERS", "false") == "false"
+    assert all(t["metadata"]["activationListLength"] == "0" for t in so["spec"]["triggers"])
     assert so["spec"]["maxReplicaCount"] > so["spec"]["minReplicaCount"]
     models = flags(container(k8s("Deployment", "arcdiff-worker"))["args"], "--model")
     lists = []

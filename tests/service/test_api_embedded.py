@@ -188,10 +188,16 @@ def test_models_health_ready_metrics_openapi(client):
         "prediction": "x0_eps",
         "parameters": models["tiny"]["parameters"],
         "solvers": list(SOLVERS),
+        "workers": 1,  # the in-process engine
     }
     assert models["tiny-eps"]["prediction"] == "eps" and models["tiny"]["parameters"] > 40_000
     assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/readyz").json() == {"status": "ready", "mode": "embedded", "reason": None}
+    assert client.get("/readyz").json() == {
+        "status": "ready",
+        "mode": "embedded",
+        "reason": None,
+        "workers": {"tiny": 1, "tiny-eps": 1},
+    }
     text = client.get("/metrics").text
     for name in (
         "arcdiff_http_requests_total",

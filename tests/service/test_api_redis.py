@@ -3,6 +3,7 @@ two `arcdiff worker` processes. Tests run in file order: no worker, one worker, 
 one of the two stopped with SIGTERM mid-run."""
 
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -75,16 +76,67 @@ def poll(client, gen_id, timeout=180):
     return poll_generation(client, gen_id, timeout, interval=0.05)
 
 
-def test_not_ready_without_a_worker(stack):
-    client = stack["client"]
+def test_without_a_worker_generations_wait_in_the_queue_until_one_starts(stack, model_dir):
+    """Scale to zero: with Redis up and no worker the API is ready and queues generations; a worker
+    started later finishes them."""
+    client, logs = stack["client"], stack["logs"]
     r = client.get("/readyz")
-    assert r.status_code == 503 and r.json()["mode"] == "redis"
-    assert "no worker serving" in r.json()["reason"]
-    r = client.post("/v1/generations", json={"model": "tiny", "steps": 2, "solver": "ddim"})
-    assert r.status_code == 503 and "no worker serving tiny" in r.json()["detail"] and r.headers["retry-after"]
+    assert r.status_code == 200 and r.json()["mode"] == "redis", r.text
+    assert r.json()["workers"] == {"tiny": 0, "tiny-eps": 0}
+    assert {m["name"]: m["workers"] for m in client.get("/v1/models").json()} == {"tiny": 0, "tiny-eps": 0}
+    body = {"model": "tiny", "steps": 3, "solver": "heun", "seed": 21, "n": 2}
+    r = client.post("/v1/generations", json=body)
+    assert r.status_code == 202 and r.json()["status"] == "queued" and r.json()["workers"] == 0, r.text
+    gen_id = r.json()["id"]
+    assert "workers" not in client.get(f"/v1/generations/{gen_id}").json()  # only answers to a POST say it
     r = client.post("/v1/generations", json={"model": "tiny", "steps": 0, "solver": "ddim"})
     assert r.status_code == 422 and r.json()["message"].startswith("steps: ")
-    assert 'arcdiff_generations_rejected_total{reason="not_ready"}' in client.get("/metrics").text
+    # a wait=true request held while no worker exists is answered once one starts (wait timeout 60 s)
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(client.post, "/v1/generations", json={**body, "seed": 22, "wait": True})
+        redis_client = stack["redis"].client
+        wait_until(lambda: redis_client.llen("rq:queue:arcdiff:tiny") == 2, 30, "both generations queued", interval=0.1)
+        assert client.get(f"/v1/generations/{gen_id}").json()["status"] == "queued" and not held.done()
+        late = start_worker(stack["redis"].url, model_dir, logs / "late-worker.log", models=("tiny",), max_batch=8)
+        try:
+            waited = held.result(timeout=120)
+            # 200 when the worker started within the wait timeout, else 202 (a slow machine): either way it finishes
+            assert waited.status_code in (200, 202), waited.text
+            waited = waited.json() if waited.status_code == 200 else poll(client, waited.json()["id"])
+            assert waited["status"] == "finished", waited
+            assert_images_match(waited["images"], model_dir, "tiny", 3, "heun", 22)
+            gen = poll(client, gen_id)
+            assert gen["status"] == "finished", gen
+            assert_images_match(gen["images"], model_dir, "tiny", 3, "heun", 21)
+            wait_until(
+                lambda: (
+                    {m["name"]: m["workers"] for m in client.get("/v1/models").json()} == {"tiny": 1, "tiny-eps": 0}
+                ),
+                10,
+                "the late worker counted",
+                interval=0.2,
+            )
+        finally:
+            assert stop(late) == 0
+    # gone again: the next tests start from no worker
+    wait_until(lambda: client.get("/readyz").json()["workers"]["tiny"] == 0, 10, "the worker unregistered")
+
+
+def test_strict_readiness_wants_a_worker_per_model(stack, model_dir):
+    """ARCDIFF_READY_REQUIRES_WORKERS: out of rotation and refusing generations without workers."""
+    from fastapi.testclient import TestClient
+
+    from arcdiff.service.app import create_app
+    from arcdiff.service.settings import Settings
+
+    settings = Settings(model_dir=model_dir, redis_url=stack["redis"].url, ready_requires_workers=True)
+    with TestClient(create_app(settings)) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["mode"] == "redis"
+        assert "no worker serving tiny, tiny-eps" in r.json()["reason"], r.json()
+        r = c.post("/v1/generations", json={"model": "tiny", "steps": 2, "solver": "ddim"})
+        assert r.status_code == 503 and "no worker serving tiny" in r.json()["detail"] and r.headers["retry-after"]
+        assert 'arcdiff_generations_rejected_total{reason="not_ready"}' in c.get("/metrics").text
 
 
 def test_one_worker_mixed_requests_life_cycle_and_no_head_of_line_blocking(one_worker, model_dir):

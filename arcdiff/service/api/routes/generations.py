@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from arcdiff.contract import SEED_MAX, GenerationSpec, JobMetrics
 from arcdiff.model.solvers import nfe as solver_nfe
 from arcdiff.service.api.deps import BackendDep, SettingsDep, require_api_key
-from arcdiff.service.backend import Generation, Rejected
+from arcdiff.service.backend import Backend, Generation, Rejected
 from arcdiff.service.metrics import GENERATIONS, REJECTED
 from arcdiff.service.ratelimit import RateLimited
 from arcdiff.service.schemas import ErrorOut, GenerationOut, GenerationRequest, ImageOut, LatencyOut, ValidationErrorOut
@@ -91,8 +91,19 @@ def accept_weights(accept: str) -> tuple[float, float]:
     return png, json
 
 
-def _json(gen: Generation, code: int, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(to_out(gen).model_dump(mode="json"), status_code=code, headers=headers)
+def _json(gen: Generation, code: int, headers: dict | None = None, workers: int | None = None) -> JSONResponse:
+    body = to_out(gen).model_dump(mode="json", exclude={"workers"})
+    if workers is not None:  # only answers to a POST that is not done say how many workers wait for it
+        body["workers"] = workers
+    return JSONResponse(body, status_code=code, headers=headers)
+
+
+async def _workers(backend: Backend, model: str) -> int | None:
+    """Live workers of `model` for an answer that is not done; None if they cannot be counted now."""
+    try:
+        return (await backend.workers()).get(model)
+    except Rejected:
+        return None
 
 
 def _error(code: int, detail: str, headers: dict | None = None) -> JSONResponse:
@@ -118,7 +129,11 @@ _CREATE_RESPONSES = {
         "reached; retry after Retry-After seconds",
     },
     500: {"model": GenerationOut, "description": "'Accept: image/png' and the generation failed (error says why)"},
-    503: {"model": ErrorOut, "description": "not ready (models loading, Redis unreachable or no worker for the model)"},
+    503: {
+        "model": ErrorOut,
+        "description": "not ready (models loading, Redis unreachable, or no worker for the model with "
+        "ARCDIFF_READY_REQUIRES_WORKERS set)",
+    },
 }
 
 
@@ -166,11 +181,12 @@ async def create_generation(
     location = {"Location": generation_url(spec.id)}
     if not body.wait:
         GENERATIONS.labels(spec.model, spec.solver, "queued").inc()
-        return _json(Generation(spec, "queued"), status.HTTP_202_ACCEPTED, location)
+        workers = await _workers(backend, spec.model)
+        return _json(Generation(spec, "queued"), status.HTTP_202_ACCEPTED, location, workers)
     gen = await backend.wait(spec.id, settings.wait_timeout_s) or Generation(spec, "queued")
     GENERATIONS.labels(spec.model, spec.solver, gen.status if gen.done else "queued").inc()
     if not gen.done:
-        return _json(gen, status.HTTP_202_ACCEPTED, location)
+        return _json(gen, status.HTTP_202_ACCEPTED, location, await _workers(backend, spec.model))
     if want_png:
         if gen.status != "finished":
             return _json(gen, status.HTTP_500_INTERNAL_SERVER_ERROR, location)

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 
 from arcdiff.service.api.deps import BackendDep, require_api_key
+from arcdiff.service.backend import Rejected
 from arcdiff.service.metrics import render
 from arcdiff.service.schemas import ErrorOut, HealthOut, ReadyOut
 
@@ -24,9 +25,15 @@ async def healthz() -> HealthOut:
     responses={503: {"model": ReadyOut, "description": "not ready; reason says why"}},
 )
 async def readyz(backend: BackendDep) -> JSONResponse:
-    """Ready when the models are loaded (embedded) or Redis answers and a worker serves each model."""
+    """Ready when the models are loaded (embedded) or Redis answers (with Redis, generations wait in
+    the queue for a worker; ARCDIFF_READY_REQUIRES_WORKERS also wants a live worker per model)."""
     ready, reason = await backend.readiness()
     body = ReadyOut(status="ready" if ready else "not ready", mode=backend.mode, reason=reason)
+    if ready:
+        try:
+            body.workers = await backend.workers()
+        except Rejected:
+            pass
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 

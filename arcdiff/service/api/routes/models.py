@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends
 
 from arcdiff.contract import SOLVER_NAMES
 from arcdiff.service.api.deps import BackendDep, require_api_key
+from arcdiff.service.backend import Rejected
 from arcdiff.service.schemas import ErrorOut, ModelOut
 
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(require_api_key)])
@@ -21,7 +22,11 @@ router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(r
     },
 )
 async def list_models(backend: BackendDep) -> list[ModelOut]:
-    """Each model's image shape, prediction type, parameter count and the solvers it takes."""
+    """Each model's image shape, prediction type, parameter count, the solvers it takes and its live workers."""
+    try:
+        workers: dict[str, int] = await backend.workers()
+    except Rejected:  # Redis unreachable: the list is still known, the workers are not
+        workers = {}
     return [
         ModelOut(
             name=info.name,
@@ -30,6 +35,7 @@ async def list_models(backend: BackendDep) -> list[ModelOut]:
             prediction=info.prediction,
             parameters=info.parameters,
             solvers=list(SOLVER_NAMES),
+            workers=workers.get(info.name),
         )
         for info in backend.models.values()
     ]
