@@ -232,6 +232,51 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 60)
     return proc.returncode
 
 
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+def headless_chromium(profile: Path, log: Path, extra_args: tuple[str, ...] = (), performance_log: bool = False) -> Any:
+    """Debian's chromium + chromedriver through selenium (skips the test when they are missing).
+    Never downloads a driver or a browser. `performance_log`: keep the DevTools network events
+    (driver.get_log("performance"))."""
+    import pytest
+
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).exists()]
+    if missing:
+        pytest.skip(
+            f"no headless browser: {', '.join(missing)} missing "
+            "(apt-get install --no-install-recommends chromium chromium-driver)"
+        )
+    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must never download a driver or browser
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        "--force-device-scale-factor=1",
+        f"--user-data-dir={profile}",
+        "--window-size=1280,860",
+        *extra_args,
+    ):
+        opts.add_argument(arg)
+    if performance_log:
+        opts.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER, log_output=str(log)), options=opts)
+    driver.set_page_load_timeout(30)
+    return driver
+
+
 def png_pixels(data: bytes | str) -> np.ndarray:
     """PNG bytes (or base64) -> uint8 array; asserts nothing, returns (H, W) or (H, W, C)."""
     raw = base64.b64decode(data) if isinstance(data, str) else data

@@ -11,11 +11,13 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from arcdiff.model.registry import ModelInfo, ModelRegistry
 from arcdiff.service.api.deps import key_digests
-from arcdiff.service.api.routes import generations, health, models, playground
+from arcdiff.service.api.routes import generations, health, models, playground, redoc
 from arcdiff.service.backend import Backend
 from arcdiff.service.limits import BodyLimitMiddleware
 from arcdiff.service.metrics import REJECTED, MetricsMiddleware, init_generation_series, init_route_series
@@ -29,6 +31,9 @@ DESCRIPTION = """Generate images with dual-head (x0 + eps) diffusion models.
 POST a generation (model, steps, solver, seed, n); poll its url or send `"wait": true`. Each image
 has its own seed, (seed + k) mod 2^32, so an image never depends on what else was in its batch.
 """
+
+
+DOCS_STATIC = "/docs-static"  # Swagger UI and ReDoc's own files
 
 
 class SetupError(RuntimeError):
@@ -58,6 +63,17 @@ def make_backend(settings: Settings, models: dict[str, ModelInfo]) -> Backend:
     return RedisBackend(settings, models)
 
 
+def _json_error(e: dict, body: object) -> str:
+    """'body: invalid JSON: <what> at line L, column C' from FastAPI's json_invalid error."""
+    what = (e.get("ctx") or {}).get("error") or "cannot be decoded"
+    pos = e.get("loc", (None, None))[-1]
+    if not isinstance(pos, int) or not isinstance(body, str):
+        return f"body: invalid JSON: {what}"
+    line = body.count("\n", 0, pos) + 1
+    column = pos - (body.rfind("\n", 0, pos) + 1) + 1
+    return f"body: invalid JSON: {what} at line {line}, column {column} (character offset {pos})"
+
+
 def _field(loc: tuple | list) -> str:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     return ".".join(parts) or "body"
@@ -66,10 +82,43 @@ def _field(loc: tuple | list) -> str:
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     """422 with FastAPI's detail list plus one message that names every bad field."""
     errors = exc.errors()
-    message = "; ".join(f"{_field(e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in errors)
+    message = "; ".join(
+        _json_error(e, exc.body)
+        if e.get("type") == "json_invalid"
+        else f"{_field(e.get('loc', ()))}: {e.get('msg', 'invalid')}"
+        for e in errors
+    )
     if request.method == "POST" and request.url.path.rstrip("/") == generations.PREFIX:
         REJECTED.labels("invalid").inc()
     return JSONResponse({"message": message, "detail": _json_safe(jsonable_encoder(errors))}, status_code=422)
+
+
+def _body_problem(cause: BaseException | None) -> str | None:
+    """What made a request body unreadable, for FastAPI's bare 'There was an error parsing the body'."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the body is not valid UTF-8: {cause.reason} at byte offset {cause.start}"
+    if isinstance(cause, RecursionError):
+        return "the body's JSON is nested too deeply to parse"
+    if cause is not None:
+        return f"the body cannot be parsed: {type(cause).__name__}: {cause}"
+    return None
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """Every HTTP error answers {"message": ..., "detail": ...} (detail as FastAPI has it)."""
+    detail = exc.detail
+    if exc.status_code == 400 and detail == "There was an error parsing the body":
+        detail = _body_problem(exc.__cause__) or detail
+    elif exc.status_code == 404 and detail == "Not Found":  # Starlette's words for an unknown route
+        detail = f"no route {request.url.path}"
+    elif exc.status_code == 405 and detail == "Method Not Allowed":
+        allowed = (exc.headers or {}).get("Allow", "")
+        detail = f"{request.method} is not allowed on {request.url.path}" + (
+            f" (allowed: {allowed})" if allowed else ""
+        )
+    if exc.status_code in (204, 304):
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse({"message": str(detail), "detail": detail}, status_code=exc.status_code, headers=exc.headers)
 
 
 def _json_safe(value: object) -> object:
@@ -108,7 +157,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await backend.close()
 
-    app = FastAPI(title="arcdiff", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    # /docs (Swagger UI) and /redoc load their scripts from this server (the files ship in the
+    # fastapi-offline package), never from a CDN; validatorUrl null: no badge fetched from swagger.io
+    app = FastAPIOffline(
+        title="arcdiff",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        static_url=DOCS_STATIC,
+        redoc_url=None,  # our own /redoc (routes/redoc.py) keeps the page on this server
+        swagger_ui_parameters={"validatorUrl": None},
+    )
     app.state.settings = settings
     app.state.backend = backend
     app.state.key_digests = key_digests(settings.api_keys)
@@ -125,10 +184,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     app.add_middleware(MetricsMiddleware)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.include_router(generations.build_router(generation_request(list(served), settings.max_images)))
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(playground.router)
+    app.include_router(redoc.build_router(DOCS_STATIC))
     init_route_series(app)
     init_generation_series(served)
     return app

@@ -15,7 +15,7 @@ _BODY_METHODS = {b"POST", b"PUT", b"PATCH", "POST", "PUT", "PATCH"}
 
 
 async def _send_error(send: Any, status: int, detail: str) -> None:
-    body = json.dumps({"detail": detail}).encode()
+    body = json.dumps({"message": detail, "detail": detail}).encode()
     await send(
         {
             "type": "http.response.start",

@@ -133,7 +133,8 @@ class ReadyOut(BaseModel):
 
 
 class ErrorOut(BaseModel):
-    detail: str
+    message: str = Field(description="what went wrong")
+    detail: str = Field(description="the same text (FastAPI's field name)")
 
 
 class ValidationErrorOut(BaseModel):

@@ -153,9 +153,39 @@ BODY = b'{"model": "tiny", "steps": 2, "solver": "ddim"}'
 def test_malformed_requests_are_4xx(api, method, path, headers, body, want):
     r = api.client.request(method, path, headers=headers, content=body)
     assert r.status_code == want, (r.status_code, r.text[:300])
-    assert r.json()["detail"] or r.json()["message"]
-    if want == 422:
-        assert r.json()["message"]
+    assert isinstance(r.json()["message"], str) and r.json()["message"], r.text[:300]
+
+
+@pytest.mark.parametrize(
+    "body, want, words",
+    [
+        (b'{"model": "tiny", "steps": "\xff\xfe"}', 400, ["not valid UTF-8", "invalid start byte at byte offset 28"]),
+        (b"[" * 1000 + b"]" * 1000, 400, ["nested too deeply"]),
+        (
+            b'{"model": "tiny",\n "steps": 2\n "solver": "ddim"}',
+            422,
+            ["invalid JSON", "Expecting ','", "line 3, column 2"],
+        ),
+        (b'{"model": "tiny", "steps": 2,, "solver": "ddim"}', 422, ["invalid JSON", "line 1, column 30"]),
+        (b'{"model": "tiny"', 422, ["invalid JSON", "line 1, column 17"]),
+    ],
+    ids=["invalid-utf8", "deeply-nested", "missing-comma", "double-comma", "truncated"],
+)
+def test_unparseable_bodies_say_what_is_wrong_and_where(api, body, want, words):
+    r = api.client.post("/v1/generations", headers={"content-type": "application/json"}, content=body)
+    assert r.status_code == want, r.text[:300]
+    for w in words:
+        assert w in r.json()["message"], r.json()["message"]
+
+
+def test_ids_that_are_not_32_hex_digits_are_404_as_documented(api):
+    """docs/api.md: 404 for an unknown id, including one that is not 32 hex digits."""
+    for gen_id in ("nothex", "A" * 32, "a" * 31, "a" * 33):
+        for path in (f"/v1/generations/{gen_id}", f"/v1/generations/{gen_id}/images/0.png"):
+            r = api.client.get(path)
+            assert r.status_code == 404 and "32 lowercase hex digits" in r.json()["message"], (path, r.text)
+    r = api.client.get("/v1/generations/" + "a" * 32)
+    assert r.status_code == 404 and "unknown or expired" in r.json()["message"]
 
 
 def test_chunked_huge_body_is_413_without_reading_it_all(api):

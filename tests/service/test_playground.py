@@ -7,30 +7,18 @@ the test's tmp folder.
 """
 
 import os
-import shutil
 from pathlib import Path
 
 import httpx
 import pytest
-from servicekit import REPO, free_port, start_api, stop, wait_api_ready, wait_until
+from servicekit import REPO, free_port, headless_chromium, start_api, stop, wait_api_ready, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 KEY = "playground-test-key"
 RATE_LIMIT = 48  # images per minute per key: the 429 test below runs into it
 SCREENSHOT = os.environ.get("ARCDIFF_SCREENSHOT", "")
 BUNDLED_MNIST = REPO / "arcdiff" / "model" / "weights" / "mnist"
-
-
-def _need_browser():
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).exists()]
-    if missing:
-        pytest.skip(
-            f"no headless browser: {', '.join(missing)} missing "
-            "(apt-get install --no-install-recommends chromium chromium-driver)"
-        )
 
 
 @pytest.fixture(scope="module")
@@ -60,34 +48,7 @@ def service(model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser(service, tmp_path_factory):
-    _need_browser()
-    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must never download a driver or browser
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tmp_path_factory.mktemp("chromium-profile")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--hide-scrollbars",
-        "--force-device-scale-factor=1",
-        f"--user-data-dir={profile}",
-        "--window-size=1280,860",
-    ):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(
-        service=Service(executable_path=CHROMEDRIVER, log_output=str(service["logs"] / "chromedriver.log")),
-        options=opts,
-    )
-    driver.set_page_load_timeout(30)
+    driver = headless_chromium(tmp_path_factory.mktemp("chromium-profile"), service["logs"] / "chromedriver.log")
     yield driver
     driver.quit()
 

@@ -107,7 +107,7 @@ async def _workers(backend: Backend, model: str) -> int | None:
 
 
 def _error(code: int, detail: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=code, headers=headers)
+    return JSONResponse({"message": detail, "detail": detail}, status_code=code, headers=headers)
 
 
 _CREATE_RESPONSES = {
@@ -286,7 +286,7 @@ def with_body_model(
 async def _find(backend, gen_id: str):
     """The generation, or the error response (404 unknown, 503 queue unreachable)."""
     if not ID_PATTERN.match(gen_id):
-        return _error(status.HTTP_404_NOT_FOUND, f"no generation {gen_id!r}")
+        return _error(status.HTTP_404_NOT_FOUND, f"no generation {gen_id[:64]!r}: ids are 32 lowercase hex digits")
     try:
         gen = await backend.get(gen_id)
     except Rejected as e:
