@@ -109,6 +109,47 @@ class RedisServer:
         self.proc.wait(10)
 
 
+class RestartableRedis:
+    """A redis-server on a fixed free port that can be killed and started again on that port (and
+    data folder). `persistent`: append-only file with appendfsync always, so every write a client
+    saw acknowledged survives a SIGKILL (the deployments use everysec: up to a second lost)."""
+
+    def __init__(self, workdir: Path, persistent: bool = False):
+        import redis
+
+        self.port, self.workdir, self.persistent = free_port(), workdir, persistent
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.client = redis.Redis(port=self.port)
+        self.start()
+
+    def start(self) -> None:
+        import redis
+
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence]
+            + ["--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
+            try:
+                return bool(self.client.ping())
+            except redis.ConnectionError:
+                return False
+            except redis.ResponseError:  # -LOADING: still reading the append-only file
+                return False
+
+        wait_until(up, 20, "redis-server")
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+
 def child_env(model_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ARCDIFF_")}
     env.update(

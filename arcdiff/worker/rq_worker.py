@@ -68,7 +68,11 @@ class BatchingWorker(SimpleWorker):
         self._held_lock = threading.Lock()
         kwargs.setdefault("serializer", JSONSerializer)
         queues = [queue_name(model) for model in engine.models]
-        super().__init__(queues, job_monitoring_interval=heartbeat_s, **kwargs)
+        # RQ computes Redis TTLs from job_monitoring_interval (+ 60, for EXPIRE, which wants whole
+        # seconds; one of its paths passes it unrounded): it gets whole seconds, and our heartbeats
+        # keep the exact (possibly fractional) interval
+        self.heartbeat_s = heartbeat_s
+        super().__init__(queues, job_monitoring_interval=math.ceil(heartbeat_s), **kwargs)
         self.engine = engine
         self.drain_timeout_s = drain_timeout_s
         self._done: queue_mod.Queue[str | None] = queue_mod.Queue()
@@ -85,11 +89,7 @@ class BatchingWorker(SimpleWorker):
         """How long a held job's started entry lives without a heartbeat. We heartbeat while jobs
         run (SimpleWorker cannot, hence its timeout + 60), so a dead worker's jobs are found
         abandoned, and retried, after a few missed beats; the engine enforces job timeouts."""
-        return int(3 * self.job_monitoring_interval) + 10
-
-    def heartbeat(self, timeout: float | None = None, pipeline: Any = None) -> None:
-        # RQ adds 60 to job_monitoring_interval, which may be fractional here; EXPIRE wants seconds
-        super().heartbeat(math.ceil(timeout) if timeout else None, pipeline=pipeline)
+        return int(3 * self.heartbeat_s) + 10
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         super().bootstrap(*args, **kwargs)
@@ -298,7 +298,7 @@ class BatchingWorker(SimpleWorker):
     # ---- lifecycle thread ----------------------------------------------------------------------
 
     def _lifecycle_loop(self) -> None:
-        next_beat = time.monotonic() + self.job_monitoring_interval
+        next_beat = time.monotonic() + self.heartbeat_s
         while True:
             try:
                 job_id = self._done.get(timeout=max(0.05, next_beat - time.monotonic()))
@@ -307,7 +307,7 @@ class BatchingWorker(SimpleWorker):
             if job_id is not None:
                 self._record(job_id)
             if time.monotonic() >= next_beat:
-                next_beat = time.monotonic() + self.job_monitoring_interval
+                next_beat = time.monotonic() + self.heartbeat_s
                 self._heartbeat_held()
             if self._lifecycle_stop.is_set() and self._done.empty():
                 with self._held_lock:

@@ -311,7 +311,7 @@ def test_k8s_manifests_parse_with_required_fields():
         assert d.get("apiVersion") and d.get("kind") and d.get("metadata", {}).get("name"), where
         if d["kind"] != "Namespace":
             assert d["metadata"].get("namespace") == "arcdiff", where
-        if d["kind"] == "Deployment":
+        if d["kind"] in ("Deployment", "StatefulSet"):
             spec = d["spec"]
             sel = spec["selector"]["matchLabels"]
             labels = spec["template"]["metadata"]["labels"]
@@ -330,10 +330,10 @@ def test_k8s_manifests_parse_with_required_fields():
             pods = [
                 x
                 for x in docs
-                if x["kind"] == "Deployment"
+                if x["kind"] in ("Deployment", "StatefulSet")
                 and d["spec"]["selector"].items() <= x["spec"]["template"]["metadata"]["labels"].items()
             ]
-            assert len(pods) == 1, f"{where}: selector matches {len(pods)} Deployments"
+            assert len(pods) == 1, f"{where}: selector matches {len(pods)} Deployments or StatefulSets"
             ports = {
                 p["name"]: p["containerPort"]
                 for c in pods[0]["spec"]["template"]["spec"]["containers"]
@@ -393,11 +393,30 @@ def test_k8s_worker_requests_one_gpu():
     assert c["resources"]["requests"]["nvidia.com/gpu"] == 1
 
 
+def appendonly_everysec(cmd: list[str]) -> None:
+    """Redis persists every write to its append-only file, fsynced each second."""
+    assert flag(cmd, "--appendonly") == "yes" and flag(cmd, "--appendfsync") == "everysec", cmd
+
+
+def test_compose_redis_persists_to_a_named_volume():
+    redis = service("redis")
+    appendonly_everysec(redis["command"])
+    (mount,) = redis["volumes"]
+    volume, path = mount.split(":")[:2]
+    assert path == "/data" and volume in COMPOSE["volumes"], "the AOF must live on a named volume"
+
+
 def test_k8s_redis_and_config():
-    redis = k8s("Deployment", "redis")
+    redis = k8s("StatefulSet", "redis")
     c = container(redis)
     assert c["image"] == service("redis")["image"]
     assert c["readinessProbe"]["exec"]["command"] == ["redis-cli", "ping"]
+    appendonly_everysec(c["args"])
+    (claim,) = redis["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"] and claim["spec"]["resources"]["requests"]["storage"]
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert mounts[claim["metadata"]["name"]] == flag(c["args"], "--dir") == "/data"
+    assert redis["spec"]["serviceName"] == "redis" and "volumes" not in redis["spec"]["template"]["spec"]
     svc = k8s("Service", "redis")
     assert [p["port"] for p in svc["spec"]["ports"]] == [6379]
     cfg = k8s("ConfigMap", "arcdiff-config")["data"]

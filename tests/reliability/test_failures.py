@@ -4,19 +4,17 @@ the same port while the API and a worker run. Tests run in file order; the resta
 
 import shutil
 import signal
-import subprocess
 import time
 import uuid
 
 import pytest
-import redis
 from fastapi.testclient import TestClient
 from rq import Queue, Worker
 from rq.command import send_stop_job_command
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
-from servicekit import REDIS_SERVER, free_port, start_worker, stop, wait_until, wait_workers
+from servicekit import RestartableRedis, start_worker, stop, wait_until, wait_workers
 
 from arcdiff.contract import TASK, GenerationSpec
 
@@ -24,47 +22,6 @@ pytestmark = pytest.mark.timeout(400)
 
 RESULT_TTL_S = 6
 QUEUE_TIMEOUT_S = 5
-
-
-class RestartableRedis:
-    """A redis-server on a fixed free port that can be killed and started again on that port."""
-
-    def __init__(self, workdir):
-        self.port, self.workdir = free_port(), workdir
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.client = redis.Redis(port=self.port)
-        self.start()
-
-    def start(self):
-        self.proc = subprocess.Popen(
-            [
-                REDIS_SERVER,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-        def up():
-            try:
-                return self.client.ping()
-            except redis.ConnectionError:
-                return False
-
-        wait_until(up, 20, "redis-server")
-
-    def kill(self):
-        self.proc.kill()
-        self.proc.wait(10)
 
 
 def make_broken_model_dir(model_dir, folder):
