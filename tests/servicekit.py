@@ -166,8 +166,15 @@ def child_env(model_dir: Path, **extra: str) -> dict[str, str]:
 
 
 def start_worker(
-    redis_url: str, model_dir: Path, log: Path, models: tuple[str, ...] = ("tiny",), max_batch: int = 8, **env: str
+    redis_url: str,
+    model_dir: Path,
+    log: Path,
+    models: tuple[str, ...] = ("tiny",),
+    max_batch: int = 8,
+    metrics_port: int = 0,
+    **env: str,
 ) -> subprocess.Popen:
+    """An `arcdiff worker` process; `metrics_port` 0: no metrics port (see worker_gauge)."""
     cmd = [
         sys.executable,
         "-m",
@@ -178,7 +185,7 @@ def start_worker(
         "--max-batch",
         str(max_batch),
         "--metrics-port",
-        "0",
+        str(metrics_port),
         "--device",
         "cpu",
     ]
@@ -192,6 +199,22 @@ def start_worker(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+
+
+def worker_gauge(port: int, name: str, **labels: str) -> float | None:
+    """One sample from a worker's metrics port (None: not listening yet, or no such sample)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    except httpx.TransportError:
+        return None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return None
 
 
 def workers_on(redis_url: str, model: str) -> int:

@@ -13,7 +13,16 @@ from rq.command import send_stop_job_command
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
-from servicekit import REPO, assert_images_match, start_worker, stop, wait_until, wait_workers
+from servicekit import (
+    REPO,
+    assert_images_match,
+    free_port,
+    start_worker,
+    stop,
+    wait_until,
+    wait_workers,
+    worker_gauge,
+)
 
 from arcdiff.contract import TASK, GenerationSpec
 
@@ -30,8 +39,9 @@ def workers(redis_url, model_dir, tmp_path):
     """Start worker processes; all are stopped (SIGKILL if need be) after the test."""
     procs = []
 
-    def start(**env):
-        p = start_worker(redis_url, model_dir, tmp_path / f"worker{len(procs)}.log", max_batch=4, **env)
+    def start(metrics_port=0, **env):
+        log = tmp_path / f"worker{len(procs)}.log"
+        p = start_worker(redis_url, model_dir, log, max_batch=4, metrics_port=metrics_port, **env)
         procs.append(p)
         return p
 
@@ -122,13 +132,27 @@ def test_bad_jobs_fail_with_the_reason(conn, workers, redis_url):
         assert reason in fetch(conn, job).latest_result().exc_string
 
 
+def wait_running_images(port, count, timeout=60):
+    """Until the worker's engine has `count` images in its running batch (its metrics port): a job
+    RQ calls started may still wait for the engine's next tick, and SIGTERM gives such jobs back."""
+    wait_until(
+        lambda: worker_gauge(port, "arcdiff_worker_running_images", model="tiny") == count,
+        timeout,
+        f"{count} images running in the engine",
+        interval=0.02,
+    )
+
+
 def test_sigterm_finishes_running_jobs_and_leaves_the_rest_queued(conn, workers, redis_url):
-    w = workers(ARCDIFF_DRAIN_TIMEOUT_S="60")
+    port = free_port()
+    w = workers(metrics_port=port, ARCDIFF_DRAIN_TIMEOUT_S="60")
     wait_workers(redis_url, "tiny", 1, [w])
-    running = [enqueue(conn, steps=25, seed=i, n=2) for i in range(2)]  # 4 images: the batch is full
+    # 4 images fill the batch; 600 evaluations each outlast the wait below on any CPU, and the drain
+    running = [enqueue(conn, steps=150, seed=i, n=2) for i in range(2)]
     waiting = [enqueue(conn, steps=2, seed=10 + i) for i in range(3)]
     for j in running:
         wait_status(conn, j, {"started"})
+    wait_running_images(port, 4)
     w.send_signal(signal.SIGTERM)
     assert w.wait(90) == 0
     assert [status(conn, j) for j in running] == ["finished", "finished"]
@@ -140,13 +164,16 @@ def test_sigterm_finishes_running_jobs_and_leaves_the_rest_queued(conn, workers,
 def test_sigterm_mid_run_loses_no_job(conn, workers, redis_url, model_dir):
     """Drain timeout passes while jobs still sample: they go back to the queue, in order, and another
     worker finishes every one of them."""
-    w = workers(ARCDIFF_DRAIN_TIMEOUT_S="0.2")
+    port = free_port()
+    w = workers(metrics_port=port, ARCDIFF_DRAIN_TIMEOUT_S="0.2")
     wait_workers(redis_url, "tiny", 1, [w])
-    jobs = [enqueue(conn, steps=100, seed=i, n=2) for i in range(2)] + [
+    # 1000 evaluations per image: far longer than the 0.2 s drain, whatever the CPU
+    jobs = [enqueue(conn, steps=250, seed=i, n=2) for i in range(2)] + [
         enqueue(conn, steps=2, seed=10 + i) for i in range(3)
     ]
     for j in jobs[:2]:
         wait_status(conn, j, {"started"})
+    wait_running_images(port, 4)
     w.send_signal(signal.SIGTERM)
     assert w.wait(60) == 0
     assert not StartedJobRegistry("arcdiff:tiny", connection=conn).get_job_ids(), "jobs left in the started state"
@@ -157,7 +184,7 @@ def test_sigterm_mid_run_loses_no_job(conn, workers, redis_url, model_dir):
     for j in jobs:
         wait_status(conn, j, {"finished", "failed"}, timeout=180)
     assert [status(conn, j) for j in jobs] == ["finished"] * 5
-    assert_images_match(fetch(conn, jobs[0]).return_value()["images"], model_dir, "tiny", 100, "rk4", 0)
+    assert_images_match(fetch(conn, jobs[0]).return_value()["images"], model_dir, "tiny", 250, "rk4", 0)
 
 
 def test_jobs_of_a_killed_worker_are_run_again(conn, workers, redis_url, model_dir):
