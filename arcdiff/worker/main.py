@@ -47,8 +47,9 @@ def build_engine(settings: WorkerSettings, models: list[str], worker_name: str =
     speed = resolve_speed(device, settings.amp, settings.compile, settings.channels_last)
     # every torch call of this process from here on runs on one thread (see arcdiff/worker/device_thread.py)
     device_thread = DeviceThread()
-    if settings.torch_threads:
-        device_thread.call(torch.set_num_threads, settings.torch_threads)
+    threads = settings.engine_threads(device.type)
+    if threads:
+        device_thread.call(torch.set_num_threads, threads)
     prepared = device_thread.call(prepare_models, registry, loadable, device, speed, failed=failed)
     if not prepared:
         device_thread.shutdown()

@@ -50,7 +50,16 @@ class WorkerSettings(BaseSettings):
     channels_last: bool | None = Field(
         None, description="run the network in channels-last memory format; unset: on for CUDA, off elsewhere"
     )
-    torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads for the engine process")
+    # One intra-op thread on a CPU by default: a CPU is usually shared (the API, PNG encoding, other
+    # processes), and torch's default of one OpenMP thread per core collapses when the cores are busy:
+    # on a 2-core machine under load, embedded mnist served 5.7 images/s with 1 thread and 0.09 with
+    # 2 (docs/performance.md#cpu-threads). Give a CPU host the service has to itself more threads.
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch.set_num_threads for the engine process; unset: 1 on a CPU, torch's default (one per "
+        "core) on CUDA and MPS",
+    )
 
     # RQ job lifecycle
     result_ttl_s: int = Field(3600, ge=1, description="seconds a finished generation is kept")
@@ -69,6 +78,12 @@ class WorkerSettings(BaseSettings):
     worker_name: str | None = Field(None, description="RQ worker name; unset: host.pid.random")
     worker_metrics_port: int = Field(9101, ge=0, le=65535, description="worker's Prometheus port; 0: none")
     log_level: str = Field("INFO", description="logging level")
+
+    def engine_threads(self, device_type: str) -> int | None:
+        """The intra-op threads for an engine on `device_type` (None: leave torch's default)."""
+        if self.torch_threads:
+            return self.torch_threads
+        return 1 if device_type == "cpu" else None
 
     @field_validator("models", mode="before")
     @classmethod

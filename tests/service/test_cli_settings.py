@@ -133,3 +133,13 @@ def test_bad_settings_exit_2_naming_the_variable(monkeypatch, capsys, var, value
     with pytest.raises(SystemExit) as e:
         settings_from(WorkerSettings)
     assert e.value.code == 2 and var in capsys.readouterr().err
+
+
+def test_engine_threads_default_to_one_on_a_cpu(monkeypatch):
+    """One intra-op thread on a CPU unless ARCDIFF_TORCH_THREADS says otherwise; torch's own default
+    elsewhere (docs/performance.md#cpu-threads has the figures behind it)."""
+    monkeypatch.delenv("ARCDIFF_TORCH_THREADS", raising=False)
+    assert WorkerSettings().engine_threads("cpu") == 1
+    assert WorkerSettings().engine_threads("cuda") is None
+    monkeypatch.setenv("ARCDIFF_TORCH_THREADS", "3")
+    assert WorkerSettings().engine_threads("cpu") == 3 and WorkerSettings().engine_threads("cuda") == 3
