@@ -106,16 +106,14 @@ def _body_problem(cause: BaseException | None) -> str | None:
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
     """Every HTTP error answers {"message": ..., "detail": ...} (detail as FastAPI has it)."""
-    detail = exc.detail
+    detail, path = exc.detail, request.url.path[:200]
     if exc.status_code == 400 and detail == "There was an error parsing the body":
         detail = _body_problem(exc.__cause__) or detail
     elif exc.status_code == 404 and detail == "Not Found":  # Starlette's words for an unknown route
-        detail = f"no route {request.url.path}"
+        detail = f"no route {path}"
     elif exc.status_code == 405 and detail == "Method Not Allowed":
         allowed = (exc.headers or {}).get("Allow", "")
-        detail = f"{request.method} is not allowed on {request.url.path}" + (
-            f" (allowed: {allowed})" if allowed else ""
-        )
+        detail = f"{request.method} is not allowed on {path}" + (f" (allowed: {allowed})" if allowed else "")
     if exc.status_code in (204, 304):
         return Response(status_code=exc.status_code, headers=exc.headers)
     return JSONResponse({"message": str(detail), "detail": detail}, status_code=exc.status_code, headers=exc.headers)
