@@ -105,7 +105,7 @@ def test_stock_rq_task_runs_one_generation(model_dir, monkeypatch):
     monkeypatch.setenv("ARCDIFF_DEVICE", "cpu")
     try:
         with one_thread():
-            res = tasks.generate({**GOOD, "steps": 2, "solver": "ddim", "n": 2})
+            res = tasks.generate({**GOOD, "steps": 2, "solver": "ddim", "n": 2, "submitted_at": time.time()})
             assert_images_match(res["images"], model_dir, "tiny", 2, "ddim", 7)
         assert res["nfe"] == 2 and res["metrics"]["worker"] == "rq-task"
         with pytest.raises(SpecError):
