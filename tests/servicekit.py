@@ -364,10 +364,10 @@ def reference(
     """What image k of a request must be: model.solvers.sample with per-image generators.
 
     Returns the float samples (n, C, H, W) and the uint8 pixels (n, H, W) of one-channel models."""
+    from arcdiff.model.images import to_uint8
     from arcdiff.model.registry import ModelRegistry
     from arcdiff.model.rng import image_generator, image_seed, initial_noise
     from arcdiff.model.solvers import sample
-    from arcdiff.worker.encode import to_uint8
 
     key = (str(model_dir), model)
     if key not in _loaded:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 
@@ -57,10 +56,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from arcdiff.contract import MAX_STEPS
+    from arcdiff.model.images import grid, png_bytes, to_uint8
     from arcdiff.model.registry import ModelRegistry
     from arcdiff.model.rng import SEED_MAX, image_generator, image_seed, initial_noise
     from arcdiff.model.solvers import nfe, sample
-    from arcdiff.worker.encode import grid, png_bytes, to_uint8
     from arcdiff.worker.loading import resolve_device
 
     problems = []
@@ -99,18 +98,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def pil_grid(images: list, nrow: int | None = None, pad: int = 2):
-    """PIL images -> one grid image, laid out like worker.encode.grid (black background, `pad` px)."""
-    from PIL import Image
+def pil_pixels(images: list):
+    """PIL images -> uint8 (B, C, H, W), for model.images.grid (no torch in the remote path)."""
+    import numpy as np
 
-    w, h = images[0].size
-    nrow = nrow or max(1, math.ceil(math.sqrt(len(images))))
-    rows = math.ceil(len(images) / nrow)
-    out = Image.new(images[0].mode, (nrow * (w + pad) + pad, rows * (h + pad) + pad))
-    for i, im in enumerate(images):
-        r, col = divmod(i, nrow)
-        out.paste(im, (pad + col * (w + pad), pad + r * (h + pad)))
-    return out
+    arrays = [np.asarray(im) for im in images]
+    return np.stack([a[None] if a.ndim == 2 else a.transpose(2, 0, 1) for a in arrays])
 
 
 def run_remote(args: argparse.Namespace) -> int:
@@ -128,7 +121,10 @@ def run_remote(args: argparse.Namespace) -> int:
     except ArcdiffError as e:
         print(f"arcdiff generate: {args.url}: {e}", file=sys.stderr)
         return 1
-    pil_grid(result.pil_images, args.nrow).save(args.out, format="PNG")
+    from arcdiff.model.images import grid, png_bytes
+
+    with open(args.out, "wb") as f:
+        f.write(png_bytes(grid(pil_pixels(result.pil_images), args.nrow)))
     m = result.metrics
     print(
         f"wrote {args.out}: {result.n} images of {result.model} from {args.url}, {result.solver} {result.steps} "

@@ -194,8 +194,3 @@ def load_images(path: str | Path, image_size: int, channels: int) -> torch.Tenso
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float32 [-1, 1]."""
     return images.float() / 127.5 - 1.0
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """float [-1, 1] -> uint8 [0, 255], clipping what lies outside."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

@@ -34,11 +34,11 @@ import torch
 
 from arcdiff.contract import GenerationSpec, JobResult, queue_expiry
 from arcdiff.model.format import LoadedModel
+from arcdiff.model.images import to_uint8
 from arcdiff.model.rng import image_generator, image_seed, initial_noise
 from arcdiff.worker import metrics as m
 from arcdiff.worker.batch import SolverGroup, bucket_for, bucket_sizes
 from arcdiff.worker.device_thread import DeviceThread
-from arcdiff.worker.encode import to_uint8
 from arcdiff.worker.loading import PAD_ETA, Forward, Prepared, WarmUpFailed, warm_up
 from arcdiff.worker.results import Collected, encode_png, job_result
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import torch
 
 from arcdiff.contract import GenerationSpec, ImageResult, JobMetrics, JobResult
+from arcdiff.model.images import png_bytes
 from arcdiff.model.rng import image_seed
 from arcdiff.model.solvers import nfe as solver_nfe
 from arcdiff.worker import metrics as m
-from arcdiff.worker.encode import png_bytes
 
 
 @dataclass

@@ -15,8 +15,8 @@ from arcdiff.contract import (
     queue_expiry,
     queue_name,
 )
+from arcdiff.model.images import grid, png_bytes, to_uint8
 from arcdiff.model.solvers import SOLVERS
-from arcdiff.worker.encode import grid, png_bytes, to_uint8
 
 GOOD = {"id": "a" * 32, "model": "tiny", "steps": 10, "solver": "rk4", "seed": 7, "n": 2, "submitted_at": time.time()}
 

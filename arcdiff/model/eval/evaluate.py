@@ -20,6 +20,7 @@ from arcdiff.model.eval.features import FeatureExtractor, extract, get_extractor
 from arcdiff.model.eval.metrics import PR_NEIGHBOURS, frechet_distance_stats, gaussian_stats, precision_recall
 from arcdiff.model.eval.reference import ReferenceFeatures, reference_features
 from arcdiff.model.format import LoadedModel
+from arcdiff.model.images import save_grid, to_uint8
 from arcdiff.model.rng import image_generator, image_seed, initial_noise
 from arcdiff.model.solvers import get_solver, nfe, sample
 
@@ -78,11 +79,6 @@ class EvalResult:
         return s + f"  | {self.wall_seconds:.1f} s"
 
 
-def model_uint8(x: torch.Tensor, data_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
-    lo, hi = data_range
-    return ((x.float().cpu() - lo) / (hi - lo) * 255).round().clamp(0, 255).to(torch.uint8)
-
-
 @torch.inference_mode()
 def generate_samples(
     loaded: LoadedModel,
@@ -116,7 +112,7 @@ def generate_samples(
             gens = [image_generator(image_seed(seed, k)) for k in range(start, min(num_samples, start + batch))]
             x_T = torch.stack([initial_noise(shape, g) for g in gens]).to(device)
             x0 = sample(loaded.denoiser, x_T, steps, solver, generator=gens, callback=lambda *_: bar.update(1))
-            out.append(model_uint8(x0, (lo, hi)))
+            out.append(to_uint8(x0, (lo, hi)))
     return torch.cat(out)
 
 
@@ -229,33 +225,6 @@ def evaluate(
         batch=batch,
         grid=samples[:64].clone(),
     )
-
-
-def grid_image(images: torch.Tensor, nrow: int = 8, pad: int = 2) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> one uint8 (H', W', C) picture, `nrow` images a row, dark padding."""
-    n, c, h, w = images.shape
-    rows = math.ceil(n / nrow)
-    cols = min(n, nrow)
-    canvas = torch.zeros(c, rows * (h + pad) + pad, cols * (w + pad) + pad, dtype=torch.uint8)
-    for i in range(n):
-        r, q = divmod(i, nrow)
-        canvas[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = (
-            images[i]
-        )
-    return canvas.permute(1, 2, 0)
-
-
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, scale: int = 1) -> Path:
-    from PIL import Image
-
-    g = grid_image(images, nrow).numpy()
-    im = Image.fromarray(g[..., 0] if g.shape[-1] == 1 else g)
-    if scale > 1:
-        im = im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    im.save(path)
-    return path
 
 
 def record_stem(result: EvalResult) -> str:

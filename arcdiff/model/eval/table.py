@@ -137,9 +137,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from arcdiff.model.eval.evaluate import evaluate, save_grid, write_record
+    from arcdiff.model.eval.evaluate import evaluate, write_record
     from arcdiff.model.eval.features import get_extractor
     from arcdiff.model.eval.reference import reference_features
+    from arcdiff.model.images import save_grid
     from arcdiff.model.registry import ModelRegistry
     from arcdiff.model.solvers import nfe
 
