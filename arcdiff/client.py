@@ -13,7 +13,17 @@ and polls it if the server answers 202 first, until it is finished, failed, or `
 have passed. 429 (queue full) and 503 (not ready) are retried after the server's `Retry-After`
 (capped at `max_retry_wait` seconds, at most `max_retries` times, and never past the deadline);
 any other error raises `APIError` carrying the API's own message (for 422, the one that names the
-bad fields). Only httpx and (when images are decoded) Pillow are imported: no torch.
+bad fields). Only httpx, httpx-sse and (when images are decoded) Pillow are imported: no torch.
+
+Follow a generation as it runs (server-sent events; a dropped stream is resumed with Last-Event-ID):
+
+    gen = client.submit("mnist", steps=1000, solver="rk4", n=4, preview=True)
+    for ev in client.events(gen["id"]):     # async: `async for ev in aclient.events(...)`
+        if ev.event == "progress":
+            print(ev.data["nfe_done"], "/", ev.data["nfe_total"])
+        elif ev.event == "preview":           # image ev.data["index"]'s current x0_hat, a PNG
+            ...
+    client.cancel(gen["id"])                  # a queued one never runs, a running one stops
 """
 
 from __future__ import annotations
@@ -22,11 +32,14 @@ import asyncio
 import base64
 import email.utils
 import io
+import json
 import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import httpx
+from httpx_sse import ServerSentEvent, aconnect_sse, connect_sse
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -37,6 +50,8 @@ __all__ = [
     "AsyncClient",
     "Client",
     "GeneratedImage",
+    "GenerationCanceled",
+    "GenerationEvent",
     "GenerationFailed",
     "GenerationResult",
     "GenerationTimeout",
@@ -44,7 +59,8 @@ __all__ = [
 ]
 
 RETRY_STATUSES = (429, 503)
-TERMINAL = ("finished", "failed")
+TERMINAL = ("finished", "failed", "canceled")
+RESUMES = 5  # times a broken event stream is resumed (Last-Event-ID) before giving up
 
 
 class ArcdiffError(Exception):
@@ -98,6 +114,33 @@ class GenerationTimeout(ArcdiffError, TimeoutError):
         super().__init__(f"{what} after {timeout:g} s")
         self.id = gen_id
         self.status = status
+
+
+class GenerationCanceled(GenerationFailed):
+    """The generation was canceled (DELETE) before it finished."""
+
+
+@dataclass
+class GenerationEvent:
+    """One server-sent event of a generation: queued, progress, preview, or a terminal one
+    (finished, failed, canceled) whose data is the generation's body, as GET returns it."""
+
+    event: str
+    data: dict
+    id: str | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.event in TERMINAL
+
+    @property
+    def png(self) -> bytes:
+        """A preview's PNG."""
+        return base64.b64decode(self.data["png_base64"])
+
+    @classmethod
+    def parse(cls, sse: ServerSentEvent) -> GenerationEvent:
+        return cls(sse.event, json.loads(sse.data) if sse.data else {}, sse.id or None)
 
 
 @dataclass
@@ -218,13 +261,19 @@ class _Base:
         return headers
 
     @staticmethod
-    def _body(model: str, steps: int, solver: str, seed: int | None, n: int, wait: bool) -> dict:
+    def _body(model: str, steps: int, solver: str, seed: int | None, n: int, wait: bool, preview: bool = False) -> dict:
         body: dict[str, Any] = {"model": model, "steps": steps, "solver": solver, "n": n}
         if seed is not None:
             body["seed"] = seed
         if wait:
             body["wait"] = True
+        if preview:
+            body["preview"] = True
         return body
+
+    @staticmethod
+    def _resume_headers(last_id: str | None) -> dict[str, str]:
+        return {"Accept": "text/event-stream", **({"Last-Event-ID": last_id} if last_id else {})}
 
     def _post_timeout(self, wait: bool, deadline: float) -> httpx.Timeout:
         """A wait=true POST is held by the server until done: read for as long as the deadline allows."""
@@ -245,6 +294,8 @@ class _Base:
 
     @staticmethod
     def _result(body: dict, retries: int) -> GenerationResult:
+        if body["status"] == "canceled":
+            raise GenerationCanceled(body["id"], body.get("error"))
         if body["status"] == "failed":
             raise GenerationFailed(body["id"], body.get("error"))
         return GenerationResult.from_body(body, retries)
@@ -313,16 +364,18 @@ class Client(_Base):
         *,
         wait: bool = False,
         timeout: float = 60.0,
+        preview: bool = False,
     ) -> dict:
         """POST a generation; returns the API's body plus `retries`. With wait=True the server holds
-        the request until done (up to its own wait timeout, then 202) and `timeout` bounds it here."""
+        the request until done (up to its own wait timeout, then 202) and `timeout` bounds it here.
+        preview=True: its events carry previews (see `events`)."""
         deadline = time.monotonic() + timeout
         try:
             r, retries = self._request(
                 "POST",
                 "/v1/generations",
                 deadline,
-                json=self._body(model, steps, solver, seed, n, wait),
+                json=self._body(model, steps, solver, seed, n, wait, preview),
                 timeout=self._post_timeout(wait, deadline),
             )
         except Unreachable as e:
@@ -330,6 +383,38 @@ class Client(_Base):
                 raise GenerationTimeout(None, timeout, "waited on") from e
             raise
         return {**r.json(), "retries": retries}
+
+    def events(self, gen_id: str) -> Iterator[GenerationEvent]:
+        """GET /v1/generations/{id}/events: the generation's events as they come, ending with the
+        terminal one (finished, failed or canceled, its data the generation's body). A stream that
+        breaks is resumed from the last event seen (Last-Event-ID), up to RESUMES times."""
+        last_id, resumes = None, 0
+        while True:
+            try:
+                with connect_sse(
+                    self._http, "GET", f"/v1/generations/{gen_id}/events", headers=self._resume_headers(last_id)
+                ) as source:
+                    if source.response.status_code >= 400:
+                        source.response.read()
+                        raise _error(source.response)
+                    for sse in source.iter_sse():
+                        ev = GenerationEvent.parse(sse)
+                        last_id = ev.id or last_id
+                        yield ev
+                        if ev.terminal:
+                            return
+            except httpx.TransportError as e:
+                resumes += 1
+                if resumes > RESUMES:
+                    raise Unreachable(self.base_url, e) from e
+                time.sleep(min(2.0, 0.1 * 2**resumes))
+                continue
+            return  # the server closed the stream before a terminal event: nothing more to follow
+
+    def cancel(self, gen_id: str) -> dict:
+        """DELETE /v1/generations/{id}: the generation's body (status canceled; or, while the worker
+        has not confirmed it yet, its current status). A finished or failed one raises APIError 409."""
+        return self._request("DELETE", f"/v1/generations/{gen_id}", time.monotonic() + self.max_retry_wait)[0].json()
 
     def generate(
         self,
@@ -340,12 +425,24 @@ class Client(_Base):
         n: int = 1,
         timeout: float = 300.0,
         wait: bool = True,
+        on_event: Callable[[GenerationEvent], None] | None = None,
+        preview: bool = False,
     ) -> GenerationResult:
         """Generate `n` images and return them (at most `timeout` seconds, retries included).
 
         wait=True (default) asks the server to answer when done (lowest latency) and polls only if it
-        answers 202 first; wait=False submits and polls from the start."""
+        answers 202 first; wait=False submits and polls from the start. With `on_event` the
+        generation is followed through its event stream instead, each event passed to it (progress
+        bars; previews too with preview=True)."""
         deadline = time.monotonic() + timeout
+        if on_event is not None:
+            body = self.submit(model, steps, solver, seed, n, timeout=timeout, preview=preview)
+            for ev in self.events(body["id"]):
+                if time.monotonic() > deadline:
+                    raise GenerationTimeout(body["id"], timeout, "running")
+                on_event(ev)
+                if ev.terminal:
+                    return self._result(ev.data, body["retries"])
         body = self.submit(model, steps, solver, seed, n, wait=wait, timeout=timeout)
         retries, interval = body["retries"], self.poll_interval
         while body["status"] not in TERMINAL:
@@ -417,6 +514,7 @@ class AsyncClient(_Base):
         *,
         wait: bool = False,
         timeout: float = 60.0,
+        preview: bool = False,
     ) -> dict:
         deadline = time.monotonic() + timeout
         try:
@@ -424,7 +522,7 @@ class AsyncClient(_Base):
                 "POST",
                 "/v1/generations",
                 deadline,
-                json=self._body(model, steps, solver, seed, n, wait),
+                json=self._body(model, steps, solver, seed, n, wait, preview),
                 timeout=self._post_timeout(wait, deadline),
             )
         except Unreachable as e:
@@ -432,6 +530,36 @@ class AsyncClient(_Base):
                 raise GenerationTimeout(None, timeout, "waited on") from e
             raise
         return {**r.json(), "retries": retries}
+
+    async def events(self, gen_id: str) -> AsyncIterator[GenerationEvent]:
+        """`async for ev in client.events(id)`: as Client.events."""
+        last_id, resumes = None, 0
+        while True:
+            try:
+                async with aconnect_sse(
+                    self._http, "GET", f"/v1/generations/{gen_id}/events", headers=self._resume_headers(last_id)
+                ) as source:
+                    if source.response.status_code >= 400:
+                        await source.response.aread()
+                        raise _error(source.response)
+                    async for sse in source.aiter_sse():
+                        ev = GenerationEvent.parse(sse)
+                        last_id = ev.id or last_id
+                        yield ev
+                        if ev.terminal:
+                            return
+            except httpx.TransportError as e:
+                resumes += 1
+                if resumes > RESUMES:
+                    raise Unreachable(self.base_url, e) from e
+                await asyncio.sleep(min(2.0, 0.1 * 2**resumes))
+                continue
+            return
+
+    async def cancel(self, gen_id: str) -> dict:
+        return (await self._request("DELETE", f"/v1/generations/{gen_id}", time.monotonic() + self.max_retry_wait))[
+            0
+        ].json()
 
     async def generate(
         self,

@@ -8,8 +8,9 @@ instead of reaching the engine. No torch imports: the API uses this module too.
 from __future__ import annotations
 
 import base64
+import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from typing import Any
 
 QUEUE_PREFIX = "arcdiff:"
@@ -19,6 +20,24 @@ TASK = "arcdiff.worker.tasks.generate"
 MAX_STEPS = 1000
 SEED_MAX = 2**32 - 1
 SOLVER_NAMES = ("euler", "heun", "rk4", "ddim", "ddpm", "dpmpp2m")  # model.solvers.SOLVERS, checked in tests
+
+
+# each generation's events (queued, progress, preview, then one terminal marker) go to a Redis stream
+# that the worker and the API append to and any API process reads; bounded and expiring
+EVENTS_PREFIX = "arcdiff:events:"
+EVENTS_MAXLEN = 1000  # entries kept per generation (approximate trim; previews are the bulk)
+TERMINAL_EVENTS = ("finished", "failed", "canceled")
+
+
+def events_key(gen_id: str) -> str:
+    return EVENTS_PREFIX + gen_id
+
+
+def add_event(pipe: Any, gen_id: str, event: str, data: dict[str, Any], ttl_s: int) -> None:
+    """Queue one event on a Redis pipeline: XADD with a length bound, and a TTL on the stream."""
+    key = events_key(gen_id)
+    pipe.xadd(key, {"event": event, "data": json.dumps(data)}, maxlen=EVENTS_MAXLEN, approximate=True)
+    pipe.expire(key, ttl_s)
 
 
 class SpecError(ValueError):
@@ -39,6 +58,7 @@ class GenerationSpec:
     seed: int
     n: int
     submitted_at: float  # time.time() when the API accepted it
+    preview: bool = False  # send x0_hat previews while it runs (absent in older payloads)
 
     def to_payload(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,7 +72,8 @@ class GenerationSpec:
         unknown = sorted(set(payload) - names)
         if unknown:
             raise SpecError(f"unknown field(s): {', '.join(unknown)}")
-        missing = sorted(names - set(payload))
+        optional = {f.name for f in cls.__dataclass_fields__.values() if f.default is not MISSING}
+        missing = sorted(names - set(payload) - optional)
         if missing:
             raise SpecError(f"missing field(s): {', '.join(missing)}")
         for key in ("id", "model", "solver"):
@@ -61,6 +82,8 @@ class GenerationSpec:
         for key in ("steps", "seed", "n"):
             if type(payload[key]) is not int:
                 raise SpecError(f"{key} must be an integer")
+        if type(payload.get("preview", False)) is not bool:
+            raise SpecError("preview must be a boolean")
         if not isinstance(payload["submitted_at"], (int, float)) or not math.isfinite(payload["submitted_at"]):
             raise SpecError("submitted_at must be a number")
         spec = cls(**payload)

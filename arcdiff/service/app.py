@@ -176,8 +176,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type", "X-API-Key", "Accept"],
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "X-API-Key", "Accept", "Last-Event-ID"],
             expose_headers=["Location", "Retry-After", "Server-Timing", "X-Generation-Id", "X-Seed"],
         )
     app.add_middleware(MetricsMiddleware)

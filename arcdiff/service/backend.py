@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from arcdiff.contract import GenerationSpec, JobResult
+from arcdiff.contract import TERMINAL_EVENTS, GenerationSpec, JobResult
 from arcdiff.model.registry import ModelInfo
 
 
@@ -33,13 +34,26 @@ class NotReady(Rejected):
 @dataclass
 class Generation:
     spec: GenerationSpec
-    status: str  # queued | running | finished | failed
+    status: str  # queued | running | finished | failed | canceled
     result: JobResult | None = None
     error: str | None = None
 
     @property
     def done(self) -> bool:
-        return self.status in ("finished", "failed")
+        return self.status in TERMINAL_EVENTS
+
+
+@dataclass
+class Event:
+    """One event of a generation: `id` orders them (what a client sends back as Last-Event-ID)."""
+
+    id: str
+    event: str  # queued | progress | preview | finished | failed | canceled
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def terminal(self) -> bool:
+        return self.event in TERMINAL_EVENTS
 
 
 class Backend(Protocol):
@@ -57,6 +71,15 @@ class Backend(Protocol):
 
     async def wait(self, gen_id: str, timeout: float) -> Generation | None:
         """The generation once done, or as it is after `timeout` seconds."""
+
+    async def cancel(self, gen_id: str) -> Generation | None:
+        """Cancel a queued or running generation (no-op for one already done); returns it as it is
+        then (None: unknown). A running one's images leave the batch at the next evaluation."""
+
+    def events(self, gen_id: str, after: str | None = None) -> AsyncIterator[Event]:
+        """The generation's events after the one with id `after` (from the start: None), as they
+        come, ending with a terminal one (finished, failed, canceled); whoever serves them sends
+        the generation itself as the terminal event's data."""
 
     async def queue_depths(self) -> dict[str, int]:
         """Generations accepted and not yet started, per model."""

@@ -1,7 +1,8 @@
 """Embedded mode: the worker's engine in the API process, generations kept in memory.
 
 Used when no Redis URL is set: one command gives a working service on a laptop. Models load in
-a background thread after startup; /readyz says so until they are loaded.
+a background thread after startup; /readyz says so until they are loaded. Each generation keeps
+its events (queued, progress, previews, the end) in a bounded in-memory log that event streams read.
 """
 
 from __future__ import annotations
@@ -10,15 +11,17 @@ import asyncio
 import logging
 import socket
 import time
+from collections import deque
+from collections.abc import AsyncIterator
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from arcdiff.contract import GenerationSpec
+from arcdiff.contract import EVENTS_MAXLEN, GenerationSpec
 from arcdiff.model.registry import ModelInfo
-from arcdiff.service.backend import Generation, NotReady, QueueFull
+from arcdiff.service.backend import Event, Generation, NotReady, QueueFull
 from arcdiff.service.metrics import QUEUE_DEPTH
 from arcdiff.service.settings import Settings
-from arcdiff.worker.engine import Engine
+from arcdiff.worker.engine import Engine, GenerationCanceled
 
 log = logging.getLogger("arcdiff.embedded")
 
@@ -28,8 +31,18 @@ MAX_KEPT = 10_000  # generations remembered at most (oldest done ones are forgot
 @dataclass
 class _Entry:
     spec: GenerationSpec
-    future: Future
+    future: Future | None = None
     done_at: float | None = None
+    events: deque[Event] = field(default_factory=lambda: deque(maxlen=EVENTS_MAXLEN))
+    seq: int = 0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  # set (and replaced) on each new event
+
+    def add(self, event: str, data: dict) -> None:
+        """Append an event and wake its readers (on the event loop's thread)."""
+        self.seq += 1
+        self.events.append(Event(str(self.seq), event, data))
+        self.changed.set()
+        self.changed = asyncio.Event()
 
 
 class EmbeddedBackend:
@@ -42,8 +55,10 @@ class EmbeddedBackend:
         self._load_error: str | None = None
         self._loader: asyncio.Task | None = None
         self._gens: dict[str, _Entry] = {}  # insertion-ordered: oldest first
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._loader = asyncio.create_task(self._load())
 
     async def _load(self) -> None:
@@ -89,10 +104,20 @@ class EmbeddedBackend:
         self._forget_expired()
         if self._queued(spec.model) >= self.settings.queue_limit:
             raise QueueFull(f"{self.settings.queue_limit} generations already waiting for {spec.model}", retry_after=1)
-        fut = self.engine.submit(spec)
-        entry = _Entry(spec, fut)
-        fut.add_done_callback(lambda _f: setattr(entry, "done_at", time.time()))
+        entry = _Entry(spec)
+        entry.add("queued", {})
+        loop = self._loop
+
+        def on_event(event: str, data: dict) -> None:  # engine threads: hand over to the loop
+            loop.call_soon_threadsafe(entry.add, event, data)
+
+        def on_done(_f: Future) -> None:
+            entry.done_at = time.time()
+            loop.call_soon_threadsafe(lambda: entry.add(self._status(entry)[0], {}))
+
+        entry.future = self.engine.submit(spec, listener=on_event)
         self._gens[spec.id] = entry
+        entry.future.add_done_callback(on_done)
 
     def _queued(self, model: str) -> int:
         engine = self.engine
@@ -120,19 +145,49 @@ class EmbeddedBackend:
         failed = e.future.exception() is not None if e.future.done() and not e.future.cancelled() else True
         return self.settings.failure_ttl_s if failed else self.settings.result_ttl_s
 
+    def _status(self, e: _Entry) -> tuple[str, str | None]:
+        """(status, error) of a generation whose future is done."""
+        if e.future.cancelled():
+            return "failed", "taken back by the engine"
+        exc = e.future.exception()
+        if isinstance(exc, GenerationCanceled):
+            return "canceled", str(exc)
+        if exc is not None:
+            return "failed", str(exc)
+        return "finished", None
+
     async def get(self, gen_id: str) -> Generation | None:
         e = self._gens.get(gen_id)
         if e is None:
             return None
         if e.future.done():
-            if e.future.cancelled():
-                return Generation(e.spec, "failed", error="cancelled")
-            exc = e.future.exception()
-            if exc is not None:
-                return Generation(e.spec, "failed", error=str(exc))
-            return Generation(e.spec, "finished", result=e.future.result())
+            status, error = self._status(e)
+            return Generation(e.spec, status, result=e.future.result() if status == "finished" else None, error=error)
         status = self.engine.status(gen_id) if self.engine is not None else None
         return Generation(e.spec, status or "queued")
+
+    async def cancel(self, gen_id: str) -> Generation | None:
+        e = self._gens.get(gen_id)
+        if e is None:
+            return None
+        if not e.future.done() and self.engine is not None:
+            self.engine.cancel(gen_id)  # resolves the future now: the rows leave at the next tick
+        return await self.get(gen_id)
+
+    async def events(self, gen_id: str, after: str | None = None) -> AsyncIterator[Event]:
+        last = int(after) if after and after.isdigit() else 0
+        while (e := self._gens.get(gen_id)) is not None:
+            changed = e.changed  # taken before reading: an event added meanwhile sets it
+            for ev in list(e.events):
+                if int(ev.id) > last:
+                    last = int(ev.id)
+                    yield ev
+                    if ev.terminal:
+                        return
+            try:
+                await asyncio.wait_for(changed.wait(), timeout=5.0)
+            except asyncio.TimeoutError:
+                pass  # look again (the generation may have been forgotten)
 
     async def wait(self, gen_id: str, timeout: float) -> Generation | None:
         e = self._gens.get(gen_id)

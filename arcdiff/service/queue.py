@@ -2,26 +2,41 @@
 
 The API only enqueues and reads; `arcdiff worker` processes do the sampling. A job's status,
 result and failure are RQ's own (what `rq info` shows). Waiting for a job blocks on its RQ
-result stream (XREAD) instead of polling.
+result stream (XREAD) instead of polling. A generation's events are a Redis stream of their own
+(contract.events_key) that this API starts with "queued" and the worker continues; any API process
+can read it. Cancel uses RQ's own means: Job.cancel for a queued job, the stop-job command for a
+running one (the worker cancels it in its engine).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+from collections.abc import AsyncIterator
 
 import redis
 import redis.asyncio as aredis
 from rq import Queue, Retry, Worker
-from rq.exceptions import NoSuchJobError
+from rq.command import send_stop_job_command
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.results import Result
 from rq.serializers import JSONSerializer
 
-from arcdiff.contract import TASK, GenerationSpec, JobResult, SpecError, queue_expiry, queue_name
+from arcdiff.contract import (
+    TASK,
+    GenerationSpec,
+    JobResult,
+    SpecError,
+    add_event,
+    events_key,
+    queue_expiry,
+    queue_name,
+)
 from arcdiff.model.registry import ModelInfo
-from arcdiff.service.backend import Generation, NotReady, QueueFull
+from arcdiff.service.backend import Event, Generation, NotReady, QueueFull
 from arcdiff.service.metrics import QUEUE_DEPTH
 from arcdiff.service.settings import Settings
 
@@ -31,9 +46,11 @@ _STATUS = {
     JobStatus.STARTED: "running",
     JobStatus.FINISHED: "finished",
     JobStatus.FAILED: "failed",
-    JobStatus.STOPPED: "failed",
-    JobStatus.CANCELED: "failed",
+    JobStatus.STOPPED: "canceled",  # the worker stopped it on a stop-job command (what DELETE sends)
+    JobStatus.CANCELED: "canceled",
 }
+_NOT_STARTED = (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.CREATED)
+EVENT_POLL_MS = 2000  # an event stream with nothing new looks at the job's status this often
 
 
 class RedisBackend:
@@ -116,6 +133,9 @@ class RedisBackend:
                 raise QueueFull(
                     f"{self.settings.queue_limit} generations already waiting for {spec.model}", retry_after=1
                 )
+            with self.redis.pipeline(transaction=False) as pipe:
+                add_event(pipe, spec.id, "queued", {}, self.settings.result_ttl_s)
+                pipe.execute()
             q.enqueue_call(
                 TASK,
                 args=(spec.to_payload(),),
@@ -149,6 +169,10 @@ class RedisBackend:
             if value is None:  # result expired between the two reads
                 return None
             return Generation(spec, status, result=JobResult.from_payload(value))
+        if status == "canceled":
+            latest = job.latest_result()
+            reason = latest.exc_string.strip() if latest is not None and latest.exc_string else "canceled on request"
+            return Generation(spec, status, error=reason)
         if status == "failed":
             latest = job.latest_result()
             error = (
@@ -180,6 +204,64 @@ class RedisBackend:
                 log.warning("waiting for %s: %s", gen_id, e)
                 await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
         return await self.get(gen_id)
+
+    def _cancel(self, gen_id: str) -> Generation | None:
+        gen = self._fetch(gen_id)
+        if gen is None or gen.done:
+            return gen
+        job = Job.fetch(gen_id, connection=self.redis, serializer=JSONSerializer)
+        if job.get_status(refresh=False) in _NOT_STARTED:
+            try:
+                job.cancel()  # out of the queue: it never runs
+            except InvalidJobOperation:
+                pass  # canceled meanwhile
+            with self.redis.pipeline(transaction=False) as pipe:
+                add_event(pipe, gen_id, "canceled", {}, self.settings.result_ttl_s)
+                pipe.execute()
+            job = Job.fetch(gen_id, connection=self.redis, serializer=JSONSerializer)
+        if job.worker_name:  # running, or taken by a worker just before the cancel
+            try:
+                send_stop_job_command(self.redis, gen_id, serializer=JSONSerializer)
+            except InvalidJobOperation:
+                pass
+        return self._fetch(gen_id)
+
+    async def cancel(self, gen_id: str) -> Generation | None:
+        try:
+            gen = await asyncio.to_thread(self._cancel, gen_id)
+        except redis.RedisError as e:
+            raise NotReady(f"Redis error: {e}", retry_after=2) from None
+        if gen is not None and not gen.done:  # the worker cancels it at its next tick
+            gen = await self.wait(gen_id, 10.0)
+        return gen
+
+    async def events(self, gen_id: str, after: str | None = None) -> AsyncIterator[Event]:
+        key, last, block = events_key(gen_id), after or "0-0", None  # the first read does not block
+        while True:
+            try:
+                answer = await self.aredis.xread({key: last}, count=256, block=block)
+            except redis.RedisError as e:
+                log.warning("reading the events of %s: %s", gen_id, e)
+                answer = None
+                await asyncio.sleep(0.5)
+            block = EVENT_POLL_MS
+            if answer:
+                for _key, entries in answer:
+                    for entry_id, fields in entries:
+                        last = entry_id.decode()
+                        ev = Event(last, fields[b"event"].decode(), json.loads(fields[b"data"]))
+                        yield ev
+                        if ev.terminal:
+                            return
+                continue
+            # nothing new: the job itself says whether it ended without a marker (expired in the
+            # queue, or its worker died and the marker never came)
+            gen = await self.get(gen_id)
+            if gen is None:
+                return
+            if gen.done:
+                yield Event(last, gen.status)
+                return
 
     async def queue_depths(self) -> dict[str, int]:
         def depths() -> dict[str, int]:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from arcdiff.contract import MAX_STEPS, SEED_MAX, SOLVER_NAMES
 
 Solver = Literal["euler", "heun", "rk4", "ddim", "ddpm", "dpmpp2m"]
-Status = Literal["queued", "running", "finished", "failed"]
+Status = Literal["queued", "running", "finished", "failed", "canceled"]
 MAX_IMAGES_CAP = 256
 
 
@@ -46,6 +46,12 @@ class GenerationRequest(BaseModel):
         False,
         strict=True,
         description="hold the request until the images are done (bounded by the server's wait timeout, then 202)",
+    )
+    preview: bool = Field(
+        False,
+        strict=True,
+        description="send previews on GET /v1/generations/{id}/events while it runs: each image's current "
+        "x0_hat (the model's clean estimate, at no extra network evaluation) as a small PNG",
     )
 
 
@@ -97,7 +103,7 @@ class GenerationOut(BaseModel):
     seed: int
     n: int
     nfe: int = Field(description="network evaluations per image")
-    error: str | None = Field(None, description="why a failed generation failed")
+    error: str | None = Field(None, description="why a failed generation failed (or who canceled one)")
     images: list[ImageOut] = Field(default_factory=list, description="when finished")
     metrics: LatencyOut | None = Field(None, description="latency record, when finished")
     workers: int | None = Field(
@@ -135,6 +141,12 @@ class ReadyOut(BaseModel):
 class ErrorOut(BaseModel):
     message: str = Field(description="what went wrong")
     detail: str = Field(description="the same text (FastAPI's field name)")
+
+
+class ConflictOut(BaseModel):
+    message: str = Field(description="why the generation cannot be canceled")
+    detail: str
+    status: Status = Field(description="the generation's final status")
 
 
 class ValidationErrorOut(BaseModel):

@@ -21,12 +21,13 @@ Warm-up and the eager fallback live beside loading (loading.py), result assembly
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -34,8 +35,9 @@ import torch
 
 from arcdiff.contract import GenerationSpec, JobResult, queue_expiry
 from arcdiff.model.format import LoadedModel
-from arcdiff.model.images import to_uint8
+from arcdiff.model.images import png_bytes, to_uint8
 from arcdiff.model.rng import image_generator, image_seed, initial_noise
+from arcdiff.model.solvers import nfe as solver_nfe
 from arcdiff.worker import metrics as m
 from arcdiff.worker.batch import SolverGroup, bucket_for, bucket_sizes
 from arcdiff.worker.device_thread import DeviceThread
@@ -55,6 +57,16 @@ def _rss_bytes() -> int | None:
 
 class GenerationFailed(Exception):
     """A generation the engine could not finish; str() is the reason shown to the client."""
+
+
+class GenerationCanceled(GenerationFailed):
+    """A generation canceled on request (Engine.cancel)."""
+
+
+# called with (event, data) as a generation runs: "progress" {"nfe_done", "nfe_total", "images_done"}
+# from the device thread, "preview" {"index", "nfe_done", "png_base64"} from an encode thread; it
+# must only hand the event on (no I/O): it runs inside the tick
+Listener = Callable[[str, dict], None]
 
 
 @dataclass(frozen=True)
@@ -83,6 +95,8 @@ class EngineConfig:
     keep_samples: bool = False  # also return the float samples (tests, local tools)
     warm_up: bool = False
     recompile_stance: str | None = None
+    progress_interval_s: float = 0.25  # at most one progress event per generation this often
+    preview_interval_s: float = 0.5  # at most one round of previews per generation this often
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -109,6 +123,24 @@ class _Task:
     admitted: int = 0  # images admitted to the batch so far
     in_batch: int = 0  # images in the batch now
     out: Collected = field(default_factory=Collected)
+    listener: Listener | None = None
+    nfe_done: int = 0  # network evaluations done, all images together
+    images_done: int = 0  # images that left the batch finished
+    reported_images: int = -1  # images_done at the last progress event
+    next_progress: float = 0.0  # time.monotonic() of the next progress event due
+    next_preview: float = 0.0
+
+    @property
+    def nfe_per_image(self) -> int:
+        return solver_nfe(self.spec.solver, self.spec.steps)
+
+    def emit(self, event: str, data: dict) -> None:
+        if self.listener is None or self.closed:
+            return
+        try:
+            self.listener(event, data)
+        except Exception:  # a broken listener must not break the batch
+            log.exception("event listener of %s failed", self.spec.id)
 
 
 class _Runner:
@@ -186,10 +218,12 @@ class Engine:
     def alive(self) -> bool:
         return self._loop is not None and not self._loop.done() and not self._closing
 
-    def submit(self, spec: GenerationSpec, timeout_s: float | None = None) -> Future:
-        """Queue a generation; the future resolves to a JobResult or raises GenerationFailed.
+    def submit(self, spec: GenerationSpec, timeout_s: float | None = None, listener: Listener | None = None) -> Future:
+        """Queue a generation; the future resolves to a JobResult or raises GenerationFailed
+        (GenerationCanceled when canceled).
 
-        It fails if not done `timeout_s` (default: the engine's job_timeout_s) after submission."""
+        It fails if not done `timeout_s` (default: the engine's job_timeout_s) after submission.
+        `listener` gets its progress (and, with spec.preview, its previews) while it runs."""
         if spec.model not in self._runners:
             raise ValueError(f"model {spec.model!r} is not loaded here; loaded: {', '.join(self._runners)}")
         fut: Future = Future()
@@ -201,7 +235,7 @@ class Engine:
             return fut
         timeout_s = timeout_s if timeout_s is not None else self.config.job_timeout_s
         deadline = time.monotonic() + timeout_s if timeout_s else None
-        task = _Task(spec, fut, deadline, timeout_s)
+        task = _Task(spec, fut, deadline, timeout_s, listener=listener)
         with self._cond:
             if self._closing:
                 raise RuntimeError("engine is closed")
@@ -265,6 +299,13 @@ class Engine:
             task = self._tasks.get(job_id)
         return task is not None and self._close(task, error=reason)
 
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a held generation: a waiting one never runs, a running one's rows leave the batch
+        at the next tick (their slots go to others then). False when not held here."""
+        with self._cond:
+            task = self._tasks.get(job_id)
+        return task is not None and self._close(task, error="canceled on request", canceled=True)
+
     def take_unstarted(self) -> list[GenerationSpec]:
         """Give back generations none of whose images has entered the batch (to requeue them)."""
         with self._cond:
@@ -296,7 +337,12 @@ class Engine:
     # ---- resolution (any thread) ---------------------------------------------------------------
 
     def _close(
-        self, task: _Task, result: JobResult | None = None, error: str | None = None, cancel: bool = False
+        self,
+        task: _Task,
+        result: JobResult | None = None,
+        error: str | None = None,
+        cancel: bool = False,
+        canceled: bool = False,
     ) -> bool:
         """Resolve a generation exactly once; whoever closes it first wins."""
         with self._cond:
@@ -311,16 +357,22 @@ class Engine:
             if task.in_batch:
                 r.dirty = True
             self._cond.notify_all()
-        status = "finished" if result is not None else "requeued" if cancel else "failed"
+        status = "finished" if result is not None else "requeued" if cancel else "canceled" if canceled else "failed"
         m.JOBS.labels(task.spec.model, status).inc()
         if cancel:
             task.future.cancel()
             return True
         if error is not None:
-            log.warning("generation %s failed: %s", task.spec.id, error)
+            log.log(
+                logging.INFO if canceled else logging.WARNING,
+                "generation %s %s: %s",
+                task.spec.id,
+                "canceled" if canceled else "failed",
+                error,
+            )
         try:
             if error is not None:
-                task.future.set_exception(GenerationFailed(error))
+                task.future.set_exception((GenerationCanceled if canceled else GenerationFailed)(error))
             else:
                 task.future.set_result(result)
         except InvalidStateError:  # a caller cancelled its future: nobody is waiting for it
@@ -423,8 +475,14 @@ class Engine:
             eta = torch.cat([eta, eta.new_full((b - n,), PAD_ETA)])
         x0_hat, eps_hat = r.forward(x, eta)
         m.BATCH_SIZE.labels(r.name).observe(n)
-        for task in list(r.active.values()):
+        now = time.monotonic()
+        tasks = list(r.active.values())
+        for task in tasks:
             task.out.batch_sizes.add(n)
+            task.nfe_done += task.in_batch  # every row in the batch had one evaluation
+        previews = [t for t in tasks if t.spec.preview and t.listener is not None and now >= t.next_preview]
+        if previews:
+            self._preview(r, groups, x0_hat, previews, now)
         offset = 0
         for g in groups:
             rows = len(g)
@@ -434,6 +492,38 @@ class Engine:
             if leave:
                 owners, xs = g.remove(leave)
                 self._finish(r, g.impl.name, owners, xs)
+        for task in tasks:
+            if now >= task.next_progress or task.images_done != task.reported_images:
+                self._report(task, now)
+
+    def _report(self, task: _Task, now: float) -> None:
+        task.next_progress = now + self.config.progress_interval_s
+        task.reported_images = task.images_done
+        task.emit(
+            "progress",
+            {"nfe_done": task.nfe_done, "nfe_total": task.nfe_per_image * task.spec.n, "images_done": task.images_done},
+        )
+
+    def _preview(
+        self, r: _Runner, groups: list[SolverGroup], x0_hat: torch.Tensor, tasks: list[_Task], now: float
+    ) -> None:
+        """Copy the x0_hat rows of `tasks` (the clean estimate at this evaluation, no extra network
+        call) and PNG-encode them off the device thread. Called before the groups advance."""
+        due = set(tasks)
+        rows: list[int] = []
+        owners: list[tuple[_Task, int, int]] = []  # (generation, image index, its evaluations so far)
+        offset = 0
+        for g in groups:
+            for i, (task, k) in enumerate(g.slots):
+                if task in due:
+                    rows.append(offset + i)
+                    owners.append((task, k, task.nfe_per_image - g.remaining[i] + 1))
+            offset += len(g)
+        for task in tasks:
+            task.next_preview = now + self.config.preview_interval_s
+        if rows:
+            pixels = to_uint8(x0_hat[torch.tensor(rows, device=x0_hat.device)].float(), r.data_range)
+            self._pool.submit(self._encode_previews, owners, pixels)
 
     def _admit(self, r: _Runner) -> None:
         picked: list[tuple[_Task, int]] = []
@@ -474,6 +564,7 @@ class Engine:
         pixels = to_uint8(xs, r.data_range)
         now = time.time()
         failed: list[tuple[_Task, str]] = []
+        encodes: list[tuple[_Task, int, torch.Tensor]] = []
         with self._cond:
             for row, ((task, k), ok, px) in enumerate(zip(owners, finite, pixels, strict=True)):
                 self._leave(r, task)
@@ -489,12 +580,18 @@ class Engine:
                     )
                     continue
                 task.out.last_leave = now
+                task.images_done += 1
                 if self.config.keep_samples:
                     task.out.samples[k] = xs[row].float().cpu()
                 m.IMAGES.labels(r.name, solver).inc()
-                self._pool.submit(self._encode, r, task, k, px)
+                encodes.append((task, k, px))
             m.RUNNING.labels(r.name).set(r.in_batch)
             self._cond.notify_all()
+        # the progress that counts these images goes out before their encoding can end the generation
+        for task in dict.fromkeys(t for t, _k, _px in encodes):
+            self._report(task, time.monotonic())
+        for task, k, px in encodes:
+            self._pool.submit(self._encode, r, task, k, px)
         for task, reason in failed:
             self._close(task, error=reason)
 
@@ -536,6 +633,14 @@ class Engine:
             self._close(task, error=reason)
 
     # ---- encode threads ----------------------------------------------------------------------
+
+    @staticmethod
+    def _encode_previews(owners: list[tuple[_Task, int, int]], pixels: torch.Tensor) -> None:
+        for (task, k, nfe_done), px in zip(owners, pixels, strict=True):
+            if task.closed:
+                continue
+            png = base64.b64encode(png_bytes(px)).decode("ascii")
+            task.emit("preview", {"index": k, "nfe_done": nfe_done, "png_base64": png})
 
     def _encode(self, r: _Runner, task: _Task, k: int, pixels: torch.Tensor) -> None:
         try:

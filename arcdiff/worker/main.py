@@ -90,6 +90,7 @@ def run_worker(settings: WorkerSettings, models: list[str]) -> int:
         engine,
         drain_timeout_s=settings.drain_timeout_s,
         heartbeat_s=settings.heartbeat_s,
+        events_ttl_s=settings.result_ttl_s,
         connection=connection,
         name=name,
         default_result_ttl=settings.result_ttl_s,

@@ -18,7 +18,7 @@ ENCODE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 IMAGES = Counter("arcdiff_worker_images", "Images finished by the engine", ["model", "solver"])
 NFE = Counter("arcdiff_worker_nfe", "Per-image network evaluations run by the engine", ["model", "solver"])
 JOBS = Counter(
-    "arcdiff_worker_jobs", "Generations ended by the engine (finished, failed, requeued)", ["model", "status"]
+    "arcdiff_worker_jobs", "Generations ended by the engine (finished, failed, canceled, requeued)", ["model", "status"]
 )
 BATCH_SIZE = Histogram(
     "arcdiff_worker_batch_size", "Images in one network evaluation (before padding)", ["model"], buckets=BATCH_BUCKETS
@@ -68,7 +68,7 @@ def init_model_series(model: str) -> None:
     for solver in SOLVERS:
         IMAGES.labels(model, solver)
         NFE.labels(model, solver)
-    for status in ("finished", "failed"):
+    for status in ("finished", "failed", "canceled"):
         JOBS.labels(model, status)
     for histogram in (BATCH_SIZE, QUEUE_WAIT, SAMPLE, ENCODE):
         histogram.labels(model)

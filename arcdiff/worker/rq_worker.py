@@ -7,6 +7,12 @@ and hands it to the engine, then returns at once so the loop can take the next j
 ones still sample. A lifecycle thread finishes each job in RQ when the engine resolves it
 (finished with its result, or failed with the reason) and sends heartbeats for every job held.
 
+Each held job's events (progress, previews) go to its Redis stream (contract.events_key) from one
+publisher thread, in order, followed by a terminal marker once RQ has recorded the end; the API
+serves them as server-sent events. A stop-job command (what DELETE /v1/generations/{id} sends for
+a running generation) cancels it in the engine: its rows leave the batch at the next tick and RQ
+records it STOPPED.
+
 Dequeueing waits for room in the model's batch first, so jobs stay in Redis, visible as queued
 and free for other workers, until this one can run them. Blocking pops are short (1 s) so a
 stop request is seen promptly without raising out of a Redis call. RQ's `max_idle_time` holds:
@@ -37,14 +43,15 @@ from rq import Queue
 from rq.command import parse_payload
 from rq.exceptions import DequeueTimeout
 from rq.executions import Execution
-from rq.job import Job
+from rq.job import Job, JobStatus
+from rq.registry import CanceledJobRegistry
 from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker, WorkerStatus
 
-from arcdiff.contract import QUEUE_PREFIX, TASK, GenerationSpec, SpecError, queue_name
+from arcdiff.contract import QUEUE_PREFIX, TASK, GenerationSpec, SpecError, add_event, queue_name
 from arcdiff.worker import metrics as m
 from arcdiff.worker import rq_compat as rq_internal
-from arcdiff.worker.engine import Engine
+from arcdiff.worker.engine import Engine, GenerationCanceled
 
 log = logging.getLogger("arcdiff.worker")
 
@@ -63,7 +70,14 @@ class _Held:
 class BatchingWorker(SimpleWorker):
     """An in-process RQ worker whose jobs share the engine's continuously refilled batch."""
 
-    def __init__(self, engine: Engine, drain_timeout_s: float = 25.0, heartbeat_s: float = 10.0, **kwargs: Any):
+    def __init__(
+        self,
+        engine: Engine,
+        drain_timeout_s: float = 25.0,
+        heartbeat_s: float = 10.0,
+        events_ttl_s: int = 3600,
+        **kwargs: Any,
+    ):
         self._held: dict[str, _Held] = {}  # before RQ's __init__, which may already set the state
         self._held_lock = threading.Lock()
         kwargs.setdefault("serializer", JSONSerializer)
@@ -78,6 +92,9 @@ class BatchingWorker(SimpleWorker):
         self._done: queue_mod.Queue[str | None] = queue_mod.Queue()
         self._lifecycle_stop = threading.Event()
         self._lifecycle = threading.Thread(target=self._lifecycle_loop, name="arcdiff-rq-lifecycle", daemon=True)
+        self.events_ttl_s = events_ttl_s
+        self._events: queue_mod.Queue[tuple[str, str, dict] | None] = queue_mod.Queue()
+        self._publisher = threading.Thread(target=self._publish_loop, name="arcdiff-rq-events", daemon=True)
         self._cold = False
         self._in_teardown = False
         self._stop_ids: set[str] = set()  # jobs stopped on request (rq's stop-job command)
@@ -94,6 +111,7 @@ class BatchingWorker(SimpleWorker):
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         super().bootstrap(*args, **kwargs)
         self._lifecycle.start()
+        self._publisher.start()
         m.UP.set(1)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
@@ -107,6 +125,15 @@ class BatchingWorker(SimpleWorker):
         execution = self.prepare_execution(job)
         self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
         held = _Held(job, queue, execution, None)
+        if job.id in CanceledJobRegistry(queue.name, connection=self.connection, serializer=self.serializer):
+            # canceled (Job.cancel) between the pop and here: it never runs
+            log.info("worker %s: job %s was canceled before it started", self.name, job.id)
+            with self.connection.pipeline() as pipe:
+                pipe.multi()
+                self.cleanup_execution(job, pipeline=pipe, execution=execution)
+                job.set_status(JobStatus.CANCELED, pipeline=pipe)
+                pipe.execute()
+            return
         try:
             if unreadable:
                 raise SpecError(unreadable)
@@ -120,7 +147,9 @@ class BatchingWorker(SimpleWorker):
         self._update_state()
         try:
             held.future = self.engine.submit(
-                held.spec, timeout_s=job.timeout if job.timeout and job.timeout > 0 else None
+                held.spec,
+                timeout_s=job.timeout if job.timeout and job.timeout > 0 else None,
+                listener=lambda event, data, job_id=job.id: self._events.put((job_id, event, data)),
             )
         except Exception:
             log.exception("worker %s: engine refused job %s; requeueing it", self.name, job.id)
@@ -226,9 +255,9 @@ class BatchingWorker(SimpleWorker):
         if not held:
             log.warning("worker %s: not holding job %s, stop command ignored", self.name, job_id)
             return
-        log.info("worker %s: stopping job %s on request", self.name, job_id)
+        log.info("worker %s: canceling job %s on request", self.name, job_id)
         self._stop_ids.add(job_id)
-        self.engine.fail(job_id, "stopped on request")
+        self.engine.cancel(job_id)
 
     def teardown(self) -> None:
         """Every way out of the loop ends here: give back or finish every held job, then die."""
@@ -271,6 +300,9 @@ class BatchingWorker(SimpleWorker):
             self._held.clear()
         for h in left:  # resolved but never recorded (lifecycle thread stuck): do not leave it started
             self._requeue_one(h)
+        self._events.put(None)  # the publisher sends what is queued, then stops
+        if self._publisher.is_alive():
+            self._publisher.join(timeout=10)
         log.info("worker %s: drained", self.name)
 
     def _requeue(self, specs: list[GenerationSpec], why: str) -> None:
@@ -292,6 +324,7 @@ class BatchingWorker(SimpleWorker):
                 h.job.worker_name = None
                 h.queue.enqueue_job(h.job, pipeline=pipe, at_front=True)
                 pipe.execute()
+            self._events.put((h.job.id, "queued", {}))
         except Exception:
             log.exception("worker %s: could not requeue %s", self.name, h.job.id)
 
@@ -327,9 +360,14 @@ class BatchingWorker(SimpleWorker):
             if exc is None:
                 rq_internal.finish_job(self, h.job, h.queue, h.execution, h.future.result().to_payload())
             else:
+                if isinstance(exc, GenerationCanceled):
+                    self._stop_ids.add(job_id)
                 self._fail(h, str(exc))
         except Exception:
             log.exception("worker %s: could not record the end of job %s", self.name, job_id)
+        # after RQ has it: a reader that sees the marker reads the final status
+        status = "finished" if exc is None else "canceled" if isinstance(exc, GenerationCanceled) else "failed"
+        self._events.put((job_id, status, {}))
         self._update_state()
 
     def _fail(self, h: _Held, reason: str) -> None:
@@ -341,6 +379,28 @@ class BatchingWorker(SimpleWorker):
         self.handle_execution_ended(h.job, h.queue, h.job.failure_callback_timeout)
         self.handle_job_failure(h.job, h.queue, exc_string=reason, execution=h.execution)
         log.warning("worker %s: job %s failed: %s", self.name, h.job.id, reason)
+
+    def _publish_loop(self) -> None:
+        """Send the held jobs' events to their Redis streams, in order, a batch per round trip.
+        Events are advisory (the job's status in RQ is the truth): a Redis error drops them."""
+        while True:
+            batch = [self._events.get()]
+            while len(batch) < 256:
+                try:
+                    batch.append(self._events.get_nowait())
+                except queue_mod.Empty:
+                    break
+            items = [b for b in batch if b is not None]
+            if items:
+                try:
+                    with self.connection.pipeline(transaction=False) as pipe:
+                        for job_id, event, data in items:
+                            add_event(pipe, job_id, event, data, self.events_ttl_s)
+                        pipe.execute()
+                except redis.exceptions.RedisError as e:
+                    log.warning("worker %s: could not publish %d event(s): %s", self.name, len(items), e)
+            if len(items) < len(batch):
+                return
 
     def _heartbeat_held(self) -> None:
         with self._held_lock:

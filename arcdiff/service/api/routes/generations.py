@@ -1,18 +1,21 @@
-"""/v1/generations: create one (optionally waiting for it), read it, fetch its PNGs."""
+"""/v1/generations: create one (optionally waiting for it), read it, follow its events, cancel it,
+fetch its PNGs."""
 
 import base64
 import functools
 import inspect
+import json
 import re
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Response, status
+from fastapi import APIRouter, Depends, Header, Request, Response, status
 from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from arcdiff.contract import SEED_MAX, GenerationSpec, JobMetrics
 from arcdiff.model.solvers import nfe as solver_nfe
@@ -20,7 +23,15 @@ from arcdiff.service.api.deps import BackendDep, SettingsDep, require_api_key
 from arcdiff.service.backend import Backend, Generation, Rejected
 from arcdiff.service.metrics import GENERATIONS, REJECTED
 from arcdiff.service.ratelimit import RateLimited
-from arcdiff.service.schemas import ErrorOut, GenerationOut, GenerationRequest, ImageOut, LatencyOut, ValidationErrorOut
+from arcdiff.service.schemas import (
+    ConflictOut,
+    ErrorOut,
+    GenerationOut,
+    GenerationRequest,
+    ImageOut,
+    LatencyOut,
+    ValidationErrorOut,
+)
 
 ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 PREFIX = "/v1/generations"
@@ -106,8 +117,8 @@ async def _workers(backend: Backend, model: str) -> int | None:
         return None
 
 
-def _error(code: int, detail: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"message": detail, "detail": detail}, status_code=code, headers=headers)
+def _error(code: int, detail: str, headers: dict | None = None, **extra: Any) -> JSONResponse:
+    return JSONResponse({"message": detail, "detail": detail, **extra}, status_code=code, headers=headers)
 
 
 _CREATE_RESPONSES = {
@@ -161,6 +172,7 @@ async def create_generation(
         seed=seed,
         n=body.n,
         submitted_at=time.time(),
+        preview=body.preview,
     )
     limiter, caller = request.app.state.limiter, getattr(request.state, "client_id", "anonymous")
     try:
@@ -235,6 +247,71 @@ async def read_image(gen_id: str, k: int, backend: BackendDep) -> Response:
     return Response(im.png, media_type="image/png", headers={"X-Seed": str(im.seed)})
 
 
+_CANCEL_RESPONSES = {
+    200: {"description": "canceled (now or before): the generation, status canceled"},
+    202: {"description": "cancel sent, not yet confirmed by the worker: the generation as it is"},
+    401: {"model": ErrorOut, "description": "API keys are configured and the request has none"},
+    403: {"model": ErrorOut, "description": "the API key matches none configured"},
+    404: {"model": ErrorOut, "description": "unknown or expired id"},
+    409: {"model": ConflictOut, "description": "already finished or failed: status says which"},
+    503: {"model": ErrorOut, "description": "the queue is unreachable"},
+}
+
+
+async def cancel_generation(gen_id: str, backend: BackendDep) -> Response:
+    """Cancel a generation: a queued one never runs, a running one's images leave the batch at the
+    next network evaluation. Idempotent: canceling a canceled generation answers it again."""
+    gen = await _find(backend, gen_id)
+    if isinstance(gen, Response):
+        return gen
+    if gen.status in ("finished", "failed"):
+        return _error(status.HTTP_409_CONFLICT, f"generation {gen_id} is already {gen.status}", status=gen.status)
+    try:
+        after = await backend.cancel(gen_id)
+    except Rejected as e:
+        return _error(e.status_code, str(e), headers={"Retry-After": str(e.retry_after)})
+    if after is None:
+        return _error(status.HTTP_404_NOT_FOUND, f"no generation {gen_id} (unknown or expired)")
+    if after.status in ("finished", "failed"):  # it ended before the cancel reached it
+        return _error(status.HTTP_409_CONFLICT, f"generation {gen_id} is already {after.status}", status=after.status)
+    return _json(after, status.HTTP_200_OK if after.status == "canceled" else status.HTTP_202_ACCEPTED)
+
+
+_EVENTS_RESPONSES = {
+    200: {
+        "content": {"text/event-stream": {}},
+        "description": "server-sent events: queued, progress {nfe_done, nfe_total, images_done}, preview "
+        "{index, nfe_done, png_base64} (when asked for), then one of finished, failed, canceled whose data is "
+        "the generation (as GET returns it); each event has an id to resume from with Last-Event-ID",
+    },
+    **_READ_RESPONSES,
+}
+PING_S = 15  # a comment line this often keeps proxies from closing a quiet stream
+
+
+async def generation_events(
+    gen_id: str,
+    request: Request,
+    backend: BackendDep,
+    last_event_id: Annotated[str | None, Header(description="resume after this event id")] = None,
+) -> Response:
+    """Follow a generation as server-sent events, until it ends."""
+    gen = await _find(backend, gen_id)
+    if isinstance(gen, Response):
+        return gen
+
+    async def stream() -> AsyncIterator[ServerSentEvent]:
+        async for ev in backend.events(gen_id, last_event_id):
+            if ev.terminal:
+                final = await backend.get(gen_id)
+                data = to_out(final).model_dump(mode="json") if final is not None else {"id": gen_id}
+                yield ServerSentEvent(data=json.dumps(data), event=final.status if final else ev.event, id=ev.id)
+                return
+            yield ServerSentEvent(data=json.dumps(ev.data), event=ev.event, id=ev.id)
+
+    return EventSourceResponse(stream(), ping=PING_S, headers={"Cache-Control": "no-store"})
+
+
 def build_router(request_model: type[GenerationRequest]) -> APIRouter:
     """The generations router for this deployment's request schema (its models and largest n):
     create_generation validates its body with `request_model`, which also shows in /openapi.json."""
@@ -255,6 +332,22 @@ def build_router(request_model: type[GenerationRequest]) -> APIRouter:
         response_model=GenerationOut,
         summary="Read a generation",
         responses=_READ_RESPONSES,
+    )
+    router.add_api_route(
+        "/{gen_id}",
+        cancel_generation,
+        methods=["DELETE"],
+        response_model=GenerationOut,
+        summary="Cancel a generation",
+        responses=_CANCEL_RESPONSES,
+    )
+    router.add_api_route(
+        "/{gen_id}/events",
+        generation_events,
+        methods=["GET"],
+        summary="Follow a generation (server-sent events)",
+        responses=_EVENTS_RESPONSES,
+        response_class=Response,
     )
     router.add_api_route(
         "/{gen_id}/images/{k}.png",
