@@ -107,20 +107,33 @@ def pil_pixels(images: list):
 
 
 def run_remote(args: argparse.Namespace) -> int:
-    """`--url`: the same grid, made from the service's images (no torch in this process)."""
-    from arcdiff.client import ArcdiffError, Client
+    """`--url`: the same grid, made from the service's images (no torch in this process), with a
+    progress bar fed by the generation's event stream."""
+    from tqdm import tqdm
+
+    from arcdiff.client import ArcdiffError, Client, GenerationEvent
 
     if args.n < 1:
         print("arcdiff generate: -n must be at least 1", file=sys.stderr)
         return 2
+    bar = tqdm(desc=f"{args.model} {args.solver} {args.steps} steps", unit="NFE", file=sys.stderr, leave=True)
+
+    def on_event(ev: GenerationEvent) -> None:
+        if ev.event == "progress":
+            bar.total = ev.data["nfe_total"]
+            bar.update(ev.data["nfe_done"] - bar.n)
+            bar.set_postfix(images=f"{ev.data['images_done']}/{args.n}", refresh=False)
+
     try:
         with Client(args.url, api_key=args.api_key) as client:
             result = client.generate(
-                args.model, args.steps, args.solver, seed=args.seed, n=args.n, timeout=args.timeout
+                args.model, args.steps, args.solver, seed=args.seed, n=args.n, timeout=args.timeout, on_event=on_event
             )
     except ArcdiffError as e:
+        bar.close()
         print(f"arcdiff generate: {args.url}: {e}", file=sys.stderr)
         return 1
+    bar.close()
     from arcdiff.model.images import grid, png_bytes
 
     with open(args.out, "wb") as f:

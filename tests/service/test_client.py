@@ -226,8 +226,10 @@ def test_generate_command_with_url(service, model_dir, tmp_path, monkeypatch, ca
     remote, local = tmp_path / "remote.png", tmp_path / "local.png"
     args = ["generate", "--model", "tiny", "--steps", "3", "--solver", "ddim", "--seed", "7", "-n", "5", "--nrow", "3"]
     assert main([*args, "--url", service["base"], "-o", str(remote)]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "5 images of tiny" in out and "seeds 7..11" in out and "total" in out
+    assert "15/15 [" in captured.err and "NFE" in captured.err  # the progress bar, from the event stream
     assert main([*args, "--model-dir", str(model_dir), "--device", "cpu", "-o", str(local)]) == 0
     got, want = png_pixels(remote.read_bytes()).astype(int), png_pixels(local.read_bytes()).astype(int)
     assert got.shape == want.shape == (2 * 10 + 2, 3 * 10 + 2) and np.abs(got - want).max() <= 1
