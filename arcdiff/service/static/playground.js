@@ -1,5 +1,7 @@
-// arcdiff playground: lists the models, submits generations to the API, polls them and shows the
-// images with their seeds, NFE and latency record. Plain JavaScript, nothing from other hosts.
+// arcdiff playground: lists the models, submits generations to the API, follows each through its
+// event stream (a progress bar, the x0_hat previews sharpening, a cancel button) and shows the images
+// with their seeds, NFE and latency record. Plain JavaScript, nothing from other hosts. The stream is
+// read with fetch rather than EventSource, which cannot send the Authorization header.
 // URLs are relative to the page, so it also works behind a proxy that serves the API under a prefix.
 "use strict";
 
@@ -215,7 +217,12 @@ function intOrRaw(value) {
 }
 
 function requestBody() {
-  const body = { model: $("model").value || undefined, steps: intOrRaw($("steps").value), solver: $("solver").value };
+  const body = {
+    model: $("model").value || undefined,
+    steps: intOrRaw($("steps").value),
+    solver: $("solver").value,
+    preview: true,
+  };
   const seed = intOrRaw($("seed").value);
   if (seed !== undefined) body.seed = seed;
   const n = intOrRaw($("n").value);
@@ -252,7 +259,15 @@ function newCard(gen, model) {
   const seeds = gen.n > 1 ? `seeds ${gen.seed}–${last}` : `seed ${gen.seed}`;
   head.append(el("span", "facts", `${gen.solver} · ${gen.steps} steps · ${gen.nfe} NFE per image · ${seeds}`));
   head.append(el("span", "status", gen.status));
-  card.append(head, el("p", "run-error"), el("div", "latency"));
+  const cancel = el("button", "secondary cancel", "Cancel");
+  cancel.type = "button";
+  cancel.addEventListener("click", () => cancelRun(card, gen.id));
+  head.append(cancel);
+  const progress = el("progress", "progress");
+  progress.max = gen.nfe * gen.n;
+  progress.value = 0;
+  progress.title = "network evaluations done";
+  card.append(head, progress, el("p", "run-error"), el("div", "latency"));
   const grid = el("div", "grid");
   const side = (model ? model.image_size : 28) * scaleFor(model);
   for (let k = 0; k < gen.n; k++) {
@@ -319,10 +334,14 @@ function renderImages(card, gen, model) {
 function finish(card, gen, model, elapsed) {
   card.dataset.status = gen.status;
   const status = card.querySelector(".status");
+  card.querySelector(".cancel").remove();
   if (gen.status === "finished") {
+    card.querySelector(".progress").value = card.querySelector(".progress").max;
     status.textContent = `done in ${ms(gen.metrics ? gen.metrics.total_ms : elapsed)}`;
     if (gen.metrics) renderLatency(card.querySelector(".latency"), gen.metrics);
     renderImages(card, gen, model);
+  } else if (gen.status === "canceled") {
+    status.textContent = "canceled";  // the last previews stay: where it was when it stopped
   } else {
     status.textContent = "failed";
     card.querySelector(".run-error").textContent = gen.error || "the generation failed";
@@ -330,13 +349,134 @@ function finish(card, gen, model, elapsed) {
   }
 }
 
+async function cancelRun(card, id) {
+  const button = card.querySelector(".cancel");
+  if (button) button.disabled = true;
+  try {
+    await api("DELETE", `v1/generations/${id}`);  // the stream then ends with "canceled"
+  } catch (err) {
+    // 409: it finished first (the stream shows it); anything else is worth saying
+    if (err.status !== 409) card.querySelector(".run-error").textContent = `cancel: ${err.message}`;
+    if (button) button.disabled = false;
+  }
+}
+
+function showProgress(card, data, started) {
+  const bar = card.querySelector(".progress");
+  bar.max = data.nfe_total;
+  bar.value = data.nfe_done;
+  card.dataset.status = "running";
+  const pct = data.nfe_total ? Math.floor((100 * data.nfe_done) / data.nfe_total) : 0;
+  card.querySelector(".status").textContent =
+    `running · ${pct}% · ${data.images_done} of ${card.querySelectorAll(".grid figure").length} done · ${ms(performance.now() - started)}`;
+}
+
+function showPreview(card, data, model) {
+  const fig = card.querySelectorAll(".grid figure")[data.index];
+  if (!fig) return;
+  let img = fig.querySelector("img.preview");
+  if (!img) {
+    img = el("img", "preview");
+    const side = (model ? model.image_size : 28) * scaleFor(model);
+    img.style.width = `${side}px`;
+    img.style.height = `${side}px`;
+    fig.querySelector(".placeholder, img").replaceWith(img);
+  }
+  img.alt = `preview of image ${data.index} after ${data.nfe_done} evaluations`;
+  img.title = `x0_hat after ${data.nfe_done} network evaluations`;
+  img.dataset.nfe = String(data.nfe_done);
+  img.src = `data:image/png;base64,${data.png_base64}`;
+}
+
+// Server-sent events over fetch: blocks separated by a blank line, "field: value" lines.
+function parseEvent(block) {
+  const ev = { event: "message", data: [], id: null };
+  for (const line of block.split(/\r\n|\r|\n/)) {
+    if (!line || line.startsWith(":")) continue;
+    const colon = line.indexOf(":");
+    const field = colon < 0 ? line : line.slice(0, colon);
+    let value = colon < 0 ? "" : line.slice(colon + 1);
+    if (value.startsWith(" ")) value = value.slice(1);
+    if (field === "event") ev.event = value;
+    else if (field === "data") ev.data.push(value);
+    else if (field === "id") ev.id = value;
+  }
+  return ev;
+}
+
+const TERMINAL = ["finished", "failed", "canceled"];
+
+// Calls onEvent(name, data) for each event until a terminal one; resumes with Last-Event-ID when the
+// connection drops. Returns the terminal event's data (the generation), or throws.
+async function streamEvents(id, onEvent) {
+  let lastId = null;
+  for (let attempt = 0; attempt < 6; attempt++) {
+    const headers = { Accept: "text/event-stream" };
+    if (state.key) headers.Authorization = `Bearer ${state.key}`;
+    if (lastId) headers["Last-Event-ID"] = lastId;
+    let r;
+    try {
+      r = await fetch(`v1/generations/${id}/events`, { headers });
+    } catch (e) {
+      await sleep(300 * (attempt + 1));
+      continue;
+    }
+    if (!r.ok) {
+      let body = null;
+      try { body = await r.json(); } catch (e) { /* not JSON */ }
+      throw new ApiError(r.status, messageOf(body, r), body, r.headers.get("Retry-After"));
+    }
+    const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value;
+        let end;
+        while ((end = buffer.search(/\r\n\r\n|\n\n|\r\r/)) >= 0) {
+          const ev = parseEvent(buffer.slice(0, end));
+          buffer = buffer.slice(end).replace(/^(\r\n\r\n|\n\n|\r\r)/, "");
+          if (ev.id) lastId = ev.id;
+          if (!ev.data.length) continue;
+          const data = JSON.parse(ev.data.join("\n"));
+          if (TERMINAL.includes(ev.event)) return data;
+          onEvent(ev.event, data);
+        }
+      }
+    } catch (e) {
+      /* the connection dropped: resume after the last event seen */
+    }
+    await sleep(300 * (attempt + 1));
+  }
+  throw new ApiError(0, "the event stream kept breaking", null, null);
+}
+
 const sleep = (t) => new Promise((resolve) => setTimeout(resolve, t));
 
 async function follow(card, gen, model) {
   const started = performance.now();
+  try {
+    const done = await streamEvents(gen.id, (name, data) => {
+      if (name === "progress") showProgress(card, data, started);
+      else if (name === "preview") showPreview(card, data, model);
+    });
+    finish(card, done, model, performance.now() - started);
+    return;
+  } catch (err) {
+    if (err.status === 404 || err.status === 401 || err.status === 403) {
+      finish(card, { ...gen, status: "failed", error: err.message }, model, performance.now() - started);
+      return;
+    }
+    /* no stream (e.g. a proxy that buffers it): poll instead */
+  }
+  await poll(card, gen, model, started);
+}
+
+async function poll(card, gen, model, started) {
   let interval = 100;
   const status = card.querySelector(".status");
-  while (gen.status !== "finished" && gen.status !== "failed") {
+  while (!TERMINAL.includes(gen.status)) {
     await sleep(interval);
     interval = Math.min(1000, interval * 1.4);
     try {
