@@ -140,7 +140,9 @@ BODY = b'{"model": "tiny", "steps": 2, "solver": "ddim"}'
         ("POST", "/v1/generations", {"content-type": "application/json"}, b"[" * 3000 + b"]" * 3000, 413),
         ("POST", "/v1/generations", {"content-type": "application/json"}, b"[" * 1000 + b"]" * 1000, 400),
         ("PUT", "/v1/generations", {"content-type": "application/json"}, BODY, 405),
-        ("DELETE", "/v1/generations/" + "a" * 32, {}, b"", 405),
+        ("DELETE", "/v1/generations/" + "a" * 32, {}, b"", 404),  # cancel: unknown id
+        ("PUT", "/v1/generations/" + "a" * 32, {}, b"", 405),
+        ("POST", "/v1/generations/" + "a" * 32 + "/events", {}, b"", 405),
         ("PATCH", "/v1/models", {"content-type": "application/json"}, b"{}", 405),
         ("GET", "/v2/anything", {}, b"", 404),
         ("GET", "/v1/generations/../../etc/passwd", {}, b"", 404),

@@ -6,6 +6,7 @@ import signal
 
 import httpx
 import pytest
+from httpx_sse import connect_sse
 from servicekit import (
     assert_images_match,
     free_port,
@@ -140,9 +141,6 @@ def test_a_client_that_reconnects_with_last_event_id_resumes(stack):
                 seen.append(line[3:].strip())
             if len(seen) == 3:
                 break  # drop the connection mid-stream
-    from arcdiff.client import GenerationEvent  # noqa: F401 (the client's own reader parses the rest)
-    from httpx_sse import connect_sse
-
     rest = []
     with httpx.Client(base_url=base, timeout=60) as h:
         with connect_sse(h, "GET", f"{gen['url']}/events", headers={"Last-Event-ID": seen[-1]}) as source:

@@ -38,9 +38,11 @@ def test_progress_previews_and_cancel_in_a_real_browser(service, browser, tmp_pa
     )
     assert first["max"] == 8000 and first["status"] == "running"
     later = wait_until(
-        lambda: (s := js(driver, state, card))["value"] > first["value"]
-        and all(int(b[0]) > int(a[0]) for a, b in zip(first["previews"], s["previews"], strict=True))
-        and s,
+        lambda: (
+            (s := js(driver, state, card))["value"] > first["value"]
+            and all(int(b[0]) > int(a[0]) for a, b in zip(first["previews"], s["previews"], strict=True))
+            and s
+        ),
         60,
         "the bar to move and newer previews",
         0.05,

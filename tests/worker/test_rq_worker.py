@@ -106,7 +106,7 @@ def test_jobs_share_the_batch_with_an_honest_rq_lifecycle(conn, workers, redis_u
     send_stop_job_command(conn, long.id)
     wait_status(conn, long, {"stopped", "failed", "finished"}, timeout=30)
     assert status(conn, long) == "stopped"
-    assert "stopped on request" in fetch(conn, long).latest_result().exc_string
+    assert "canceled on request" in fetch(conn, long).latest_result().exc_string
     assert not started.get_job_ids()
     info = subprocess.run(
         [sys.executable, "-m", "rq.cli", "info", "-u", redis_url, "--only-queues"],
