@@ -28,6 +28,7 @@ teardown requeues what is held). Nothing is left in the started state.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import queue as queue_mod
@@ -149,7 +150,7 @@ class BatchingWorker(SimpleWorker):
             held.future = self.engine.submit(
                 held.spec,
                 timeout_s=job.timeout if job.timeout and job.timeout > 0 else None,
-                listener=lambda event, data, job_id=job.id: self._events.put((job_id, event, data)),
+                listener=functools.partial(self._on_event, job.id),
             )
         except Exception:
             log.exception("worker %s: engine refused job %s; requeueing it", self.name, job.id)
@@ -379,6 +380,10 @@ class BatchingWorker(SimpleWorker):
         self.handle_execution_ended(h.job, h.queue, h.job.failure_callback_timeout)
         self.handle_job_failure(h.job, h.queue, exc_string=reason, execution=h.execution)
         log.warning("worker %s: job %s failed: %s", self.name, h.job.id, reason)
+
+    def _on_event(self, job_id: str, event: str, data: dict) -> None:
+        """The engine's listener for a held job: queue the event for the publisher (no I/O here)."""
+        self._events.put((job_id, event, data))
 
     def _publish_loop(self) -> None:
         """Send the held jobs' events to their Redis streams, in order, a batch per round trip.
