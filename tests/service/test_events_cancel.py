@@ -1,7 +1,8 @@
 """Progress, previews and cancel over HTTP: `arcdiff serve` under uvicorn, in Redis mode (a real
-redis-server and an `arcdiff worker` process) and in embedded mode, followed with the Python
-client's event streams and raw server-sent events."""
+redis-server, an `arcdiff worker` process and two API processes) and in embedded mode, followed
+with the Python client's event streams (sync and async) and raw server-sent events."""
 
+import asyncio
 import signal
 
 import httpx
@@ -20,7 +21,7 @@ from servicekit import (
     wait_workers,
 )
 
-from arcdiff.client import Client, GenerationCanceled
+from arcdiff.client import AsyncClient, Client, GenerationCanceled
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -28,28 +29,37 @@ LONG = {"model": "tiny", "steps": 1000, "solver": "rk4", "seed": 5, "n": 2, "pre
 
 
 def _stack(mode, redis_server, model_dir, logs):
-    procs, port = [], free_port()
+    """(the API's base URLs, an HTTP client on the first, the processes); Redis mode has two APIs."""
+    procs, bases = [], []
     env = {"ARCDIFF_MAX_BATCH": "2", "ARCDIFF_WAIT_TIMEOUT_S": "60", "ARCDIFF_MODELS": "tiny"}
     if mode == "redis":
         redis_server.client.flushall()
         procs.append(start_worker(redis_server.url, model_dir, logs / "worker.log", models=("tiny",), max_batch=2))
         wait_workers(redis_server.url, "tiny", 1, procs)
-        api = start_api(port, model_dir, logs / "api.log", redis_url=redis_server.url, **env)
-    else:
-        api = start_api(port, model_dir, logs / "api.log", **env)
-    procs.append(api)
-    base = f"http://127.0.0.1:{port}"
-    http = httpx.Client(base_url=base, timeout=60)
-    wait_api_ready(api, http, logs / "api.log")
-    return base, http, procs
+    for i in range(2 if mode == "redis" else 1):
+        port = free_port()
+        redis_url = redis_server.url if mode == "redis" else None
+        api = start_api(port, model_dir, logs / f"api{i}.log", redis_url=redis_url, **env)
+        procs.append(api)
+        bases.append(f"http://127.0.0.1:{port}")
+        with httpx.Client(base_url=bases[-1], timeout=60) as h:
+            wait_api_ready(api, h, logs / f"api{i}.log")
+    return bases, httpx.Client(base_url=bases[0], timeout=60), procs
 
 
 @pytest.fixture(scope="module", params=["redis", "embedded"])
 def stack(request, redis_server, model_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp(f"events-{request.param}")
-    base, http, procs = _stack(request.param, redis_server, model_dir, logs)
-    client = Client(base)
-    yield {"mode": request.param, "base": base, "http": http, "client": client, "redis": redis_server}
+    bases, http, procs = _stack(request.param, redis_server, model_dir, logs)
+    client = Client(bases[0])
+    yield {
+        "mode": request.param,
+        "base": bases[0],
+        "bases": bases,
+        "http": http,
+        "client": client,
+        "redis": redis_server,
+    }
     client.close()
     http.close()
     for p in procs:
@@ -131,6 +141,7 @@ def test_cancel_queued_finished_and_unknown(stack):
 
 
 def test_a_client_that_reconnects_with_last_event_id_resumes(stack):
+    """It resumes after the last event it saw; in Redis mode through the other API process."""
     http, base = stack["http"], stack["base"]
     gen = http.post("/v1/generations", json={"model": "tiny", "steps": 200, "solver": "rk4", "seed": 9}).json()
     seen = []
@@ -142,7 +153,7 @@ def test_a_client_that_reconnects_with_last_event_id_resumes(stack):
             if len(seen) == 3:
                 break  # drop the connection mid-stream
     rest = []
-    with httpx.Client(base_url=base, timeout=60) as h:
+    with httpx.Client(base_url=stack["bases"][-1], timeout=60) as h:
         with connect_sse(h, "GET", f"{gen['url']}/events", headers={"Last-Event-ID": seen[-1]}) as source:
             for sse in source.iter_sse():
                 rest.append(sse)
@@ -154,3 +165,18 @@ def test_a_client_that_reconnects_with_last_event_id_resumes(stack):
     ids = [s.id for s in rest[:-1]]
     key = (lambda i: tuple(int(p) for p in i.split("-"))) if stack["mode"] == "redis" else int
     assert sorted(ids, key=key) == ids and key(ids[0]) > key(seen[-1])
+
+
+def test_async_client_follows_a_generation(stack, model_dir):
+    async def follow():
+        async with AsyncClient(stack["base"]) as client:
+            gen = await client.submit("tiny", 40, "heun", seed=21, n=2, preview=True)
+            return [ev async for ev in client.events(gen["id"])]
+
+    events = asyncio.run(follow())
+    assert events[0].event == "queued" and events[-1].event == "finished"
+    kinds = {ev.event for ev in events}
+    assert {"progress", "preview"} <= kinds
+    last = [ev.data for ev in events if ev.event == "progress"][-1]
+    assert last == {"nfe_done": 160, "nfe_total": 160, "images_done": 2}
+    assert_images_match(events[-1].data["images"], model_dir, "tiny", 40, "heun", 21)
