@@ -27,6 +27,9 @@ SOLVER_NAMES = ("euler", "heun", "rk4", "ddim", "ddpm", "dpmpp2m")  # model.solv
 EVENTS_PREFIX = "arcdiff:events:"
 EVENTS_MAXLEN = 1000  # entries kept per generation (approximate trim; previews are the bulk)
 TERMINAL_EVENTS = ("finished", "failed", "canceled")
+# once a generation has ended its stream lives this long at most (its previews are the bulk of
+# Redis memory); a reader after that gets the end from the job's status instead
+ENDED_EVENTS_TTL_S = 300
 
 
 def events_key(gen_id: str) -> str:
@@ -37,7 +40,7 @@ def add_event(pipe: Any, gen_id: str, event: str, data: dict[str, Any], ttl_s: i
     """Queue one event on a Redis pipeline: XADD with a length bound, and a TTL on the stream."""
     key = events_key(gen_id)
     pipe.xadd(key, {"event": event, "data": json.dumps(data)}, maxlen=EVENTS_MAXLEN, approximate=True)
-    pipe.expire(key, ttl_s)
+    pipe.expire(key, min(ttl_s, ENDED_EVENTS_TTL_S) if event in TERMINAL_EVENTS else ttl_s)
 
 
 class SpecError(ValueError):

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from arcdiff.contract import EVENTS_MAXLEN, GenerationSpec
+from arcdiff.contract import EVENTS_MAXLEN, TERMINAL_EVENTS, GenerationSpec
 from arcdiff.model.registry import ModelInfo
 from arcdiff.service.backend import Event, Generation, NotReady, QueueFull
 from arcdiff.service.metrics import QUEUE_DEPTH
@@ -38,7 +38,10 @@ class _Entry:
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # set (and replaced) on each new event
 
     def add(self, event: str, data: dict) -> None:
-        """Append an event and wake its readers (on the event loop's thread)."""
+        """Append an event and wake its readers (on the event loop's thread). At the end the
+        previews go (they are most of the memory a kept generation would hold)."""
+        if event in TERMINAL_EVENTS:
+            self.events = deque((e for e in self.events if e.event != "preview"), maxlen=EVENTS_MAXLEN)
         self.seq += 1
         self.events.append(Event(str(self.seq), event, data))
         self.changed.set()
