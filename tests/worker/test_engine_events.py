@@ -11,9 +11,9 @@ import torch
 from servicekit import one_thread, png_info, png_pixels, wait_until
 
 from arcdiff.contract import GenerationSpec
+from arcdiff.model.images import to_uint8
 from arcdiff.model.registry import ModelRegistry
 from arcdiff.model.rng import image_generator, image_seed, initial_noise
-from arcdiff.worker.encode import to_uint8
 from arcdiff.worker.engine import Engine, EngineConfig, GenerationCanceled
 from arcdiff.worker.loading import Prepared
 

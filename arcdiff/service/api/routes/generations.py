@@ -304,7 +304,8 @@ async def generation_events(
         async for ev in backend.events(gen_id, last_event_id):
             if ev.terminal:
                 final = await backend.get(gen_id)
-                data = to_out(final).model_dump(mode="json") if final is not None else {"id": gen_id}
+                # the body GET answers (workers is only in a POST's answer)
+                data = to_out(final).model_dump(mode="json", exclude={"workers"}) if final else {"id": gen_id}
                 yield ServerSentEvent(data=json.dumps(data), event=final.status if final else ev.event, id=ev.id)
                 return
             yield ServerSentEvent(data=json.dumps(ev.data), event=ev.event, id=ev.id)
