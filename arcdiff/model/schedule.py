@@ -123,8 +123,8 @@ def uniform_eta_grid(steps: int, dtype: torch.dtype = torch.float64) -> torch.Te
 # and a final step to the data (eta = 0): grid point 0 is pi/2, points 1..n-1 run from SIGMA_MAX
 # to SIGMA_MIN, point n is 0. In lambda = log cot eta both end steps are infinitely long; the
 # solvers take them with their first-order (exponential-integrator) step.
-SIGMA_MIN = 0.02
-SIGMA_MAX = 10.0
+SIGMA_MIN = 0.05
+SIGMA_MAX = 5.0
 KARRAS_RHO = 7.0
 GRID_IDS = {"uniform": 0, "logsnr": 1, "karras": 2}  # the per-sample grid id held in a solver state
 
