@@ -5,8 +5,8 @@ time grid) for the bundled MNIST models, plotted as FID against NFE.
 
 Rows are (model, solver, schedule); columns NFE 5, 10, 20, 40 (and 80 for the paper's solvers
 euler, heun, rk4); a cell exists where the NFE is a whole number of steps (rk4 at 20/40/80 is 5,
-10, 20 steps). `--rows` and `--nfes` choose a subset (e.g. `--rows mnist:unipc2:karras,mnist:rk4
---nfes 5,10,40,80`). Every eval uses the same seeds, so all cells start from the same noise.
+10, 20 steps). `--rows` and `--nfes` choose a subset (e.g. `--rows mnist:unipc2:karras@5/10,mnist:rk4@40/80`
+or `--rows mnist:ddpm --nfes 20,200`). Every eval uses the same seeds, so all cells start from the same noise.
 Each eval's record lands in OUT/records/; a rerun skips the cells whose record exists (--force
 redoes them). Writes OUT/table.md, OUT/table.json, OUT/frontier.png (FID against NFE, log x, one
 line per sampler and model; needs matplotlib, in the eval and dev extras) and
@@ -43,27 +43,28 @@ ROWS: tuple[tuple[str, str, str], ...] = tuple((m, s, g) for m in ("mnist", "mni
 DEFAULT_SAMPLES = 500
 
 
-def parse_rows(text: str) -> tuple[tuple[str, str, str], ...]:
-    """'model:solver[:schedule],...' -> rows (schedule default uniform)."""
-    rows = []
+def parse_rows(text: str) -> tuple[tuple, ...]:
+    """'model:solver[:schedule][@nfe/nfe/...],...' -> rows (schedule default uniform; the NFEs,
+    when given, replace --nfes for that row)."""
+    rows: list[tuple] = []
     for item in filter(None, text.split(",")):
-        parts = item.split(":")
+        spec, _, nfes = item.partition("@")
+        parts = spec.split(":")
         if len(parts) not in (2, 3):
-            raise ValueError(f"a row is model:solver[:schedule], got {item!r}")
-        rows.append((parts[0], parts[1], parts[2] if len(parts) == 3 else "uniform"))
+            raise ValueError(f"a row is model:solver[:schedule][@nfe/nfe...], got {item!r}")
+        row = (parts[0], parts[1], parts[2] if len(parts) == 3 else "uniform")
+        rows.append(row + (tuple(int(n) for n in nfes.split("/")),) if nfes else row)
     return tuple(rows)
 
 
-def cells(
-    rows: tuple[tuple[str, str, str], ...] = ROWS, nfes: tuple[int, ...] | None = None
-) -> list[tuple[str, str, str, int]]:
+def cells(rows: tuple[tuple, ...] = ROWS, nfes: tuple[int, ...] | None = None) -> list[tuple[str, str, str, int]]:
     """(model, solver, schedule, steps) for every cell whose NFE is a whole number of steps."""
     from arcdiff.model.solvers import get_solver
 
     out = []
-    for model, solver, schedule in rows:
+    for model, solver, schedule, *own in rows:
         per = get_solver(solver).nfe_per_step
-        row_nfes = nfes or (PAPER_NFES if solver in PAPER_SOLVERS else NFES)
+        row_nfes = own[0] if own else nfes or (PAPER_NFES if solver in PAPER_SOLVERS else NFES)
         out += [(model, solver, schedule, n // per) for n in row_nfes if n % per == 0]
     return out
 
@@ -183,7 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="eval/table", help="output folder")
     p.add_argument("--model-dir", default=None, help="models folder (default: ARCDIFF_MODEL_DIR or the bundled models)")
     p.add_argument("--models", default="", help="comma-separated model names to keep (default: all rows)")
-    p.add_argument("--rows", default="", help="model:solver[:schedule],... (default: every sampler for both models)")
+    p.add_argument(
+        "--rows",
+        default="",
+        help="model:solver[:schedule][@nfe/nfe...],... (default: every sampler for both models)",
+    )
     p.add_argument("--nfes", default="", help="comma-separated NFEs for every row (default: 5,10,20,40; +80 paper's)")
     p.add_argument(
         "--rename", default="", help="NAME=ROWNAME,...: evaluate NAME in place of ROWNAME (e.g. a test model)"
