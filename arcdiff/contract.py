@@ -12,13 +12,16 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from arcdiff.model.solver_names import GRIDS, SOLVERS
+
 QUEUE_PREFIX = "arcdiff:"
 # the RQ function name a generation job carries; stock RQ workers can run it (arcdiff/worker/tasks.py),
 # the batching worker reads its arguments and never imports it
 TASK = "arcdiff.worker.tasks.generate"
 MAX_STEPS = 1000
 SEED_MAX = 2**32 - 1
-SOLVER_NAMES = ("euler", "heun", "rk4", "ddim", "ddpm", "dpmpp2m")  # model.solvers.SOLVERS, checked in tests
+SOLVER_NAMES = SOLVERS  # model.solvers.SOLVERS (from its torch-free name list)
+SCHEDULE_NAMES = GRIDS
 
 
 class SpecError(ValueError):
@@ -39,6 +42,7 @@ class GenerationSpec:
     seed: int
     n: int
     submitted_at: float  # time.time() when the API accepted it
+    schedule: str = "uniform"  # the time grid (model.solver_names.GRIDS); absent in older payloads
 
     def to_payload(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,11 +56,11 @@ class GenerationSpec:
         unknown = sorted(set(payload) - names)
         if unknown:
             raise SpecError(f"unknown field(s): {', '.join(unknown)}")
-        missing = sorted(names - set(payload))
+        missing = sorted(names - set(payload) - {"schedule"})
         if missing:
             raise SpecError(f"missing field(s): {', '.join(missing)}")
-        for key in ("id", "model", "solver"):
-            if not isinstance(payload[key], str) or not payload[key]:
+        for key in ("id", "model", "solver", "schedule"):
+            if key in payload and (not isinstance(payload[key], str) or not payload[key]):
                 raise SpecError(f"{key} must be a non-empty string")
         for key in ("steps", "seed", "n"):
             if type(payload[key]) is not int:
@@ -72,6 +76,8 @@ class GenerationSpec:
             raise SpecError(f"n must be at least 1, got {spec.n}")
         if spec.solver not in SOLVER_NAMES:
             raise SpecError(f"unknown solver {spec.solver!r}")
+        if spec.schedule not in SCHEDULE_NAMES:
+            raise SpecError(f"unknown schedule {spec.schedule!r}")
         return spec
 
 

@@ -25,6 +25,26 @@ STOCHASTIC: frozenset[str] = frozenset({"ddpm", "dpmpp2m_sde"})
 GRIDS: tuple[str, ...] = ("uniform", "logsnr", "karras")
 
 # the measured default at 10 network evaluations (docs/evaluation.md, "Defaults and why")
-DEFAULT_SOLVER = "unipc2"
+DEFAULT_SOLVER = "dpmpp2m_sde"
 DEFAULT_STEPS = 10
 DEFAULT_SCHEDULE = "karras"
+DEFAULT_NFE = DEFAULT_STEPS * NFE_PER_STEP[DEFAULT_SOLVER]
+# the solvers that came with the uniform grid keep it when a request names them without a grid
+UNIFORM_BY_DEFAULT: frozenset[str] = frozenset({"euler", "heun", "rk4", "ddim", "ddpm", "dpmpp2m"})
+
+
+def resolve(solver: str | None, steps: int | None, schedule: str | None) -> tuple[str, int, str]:
+    """A request's (solver, steps, schedule) with the defaults filled in: no solver means the
+    measured default sampler; no steps means about DEFAULT_NFE network evaluations of the solver;
+    no schedule means uniform for the solvers that had only that grid, karras for the others."""
+    solver = DEFAULT_SOLVER if solver is None else solver
+    if steps is None:
+        steps = DEFAULT_STEPS if solver == DEFAULT_SOLVER else max(1, round(DEFAULT_NFE / NFE_PER_STEP.get(solver, 1)))
+    if schedule is None:
+        schedule = "uniform" if solver in UNIFORM_BY_DEFAULT else DEFAULT_SCHEDULE
+    return solver, steps, schedule
+
+
+def nfe(solver: str, steps: int) -> int:
+    """Network evaluations per image for `steps` steps of `solver`."""
+    return steps * NFE_PER_STEP[solver]

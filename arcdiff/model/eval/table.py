@@ -145,6 +145,7 @@ def plot_frontier(records: list[dict[str, Any]], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     models = list(dict.fromkeys(r["model"] for r in records))
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.8), squeeze=False, sharey=True)
@@ -161,6 +162,13 @@ def plot_frontier(records: list[dict[str, Any]], path: Path) -> Path:
         ax.set_yscale("log")
         ticks = sorted({r["nfe"] for r in mine})
         ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        fids = [r["fid"] for r in mine] + ([floor] if floor is not None else [])
+        ax.set_yticks(
+            [t for t in (5, 10, 15, 20, 30, 40, 60, 100, 150, 200, 300) if min(fids) / 1.5 <= t <= max(fids) * 1.5]
+        )
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("network evaluations per image (NFE)")
         ax.set_title(f"{model}, K = {mine[0]['num_samples']}")
         ax.grid(True, which="both", alpha=0.3)
