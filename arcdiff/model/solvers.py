@@ -387,7 +387,7 @@ class DPMSolverPP(Multistep):
             w[:, j] += c1 * d1[j] + c2 * d2[j]
         m = torch.cat([m0[:, None], st["m"]], dim=1)
         x = _combine(st["x"], c_x, m, c_d[:, None] * w)
-        if self.stochastic:
+        if noise is not None and self.stochastic:
             x = x + _per_sample(s1 * (1 - e * e).clamp(min=0).sqrt(), x) * noise.to(x.dtype)
         st["x"] = x
         self._push(st, m0, lam0)
@@ -480,7 +480,7 @@ class UniPC(Multistep):
         ]
         # the effective order: the points actually available (an infinite one ends the run)
         have = torch.zeros_like(order)
-        run = torch.ones_like(valid[0]) if k_hist else None
+        run = torch.ones_like(finite)
         for k in range(k_hist):
             run = run & valid[k]
             have = have + run.long()
@@ -511,7 +511,7 @@ class UniPC(Multistep):
                 w[:, 0] -= rho[-1]
             wm = torch.where(sel[:, None], w, wm)
         c_d = a1 * (1 - e)
-        ms = [m0[:, None], hist] + ([m_t[:, None]] if corrector else [])
+        ms = [m0[:, None], hist] + ([m_t[:, None]] if m_t is not None else [])
         wm = wm if corrector else wm[:, :-1]
         return _combine(x, s1 / s0, torch.cat(ms, dim=1), c_d[:, None] * wm)
 
