@@ -182,7 +182,9 @@ def test_mixed_requests_at_once_all_correct_and_sharing_batches(client, model_di
     for body, gen in zip(bodies, gens, strict=True):
         assert gen["status"] == "finished", gen
         assert len(gen["images"]) == body["n"]
-        assert_images_match(gen["images"], model_dir, body["model"], body["steps"], body["solver"], body["seed"])
+        assert_images_match(
+            gen["images"], model_dir, body["model"], body["steps"], body["solver"], body["seed"], gen["schedule"]
+        )
     shared = [g for g in gens if g["model"] == "tiny" and max(g["metrics"]["batch_sizes"]) > g["n"]]
     assert len(shared) >= 2, [g["metrics"]["batch_sizes"] for g in gens]
 
