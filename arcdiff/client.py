@@ -173,6 +173,7 @@ class GenerationResult:
     images: list[GeneratedImage]
     metrics: dict[str, Any] = field(default_factory=dict)
     retries: int = 0  # 429/503 answers retried before the generation was accepted
+    schedule: str = "uniform"  # the time grid the images were sampled on
 
     @property
     def pil_images(self) -> list[Image]:
@@ -199,6 +200,7 @@ class GenerationResult:
             images=images,
             metrics=body.get("metrics") or {},
             retries=retries,
+            schedule=body.get("schedule", "uniform"),
         )
 
 
@@ -261,8 +263,21 @@ class _Base:
         return headers
 
     @staticmethod
-    def _body(model: str, steps: int, solver: str, seed: int | None, n: int, wait: bool, preview: bool = False) -> dict:
-        body: dict[str, Any] = {"model": model, "steps": steps, "solver": solver, "n": n}
+    def _body(
+        model: str,
+        steps: int | None,
+        solver: str | None,
+        seed: int | None,
+        n: int,
+        wait: bool,
+        schedule: str | None,
+        preview: bool = False,
+    ) -> dict:
+        """The POST body; steps, solver and schedule left out when None (the server's defaults)."""
+        body: dict[str, Any] = {"model": model, "n": n}
+        for key, value in (("steps", steps), ("solver", solver), ("schedule", schedule)):
+            if value is not None:
+                body[key] = value
         if seed is not None:
             body["seed"] = seed
         if wait:
@@ -357,14 +372,15 @@ class Client(_Base):
     def submit(
         self,
         model: str,
-        steps: int,
-        solver: str,
+        steps: int | None = None,
+        solver: str | None = None,
         seed: int | None = None,
         n: int = 1,
         *,
         wait: bool = False,
         timeout: float = 60.0,
         preview: bool = False,
+        schedule: str | None = None,
     ) -> dict:
         """POST a generation; returns the API's body plus `retries`. With wait=True the server holds
         the request until done (up to its own wait timeout, then 202) and `timeout` bounds it here.
@@ -375,7 +391,7 @@ class Client(_Base):
                 "POST",
                 "/v1/generations",
                 deadline,
-                json=self._body(model, steps, solver, seed, n, wait, preview),
+                json=self._body(model, steps, solver, seed, n, wait, schedule, preview),
                 timeout=self._post_timeout(wait, deadline),
             )
         except Unreachable as e:
@@ -419,14 +435,15 @@ class Client(_Base):
     def generate(
         self,
         model: str,
-        steps: int,
-        solver: str,
+        steps: int | None = None,
+        solver: str | None = None,
         seed: int | None = None,
         n: int = 1,
         timeout: float = 300.0,
         wait: bool = True,
         on_event: Callable[[GenerationEvent], None] | None = None,
         preview: bool = False,
+        schedule: str | None = None,
     ) -> GenerationResult:
         """Generate `n` images and return them (at most `timeout` seconds, retries included).
 
@@ -436,14 +453,14 @@ class Client(_Base):
         bars; previews too with preview=True)."""
         deadline = time.monotonic() + timeout
         if on_event is not None:
-            body = self.submit(model, steps, solver, seed, n, timeout=timeout, preview=preview)
+            body = self.submit(model, steps, solver, seed, n, timeout=timeout, preview=preview, schedule=schedule)
             for ev in self.events(body["id"]):
                 if time.monotonic() > deadline:
                     raise GenerationTimeout(body["id"], timeout, "running")
                 on_event(ev)
                 if ev.terminal:
                     return self._result(ev.data, body["retries"])
-        body = self.submit(model, steps, solver, seed, n, wait=wait, timeout=timeout)
+        body = self.submit(model, steps, solver, seed, n, wait=wait, timeout=timeout, schedule=schedule)
         retries, interval = body["retries"], self.poll_interval
         while body["status"] not in TERMINAL:
             left = deadline - time.monotonic()
@@ -507,14 +524,15 @@ class AsyncClient(_Base):
     async def submit(
         self,
         model: str,
-        steps: int,
-        solver: str,
+        steps: int | None = None,
+        solver: str | None = None,
         seed: int | None = None,
         n: int = 1,
         *,
         wait: bool = False,
         timeout: float = 60.0,
         preview: bool = False,
+        schedule: str | None = None,
     ) -> dict:
         deadline = time.monotonic() + timeout
         try:
@@ -522,7 +540,7 @@ class AsyncClient(_Base):
                 "POST",
                 "/v1/generations",
                 deadline,
-                json=self._body(model, steps, solver, seed, n, wait, preview),
+                json=self._body(model, steps, solver, seed, n, wait, schedule, preview),
                 timeout=self._post_timeout(wait, deadline),
             )
         except Unreachable as e:
@@ -564,15 +582,16 @@ class AsyncClient(_Base):
     async def generate(
         self,
         model: str,
-        steps: int,
-        solver: str,
+        steps: int | None = None,
+        solver: str | None = None,
         seed: int | None = None,
         n: int = 1,
         timeout: float = 300.0,
         wait: bool = True,
+        schedule: str | None = None,
     ) -> GenerationResult:
         deadline = time.monotonic() + timeout
-        body = await self.submit(model, steps, solver, seed, n, wait=wait, timeout=timeout)
+        body = await self.submit(model, steps, solver, seed, n, wait=wait, timeout=timeout, schedule=schedule)
         retries, interval = body["retries"], self.poll_interval
         while body["status"] not in TERMINAL:
             left = deadline - time.monotonic()

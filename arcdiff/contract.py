@@ -13,13 +13,16 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field
 from typing import Any
 
+from arcdiff.model.solver_names import GRIDS, SOLVERS
+
 QUEUE_PREFIX = "arcdiff:"
 # the RQ function name a generation job carries; stock RQ workers can run it (arcdiff/worker/tasks.py),
 # the batching worker reads its arguments and never imports it
 TASK = "arcdiff.worker.tasks.generate"
 MAX_STEPS = 1000
 SEED_MAX = 2**32 - 1
-SOLVER_NAMES = ("euler", "heun", "rk4", "ddim", "ddpm", "dpmpp2m")  # model.solvers.SOLVERS, checked in tests
+SOLVER_NAMES = SOLVERS  # model.solvers.SOLVERS (from its torch-free name list)
+SCHEDULE_NAMES = GRIDS
 
 
 # each generation's events (queued, progress, preview, then one terminal marker) go to a Redis stream
@@ -62,6 +65,7 @@ class GenerationSpec:
     n: int
     submitted_at: float  # time.time() when the API accepted it
     preview: bool = False  # send x0_hat previews while it runs (absent in older payloads)
+    schedule: str = "uniform"  # the time grid (model.solver_names.GRIDS); absent in older payloads
 
     def to_payload(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,8 +83,8 @@ class GenerationSpec:
         missing = sorted(names - set(payload) - optional)
         if missing:
             raise SpecError(f"missing field(s): {', '.join(missing)}")
-        for key in ("id", "model", "solver"):
-            if not isinstance(payload[key], str) or not payload[key]:
+        for key in ("id", "model", "solver", "schedule"):
+            if key in payload and (not isinstance(payload[key], str) or not payload[key]):
                 raise SpecError(f"{key} must be a non-empty string")
         for key in ("steps", "seed", "n"):
             if type(payload[key]) is not int:
@@ -98,6 +102,8 @@ class GenerationSpec:
             raise SpecError(f"n must be at least 1, got {spec.n}")
         if spec.solver not in SOLVER_NAMES:
             raise SpecError(f"unknown solver {spec.solver!r}")
+        if spec.schedule not in SCHEDULE_NAMES:
+            raise SpecError(f"unknown schedule {spec.schedule!r}")
         return spec
 
 

@@ -359,7 +359,7 @@ _loaded: dict[tuple[str, str], Any] = {}
 
 
 def reference(
-    model_dir: Path, model: str, steps: int, solver: str, seed: int, n: int
+    model_dir: Path, model: str, steps: int, solver: str, seed: int, n: int, schedule: str = "uniform"
 ) -> tuple[torch.Tensor, np.ndarray]:
     """What image k of a request must be: model.solvers.sample with per-image generators.
 
@@ -376,7 +376,7 @@ def reference(
     gens = [image_generator(image_seed(seed, k)) for k in range(n)]
     x_T = torch.stack([initial_noise(loaded.image_shape, g) for g in gens])
     with one_thread(), torch.inference_mode():
-        x = sample(loaded.denoiser, x_T, steps, solver, generator=gens)
+        x = sample(loaded.denoiser, x_T, steps, solver, generator=gens, schedule=schedule)
     return x, to_uint8(x).numpy()[:, 0]
 
 
@@ -391,9 +391,11 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(prev)
 
 
-def assert_images_match(images: list[dict], model_dir: Path, model: str, steps: int, solver: str, seed: int) -> None:
+def assert_images_match(
+    images: list[dict], model_dir: Path, model: str, steps: int, solver: str, seed: int, schedule: str = "uniform"
+) -> None:
     """API images (base64) equal the reference, up to one grey level (float rounding at .5)."""
-    _, want = reference(model_dir, model, steps, solver, seed, len(images))
+    _, want = reference(model_dir, model, steps, solver, seed, len(images), schedule)
     for k, im in enumerate(images):
         assert im["index"] == k and im["seed"] == (seed + k) % 2**32
         got = png_pixels(im["png_base64"]).astype(int)

@@ -20,7 +20,7 @@ PARTS = ("model", "worker", "contract", "service", "client", "cli", "bench")
 # part -> the parts it may import
 ALLOWED: dict[str, set[str]] = {
     "model": set(),  # the method: no web, queue or worker code
-    "contract": set(),  # neutral, and torch-free: the client and the API import it
+    "contract": {"model"},  # neutral and torch-free (the client and the API import it): solver names only
     "client": {"contract"},  # torch-free HTTP client
     "worker": {"model", "contract"},
     "service": {"contract", "model", "worker"},  # model and worker only through the modules below
@@ -30,7 +30,9 @@ ALLOWED: dict[str, set[str]] = {
 # (importing module prefix, imported part) -> the modules of that part it may import
 NARROW: dict[tuple[str, str], tuple[str, ...]] = {
     # model metadata (registry) and the solver names and their NFE, which the API validates and answers with
-    ("arcdiff.service", "model"): ("arcdiff.model.registry", "arcdiff.model.solvers"),
+    ("arcdiff.service", "model"): ("arcdiff.model.registry", "arcdiff.model.solvers", "arcdiff.model.solver_names"),
+    # the solver and grid names, from the model's torch-free list of them
+    ("arcdiff.contract", "model"): ("arcdiff.model.solver_names",),
     # the engine runs in the API process only in embedded mode
     ("arcdiff.service.embedded", "worker"): ("arcdiff.worker",),
     # the API's settings extend the worker's (embedded mode runs the same engine)

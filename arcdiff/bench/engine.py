@@ -237,8 +237,9 @@ def measure_engine(
                 seed=1000 * i + 100 * j,
                 n=n,
                 submitted_at=time.time(),
+                schedule=grid,
             )
-            for j, (sv, st, n) in enumerate(mix)
+            for j, (sv, st, n, grid) in enumerate(mix)
         ]
 
     try:
@@ -259,7 +260,7 @@ def measure_engine(
         engine.close()
     forward_s = timed.total()
     images = rounds * batch
-    evaluations = rounds * sum(nfe(sv, st) * n for sv, st, n in mix)
+    evaluations = rounds * sum(nfe(sv, st) * n for sv, st, n, _ in mix)
     per_image_nfe = round(evaluations / images, 2)
     record: dict[str, Any] = {
         "bench": "engine",
@@ -284,7 +285,7 @@ def measure_engine(
         "cpu_s": round(cpu, 6),
         "images_per_cpu_s": round(images / cpu, 3),
         "nfe_per_s": round(evaluations / wall, 1),
-        "generations_per_round": [{"solver": sv, "steps": st, "n": n} for sv, st, n in mix],
+        "generations_per_round": [{"solver": sv, "steps": st, "n": n, "schedule": g} for sv, st, n, g in mix],
         "forward_calls": timed.calls,
         "forward_rows_per_call": round(timed.rows / max(timed.calls, 1), 2),
         "forward_s": round(forward_s, 6),
@@ -299,20 +300,23 @@ def measure_engine(
     return record
 
 
-def round_specs(solver: str, steps: int, batch: int) -> list[tuple[str, int, int]]:
-    """(solver, steps, n) of the generations that make one round of `batch` images. One solver:
-    one generation. 'mix': one generation per solver, the images split as evenly as they go,
-    each with the steps that cost about `steps` evaluations per image (rk4 gets steps // 4)."""
-    from arcdiff.model.solvers import SOLVERS, get_solver
+def round_specs(solver: str, steps: int, batch: int) -> list[tuple[str, int, int, str]]:
+    """(solver, steps, n, schedule) of the generations that make one round of `batch` images. One
+    solver: one generation on the uniform grid. 'mix': one generation per (solver, time grid), the
+    images split as evenly as they go (the grids in turn, so every solver and every grid is in the
+    batch from 30 images on), each with the steps that cost about `steps` evaluations per image
+    (rk4 gets steps // 4)."""
+    from arcdiff.model.solvers import GRIDS, SOLVERS, get_solver
 
     if solver != "mix":
-        return [(solver, steps, batch)]
-    share, extra = divmod(batch, len(SOLVERS))
+        return [(solver, steps, batch, "uniform")]
+    combos = [(name, grid) for grid in GRIDS for name in SOLVERS]
+    share, extra = divmod(batch, len(combos))
     out = []
-    for j, name in enumerate(SOLVERS):
+    for j, (name, grid) in enumerate(combos):
         n = share + (1 if j < extra else 0)
         if n:
-            out.append((name, max(1, steps // get_solver(name).nfe_per_step), n))
+            out.append((name, max(1, steps // get_solver(name).nfe_per_step), n, grid))
     return out
 
 

@@ -118,8 +118,65 @@ def uniform_eta_grid(steps: int, dtype: torch.dtype = torch.float64) -> torch.Te
     return torch.linspace(ETA_MAX, 0.0, steps + 1, dtype=dtype)
 
 
-def grid_eta(i: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """eta at index i of a uniform grid with `steps` steps, for per-sample (i, steps) vectors.
-    Same values as uniform_eta_grid, computed without materialising a grid per sample."""
+# The tuned grids span sigma = tan(eta) in [SIGMA_MIN, SIGMA_MAX] (measured on the bundled models:
+# arcdiff/model/eval/convergence.py) and add an explicit first step from pure noise (eta = pi/2)
+# and a final step to the data (eta = 0): grid point 0 is pi/2, points 1..n-1 run from SIGMA_MAX
+# to SIGMA_MIN, point n is 0. In lambda = log cot eta both end steps are infinitely long; the
+# solvers take them with their first-order (exponential-integrator) step.
+SIGMA_MIN = 0.05
+SIGMA_MAX = 5.0
+KARRAS_RHO = 7.0
+GRID_IDS = {"uniform": 0, "logsnr": 1, "karras": 2}  # the per-sample grid id held in a solver state
+
+
+def eta_from_log_snr_half(lam: torch.Tensor) -> torch.Tensor:
+    """The inverse of log_snr_half: eta = arctan(exp(-lambda))."""
+    return torch.atan(torch.exp(-lam))
+
+
+def eta_from_sigma(sigma: torch.Tensor) -> torch.Tensor:
+    """The angle of a VE noise level sigma = tan(eta) (x / cos(eta) = x0 + sigma eps)."""
+    return torch.atan(sigma)
+
+
+def grid_eta(i: torch.Tensor, steps: torch.Tensor, grid: torch.Tensor | None = None) -> torch.Tensor:
+    """eta at index i of a grid with `steps` steps, for per-sample (i, steps, grid id) vectors
+    (grid None: all uniform). Float64, computed without materialising a grid per sample.
+
+    uniform: eta = (pi/2)(1 - i/n), the paper's grid. logsnr: lambda = log cot eta uniform between
+    -log SIGMA_MAX and -log SIGMA_MIN. karras: sigma = tan eta with Karras et al.'s rho = 7 spacing
+    (sigma^(1/rho) uniform) between SIGMA_MAX and SIGMA_MIN. The tuned grids' interior points
+    are i = 1..n-1 (fraction t = (i-1)/(n-2); a single interior point sits at t = 1/2)."""
     i64, n64 = i.to(torch.float64), steps.to(torch.float64)
-    return ETA_MAX * (1.0 - i64 / n64)
+    uniform = ETA_MAX * (1.0 - i64 / n64)
+    if grid is None:
+        return uniform
+    t = torch.where(n64 > 2, (i64 - 1) / (n64 - 2).clamp_min(1.0), torch.full_like(i64, 0.5)).clamp(0.0, 1.0)
+    lam_lo, lam_hi = -math.log(SIGMA_MAX), -math.log(SIGMA_MIN)
+    logsnr = eta_from_log_snr_half(lam_lo + t * (lam_hi - lam_lo))
+    r_max, r_min = SIGMA_MAX ** (1 / KARRAS_RHO), SIGMA_MIN ** (1 / KARRAS_RHO)
+    karras = eta_from_sigma((r_max + t * (r_min - r_max)) ** KARRAS_RHO)
+    tuned = torch.where(grid == GRID_IDS["logsnr"], logsnr, karras)
+    tuned = torch.where(
+        i <= 0, torch.full_like(tuned, ETA_MAX), torch.where(i >= steps, torch.zeros_like(tuned), tuned)
+    )
+    return torch.where(grid == GRID_IDS["uniform"], uniform, tuned)
+
+
+def grid_etas(steps: int, grid: str = "uniform") -> torch.Tensor:
+    """The whole grid (steps + 1 angles, float64) of one named grid, for plots and tests."""
+    i = torch.arange(steps + 1)
+    return grid_eta(i, torch.full_like(i, steps), torch.full_like(i, GRID_IDS[grid]))
+
+
+def consistent_pair(
+    x: torch.Tensor, x0_hat: torch.Tensor, eps_hat: torch.Tensor, eta: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The heads' estimates projected onto x = cos(eta) x0 + sin(eta) eps, keeping their velocity:
+    x0 = cos x - sin v_hat, eps = sin x + cos v_hat (v_hat = velocity(x0_hat, eps_hat, eta)). The
+    same as moving both heads along the constraint by r = x - cos x0_hat - sin eps_hat:
+    x0 = x0_hat + cos r, eps = eps_hat + sin r. Near eta = 0 this takes x0 mostly from x, near
+    pi/2 eps mostly from x: the better-determined side at each end."""
+    v_hat = velocity(x0_hat, eps_hat, eta)
+    c, s = expand_like(torch.cos(eta), x), expand_like(torch.sin(eta), x)
+    return c * x - s * v_hat, s * x + c * v_hat

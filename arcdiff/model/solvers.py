@@ -1,25 +1,32 @@
-"""Samplers that integrate from eta = pi/2 (noise) to eta = 0 (data) on a uniform eta grid.
+"""Samplers that integrate from eta = pi/2 (noise) to eta = 0 (data) on a per-sample time grid.
 
 Every solver is written as a per-sample state machine advanced one network evaluation at a time:
 
-    state = solver.init(x_T, steps)               # per-sample tensors, leading batch dim
+    state = solver.init(x_T, steps, schedule)     # per-sample tensors, leading batch dim
     x, eta = solver.point(state)                 # where each sample wants its next evaluation
     x0_hat, eps_hat = denoiser(x, eta)
     done = solver.advance(state, x0_hat, eps_hat, noise)
 
-Samples in one state may be at different steps, stages and grid sizes, so a worker can run many
-requests in one batch and let samples join and leave at every evaluation. A state is a plain
-dict of tensors (concatenate to join, index to leave); the solver objects hold no state, so any
-number of requests can share them. `sample()` is the thin loop over this for one batch.
+Samples in one state may be at different steps, stages, grids (schedule.GRID_IDS) and step
+counts, so a worker can run many requests in one batch and let samples join and leave at every
+evaluation. A state is a plain dict of tensors (concatenate to join, index to leave); the solver
+objects hold no state, so any number of requests can share them. `sample()` is the thin loop over
+this for one batch.
 
-Which form of the update each solver uses matters for a dual-head model, whose x is not exactly
-cos(eta) x0_hat + sin(eta) eps_hat:
-- euler, heun, rk4: velocity form, v_hat = -sin(eta) x0_hat + cos(eta) eps_hat (equation 13).
-- ddim: x0+eps form, x_next = cos(eta_next) x0_hat + sin(eta_next) eps_hat.
-- ddpm: ancestral DDIM with full noise (DDIM's eta = 1), in the x0+eps form: x_next =
-  cos(eta_next) x0_hat + sqrt(sin^2(eta_next) - var) eps_hat + sqrt(var) z, with var the DDPM
-  posterior variance between the two grid points.
-- dpmpp2m: data-prediction form (x0_hat only, and x through the exponential integrator).
+How each solver consumes (x0_hat, eps_hat) matters for a dual-head model, whose x is not exactly
+cos(eta) x0_hat + sin(eta) eps_hat (3-5% RMS off on the bundled `mnist`). `Solver.pair` decides it
+in one place (`Solver.inputs`):
+- "projected": schedule.consistent_pair, the pair on the constraint with the heads' velocity
+  v_hat. Every solver that forms its update from x0 and/or eps uses it (ddim, ddpm, the
+  DPM-Solver++ family, UniPC): then their updates are discretisations of the same velocity ODE
+  that euler/heun/rk4 integrate, and converge to its solution. With the heads as predicted,
+  ddim re-applies the heads' disagreement with x at every step (its error against a reference
+  trajectory grows with steps on `mnist`) and dpmpp2m follows the x0 head's own ODE (its error
+  stalls); figures in arcdiff/model/eval/convergence.py's table (docs/evaluation.md).
+- euler, heun, rk4 use the velocity form, v_hat = -sin(eta) x0_hat + cos(eta) eps_hat (equation
+  13), which the projection leaves unchanged.
+For a one-head model with an unclipped derived head the pair is already consistent and the
+projection changes nothing.
 """
 
 from __future__ import annotations
@@ -29,15 +36,32 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from arcdiff.model import solver_names
 from arcdiff.model.denoiser import DenoiserFn
-from arcdiff.model.schedule import ETA_MAX, expand_like, grid_eta
+from arcdiff.model.schedule import ETA_MAX, GRID_IDS, consistent_pair, expand_like, grid_eta, log_snr_half
 
 State = dict[str, torch.Tensor]
+GRIDS = solver_names.GRIDS
 
 
 def _per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A float64 per-sample coefficient, cast to x's dtype and shaped to broadcast against it."""
     return expand_like(v.to(x.dtype), x)
+
+
+def grid_ids(schedule: str | Sequence[str] | torch.Tensor | None, b: int, device: torch.device) -> torch.Tensor:
+    """Per-sample grid ids (long, shape (b,)) from a time grid's name, a name per sample, or ids."""
+    if schedule is None:
+        schedule = "uniform"
+    if isinstance(schedule, torch.Tensor):
+        ids = schedule.to(device=device, dtype=torch.long)
+    else:
+        names = [schedule] if isinstance(schedule, str) else list(schedule)
+        bad = [g for g in names if g not in GRID_IDS]
+        if bad:
+            raise ValueError(f"unknown schedule {bad[0]!r}; expected one of {', '.join(GRIDS)}")
+        ids = torch.tensor([GRID_IDS[g] for g in names], dtype=torch.long, device=device)
+    return ids.expand(b).clone()
 
 
 class Solver:
@@ -46,37 +70,74 @@ class Solver:
     name: str = ""
     nfe_per_step: int = 1
     stochastic: bool = False
+    pair: str = "predicted"  # "predicted" or "projected": how advance() consumes the two heads
 
     def nfe(self, steps: int) -> int:
         return steps * self.nfe_per_step
 
-    def init(self, x_T: torch.Tensor, steps: torch.Tensor) -> State:
-        """A state for samples starting at x_T; `steps` is one step count per sample."""
+    def variant(self, pair: str) -> Solver:
+        """The same solver consuming the heads as `pair` (for measuring the choice)."""
+        if pair not in ("predicted", "projected"):
+            raise ValueError(f"unknown pair {pair!r}")
+        other = type(self).__new__(type(self))
+        other.__dict__.update(self.__dict__)
+        other.pair = pair
+        return other
+
+    def init(
+        self,
+        x_T: torch.Tensor,
+        steps: torch.Tensor,
+        schedule: str | Sequence[str] | torch.Tensor | None = None,
+        etas: torch.Tensor | None = None,
+    ) -> State:
+        """A state for samples starting at x_T; `steps` is one step count per sample, `schedule`
+        the time grid's name (solver_names.GRIDS; or one per sample, or grid ids). `etas`
+        (B, steps + 1), decreasing, replaces the named grid with explicit points (tests against
+        other implementations; all rows the same length)."""
         b = x_T.shape[0]
         i = torch.zeros(b, dtype=torch.long, device=x_T.device)
         n = steps.to(device=x_T.device, dtype=torch.long).expand(b).clone()
-        eta0 = grid_eta(i, n)
+        st: State = {"x": x_T.clone(), "i": i, "n": n, "grid": grid_ids(schedule, b, x_T.device)}
+        if etas is not None:
+            st["etas"] = etas.to(device=x_T.device, dtype=torch.float64).expand(b, -1).clone()
+        eta0 = self._grid(st, i)
         # the current step's ends (and the previous step's start) are kept in the state rather than
-        # recomputed from (i, n) at every call: fewer small ops per evaluation, same values
-        return {"x": x_T.clone(), "i": i, "n": n, "eta_prev": eta0, "eta0": eta0, "eta1": grid_eta(i + 1, n)}
+        # recomputed at every call: fewer small ops per evaluation, same values
+        st.update(eta_prev=eta0, eta0=eta0, eta1=self._grid(st, i + 1))
+        return st
+
+    @staticmethod
+    def _grid(st: State, i: torch.Tensor) -> torch.Tensor:
+        if "etas" in st:
+            return st["etas"].gather(1, i.clamp(max=st["etas"].shape[1] - 1)[:, None])[:, 0]
+        return grid_eta(i, st["n"], st["grid"])
 
     def _etas(self, st: State) -> tuple[torch.Tensor, torch.Tensor]:
         """(eta_i, eta_{i+1}) in float64 for every sample's current step."""
         return st["eta0"], st["eta1"]
 
-    @staticmethod
-    def _next_step(st: State, stepped: torch.Tensor | None = None) -> torch.Tensor:
+    @classmethod
+    def _next_step(cls, st: State, stepped: torch.Tensor | None = None) -> torch.Tensor:
         """Move the samples in `stepped` (all if None) to their next step; returns the finished mask."""
         if stepped is None:
             st["i"] = st["i"] + 1
             st["eta_prev"], st["eta0"] = st["eta0"], st["eta1"]
-            st["eta1"] = grid_eta(st["i"] + 1, st["n"])
+            st["eta1"] = cls._grid(st, st["i"] + 1)
         else:
             st["i"] = st["i"] + stepped.long()
             st["eta_prev"] = torch.where(stepped, st["eta0"], st["eta_prev"])
             st["eta0"] = torch.where(stepped, st["eta1"], st["eta0"])
-            st["eta1"] = torch.where(stepped, grid_eta(st["i"] + 1, st["n"]), st["eta1"])
+            st["eta1"] = torch.where(stepped, cls._grid(st, st["i"] + 1), st["eta1"])
         return st["i"] >= st["n"]
+
+    def inputs(self, st: State, x0_hat: torch.Tensor, eps_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (x0, eps) a one-stage solver's update uses, from an evaluation at (st["x"], eta0)."""
+        x = st["x"]
+        x0_hat, eps_hat = x0_hat.to(x.dtype), eps_hat.to(x.dtype)
+        if self.pair == "projected":
+            return consistent_pair(x, x0_hat, eps_hat, st["eta0"].to(x.dtype))
+        return x0_hat, eps_hat
 
     def point(self, st: State) -> tuple[torch.Tensor, torch.Tensor]:
         eta, _ = self._etas(st)
@@ -114,8 +175,8 @@ class RungeKutta(Solver):
             t = self._on_device[device] = (self.a.to(device), self.b.to(device), self.c.to(device))
         return t
 
-    def init(self, x_T: torch.Tensor, steps: torch.Tensor) -> State:
-        st = super().init(x_T, steps)
+    def init(self, x_T, steps, schedule=None, etas=None) -> State:  # same arguments as Solver.init
+        st = super().init(x_T, steps, schedule, etas)
         st["k"] = x_T.new_zeros((x_T.shape[0], self.nfe_per_step, *x_T.shape[1:]))
         st["stage"] = torch.zeros_like(st["i"])
         return st
@@ -154,18 +215,18 @@ class RungeKutta(Solver):
 
 
 class DDIM(Solver):
-    """x_next = cos(eta_next) x0_hat + sin(eta_next) eps_hat: exact for a constant (x0, eps)."""
+    """x_next = cos(eta_next) x0 + sin(eta_next) eps: exact for a constant (x0, eps); on the
+    projected pair the same as the first-order exponential integrator in lambda."""
 
     name = "ddim"
+    pair = "projected"
 
     def advance(
         self, st: State, x0_hat: torch.Tensor, eps_hat: torch.Tensor, noise: torch.Tensor | None = None
     ) -> torch.Tensor:
         _, eta1 = self._etas(st)
-        x = st["x"]
-        st["x"] = _per_sample(torch.cos(eta1), x) * x0_hat.to(x.dtype) + _per_sample(torch.sin(eta1), x) * eps_hat.to(
-            x.dtype
-        )
+        x0, eps = self.inputs(st, x0_hat, eps_hat)
+        st["x"] = _per_sample(torch.cos(eta1), x0) * x0 + _per_sample(torch.sin(eta1), x0) * eps
         return self._next_step(st)
 
 
@@ -174,12 +235,15 @@ class DDPM(Solver):
 
     With alpha_bar = cos^2(eta) the step from eta to eta' has beta = 1 - cos^2(eta)/cos^2(eta') and
     posterior variance var = sin^2(eta')/sin^2(eta) * beta. At eta = pi/2 this gives var =
-    sin^2(eta') (x_next = cos x0_hat + sin z), at eta' = 0 var = 0 (x_next = x0_hat).
-    The noise z comes from each sample's own generator (the caller passes it in).
+    sin^2(eta') (x_next = cos x0 + sin z), at eta' = 0 var = 0 (x_next = x0).
+    The noise z comes from each sample's own generator (the caller passes it in). On the projected
+    pair: with the heads as predicted the heads' disagreement with x is re-applied at every step
+    and the samples degrade as steps grow.
     """
 
     name = "ddpm"
     stochastic = True
+    pair = "projected"
 
     def advance(
         self, st: State, x0_hat: torch.Tensor, eps_hat: torch.Tensor, noise: torch.Tensor | None = None
@@ -187,14 +251,14 @@ class DDPM(Solver):
         if noise is None:
             raise ValueError("ddpm is stochastic: advance() needs a noise tensor")
         eta0, eta1 = self._etas(st)
+        x0, eps = self.inputs(st, x0_hat, eps_hat)
         s0, c1, s1 = torch.sin(eta0), torch.cos(eta1), torch.sin(eta1)
         beta = 1.0 - torch.cos(eta0) ** 2 / c1**2
         var = (s1**2 / s0**2 * beta).clamp(min=0.0)
-        x = st["x"]
         st["x"] = (
-            _per_sample(c1, x) * x0_hat.to(x.dtype)
-            + _per_sample((s1**2 - var).clamp(min=0.0).sqrt(), x) * eps_hat.to(x.dtype)
-            + _per_sample(var.sqrt(), x) * noise.to(x.dtype)
+            _per_sample(c1, x0) * x0
+            + _per_sample((s1**2 - var).clamp(min=0.0).sqrt(), x0) * eps
+            + _per_sample(var.sqrt(), x0) * noise.to(x0.dtype)
         )
         return self._next_step(st)
 
@@ -202,46 +266,279 @@ class DDPM(Solver):
 def _lambda(eta: torch.Tensor) -> torch.Tensor:
     """lambda = log(cot eta) in float64, exactly -inf at pi/2 and +inf at 0 (float cos(pi/2) is
     6e-17, not 0, which would make the first step merely very long instead of infinite)."""
-    lam = torch.log(torch.cos(eta)) - torch.log(torch.sin(eta))
+    lam = log_snr_half(eta)
     lam = torch.where(eta >= ETA_MAX, torch.full_like(lam, -math.inf), lam)
     return torch.where(eta <= 0, torch.full_like(lam, math.inf), lam)
 
 
-class DPMSolverPP2M(Solver):
-    """DPM-Solver++(2M) (Lu et al. 2022) in lambda = log(cot eta), data-prediction form.
+def _alpha_sigma(eta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos eta, sin eta) with exact zeros at pi/2 and 0."""
+    alpha = torch.where(eta >= ETA_MAX, torch.zeros_like(eta), torch.cos(eta))
+    sigma = torch.where(eta <= 0, torch.zeros_like(eta), torch.sin(eta))
+    return alpha, sigma
 
-    x' = (sin eta' / sin eta) x + cos(eta') (1 - e^{-h}) D, h = lambda' - lambda,
-    D = x0_hat + (h / (2 h_prev)) (x0_hat - x0_prev) for the second-order steps.
-    Both ends of the grid are infinite steps in lambda. The first step (h = inf) has no previous
-    estimate and is first order; on the second, h_prev = inf makes the correction vanish; the last
-    step (to eta = 0, h = inf) is taken first order, which returns x0_hat (as DPM-Solver's
-    "lower order final" does). e^{-h} is computed as tan(eta')/tan(eta), finite at both ends.
+
+class Multistep(Solver):
+    """Base of the exponential integrators in lambda = log(cot eta) that reuse past x0 estimates
+    (data-prediction form, DPM-Solver++ and UniPC), on the projected pair.
+
+    State: the x0 estimates at the last `history` grid points (m, newest first) and their lambdas
+    (lam; -inf where there is none yet: pi/2 is lambda = -inf, so the point at pure noise
+    contributes nothing to a difference quotient and the formulas reduce to lower order by
+    themselves). With h = lambda' - lambda, e^{-h} = tan(eta')/tan(eta) is finite at both ends;
+    the last step (to eta = 0, h = inf) is always first order and returns the x0 estimate.
     """
 
-    name = "dpmpp2m"
+    pair = "projected"
+    order: int = 2
+    history: int = 1
 
-    def init(self, x_T: torch.Tensor, steps: torch.Tensor) -> State:
-        st = super().init(x_T, steps)
-        st["x0_prev"] = torch.zeros_like(x_T)
+    def init(self, x_T, steps, schedule=None, etas=None) -> State:  # same arguments as Solver.init
+        st = super().init(x_T, steps, schedule, etas)
+        b = x_T.shape[0]
+        st["m"] = x_T.new_zeros((b, self.history, *x_T.shape[1:]))
+        st["lam"] = torch.full((b, self.history), -math.inf, dtype=torch.float64, device=x_T.device)
         return st
+
+    def _step_order(self, st: State) -> torch.Tensor:
+        """The order of every sample's current step: warm-up (i + 1), first order into eta = 0."""
+        order = torch.minimum(st["i"] + 1, torch.full_like(st["i"], self.order))
+        return torch.where(st["eta1"] <= 0, torch.ones_like(order), order)
+
+    @staticmethod
+    def _push(st: State, m: torch.Tensor, lam: torch.Tensor) -> None:
+        st["m"] = torch.cat([m[:, None], st["m"][:, :-1]], dim=1)
+        st["lam"] = torch.cat([lam[:, None], st["lam"][:, :-1]], dim=1)
+
+
+def _combine(x: torch.Tensor, c_x: torch.Tensor, m: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """c_x x + sum_j w[:, j] m[:, j] with float64 per-sample coefficients (c_x (B,), w (B, K))."""
+    return _per_sample(c_x, x) * x + torch.einsum("bk,bk...->b...", w.to(x.dtype), m)
+
+
+class DPMSolverPP(Multistep):
+    """DPM-Solver++ (Lu et al. 2022), multistep, orders 2 and 3, as in diffusers'
+    DPMSolverMultistepScheduler (midpoint form) with lower_order_final:
+
+    x' = (sigma'/sigma) x + alpha' (1 - e^{-h}) D0 - alpha' (e^{-h} - 1) ... ; with r_k = h_k / h,
+    2M: x' = (sigma'/sigma) x + alpha' (1 - e^{-h}) (D0 + D1 / 2), D1 = (m0 - m1) / r0;
+    3M adds the second difference (diffusers' multistep_dpm_solver_third_order_update). Ratios are
+    written as q = h / h_k, which is 0 next to the infinite first step. Below 15 steps the
+    second-to-last step is at most second order (diffusers' lower_order_final).
+    `sde`: DPM-Solver++(2M) SDE: x' = (sigma'/sigma) e^{-h} x + alpha' (1 - e^{-2h}) D
+    + sigma' sqrt(1 - e^{-2h}) z, z from each sample's own generator.
+    """
+
+    def __init__(self, name: str, order: int, sde: bool = False):
+        self.name, self.order, self.history, self.stochastic = name, order, order - 1, sde
+
+    def _step_order(self, st: State) -> torch.Tensor:
+        order = super()._step_order(st)
+        if self.order > 2:
+            second_last = (st["n"] < 15) & (st["i"] == st["n"] - 2)
+            order = torch.where(second_last, order.clamp(max=2), order)
+        return order
+
+    def advance(
+        self, st: State, x0_hat: torch.Tensor, eps_hat: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if self.stochastic and noise is None:
+            raise ValueError(f"{self.name} is stochastic: advance() needs a noise tensor")
+        eta0, eta1 = self._etas(st)
+        m0, _ = self.inputs(st, x0_hat, eps_hat)
+        (a0, s0), (a1, s1) = _alpha_sigma(eta0), _alpha_sigma(eta1)
+        lam0, lam1 = _lambda(eta0), _lambda(eta1)
+        h = lam1 - lam0
+        e = s1 * a0 / (a1 * s0)  # e^{-h}
+        order = self._step_order(st)
+        # q_k = h / h_k for the previous steps (h_0 = lam0 - lam_{-1}); 0 beside the infinite first step
+        finite = torch.isfinite(h)
+        h_safe = torch.where(finite, h, torch.ones_like(h))
+        hk = torch.cat([lam0[:, None], st["lam"][:, :-1]], dim=1) - st["lam"]
+        q = torch.where(finite[:, None] & (order[:, None] >= 2), h_safe[:, None] / hk, torch.zeros_like(hk))
+        # weights on (m0, m1, m2) of D = D0 + c1 D1 + c2 D2 (the bracket the step multiplies)
+        w = torch.zeros((len(h), 1 + self.history), dtype=torch.float64, device=h.device)
+        w[:, 0] = 1.0
+        if self.stochastic:
+            c_x, c_d = s1 / s0 * e, a1 * (1 - e * e)
+        else:
+            c_x, c_d = s1 / s0, a1 * (1 - e)
+        # D1_0 = q0 (m0 - m1)
+        q0 = q[:, 0]
+        if self.order == 2:
+            c1 = 0.5 * torch.ones_like(h)
+            c2 = torch.zeros_like(h)
+            q1 = torch.zeros_like(h)
+        else:
+            q1 = torch.where(order >= 3, q[:, 1], torch.zeros_like(h))
+            # third-order coefficients of D1 and D2 relative to alpha' (1 - e^{-h})
+            one_m_e = torch.where(finite, 1 - e, torch.ones_like(e))
+            c1 = torch.where(order >= 3, (1 - (1 - e) / h_safe) / one_m_e, 0.5 * torch.ones_like(h))
+            c2 = torch.where(order >= 3, ((1 - e) / h_safe - 1 + 0.5 * h_safe) / h_safe / one_m_e, torch.zeros_like(h))
+        # D1 = D1_0 + q1/(q0+q1) (D1_0 - D1_1), D2 = q0 q1/(q0+q1) (D1_0 - D1_1), D1_1 = q1 (m1 - m2)
+        qs = q0 + q1
+        both = qs != 0
+        f1 = torch.where(both, q1 / torch.where(both, qs, torch.ones_like(qs)), torch.zeros_like(qs))
+        f2 = torch.where(both, q0 * q1 / torch.where(both, qs, torch.ones_like(qs)), torch.zeros_like(qs))
+        # D1_0 - D1_1 = q0 m0 - (q0 + q1) m1 + q1 m2
+        d1 = [q0 * (1 + f1), -q0 - f1 * qs, f1 * q1]  # D1 on (m0, m1, m2)
+        d2 = [f2 * q0, -f2 * qs, f2 * q1]  # D2 on (m0, m1, m2)
+        for j in range(1 + self.history):
+            w[:, j] += c1 * d1[j] + c2 * d2[j]
+        m = torch.cat([m0[:, None], st["m"]], dim=1)
+        x = _combine(st["x"], c_x, m, c_d[:, None] * w)
+        if noise is not None and self.stochastic:
+            x = x + _per_sample(s1 * (1 - e * e).clamp(min=0).sqrt(), x) * noise.to(x.dtype)
+        st["x"] = x
+        self._push(st, m0, lam0)
+        return self._next_step(st)
+
+
+def _unipc_b(h: torch.Tensor, order: int) -> list[torch.Tensor]:
+    """UniPC's b vector for B(h) = e^h - 1 ("bh2", data prediction: hh = -h): b_k = k! phi_{k+1}(hh)
+    / B(hh) with h phi_1 = e^hh - 1, from diffusers' multistep_uni_p_bh_update recursion. At
+    h = inf every b_k is 1."""
+    hh = -h
+    h_phi_1 = torch.expm1(hh)
+    b_h = h_phi_1
+    h_phi_k = h_phi_1 / hh - 1
+    out, factorial = [], 1
+    for k in range(1, order + 1):
+        out.append(h_phi_k * factorial / b_h)
+        factorial *= k + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    return out
+
+
+class UniPC(Multistep):
+    """UniPC (Zhao et al. 2023), B(h) = e^h - 1 ("bh2"), data prediction, orders 2 and 3, as in
+    diffusers' UniPCMultistepScheduler (with lower_order_final): a predictor (UniP) from the current
+    point to the next, and a corrector (UniC) that, once the network has been evaluated at the
+    predicted point, recomputes that point with this new x0 estimate as well; the next predictor
+    starts from the corrected point. The evaluation is reused, so NFE = steps.
+
+    Both have the form x' = (sigma'/sigma) x + alpha' (1 - e^{-h}) [m0 + sum_k rho_k (m_k - m0) / r_k
+    (+ rho_t (m_t - m0) in the corrector)], r_k = (lambda_k - lambda_0) / h for the earlier
+    points, the rho from the b vector (a linear solve; diffusers' fixed 1/2 for the order-2
+    predictor and the order-1 corrector). At the infinite first step the order-1 corrector's 1/2
+    (the small-h limit of b_1) would average in the estimate at pure noise; it uses b_1 = 1 there,
+    its limit at h = inf. Earlier points at pure noise (r = -inf) drop out as their limits do.
+
+    State (besides Multistep's): x_last, the corrected point the last predictor started from,
+    and p_last, that predictor's order (the corrector uses the same).
+    """
+
+    def __init__(self, name: str, order: int):
+        self.name, self.order, self.history = name, order, order
+
+    def init(self, x_T, steps, schedule=None, etas=None) -> State:  # same arguments as Solver.init
+        st = super().init(x_T, steps, schedule, etas)
+        st["x_last"] = x_T.clone()
+        st["p_last"] = torch.zeros_like(st["i"])
+        return st
+
+    def _step_order(self, st: State) -> torch.Tensor:
+        # diffusers' lower_order_final for UniPC: order at most the number of steps left
+        return torch.minimum(super()._step_order(st), st["n"] - st["i"])
+
+    @staticmethod
+    def _rhos(r: list[torch.Tensor], b: list[torch.Tensor], p: int, corrector: bool) -> list[torch.Tensor]:
+        """Solve sum_k rho_k r_k^(j-1) = b_j (j = 1..p, r_t = 1 last in the corrector) per sample.
+        r entries are finite here (infinite ones are masked by the caller)."""
+        rs = r[: p - 1] + ([torch.ones_like(b[0])] if corrector else [])
+        n = len(rs)
+        if n == 0:
+            return []
+        mat = torch.stack([torch.stack([rk**j for rk in rs], dim=-1) for j in range(n)], dim=-2)  # (B, n, n)
+        return list(torch.linalg.solve(mat, torch.stack(b[:n], dim=-1)).unbind(-1))
+
+    def _update(
+        self,
+        x: torch.Tensor,
+        m0: torch.Tensor,
+        hist: torch.Tensor,
+        lam_hist: torch.Tensor,
+        lam0: torch.Tensor,
+        eta0: torch.Tensor,
+        eta1: torch.Tensor,
+        order: torch.Tensor,
+        m_t: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One UniP step (m_t None) or UniC step (m_t: the estimate at eta1) from (x, m0) at eta0."""
+        (a0, s0), (a1, s1) = _alpha_sigma(eta0), _alpha_sigma(eta1)
+        h = _lambda(eta1) - lam0
+        finite = torch.isfinite(h)
+        h_safe = torch.where(finite, h, torch.ones_like(h))
+        e = s1 * a0 / (a1 * s0)
+        b = [torch.where(finite, bk, torch.ones_like(bk)) for bk in _unipc_b(h_safe, self.order)]
+        # r_k for the earlier points; where an earlier point is missing or at pure noise, a dummy
+        # finite value (its weight is masked to 0 below, and the order drops with it)
+        k_hist = lam_hist.shape[1]
+        valid = [torch.isfinite(lam_hist[:, k]) & finite for k in range(k_hist)]
+        r = [
+            torch.where(valid[k], (lam_hist[:, k] - lam0) / h_safe, torch.full_like(h, -1.0 - k)) for k in range(k_hist)
+        ]
+        # the effective order: the points actually available (an infinite one ends the run)
+        have = torch.zeros_like(order)
+        run = torch.ones_like(finite)
+        for k in range(k_hist):
+            run = run & valid[k]
+            have = have + run.long()
+        eff = torch.minimum(order, have + 1)
+        corrector = m_t is not None
+        wm = torch.zeros((len(h), 1 + k_hist + 1), dtype=torch.float64, device=h.device)  # (m0, hist..., m_t)
+        for p in range(1, self.order + 1):
+            sel = eff == p
+            if corrector:
+                if p == 1:
+                    rho = [torch.where(finite & (order == 1), 0.5 * torch.ones_like(h), b[0])]
+                else:
+                    rho = self._rhos(r, b, p, corrector=True)
+            else:
+                if p == 1:
+                    rho = []
+                elif p == 2:
+                    rho = [0.5 * torch.ones_like(h)]
+                else:
+                    rho = self._rhos(r, b, p, corrector=False)
+            w = torch.zeros_like(wm)
+            w[:, 0] = 1.0
+            for k in range(p - 1):  # earlier points: rho_k (m_k - m0) / r_k
+                w[:, 1 + k] += rho[k] / r[k]
+                w[:, 0] -= rho[k] / r[k]
+            if corrector:
+                w[:, -1] += rho[-1]
+                w[:, 0] -= rho[-1]
+            wm = torch.where(sel[:, None], w, wm)
+        c_d = a1 * (1 - e)
+        ms = [m0[:, None], hist] + ([m_t[:, None]] if m_t is not None else [])
+        wm = wm if corrector else wm[:, :-1]
+        return _combine(x, s1 / s0, torch.cat(ms, dim=1), c_d[:, None] * wm)
 
     def advance(
         self, st: State, x0_hat: torch.Tensor, eps_hat: torch.Tensor, noise: torch.Tensor | None = None
     ) -> torch.Tensor:
         eta0, eta1 = self._etas(st)
-        eta_prev = st["eta_prev"]  # eta_{i-1}; eta_0 itself on the first step
-        x = st["x"]
-        x0_hat = x0_hat.to(x.dtype)
-        sigma_ratio = torch.sin(eta1) / torch.sin(eta0)
-        exp_neg_h = torch.sin(eta1) * torch.cos(eta0) / (torch.cos(eta1) * torch.sin(eta0))
-        h = _lambda(eta1) - _lambda(eta0)
-        h_prev = _lambda(eta0) - _lambda(eta_prev)
-        second = (st["i"] > 0) & (eta1 > 0)
-        w = torch.where(second, h / torch.where(second, 2 * h_prev, torch.ones_like(h_prev)), torch.zeros_like(h))
-        w = torch.nan_to_num(w, nan=0.0, posinf=0.0)  # h_prev = inf: the correction vanishes
-        d = x0_hat + _per_sample(w, x) * (x0_hat - st["x0_prev"])
-        st["x"] = _per_sample(sigma_ratio, x) * x + _per_sample(torch.cos(eta1) * (1 - exp_neg_h), x) * d
-        st["x0_prev"] = x0_hat
+        m_t, _ = self.inputs(st, x0_hat, eps_hat)
+        lam0 = _lambda(eta0)
+        # UniC: redo the step that led here (from eta_prev, where x_last was) with m_t as well
+        corrected = self._update(
+            st["x_last"],
+            st["m"][:, 0],
+            st["m"][:, 1:],
+            st["lam"][:, 1:],
+            st["lam"][:, 0],
+            st["eta_prev"],
+            eta0,
+            st["p_last"].clamp(min=1),
+            m_t,
+        )
+        x = torch.where(expand_like(st["i"] > 0, corrected), corrected, st["x"])
+        # UniP from the corrected point
+        order = self._step_order(st)
+        st["x"] = self._update(x, m_t, st["m"], st["lam"], lam0, eta0, eta1, order, None)
+        st["x_last"], st["p_last"] = x, order
+        self._push(st, m_t, lam0)
         return self._next_step(st)
 
 
@@ -255,11 +552,17 @@ _IMPLS: dict[str, Solver] = {
         ),
         DDIM(),
         DDPM(),
-        DPMSolverPP2M(),
+        DPMSolverPP("dpmpp2m", order=2),
+        UniPC("unipc2", order=2),
+        UniPC("unipc3", order=3),
+        DPMSolverPP("dpmpp3m", order=3),
+        DPMSolverPP("dpmpp2m_sde", order=2, sde=True),
     )
 }
 
-SOLVERS: tuple[str, ...] = tuple(_IMPLS)
+SOLVERS: tuple[str, ...] = solver_names.SOLVERS
+if tuple(_IMPLS) != SOLVERS or any(_IMPLS[n].nfe_per_step != k for n, k in solver_names.NFE_PER_STEP.items()):
+    raise RuntimeError("solver_names.py is out of step with the solvers implemented here")
 
 
 def get_solver(name: str) -> Solver:
@@ -298,19 +601,22 @@ def sample(
     denoiser: DenoiserFn,
     x_T: torch.Tensor,
     steps: int,
-    solver: str,
+    solver: str | Solver,
     generator: Generators = None,
     callback: Callable[[int, State], None] | None = None,
+    schedule: str | Sequence[str] | None = None,
+    etas: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Integrate from x_T at eta = pi/2 to eta = 0 in `steps` steps; returns x0.
 
     `denoiser(x, eta) -> (x0_hat, eps_hat)` with eta one value per sample. `generator` feeds the
-    stochastic solver (ddpm): one generator, or one per sample.
+    stochastic solvers (ddpm, dpmpp2m_sde): one generator, or one per sample. `schedule`: the time
+    grid (solver_names.GRIDS; default uniform), one name or one per sample; `etas`: explicit points.
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    impl = get_solver(solver)
-    st = impl.init(x_T, torch.tensor(steps))
+    impl = get_solver(solver) if isinstance(solver, str) else solver
+    st = impl.init(x_T, torch.tensor(steps), schedule, etas)
     for k in range(impl.nfe(steps)):
         x, eta = impl.point(st)
         x0_hat, eps_hat = denoiser(x, eta)

@@ -13,8 +13,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from arcdiff.contract import MAX_STEPS, SEED_MAX, SOLVER_NAMES
+from arcdiff.model.solver_names import DEFAULT_SCHEDULE, DEFAULT_SOLVER, DEFAULT_STEPS, GRIDS, NFE_PER_STEP, SOLVERS
 
-Solver = Literal["euler", "heun", "rk4", "ddim", "ddpm", "dpmpp2m"]
+Solver = Literal[SOLVERS]  # type: ignore[valid-type]  # the names of model.solver_names
+Schedule = Literal[GRIDS]  # type: ignore[valid-type]
 Status = Literal["queued", "running", "finished", "failed", "canceled"]
 MAX_IMAGES_CAP = 256
 
@@ -25,15 +27,43 @@ class GenerationRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
-            "examples": [{"model": "mnist", "steps": 10, "solver": "rk4", "seed": 7, "n": 4, "wait": True}]
+            "examples": [
+                {"model": "mnist", "n": 4, "wait": True},
+                {
+                    "model": "mnist",
+                    "steps": 10,
+                    "solver": "rk4",
+                    "schedule": "uniform",
+                    "seed": 7,
+                    "n": 4,
+                    "wait": True,
+                },
+            ]
         },
     )
 
     model: str = Field(description="a model from GET /v1/models")
-    steps: int = Field(
-        strict=True, ge=1, le=MAX_STEPS, description="solver steps (network evaluations = steps x stages)"
+    # optional, and null is not a value: omit a field to get its default (the default is not validated)
+    steps: int = Field(  # type: ignore[assignment]
+        None,
+        strict=True,
+        ge=1,
+        le=MAX_STEPS,
+        description="solver steps (network evaluations = steps x stages). Omitted: about "
+        f"{DEFAULT_STEPS * NFE_PER_STEP[DEFAULT_SOLVER]} network evaluations of the solver",
     )
-    solver: Solver = Field(description="euler, heun, rk4 (velocity form), ddim, ddpm (stochastic) or dpmpp2m")
+    solver: Solver = Field(  # type: ignore[assignment]
+        None,
+        description="euler, heun, rk4 (the paper's Runge-Kutta, velocity form), ddim, ddpm (stochastic), dpmpp2m, "
+        "unipc2, unipc3, dpmpp3m or dpmpp2m_sde (stochastic). Omitted: the measured default "
+        f"({DEFAULT_SOLVER}, {DEFAULT_STEPS} steps, {DEFAULT_SCHEDULE}; see GET /v1/models)",
+    )
+    schedule: Schedule = Field(  # type: ignore[assignment]
+        None,
+        description="the time grid: uniform (in eta, the paper's), logsnr (uniform in log cot eta) or karras "
+        "(rho = 7 in tan eta). Omitted: uniform for euler, heun, rk4, ddim, ddpm and dpmpp2m, "
+        f"{DEFAULT_SCHEDULE} for the others",
+    )
     seed: int | None = Field(
         None,
         strict=True,
@@ -100,6 +130,7 @@ class GenerationOut(BaseModel):
     model: str
     steps: int
     solver: str
+    schedule: str = Field(description="the time grid the images were sampled on")
     seed: int
     n: int
     nfe: int = Field(description="network evaluations per image")
@@ -124,6 +155,12 @@ class ModelOut(BaseModel):
         None,
         description="live workers serving the model (embedded: 1 once loaded); 0: generations wait in the queue "
         "until one starts; null: unknown (Redis unreachable)",
+    )
+    schedules: list[str] = Field(list(GRIDS), description="the time grids a request may name")
+    nfe_per_step: dict[str, int] = Field(dict(NFE_PER_STEP), description="network evaluations per step, per solver")
+    defaults: dict[str, str | int] = Field(
+        {"solver": DEFAULT_SOLVER, "steps": DEFAULT_STEPS, "schedule": DEFAULT_SCHEDULE},
+        description="what a request that omits solver, steps and schedule gets",
     )
 
 

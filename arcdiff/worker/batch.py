@@ -52,10 +52,16 @@ class SolverGroup:
         return len(self.slots)
 
     def add(
-        self, x_T: torch.Tensor, steps: torch.Tensor, slots: Sequence[Any], generators: Sequence[torch.Generator]
+        self,
+        x_T: torch.Tensor,
+        steps: torch.Tensor,
+        slots: Sequence[Any],
+        generators: Sequence[torch.Generator],
+        schedules: Sequence[str] | None = None,
     ) -> None:
-        """Join: a fresh state for the new rows, concatenated after the running ones."""
-        fresh = self.impl.init(x_T, steps)
+        """Join: a fresh state for the new rows (each with its own step count and time grid),
+        concatenated after the running ones."""
+        fresh = self.impl.init(x_T, steps, schedules)
         if self.state is None or not self.slots:
             self.state = fresh
         else:

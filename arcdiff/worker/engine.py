@@ -556,7 +556,7 @@ class Engine:
             group = r.groups.get(solver)
             if group is None:
                 group = r.groups[solver] = SolverGroup(solver)
-            group.add(x_T, steps, items, gens)
+            group.add(x_T, steps, items, gens, [t.spec.schedule for t, _ in items])
 
     def _finish(self, r: _Runner, solver: str, owners: list[tuple[_Task, int]], xs: torch.Tensor) -> None:
         """Rows that left the batch: encode the good ones, fail the generations of non-finite ones."""

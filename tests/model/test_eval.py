@@ -322,16 +322,26 @@ def test_bad_model_solver_and_count_give_clear_errors(tiny_models, blob_folder, 
     assert "num_samples must be at least 4" in capsys.readouterr().err
 
 
-def test_table_cells_cover_the_issue_grid():
-    from arcdiff.model.eval.table import cells
+def test_table_cells_cover_the_frontier():
+    from arcdiff.model.eval.table import cells, parse_rows
     from arcdiff.model.solvers import nfe
 
     c = cells()
-    assert len(c) == 28
-    assert [s for m, sv, s in c if (m, sv) == ("mnist", "rk4")] == [2, 5, 10, 20]
-    assert [s for m, sv, s in c if (m, sv) == ("mnist", "heun")] == [4, 10, 20, 40]
-    assert [s for m, sv, s in c if (m, sv) == ("mnist-eps", "ddim")] == [8, 20, 40, 80]
-    assert {nfe(sv, s) for _, sv, s in c} == {8, 20, 40, 80}
+    by = {}
+    for m, sv, g, s in c:
+        by.setdefault((m, sv, g), []).append(s)
+    assert by[("mnist", "rk4", "uniform")] == [5, 10, 20]  # NFE 20, 40, 80
+    assert by[("mnist", "heun", "uniform")] == [5, 10, 20, 40]
+    assert by[("mnist-eps", "unipc2", "karras")] == [5, 10, 20, 40]
+    assert {nfe(sv, s) for _, sv, _, s in c} == {5, 10, 20, 40, 80}
+    assert {m for m, *_ in c} == {"mnist", "mnist-eps"}
+    rows = parse_rows("mnist:ddpm,mnist:dpmpp2m_sde:karras")
+    assert cells(rows, (20, 200)) == [
+        ("mnist", "ddpm", "uniform", 20),
+        ("mnist", "ddpm", "uniform", 200),
+        ("mnist", "dpmpp2m_sde", "karras", 20),
+        ("mnist", "dpmpp2m_sde", "karras", 200),
+    ]
 
 
 def test_table_runs_and_keeps_finished_cells(tiny_models, blob_folder, tmp_path, capsys):
@@ -350,17 +360,25 @@ def test_table_runs_and_keeps_finished_cells(tiny_models, blob_folder, tmp_path,
         "mnist-eps",
         "--rename",
         "tiny=mnist-eps",
+        "--rows",
+        "mnist-eps:ddim,mnist-eps:rk4,mnist-eps:unipc2:karras",
+        "--nfes",
+        "4,8",
         "--cache-dir",
         str(tmp_path / "c"),
         "--quiet",
     ]
     assert main(args) == 0
     md = (tmp_path / "t" / "table.md").read_text()
-    assert "| mnist-eps | ddim |" in md and "| mnist-eps | rk4 |" in md and "Floor (two random halves" in md
+    assert "| mnist-eps | ddim (uniform) |" in md and "| mnist-eps | unipc2 (karras) |" in md
+    assert "Floor (two random halves" in md
     records = json.loads((tmp_path / "t" / "table.json").read_text())["records"]
-    assert sorted((r["solver"], r["nfe"]) for r in records) == sorted(
-        (s, n) for s in ("ddim", "rk4") for n in (8, 20, 40, 80)
+    assert sorted((r["solver"], r["schedule"], r["nfe"]) for r in records) == sorted(
+        [(s, g, n) for s, g in (("ddim", "uniform"), ("unipc2", "karras")) for n in (4, 8)]
+        + [("rk4", "uniform", 4), ("rk4", "uniform", 8)]
     )
+    png = (tmp_path / "t" / "frontier.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000  # a drawn plot, not an empty canvas
     capsys.readouterr()
     assert main(args) == 0  # a rerun keeps every record
-    assert capsys.readouterr().out.count("kept the existing record") == 8
+    assert capsys.readouterr().out.count("kept the existing record") == 6

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from arcdiff.model import schedule as S
@@ -73,3 +74,34 @@ def test_forward_process_and_velocity():
     assert torch.allclose(S.velocity(x0, eps, eta), dx, atol=1e-3)
     lam = S.log_snr_half(torch.tensor([math.pi / 4]))
     assert abs(lam.item()) < 1e-6
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 10, 50])
+def test_tuned_grids(steps):
+    """Explicit first step from pi/2 and last step to 0; in between, SIGMA_MAX down to SIGMA_MIN,
+    uniform in lambda (logsnr) or in sigma^(1/7) (karras)."""
+    for name in ("logsnr", "karras"):
+        g = S.grid_etas(steps, name)
+        assert len(g) == steps + 1 and g[0] == math.pi / 2 and g[-1] == 0
+        assert (g[1:] < g[:-1]).all()
+        inner = g[1:-1]
+        if steps >= 3:
+            sigma = torch.tan(inner)
+            assert torch.isclose(sigma[0], torch.tensor(S.SIGMA_MAX, dtype=torch.float64))
+            assert torch.isclose(sigma[-1], torch.tensor(S.SIGMA_MIN, dtype=torch.float64))
+            spacing = -torch.log(sigma) if name == "logsnr" else sigma ** (1 / S.KARRAS_RHO)
+            assert torch.allclose(spacing.diff(), spacing.diff()[0].expand(steps - 2)), name
+            assert torch.allclose(S.log_snr_half(inner), -torch.log(sigma))
+    assert torch.allclose(S.grid_etas(steps, "uniform"), S.uniform_eta_grid(steps), rtol=0, atol=1e-15)
+
+
+def test_grid_eta_per_sample_grids():
+    """One call serves samples on different grids and step counts, each as if alone."""
+    ids = torch.tensor([0, 1, 2, 2, 1])
+    n = torch.tensor([5, 7, 3, 12, 1])
+    names = ["uniform", "logsnr", "karras", "karras", "logsnr"]
+    for i in range(13):
+        k = torch.full_like(n, i).minimum(n)
+        got = S.grid_eta(k, n, ids)
+        want = torch.stack([S.grid_etas(int(n[j]), names[j])[int(k[j])] for j in range(5)])
+        assert torch.equal(got, want)

@@ -11,7 +11,8 @@ from gmm import default_mixture
 from arcdiff.model.configs import get_config
 from arcdiff.model.denoiser import Denoiser
 from arcdiff.model.rng import image_generator
-from arcdiff.model.solvers import SOLVERS, draw_noise, get_solver, nfe, sample
+from arcdiff.model.schedule import consistent_pair, grid_etas, velocity
+from arcdiff.model.solvers import GRIDS, SOLVERS, draw_noise, get_solver, nfe, sample
 from arcdiff.model.unet import UNet
 
 GMM = default_mixture()
@@ -28,8 +29,9 @@ def reference():
 
 
 def test_solver_names_and_nfe():
-    assert SOLVERS == ("euler", "heun", "rk4", "ddim", "ddpm", "dpmpp2m")
-    assert [nfe(s, 10) for s in SOLVERS] == [10, 20, 40, 10, 10, 10]
+    assert SOLVERS[:6] == ("euler", "heun", "rk4", "ddim", "ddpm", "dpmpp2m")  # binding names keep their place
+    assert SOLVERS[6:] == ("unipc2", "unipc3", "dpmpp3m", "dpmpp2m_sde")
+    assert [nfe(s, 10) for s in SOLVERS] == [10, 20, 40] + [10] * 7
     with pytest.raises(ValueError, match="unknown solver 'foo'"):
         get_solver("foo")
 
@@ -44,14 +46,156 @@ def test_solver_names_and_nfe():
         # few steps next to eta = 0 and pi/2 keep an O(h^2 / k) local error, and the global error
         # behaves like h^2 log(1/h), whose fitted slope approaches 2 from below.
         ("dpmpp2m", [128, 256, 512, 1024], 2.0, 0.45),
+        ("ddim", [64, 128, 256, 512], 1.0, 0.2),
+        # the same end effect; UniPC-2's corrector raises it to about 2, the third-order solvers'
+        # first-order warm-up step keeps them at about 2 too
+        ("unipc2", [128, 256, 512, 1024], 2.0, 0.45),
+        ("unipc3", [128, 256, 512, 1024], 2.0, 0.45),
+        ("dpmpp3m", [128, 256, 512, 1024], 2.0, 0.45),
     ],
 )
 def test_convergence_order(reference, solver, steps, order, tol):
     xT, ref = reference
-    errs = [((sample(GMM.denoiser, xT, n, solver) - ref) ** 2).mean().sqrt().item() for n in steps]
+    errs = [rms(sample(GMM.denoiser, xT, n, solver), ref) for n in steps]
     assert all(a > b for a, b in itertools.pairwise(errs)), errs
     slope = -np.polyfit(np.log(steps), np.log(errs), 1)[0]
     assert abs(slope - order) < tol, f"{solver}: fitted order {slope:.2f}, errors {errs}"
+
+
+def rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b) ** 2).mean().sqrt().item()
+
+
+def interior(steps: int, schedule: str) -> torch.Tensor:
+    """`steps` steps of a tuned grid's spacing from SIGMA_MAX to SIGMA_MIN (its points 1..n-1)."""
+    return grid_etas(steps + 2, schedule)[1:-1]
+
+
+@pytest.mark.parametrize("schedule", ["karras", "logsnr"])
+@pytest.mark.parametrize(
+    "solver, lo, hi",
+    [
+        ("ddim", 0.9, 1.2),
+        ("dpmpp2m", 1.9, 2.4),
+        ("unipc2", 2.5, 3.4),  # UniC adds one order to UniP-2
+        ("unipc3", 2.5, 4.5),
+        ("dpmpp3m", 2.1, 3.5),  # third order, less the first-order warm-up step's h^2
+    ],
+)
+def test_convergence_order_on_tuned_spacing(schedule, solver, lo, hi):
+    """Between the clipped ends the tuned grids are smooth non-uniform grids in lambda: the
+    multistep solvers reach their order there (the end steps from pi/2 and to 0 are fixed-size
+    first-order steps by design, so on the full grid the error levels off at their size)."""
+    xT = x_T(64)
+    ref = sample(GMM.denoiser, xT, 1024, "rk4", etas=interior(1024, schedule))
+    steps = [8, 16, 32, 64]
+    errs = [rms(sample(GMM.denoiser, xT, n, solver, etas=interior(n, schedule)), ref) for n in steps]
+    assert all(a > b for a, b in itertools.pairwise(errs)), errs
+    slope = -np.polyfit(np.log(steps), np.log(errs), 1)[0]
+    assert lo < slope < hi, f"{solver} on {schedule}: fitted order {slope:.2f}, errors {errs}"
+
+
+@pytest.mark.parametrize("solver, schedule, order", [("rk4", "karras", 4.0), ("heun", "logsnr", 2.0)])
+def test_runge_kutta_on_tuned_spacing(solver, schedule, order):
+    """The RK solvers keep their order on the tuned grids' non-uniform spacing."""
+    xT = x_T(64)
+    ref = sample(GMM.denoiser, xT, 1024, "rk4", etas=interior(1024, schedule))
+    steps = [8, 16, 32, 64]
+    errs = [rms(sample(GMM.denoiser, xT, n, solver, etas=interior(n, schedule)), ref) for n in steps]
+    slope = -np.polyfit(np.log(steps), np.log(errs), 1)[0]
+    assert abs(slope - order) < 0.3, f"{solver} on {schedule}: fitted order {slope:.2f}, errors {errs}"
+
+
+@pytest.mark.parametrize("solver", ["dpmpp2m", "unipc2", "unipc3", "dpmpp3m"])
+def test_tuned_grid_levels_off_at_the_end_steps(reference, solver):
+    """On the full tuned grids the error falls and then stays at the size of the fixed end steps
+    (from pi/2 to SIGMA_MAX and from SIGMA_MIN to 0): from 20 steps on it moves by less than 20%."""
+    xT, ref = reference
+    for schedule in ("karras", "logsnr"):
+        errs = [rms(sample(GMM.denoiser, xT, n, solver, schedule=schedule), ref) for n in (10, 20, 40, 80)]
+        assert errs[-1] < 0.02 and errs[1] < errs[0], (schedule, errs)
+        assert max(errs[1:]) < 1.2 * min(errs[1:]), (schedule, errs)
+
+
+def _off_constraint(x: torch.Tensor, eta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact denoiser with heads that disagree with x like a dual-head network's: x0_hat off by
+    5% of x, eps_hat by -3% (x != cos x0_hat + sin eps_hat); their velocity is a smooth field."""
+    x0, eps = GMM.denoiser(x, eta)
+    return x0 + 0.05 * x, eps - 0.03 * x
+
+
+def test_projection_makes_x0_eps_solvers_follow_the_velocity_ode():
+    """With heads off the constraint, ddim and dpmpp2m on the projected pair converge to the
+    solution of dx/deta = v_hat (what rk4 integrates); on the heads as predicted they do not."""
+    xT = x_T(64)
+    ref = sample(_off_constraint, xT, 1024, "rk4")
+    for solver in ("ddim", "dpmpp2m"):
+        impl = get_solver(solver)
+        assert impl.pair == "projected"
+        proj = [rms(sample(_off_constraint, xT, n, impl), ref) for n in (32, 64, 128, 256)]
+        pred = [rms(sample(_off_constraint, xT, n, impl.variant("predicted")), ref) for n in (32, 64, 128, 256)]
+        assert all(a > b for a, b in itertools.pairwise(proj)) and proj[-1] < 0.01, (solver, proj)
+        assert pred[-1] > 3 * proj[-1], (solver, pred, proj)
+
+
+def test_consistent_pair():
+    g = torch.Generator().manual_seed(4)
+    x, x0_hat, eps_hat = (torch.randn(5, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    eta = torch.tensor([0.0, 0.2, 0.7, 1.3, math.pi / 2], dtype=torch.float64)
+    x0, eps = consistent_pair(x, x0_hat, eps_hat, eta)
+    c, s = torch.cos(eta)[:, None], torch.sin(eta)[:, None]
+    assert torch.allclose(c * x0 + s * eps, x)  # on the constraint
+    assert torch.allclose(velocity(x0, eps, eta), velocity(x0_hat, eps_hat, eta))  # same velocity
+    r = x - c * x0_hat - s * eps_hat
+    assert torch.allclose(x0, x0_hat + c * r) and torch.allclose(eps, eps_hat + s * r)
+    a, b = consistent_pair(x, x0, eps, eta)  # a consistent pair is a fixed point
+    assert torch.allclose(a, x0) and torch.allclose(b, eps)
+
+
+def _diffusers_run(scheduler, etas: torch.Tensor, xT: torch.Tensor, generator: torch.Generator | None):
+    """Drive a diffusers multistep scheduler (prediction_type "sample": the model output is x0)
+    through the grid `etas` (its sigmas are tan(eta), the VE noise levels of the same x)."""
+    n = len(etas) - 1
+    scheduler.set_timesteps(n)
+    scheduler.sigmas = torch.tan(etas).clone()
+    scheduler.sigmas[-1] = 0.0
+    x = xT.clone()
+    for k, t in enumerate(scheduler.timesteps):
+        x0, _ = GMM.denoiser(x, torch.full((x.shape[0],), float(etas[k]), dtype=torch.float64))
+        kw = {"variance_noise": torch.randn(x.shape, generator=generator, dtype=x.dtype)} if generator else {}
+        x = scheduler.step(x0, t, x, **kw).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("steps", [4, 8, 20])
+@pytest.mark.parametrize(
+    "solver, make, tol",
+    [
+        ("unipc2", lambda d: d.UniPCMultistepScheduler(solver_order=2, prediction_type="sample"), 1e-12),
+        ("unipc3", lambda d: d.UniPCMultistepScheduler(solver_order=3, prediction_type="sample"), 1e-12),
+        # diffusers' DPM-Solver step runs in float32 (it upcasts half inputs to float32 and back)
+        ("dpmpp2m", lambda d: d.DPMSolverMultistepScheduler(solver_order=2, prediction_type="sample"), 5e-6),
+        ("dpmpp3m", lambda d: d.DPMSolverMultistepScheduler(solver_order=3, prediction_type="sample"), 5e-6),
+        (
+            "dpmpp2m_sde",
+            lambda d: d.DPMSolverMultistepScheduler(
+                solver_order=2, prediction_type="sample", algorithm_type="sde-dpmsolver++"
+            ),
+            5e-6,
+        ),
+    ],
+)
+def test_matches_diffusers(solver, make, tol, steps):
+    """On consistent inputs (the exact denoiser) and the same finite grid, each multistep solver
+    gives diffusers' trajectory (its scheduler with lower_order_final and a final step to 0)."""
+    diffusers = pytest.importorskip("diffusers")
+    sig = np.geomspace(20.0, 0.05, steps)
+    etas = torch.tensor(np.concatenate([np.arctan(sig), [0.0]]), dtype=torch.float64)
+    xT = x_T(16, seed=7)
+    stochastic = get_solver(solver).stochastic
+    theirs = _diffusers_run(make(diffusers), etas, xT, torch.Generator().manual_seed(3) if stochastic else None)
+    ours = sample(GMM.denoiser, xT, steps, solver, generator=torch.Generator().manual_seed(3), etas=etas)
+    assert (ours - theirs).abs().max().item() < tol
 
 
 def _assert_matches_mixture(x: torch.Tensor):
@@ -68,28 +212,38 @@ def test_rk4_20_steps_matches_mixture():
     _assert_matches_mixture(sample(GMM.denoiser, x_T(4000, seed=1), 20, "rk4"))
 
 
-def test_ddpm_matches_mixture():
+@pytest.mark.parametrize("solver, steps, schedule", [("ddpm", 200, "uniform"), ("dpmpp2m_sde", 50, "karras")])
+def test_stochastic_matches_mixture(solver, steps, schedule):
     g = torch.Generator().manual_seed(2)
-    _assert_matches_mixture(sample(GMM.denoiser, x_T(4000, seed=2), 200, "ddpm", generator=g))
+    _assert_matches_mixture(sample(GMM.denoiser, x_T(4000, seed=2), steps, solver, generator=g, schedule=schedule))
 
 
-def test_ddpm_depends_on_generator_only():
+@pytest.mark.parametrize("solver", ["ddpm", "dpmpp2m_sde"])
+def test_stochastic_depends_on_generator_only(solver):
     xT = x_T(8)
-    a = sample(GMM.denoiser, xT, 20, "ddpm", generator=torch.Generator().manual_seed(5))
-    b = sample(GMM.denoiser, xT, 20, "ddpm", generator=torch.Generator().manual_seed(5))
-    c = sample(GMM.denoiser, xT, 20, "ddpm", generator=torch.Generator().manual_seed(6))
+    a = sample(GMM.denoiser, xT, 20, solver, generator=torch.Generator().manual_seed(5))
+    b = sample(GMM.denoiser, xT, 20, solver, generator=torch.Generator().manual_seed(5))
+    c = sample(GMM.denoiser, xT, 20, solver, generator=torch.Generator().manual_seed(6))
     assert torch.equal(a, b) and not torch.allclose(a, c)
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_mixed_state_equals_separate_runs(solver):
-    """Samples with different step counts, joining at different times and leaving when done, in
-    one state: each ends exactly where it would alone (the engine relies on this)."""
+    """Samples with different step counts and time grids, joining at different times and leaving
+    when done, in one state: each ends exactly where it would alone (the engine relies on this)."""
     impl = get_solver(solver)
     xT = x_T(3, seed=3)
     steps = [3, 7, 12]
+    grids = ["karras", "uniform", "logsnr"]
     alone = [
-        sample(GMM.denoiser, xT[k : k + 1], steps[k], solver, generator=[torch.Generator().manual_seed(10 + k)])
+        sample(
+            GMM.denoiser,
+            xT[k : k + 1],
+            steps[k],
+            solver,
+            generator=[torch.Generator().manual_seed(10 + k)],
+            schedule=grids[k],
+        )
         for k in range(3)
     ]
     gens = {k: torch.Generator().manual_seed(10 + k) for k in range(3)}
@@ -100,7 +254,7 @@ def test_mixed_state_equals_separate_runs(solver):
     while len(out) < 3:
         joining = {0: [0, 1], 5: [2]}.get(tick, [])  # samples 0 and 1 start together, 2 joins later
         if joining:
-            new = impl.init(xT[joining], torch.tensor([steps[k] for k in joining]))
+            new = impl.init(xT[joining], torch.tensor([steps[k] for k in joining]), [grids[k] for k in joining])
             st = new if st is None else {key: torch.cat([st[key], new[key]]) for key in st}
             active += joining
         x, eta = impl.point(st)
@@ -124,9 +278,10 @@ def test_unet_sample_does_not_depend_on_batch():
     den = Denoiser(net, "x0_eps")
     seeds = [3, 4, 5, 6, 7]
     noise = torch.stack([torch.randn(1, 8, 8, generator=image_generator(s)) for s in seeds])
-    for solver in ("rk4", "ddpm", "dpmpp2m"):
-        batch = sample(den, noise, 6, solver, generator=[image_generator(1000 + s) for s in seeds])
-        one = sample(den, noise[2:3], 6, solver, generator=[image_generator(1000 + seeds[2])])
+    for solver in ("rk4", "ddpm", "dpmpp2m", "unipc3", "dpmpp2m_sde"):
+        gens = [image_generator(1000 + s) for s in seeds]
+        batch = sample(den, noise, 6, solver, generator=gens, schedule="karras")
+        one = sample(den, noise[2:3], 6, solver, generator=[image_generator(1000 + seeds[2])], schedule="karras")
         assert (batch[2] - one[0]).abs().max() < 1e-5, solver
 
 
@@ -150,5 +305,6 @@ def test_single_head_adapters_are_consistent_and_finite(prediction):
         if prediction == "eps":
             assert a.abs().max() <= 1.0
         for solver in SOLVERS:
-            out = sample(clipped, x, 3, solver, generator=torch.Generator().manual_seed(0))
-            assert torch.isfinite(out).all(), (prediction, solver)
+            for schedule in GRIDS:
+                out = sample(clipped, x, 3, solver, generator=torch.Generator().manual_seed(0), schedule=schedule)
+                assert torch.isfinite(out).all(), (prediction, solver, schedule)

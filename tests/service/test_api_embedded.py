@@ -4,6 +4,7 @@ import pytest
 from fastapi.testclient import TestClient
 from servicekit import assert_images_match, one_thread, png_info, png_pixels, poll_generation, wait_until
 
+from arcdiff.model.solver_names import DEFAULT_SCHEDULE, DEFAULT_SOLVER, DEFAULT_STEPS
 from arcdiff.model.solvers import SOLVERS
 from arcdiff.service.app import create_app
 from arcdiff.service.settings import Settings
@@ -43,6 +44,10 @@ def poll(client, gen_id, timeout=120):
         ({"steps": None}, "steps"),
         ({"solver": "rk5"}, "solver"),
         ({"solver": 4}, "solver"),
+        ({"solver": None}, "solver"),
+        ({"schedule": "cosine"}, "schedule"),
+        ({"schedule": 1}, "schedule"),
+        ({"schedule": None}, "schedule"),
         ({"model": "nope"}, "model"),
         ({"model": "../tiny"}, "model"),
         ({"seed": -1}, "seed"),
@@ -64,10 +69,28 @@ def test_invalid_fields_are_422_naming_the_field(client, change, field):
     assert any(e["loc"][-1] == field for e in body["detail"])
 
 
-@pytest.mark.parametrize("missing", ["model", "steps", "solver"])
-def test_required_fields(client, missing):
-    r = client.post("/v1/generations", json={k: v for k, v in BASE.items() if k != missing})
-    assert r.status_code == 422 and r.json()["message"] == f"{missing}: Field required"
+def test_model_is_required(client):
+    r = client.post("/v1/generations", json={k: v for k, v in BASE.items() if k != "model"})
+    assert r.status_code == 422 and r.json()["message"] == "model: Field required"
+
+
+@pytest.mark.parametrize(
+    "given, want",
+    [
+        ({}, (DEFAULT_SOLVER, DEFAULT_STEPS, DEFAULT_SCHEDULE)),
+        ({"solver": "rk4"}, ("rk4", 2, "uniform")),  # about the default's 10 NFE; rk4 keeps its grid
+        ({"solver": "dpmpp2m", "steps": 4}, ("dpmpp2m", 4, "uniform")),  # the names that had one grid keep it
+        ({"solver": "unipc2", "steps": 3}, ("unipc2", 3, DEFAULT_SCHEDULE)),
+        ({"steps": 3, "schedule": "logsnr"}, (DEFAULT_SOLVER, 3, "logsnr")),
+    ],
+)
+def test_solver_steps_and_schedule_default(client, model_dir, given, want):
+    body = {"model": "tiny", "seed": 3, "n": 2, "wait": True, **given}
+    gen = client.post("/v1/generations", json=body).json()
+    assert gen["status"] == "finished", gen
+    assert (gen["solver"], gen["steps"], gen["schedule"]) == want
+    assert gen["nfe"] == want[1] * {"rk4": 4}.get(want[0], 1)
+    assert_images_match(gen["images"], model_dir, "tiny", want[1], want[0], 3, want[2])
 
 
 @pytest.mark.parametrize("raw", [b"", b"{", b"[1, 2]", b'"tiny"', b"null"])
@@ -159,7 +182,9 @@ def test_mixed_requests_at_once_all_correct_and_sharing_batches(client, model_di
     for body, gen in zip(bodies, gens, strict=True):
         assert gen["status"] == "finished", gen
         assert len(gen["images"]) == body["n"]
-        assert_images_match(gen["images"], model_dir, body["model"], body["steps"], body["solver"], body["seed"])
+        assert_images_match(
+            gen["images"], model_dir, body["model"], body["steps"], body["solver"], body["seed"], gen["schedule"]
+        )
     shared = [g for g in gens if g["model"] == "tiny" and max(g["metrics"]["batch_sizes"]) > g["n"]]
     assert len(shared) >= 2, [g["metrics"]["batch_sizes"] for g in gens]
 
@@ -189,6 +214,9 @@ def test_models_health_ready_metrics_openapi(client):
         "parameters": models["tiny"]["parameters"],
         "solvers": list(SOLVERS),
         "workers": 1,  # the in-process engine
+        "schedules": ["uniform", "logsnr", "karras"],
+        "nfe_per_step": {s: {"heun": 2, "rk4": 4}.get(s, 1) for s in SOLVERS},
+        "defaults": {"solver": DEFAULT_SOLVER, "steps": DEFAULT_STEPS, "schedule": DEFAULT_SCHEDULE},
     }
     assert models["tiny-eps"]["prediction"] == "eps" and models["tiny"]["parameters"] > 40_000
     assert client.get("/healthz").json() == {"status": "ok"}

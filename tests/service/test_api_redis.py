@@ -154,7 +154,9 @@ def test_one_worker_mixed_requests_life_cycle_and_no_head_of_line_blocking(one_w
     assert client.get(long["url"]).json()["status"] == "running", "short requests waited for the long one"
     for body, gen in zip(bodies, gens, strict=True):
         assert gen["status"] == "finished", gen
-        assert_images_match(gen["images"], model_dir, "tiny", body["steps"], body["solver"], body["seed"])
+        assert_images_match(
+            gen["images"], model_dir, "tiny", body["steps"], body["solver"], body["seed"], gen["schedule"]
+        )
         assert max(gen["metrics"]["batch_sizes"]) > gen["n"], f"ran alone: {gen['metrics']}"
         assert gen["metrics"]["device"] == "cpu" and gen["metrics"]["worker"]
     done = poll(client, long["id"])
@@ -221,7 +223,9 @@ def test_sigterm_one_of_two_workers_mid_run_loses_no_generation(two_workers, mod
     gens = [poll(client, i) for i in ids]
     for body, gen in zip(bodies, gens, strict=True):
         assert gen["status"] == "finished", gen
-        assert_images_match(gen["images"], model_dir, "tiny", body["steps"], body["solver"], body["seed"])
+        assert_images_match(
+            gen["images"], model_dir, "tiny", body["steps"], body["solver"], body["seed"], gen["schedule"]
+        )
     import redis
     from rq.registry import StartedJobRegistry
 

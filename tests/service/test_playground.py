@@ -13,6 +13,8 @@ import httpx
 import pytest
 from servicekit import REPO, free_port, headless_chromium, start_api, stop, wait_api_ready, wait_until
 
+from arcdiff.model.solver_names import DEFAULT_SCHEDULE, GRIDS, SOLVERS
+
 pytestmark = pytest.mark.timeout(240)
 
 KEY = "playground-test-key"
@@ -68,7 +70,7 @@ def wait_for(driver, script, what, timeout=60, *args):
     return wait_until(lambda: js(driver, script, *args), timeout, what, interval=0.1)
 
 
-def generate(driver, model, steps, solver, seed, n, timeout=120):
+def generate(driver, model, steps, solver, seed, n, timeout=120, schedule="uniform"):
     """Fill the form, press Generate, wait until the new result card has rendered n images."""
     before = js(driver, "return document.querySelectorAll('article.run').length")
     from selenium.webdriver.support.select import Select
@@ -76,6 +78,7 @@ def generate(driver, model, steps, solver, seed, n, timeout=120):
     Select(driver.find_element("id", "model")).select_by_value(model)
     set_value(driver, "steps", steps)
     Select(driver.find_element("id", "solver")).select_by_value(solver)
+    Select(driver.find_element("id", "schedule")).select_by_value(schedule)
     set_value(driver, "seed", seed)
     set_value(driver, "n", n)
     driver.find_element("id", "generate").click()
@@ -134,17 +137,13 @@ def test_playground_in_a_real_browser(service, browser, tmp_path):
         "return ['steps', 'n', 'seed'].map((f) => [document.getElementById(f).min, document.getElementById(f).max])",
     )
     assert limits == [["1", "1000"], ["1", "16"], ["0", "4294967295"]]
-    assert js(driver, "return [...document.getElementById('solver').options].map((o) => o.value)") == [
-        "euler",
-        "heun",
-        "rk4",
-        "ddim",
-        "ddpm",
-        "dpmpp2m",
-    ]
+    assert js(driver, "return [...document.getElementById('solver').options].map((o) => o.value)") == list(SOLVERS)
+    # the time grids, the measured default preselected
+    assert js(driver, "return [...document.getElementById('schedule').options].map((o) => o.value)") == list(GRIDS)
+    assert js(driver, "return document.getElementById('schedule').value") == DEFAULT_SCHEDULE
 
     # four images, each with its seed, the right natural size, scaled up with crisp pixels
-    card = generate(driver, model, 3, "ddim", 7, 4)
+    card = generate(driver, model, 3, "ddim", 7, 4, schedule="karras")
     size = next(
         m["image_size"]
         for m in http.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
@@ -168,7 +167,8 @@ def test_playground_in_a_real_browser(service, browser, tmp_path):
     body = http.get(f"/v1/generations/{gen_id}", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert [i["src"].split(",", 1)[1] for i in imgs] == [im["png_base64"] for im in body["images"]]
     text = card.text
-    assert f"{body['nfe']} NFE" in text and "seeds 7–10" in text
+    assert f"{body['nfe']} NFE" in text and "seeds 7–10" in text and "karras" in text
+    assert (body["solver"], body["schedule"]) == ("ddim", "karras")
     for label in ("queue", "sampling", "encoding", "total"):
         assert label in text
     segments = js(driver, "return [...arguments[0].querySelectorAll('.bar span')].map((s) => s.className)", card)

@@ -10,7 +10,7 @@ from servicekit import one_thread, png_info, png_pixels, reference
 
 from arcdiff.contract import GenerationSpec
 from arcdiff.model.registry import ModelRegistry
-from arcdiff.model.solvers import SOLVERS
+from arcdiff.model.solvers import GRIDS, SOLVERS
 from arcdiff.worker.batch import bucket_for, bucket_sizes
 from arcdiff.worker.engine import Engine, EngineConfig, GenerationFailed
 from arcdiff.worker.loading import Prepared
@@ -28,8 +28,10 @@ def loaded(model_dir):
     return {name: reg.load(name) for name in ("tiny", "tiny-eps")}
 
 
-def spec(id, steps=4, solver="ddim", seed=0, n=1, model="tiny"):
-    return GenerationSpec(id=id, model=model, steps=steps, solver=solver, seed=seed, n=n, submitted_at=time.time())
+def spec(id, steps=4, solver="ddim", seed=0, n=1, model="tiny", schedule="uniform"):
+    return GenerationSpec(
+        id=id, model=model, steps=steps, solver=solver, seed=seed, n=n, submitted_at=time.time(), schedule=schedule
+    )
 
 
 def make_engine(loaded, start=True, max_batch=8, forwards=None, warm_up=False):
@@ -48,17 +50,23 @@ def test_buckets():
 
 
 def test_every_solver_matches_the_reference_sampler(loaded, model_dir):
-    """All solvers at once in one batch (mixed steps too), each image as model.solvers.sample gives it."""
-    eng = make_engine(loaded, max_batch=16)
+    """All solvers and time grids at once in one batch (mixed steps too), each image as
+    model.solvers.sample gives it."""
+    eng = make_engine(loaded, max_batch=32)
     try:
-        specs = [spec(f"s{i}", steps=2 + i, solver=s, seed=100 * i, n=2) for i, s in enumerate(SOLVERS)]
+        specs = [
+            spec(f"s{i}", steps=2 + i % 5, solver=s, seed=100 * i, n=1, schedule=GRIDS[i % 3])
+            for i, s in enumerate(SOLVERS * 3)
+        ]
         specs.append(spec("eps", steps=3, solver="heun", seed=5, n=2, model="tiny-eps"))
         futures = [eng.submit(s) for s in specs]
         for s, fut in zip(specs, futures, strict=True):
             res = fut.result(120)
-            want, want_px = reference(model_dir, s.model, s.steps, s.solver, s.seed, s.n)
+            want, want_px = reference(model_dir, s.model, s.steps, s.solver, s.seed, s.n, s.schedule)
             got = res.extra["samples"]
-            assert torch.allclose(got, want, atol=1e-5), f"{s.solver}: max diff {(got - want).abs().max():.2e}"
+            assert torch.allclose(got, want, atol=1e-5), (
+                f"{s.solver} {s.schedule}: max diff {(got - want).abs().max():.2e}"
+            )
             assert res.nfe == {"euler": 1, "heun": 2, "rk4": 4}.get(s.solver, 1) * s.steps
             for k, im in enumerate(res.images):
                 assert (im.index, im.seed) == (k, s.seed + k)

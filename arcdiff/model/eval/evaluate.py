@@ -55,6 +55,7 @@ class EvalResult:
     device: str
     threads: int
     batch: int
+    schedule: str = "uniform"  # the sampling time grid (solver_names.GRIDS)
     grid: torch.Tensor | None = field(default=None, repr=False)  # the first (up to) 64 samples, uint8
 
     def to_json(self) -> dict[str, Any]:
@@ -67,7 +68,7 @@ class EvalResult:
     def line(self) -> str:
         f = self.floor
         s = (
-            f"{self.model} {self.solver} steps={self.steps} NFE={self.nfe} K={self.num_samples}: "
+            f"{self.model} {self.solver} {self.schedule} steps={self.steps} NFE={self.nfe} K={self.num_samples}: "
             f"FID {self.fid:.3f}  sFID {self.sfid:.3f}  precision {self.precision:.3f}  recall {self.recall:.3f}"
             f"  | floor (real halves of {int(f['n_half'])}): FID {f['fid']:.3f}  sFID {f['sfid']:.3f}"
             f"  precision {f['precision']:.3f}  recall {f['recall']:.3f}"
@@ -90,8 +91,10 @@ def generate_samples(
     batch: int = 64,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    schedule: str = "uniform",
 ) -> torch.Tensor:
-    """num_samples images (uint8, (K, C, H, W)) from `loaded` with `solver` in `steps` steps."""
+    """num_samples images (uint8, (K, C, H, W)) from `loaded` with `solver` in `steps` steps on the
+    time grid `schedule`."""
     from tqdm import tqdm
 
     get_solver(solver)  # validates the name before any work
@@ -111,7 +114,15 @@ def generate_samples(
         for start in range(0, num_samples, batch):
             gens = [image_generator(image_seed(seed, k)) for k in range(start, min(num_samples, start + batch))]
             x_T = torch.stack([initial_noise(shape, g) for g in gens]).to(device)
-            x0 = sample(loaded.denoiser, x_T, steps, solver, generator=gens, callback=lambda *_: bar.update(1))
+            x0 = sample(
+                loaded.denoiser,
+                x_T,
+                steps,
+                solver,
+                generator=gens,
+                callback=lambda *_: bar.update(1),
+                schedule=schedule,
+            )
             out.append(to_uint8(x0, (lo, hi)))
     return torch.cat(out)
 
@@ -178,6 +189,7 @@ def evaluate(
     use_cache: bool = True,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    schedule: str = "uniform",
 ) -> EvalResult:
     """Sample `num_samples` images from a registry model (or a loaded one) and score them against
     the real images at `ref`. Pass `extractor` and `reference` to reuse them across evals."""
@@ -200,7 +212,7 @@ def evaluate(
         )
     t1 = time.perf_counter()
     samples = generate_samples(
-        model, solver, steps, num_samples, seed=seed, batch=batch, device=device, progress=progress
+        model, solver, steps, num_samples, seed=seed, batch=batch, device=device, progress=progress, schedule=schedule
     )
     t2 = time.perf_counter()
     scores = score(samples, reference, extractor, progress=progress)
@@ -223,12 +235,14 @@ def evaluate(
         device=str(device),
         threads=torch.get_num_threads(),
         batch=batch,
+        schedule=schedule,
         grid=samples[:64].clone(),
     )
 
 
 def record_stem(result: EvalResult) -> str:
-    return f"{result.model}-{result.solver}-{result.steps}steps-k{result.num_samples}-seed{result.seed}"
+    grid = "" if result.schedule == "uniform" else f"-{result.schedule}"
+    return f"{result.model}-{result.solver}{grid}-{result.steps}steps-k{result.num_samples}-seed{result.seed}"
 
 
 def write_record(result: EvalResult, out: str | Path, scale: int = 2) -> tuple[Path, Path]:

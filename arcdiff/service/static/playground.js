@@ -6,9 +6,10 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const FIELDS = ["model", "steps", "solver", "seed", "n"];
-// network evaluations per step of each solver (one RK4 step costs 4); the API's nfe is the truth
-const STAGES = { euler: 1, heun: 2, rk4: 4, ddim: 1, ddpm: 1, dpmpp2m: 1 };
+const FIELDS = ["model", "steps", "solver", "schedule", "seed", "n"];
+// network evaluations per step of each solver (one RK4 step costs 4) until /v1/models says; the API's nfe is the truth
+let STAGES = { euler: 1, heun: 2, rk4: 4, ddim: 1, ddpm: 1, dpmpp2m: 1, unipc2: 1, unipc3: 1, dpmpp3m: 1, dpmpp2m_sde: 1 };
+const GRIDS = ["uniform", "logsnr", "karras"];
 const KEY_STORE = "arcdiff-api-key";
 
 const state = {
@@ -176,11 +177,19 @@ async function loadModels() {
 function onModel() {
   const m = state.models.find((x) => x.name === $("model").value);
   $("model-info").textContent = m ? describe(m) : "";
+  if (m && m.nfe_per_step) STAGES = m.nfe_per_step;
+  const defaults = (m && m.defaults) || { solver: "rk4", schedule: "uniform" };
   const solver = $("solver");
-  const previous = solver.value || "rk4";
+  const previous = solver.value || defaults.solver;
   const names = m ? m.solvers : Object.keys(STAGES);
   solver.replaceChildren(...names.map((s) => new Option(s, s)));
   solver.value = names.includes(previous) ? previous : names[0];
+  const schedule = $("schedule");
+  const before = schedule.value || defaults.schedule;
+  const grids = (m && m.schedules) || GRIDS;
+  schedule.replaceChildren(...grids.map((g) => new Option(g, g)));
+  schedule.value = grids.includes(before) ? before : grids[0];
+  $("hint-solver").textContent = m && m.defaults ? `measured best at 10 NFE: ${m.defaults.solver} on ${m.defaults.schedule}` : "";
   updateHint();
 }
 
@@ -222,6 +231,7 @@ function requestBody() {
     steps: intOrRaw($("steps").value),
     solver: $("solver").value,
     preview: true,
+    schedule: $("schedule").value || undefined,
   };
   const seed = intOrRaw($("seed").value);
   if (seed !== undefined) body.seed = seed;
@@ -257,7 +267,7 @@ function newCard(gen, model) {
   head.append(el("span", "title", gen.model));
   const last = (gen.seed + gen.n - 1) % 4294967296;
   const seeds = gen.n > 1 ? `seeds ${gen.seed}–${last}` : `seed ${gen.seed}`;
-  head.append(el("span", "facts", `${gen.solver} · ${gen.steps} steps · ${gen.nfe} NFE per image · ${seeds}`));
+  head.append(el("span", "facts", `${gen.solver} · ${gen.schedule || "uniform"} · ${gen.steps} steps · ${gen.nfe} NFE per image · ${seeds}`));
   head.append(el("span", "status", gen.status));
   const cancel = el("button", "secondary cancel", "Cancel");
   cancel.type = "button";

@@ -18,7 +18,8 @@ from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from arcdiff.contract import SEED_MAX, GenerationSpec, JobMetrics
-from arcdiff.model.solvers import nfe as solver_nfe
+from arcdiff.model.solver_names import nfe as solver_nfe
+from arcdiff.model.solver_names import resolve
 from arcdiff.service.api.deps import BackendDep, SettingsDep, require_api_key
 from arcdiff.service.backend import Backend, Generation, Rejected
 from arcdiff.service.metrics import GENERATIONS, REJECTED
@@ -50,6 +51,7 @@ def to_out(gen: Generation) -> GenerationOut:
         model=spec.model,
         steps=spec.steps,
         solver=spec.solver,
+        schedule=spec.schedule,
         seed=spec.seed,
         n=spec.n,
         nfe=solver_nfe(spec.solver, spec.steps),
@@ -164,15 +166,17 @@ async def create_generation(
             )
         want_png = False
     seed = body.seed if body.seed is not None else secrets.randbelow(SEED_MAX + 1)
+    solver, steps, schedule = resolve(body.solver, body.steps, body.schedule)
     spec = GenerationSpec(
         id=uuid.uuid4().hex,
         model=body.model,
-        steps=body.steps,
-        solver=body.solver,
+        steps=steps,
+        solver=solver,
         seed=seed,
         n=body.n,
         submitted_at=time.time(),
         preview=body.preview,
+        schedule=schedule,
     )
     limiter, caller = request.app.state.limiter, getattr(request.state, "client_id", "anonymous")
     try:
