@@ -18,8 +18,27 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", required=True, help="model name in the models folder")
-    p.add_argument("--solver", required=True, help="euler, heun, rk4, ddim, ddpm or dpmpp2m")
-    p.add_argument("--steps", type=int, required=True, help="solver steps (NFE = steps x evaluations per step)")
+    from arcdiff.model.solver_names import DEFAULT_SCHEDULE, DEFAULT_SOLVER, DEFAULT_STEPS, GRIDS, SOLVERS
+
+    p.add_argument(
+        "--solver",
+        choices=SOLVERS,
+        default=argparse.SUPPRESS,  # absent: the measured default (resolve below)
+        help=f"sampler (default: {DEFAULT_SOLVER}, the measured default of the API and `arcdiff generate`)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=argparse.SUPPRESS,
+        help=f"solver steps, NFE = steps x evaluations per step (default: {DEFAULT_STEPS} for the default "
+        "solver, about the same NFE for another)",
+    )
+    p.add_argument(
+        "--schedule",
+        choices=GRIDS,
+        default=argparse.SUPPRESS,
+        help=f"time grid (default: uniform for the paper's solvers, {DEFAULT_SCHEDULE} for the others)",
+    )
     p.add_argument("--num-samples", type=int, default=1000, help="images to sample and score")
     p.add_argument(
         "--ref", required=True, help="real images: MNIST IDX file/folder, CIFAR-10 batches, or an image folder"
@@ -61,14 +80,18 @@ def run(args: argparse.Namespace) -> int:
     from arcdiff.model.eval.evaluate import evaluate, write_record
     from arcdiff.model.eval.features import FeatureError
     from arcdiff.model.format import ModelFormatError
+    from arcdiff.model.solver_names import resolve
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    solver, steps, schedule = resolve(
+        getattr(args, "solver", None), getattr(args, "steps", None), getattr(args, "schedule", None)
+    )
     try:
         result = evaluate(
             args.model,
-            args.solver,
-            args.steps,
+            solver,
+            steps,
             args.num_samples,
             args.ref,
             seed=args.seed,
@@ -81,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
             use_cache=not args.no_cache,
             device=args.device,
             progress=not args.quiet,
+            schedule=schedule,
         )
     except KeyError as e:  # unknown model: the message lists the known ones
         print(f"arcdiff eval: error: {e.args[0]}", file=sys.stderr)

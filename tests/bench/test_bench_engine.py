@@ -200,7 +200,7 @@ def test_bench_engine_mix_runs_every_solver_in_each_batch(tmp_path, model_dir):
         "--steps",
         "4",
         "--batch",
-        "6",
+        "30",
         "--rounds",
         "2",
         "--device",
@@ -210,13 +210,15 @@ def test_bench_engine_mix_runs_every_solver_in_each_batch(tmp_path, model_dir):
     )
     assert r.returncode == 0, r.stderr
     rec = json.loads(r.stdout)
-    from arcdiff.model.solvers import SOLVERS
+    from arcdiff.model.solvers import GRIDS, SOLVERS
 
     gens = rec["generations_per_round"]
-    assert [g["solver"] for g in gens] == list(SOLVERS) and sum(g["n"] for g in gens) == 6
+    # every solver on every grid, one image each
+    assert sorted((g["solver"], g["schedule"]) for g in gens) == sorted((s, g) for s in SOLVERS for g in GRIDS)
+    assert len(gens) == len(SOLVERS) * len(GRIDS) == 30 and all(g["n"] == 1 for g in gens)
     assert {g["solver"]: g["steps"] for g in gens}["rk4"] == 1 and rec["nfe_per_image"] == 4
-    # all six leave together after 4 evaluations, so 2 rounds are 8 full-batch forwards
-    assert rec["forward_calls"] == 8 and rec["batch_sizes"] == [6]
+    # all leave together after 4 evaluations, so 2 rounds are 8 full-batch forwards
+    assert rec["forward_calls"] == 8 and rec["batch_sizes"] == [30]
 
 
 def test_bench_flops_counts_the_network_and_the_run(tmp_path):

@@ -251,6 +251,15 @@ def test_arcdiff_eval_end_to_end(tiny_models, blob_folder, tmp_path, capsys):
     assert entry.stat().st_mtime_ns == stamp
     rec2 = json.loads((tmp_path / "again" / "tiny-rk4-2steps-k12-seed3.json").read_text())
     assert rec2["fid"] == rec["fid"] and rec2["floor"] == rec["floor"]
+    # no sampler named: the measured default of the API and `arcdiff generate`, on its grid
+    from arcdiff.model.solver_names import DEFAULT_NFE, DEFAULT_SCHEDULE, DEFAULT_SOLVER, DEFAULT_STEPS
+
+    plain = [a for a in args if a not in ("--solver", "rk4", "--steps", "2")]
+    assert run_cli(*plain[:-1], "--out", str(tmp_path / "default"), "--quiet") == 0
+    (record,) = list((tmp_path / "default").glob("*.json"))
+    rec3 = json.loads(record.read_text())
+    assert (rec3["solver"], rec3["steps"], rec3["nfe"]) == (DEFAULT_SOLVER, DEFAULT_STEPS, DEFAULT_NFE)
+    assert rec3["schedule"] == DEFAULT_SCHEDULE
 
 
 def _bad_refs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
