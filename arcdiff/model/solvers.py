@@ -38,7 +38,15 @@ import torch
 
 from arcdiff.model import solver_names
 from arcdiff.model.denoiser import DenoiserFn
-from arcdiff.model.schedule import ETA_MAX, GRID_IDS, consistent_pair, expand_like, grid_eta, log_snr_half
+from arcdiff.model.schedule import (
+    ETA_MAX,
+    GRID_IDS,
+    consistent_pair,
+    expand_like,
+    grid_eta,
+    log_snr_half,
+    velocity,
+)
 
 State = dict[str, torch.Tensor]
 GRIDS = solver_names.GRIDS
@@ -204,8 +212,7 @@ class RungeKutta(Solver):
         stage = st["stage"]
         _, b, c_stage = self._tableau(h.device)
         eta = (eta0 + c_stage[stage] * h).to(st["x"].dtype)
-        c, s = expand_like(torch.cos(eta), x0_hat), expand_like(torch.sin(eta), x0_hat)
-        v_hat = (-s * x0_hat + c * eps_hat).to(st["x"].dtype)
+        v_hat = velocity(x0_hat, eps_hat, eta).to(st["x"].dtype)
         st["k"][torch.arange(len(stage), device=stage.device), stage] = v_hat
         complete = stage + 1 == self.nfe_per_step
         x_next = self._combine(st, b.expand(len(stage), -1), h)
