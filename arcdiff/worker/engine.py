@@ -190,6 +190,9 @@ class Engine:
         self._cond = threading.Condition()
         self._closing = False
         self._pool = ThreadPoolExecutor(max_workers=config.encode_threads, thread_name_prefix="arcdiff-encode")
+        # previews get one thread of their own: in submission order, so a generation's previews reach
+        # its listeners in evaluation order (a stale one never replaces a newer one on screen)
+        self._preview_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="arcdiff-preview")
         self._device_thread = device_thread or DeviceThread("arcdiff-engine")
         self._loop: Future | None = None
         self._next_deadline_check = 0.0
@@ -333,6 +336,7 @@ class Engine:
                 pass
         self._device_thread.shutdown(timeout)
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._preview_pool.shutdown(wait=True, cancel_futures=True)
 
     # ---- resolution (any thread) ---------------------------------------------------------------
 
@@ -523,7 +527,7 @@ class Engine:
             task.next_preview = now + self.config.preview_interval_s
         if rows:
             pixels = to_uint8(x0_hat[torch.tensor(rows, device=x0_hat.device)].float(), r.data_range)
-            self._pool.submit(self._encode_previews, owners, pixels)
+            self._preview_pool.submit(self._encode_previews, owners, pixels)
 
     def _admit(self, r: _Runner) -> None:
         picked: list[tuple[_Task, int]] = []
