@@ -174,6 +174,7 @@ class GenerationResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     retries: int = 0  # 429/503 answers retried before the generation was accepted
     schedule: str = "uniform"  # the time grid the images were sampled on
+    priority: str = "interactive"  # interactive or batch
 
     @property
     def pil_images(self) -> list[Image]:
@@ -201,6 +202,7 @@ class GenerationResult:
             metrics=body.get("metrics") or {},
             retries=retries,
             schedule=body.get("schedule", "uniform"),
+            priority=body.get("priority", "interactive"),
         )
 
 
@@ -272,10 +274,11 @@ class _Base:
         wait: bool,
         schedule: str | None,
         preview: bool = False,
+        priority: str | None = None,
     ) -> dict:
-        """The POST body; steps, solver and schedule left out when None (the server's defaults)."""
+        """The POST body; steps, solver, schedule and priority left out when None (the server's defaults)."""
         body: dict[str, Any] = {"model": model, "n": n}
-        for key, value in (("steps", steps), ("solver", solver), ("schedule", schedule)):
+        for key, value in (("steps", steps), ("solver", solver), ("schedule", schedule), ("priority", priority)):
             if value is not None:
                 body[key] = value
         if seed is not None:
@@ -381,17 +384,19 @@ class Client(_Base):
         timeout: float = 60.0,
         preview: bool = False,
         schedule: str | None = None,
+        priority: str | None = None,
     ) -> dict:
         """POST a generation; returns the API's body plus `retries`. With wait=True the server holds
         the request until done (up to its own wait timeout, then 202) and `timeout` bounds it here.
-        preview=True: its events carry previews (see `events`)."""
+        preview=True: its events carry previews (see `events`). priority: "interactive" (the server's
+        default) or "batch" (fills the device time interactive generations leave)."""
         deadline = time.monotonic() + timeout
         try:
             r, retries = self._request(
                 "POST",
                 "/v1/generations",
                 deadline,
-                json=self._body(model, steps, solver, seed, n, wait, schedule, preview),
+                json=self._body(model, steps, solver, seed, n, wait, schedule, preview, priority),
                 timeout=self._post_timeout(wait, deadline),
             )
         except Unreachable as e:
@@ -444,6 +449,7 @@ class Client(_Base):
         on_event: Callable[[GenerationEvent], None] | None = None,
         preview: bool = False,
         schedule: str | None = None,
+        priority: str | None = None,
     ) -> GenerationResult:
         """Generate `n` images and return them (at most `timeout` seconds, retries included).
 
@@ -453,14 +459,18 @@ class Client(_Base):
         bars; previews too with preview=True)."""
         deadline = time.monotonic() + timeout
         if on_event is not None:
-            body = self.submit(model, steps, solver, seed, n, timeout=timeout, preview=preview, schedule=schedule)
+            body = self.submit(
+                model, steps, solver, seed, n, timeout=timeout, preview=preview, schedule=schedule, priority=priority
+            )
             for ev in self.events(body["id"]):
                 if time.monotonic() > deadline:
                     raise GenerationTimeout(body["id"], timeout, "running")
                 on_event(ev)
                 if ev.terminal:
                     return self._result(ev.data, body["retries"])
-        body = self.submit(model, steps, solver, seed, n, wait=wait, timeout=timeout, schedule=schedule)
+        body = self.submit(
+            model, steps, solver, seed, n, wait=wait, timeout=timeout, schedule=schedule, priority=priority
+        )
         retries, interval = body["retries"], self.poll_interval
         while body["status"] not in TERMINAL:
             left = deadline - time.monotonic()
@@ -533,6 +543,7 @@ class AsyncClient(_Base):
         timeout: float = 60.0,
         preview: bool = False,
         schedule: str | None = None,
+        priority: str | None = None,
     ) -> dict:
         deadline = time.monotonic() + timeout
         try:
@@ -540,7 +551,7 @@ class AsyncClient(_Base):
                 "POST",
                 "/v1/generations",
                 deadline,
-                json=self._body(model, steps, solver, seed, n, wait, schedule, preview),
+                json=self._body(model, steps, solver, seed, n, wait, schedule, preview, priority),
                 timeout=self._post_timeout(wait, deadline),
             )
         except Unreachable as e:
@@ -589,9 +600,12 @@ class AsyncClient(_Base):
         timeout: float = 300.0,
         wait: bool = True,
         schedule: str | None = None,
+        priority: str | None = None,
     ) -> GenerationResult:
         deadline = time.monotonic() + timeout
-        body = await self.submit(model, steps, solver, seed, n, wait=wait, timeout=timeout, schedule=schedule)
+        body = await self.submit(
+            model, steps, solver, seed, n, wait=wait, timeout=timeout, schedule=schedule, priority=priority
+        )
         retries, interval = body["retries"], self.poll_interval
         while body["status"] not in TERMINAL:
             left = deadline - time.monotonic()

@@ -23,6 +23,12 @@ MAX_STEPS = 1000
 SEED_MAX = 2**32 - 1
 SOLVER_NAMES = SOLVERS  # model.solvers.SOLVERS (from its torch-free name list)
 SCHEDULE_NAMES = GRIDS
+# a generation's priority: interactive images run first and keep their ticks short; batch images fill
+# what is left (arcdiff/worker/engine.py). Specs without the field (older APIs) are interactive.
+PRIORITIES = ("interactive", "batch")
+DEFAULT_PRIORITY = "interactive"
+BATCH_QUEUE_SUFFIX = ":batch"  # model names have no ':' (model.registry.NAME_PATTERN): no clash
+CLIENT_MAX = 64  # characters of a spec's client id
 
 
 # each generation's events (queued, progress, preview, then one terminal marker) go to a Redis stream
@@ -50,9 +56,19 @@ class SpecError(ValueError):
     """A generation spec that cannot run; the message names the field."""
 
 
-def queue_name(model: str) -> str:
-    """One RQ queue per model, so a worker listens only for the models it holds."""
-    return QUEUE_PREFIX + model
+def queue_name(model: str, priority: str = DEFAULT_PRIORITY) -> str:
+    """Two RQ queues per model, so a worker listens only for the models it holds and takes
+    interactive generations first: arcdiff:<model> (interactive; the one older APIs fill) and
+    arcdiff:<model>:batch."""
+    return QUEUE_PREFIX + model + (BATCH_QUEUE_SUFFIX if priority == "batch" else "")
+
+
+def queue_model(name: str) -> tuple[str, str]:
+    """(model, priority) of a queue named by queue_name."""
+    model = name.removeprefix(QUEUE_PREFIX)
+    if model.endswith(BATCH_QUEUE_SUFFIX):
+        return model.removesuffix(BATCH_QUEUE_SUFFIX), "batch"
+    return model, DEFAULT_PRIORITY
 
 
 @dataclass(frozen=True)
@@ -66,6 +82,10 @@ class GenerationSpec:
     submitted_at: float  # time.time() when the API accepted it
     preview: bool = False  # send x0_hat previews while it runs (absent in older payloads)
     schedule: str = "uniform"  # the time grid (model.solver_names.GRIDS); absent in older payloads
+    priority: str = DEFAULT_PRIORITY  # PRIORITIES; absent in older payloads
+    # who asked, for the engine's per-client cap: not a secret ("key:" + 16 hex digits of the SHA-256
+    # of the API key, or "addr:" + the client's address without keys); absent in older payloads
+    client: str = ""
 
     def to_payload(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,9 +103,11 @@ class GenerationSpec:
         missing = sorted(names - set(payload) - optional)
         if missing:
             raise SpecError(f"missing field(s): {', '.join(missing)}")
-        for key in ("id", "model", "solver", "schedule"):
+        for key in ("id", "model", "solver", "schedule", "priority"):
             if key in payload and (not isinstance(payload[key], str) or not payload[key]):
                 raise SpecError(f"{key} must be a non-empty string")
+        if not isinstance(payload.get("client", ""), str) or len(payload.get("client", "")) > CLIENT_MAX:
+            raise SpecError(f"client must be a string of at most {CLIENT_MAX} characters")
         for key in ("steps", "seed", "n"):
             if type(payload[key]) is not int:
                 raise SpecError(f"{key} must be an integer")
@@ -104,6 +126,8 @@ class GenerationSpec:
             raise SpecError(f"unknown solver {spec.solver!r}")
         if spec.schedule not in SCHEDULE_NAMES:
             raise SpecError(f"unknown schedule {spec.schedule!r}")
+        if spec.priority not in PRIORITIES:
+            raise SpecError(f"priority must be one of {', '.join(PRIORITIES)}, got {spec.priority!r}")
         return spec
 
 

@@ -13,7 +13,7 @@ With --url the images come from a running service (arcdiff.client) instead of lo
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from arcdiff.contract import MAX_STEPS, SCHEDULE_NAMES, SOLVER_NAMES
+    from arcdiff.contract import MAX_STEPS, PRIORITIES, SCHEDULE_NAMES, SOLVER_NAMES
     from arcdiff.model.solver_names import DEFAULT_SCHEDULE, DEFAULT_SOLVER, DEFAULT_STEPS
 
     p = sub.add_parser("generate", help="sample images locally into a grid PNG", description=HELP)
@@ -51,6 +51,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="KEY",
         default=os.environ.get("ARCDIFF_API_KEY") or None,
         help="with --url: the service's API key (default ARCDIFF_API_KEY)",
+    )
+    p.add_argument(
+        "--priority",
+        choices=PRIORITIES,
+        help="with --url: interactive (the server's default) or batch (fills the time interactive requests leave)",
     )
     p.add_argument(
         "--timeout",
@@ -153,6 +158,7 @@ def run_remote(args: argparse.Namespace) -> int:
                 timeout=args.timeout,
                 schedule=args.schedule,
                 on_event=on_event,
+                priority=args.priority,
             )
     except ArcdiffError as e:
         bar.close()

@@ -7,7 +7,7 @@ import sys
 
 from arcdiff.cli._common import add_engine_flags, engine_flags, settings_from, setup_logging
 
-HELP = """Serve the queues of the given models (one RQ queue per model, arcdiff:<model>).
+HELP = """Serve the queues of the given models (arcdiff:<model>, then arcdiff:<model>:batch).
 
 The models load once; every job's images join one running batch per model at the next network
 evaluation, whatever their steps and solver. Jobs keep an honest RQ lifecycle (started with

@@ -1,4 +1,5 @@
-"""The queue client: generations as RQ jobs (JSON serializer), one queue per model.
+"""The queue client: generations as RQ jobs (JSON serializer), two queues per model: interactive
+(arcdiff:<model>) and batch (arcdiff:<model>:batch), which workers try in that order.
 
 The API only enqueues and reads; `arcdiff worker` processes do the sampling. A job's status,
 result and failure are RQ's own (what `rq info` shows). Waiting for a job blocks on its RQ
@@ -26,6 +27,7 @@ from rq.results import Result
 from rq.serializers import JSONSerializer
 
 from arcdiff.contract import (
+    PRIORITIES,
     TASK,
     GenerationSpec,
     JobResult,
@@ -64,8 +66,10 @@ class RedisBackend:
         # short socket timeouts: a request must fail fast (503) when Redis is gone, not hang
         self.redis = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
         self.aredis = aredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)
-        self.queues = {
-            name: Queue(queue_name(name), connection=self.redis, serializer=JSONSerializer) for name in models
+        self.queues = {  # by (model, priority)
+            (name, priority): Queue(queue_name(name, priority), connection=self.redis, serializer=JSONSerializer)
+            for name in models
+            for priority in PRIORITIES
         }
         self._cached: tuple[float, str | None, dict[str, int]] = (float("-inf"), None, {})
 
@@ -82,7 +86,12 @@ class RedisBackend:
         """(a problem with Redis itself, live workers per model)."""
         try:
             self.redis.ping()
-            counts = {name: len(Worker.all(queue=q)) for name, q in self.queues.items()}
+            # a worker listens on both queues of its models: count it on the interactive one
+            counts = {
+                name: len(Worker.all(queue=q))
+                for (name, priority), q in self.queues.items()
+                if priority == PRIORITIES[0]
+            }
         except redis.RedisError as e:
             return f"Redis unreachable: {e}", {}
         return None, counts
@@ -127,7 +136,7 @@ class RedisBackend:
         await asyncio.to_thread(self._enqueue, spec)
 
     def _enqueue(self, spec: GenerationSpec) -> None:
-        q = self.queues[spec.model]
+        q = self.queues[(spec.model, spec.priority)]
         try:
             if q.count >= self.settings.queue_limit:
                 raise QueueFull(
@@ -268,7 +277,10 @@ class RedisBackend:
             with self.redis.pipeline(transaction=False) as pipe:
                 for q in self.queues.values():
                     pipe.llen(q.key)
-                return dict(zip(self.queues, pipe.execute(), strict=True))
+                out = dict.fromkeys(self.models, 0)
+                for (name, _priority), n in zip(self.queues, pipe.execute(), strict=True):
+                    out[name] += n
+                return out
 
         try:
             return await asyncio.to_thread(depths)

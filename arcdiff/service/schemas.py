@@ -12,11 +12,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from arcdiff.contract import MAX_STEPS, SEED_MAX, SOLVER_NAMES
+from arcdiff.contract import DEFAULT_PRIORITY, MAX_STEPS, PRIORITIES, SEED_MAX, SOLVER_NAMES
 from arcdiff.model.solver_names import DEFAULT_SCHEDULE, DEFAULT_SOLVER, DEFAULT_STEPS, GRIDS, NFE_PER_STEP, SOLVERS
 
 Solver = Literal[SOLVERS]  # type: ignore[valid-type]  # the names of model.solver_names
 Schedule = Literal[GRIDS]  # type: ignore[valid-type]
+Priority = Literal[PRIORITIES]  # type: ignore[valid-type]
 Status = Literal["queued", "running", "finished", "failed", "canceled"]
 MAX_IMAGES_CAP = 256
 
@@ -83,6 +84,11 @@ class GenerationRequest(BaseModel):
         description="send previews on GET /v1/generations/{id}/events while it runs: each image's current "
         "x0_hat (the model's clean estimate, at no extra network evaluation) as a small PNG",
     )
+    priority: Priority = Field(  # type: ignore[assignment]
+        DEFAULT_PRIORITY,
+        description="interactive (default): runs first, its network evaluations kept short; batch: fills the "
+        "device time interactive images leave (on a CPU it pauses while they run)",
+    )
 
 
 def generation_request(models: Sequence[str], max_images: int) -> type[GenerationRequest]:
@@ -131,6 +137,7 @@ class GenerationOut(BaseModel):
     steps: int
     solver: str
     schedule: str = Field(description="the time grid the images were sampled on")
+    priority: str = Field(DEFAULT_PRIORITY, description="interactive or batch")
     seed: int
     n: int
     nfe: int = Field(description="network evaluations per image")

@@ -4,6 +4,10 @@ The solvers in arcdiff/model/solvers.py are per-sample state machines whose stat
 with a leading batch dimension. Images join by concatenating a fresh state and leave by indexing;
 the update itself is one vectorised call for the whole group, whatever step each image is at.
 
+A group may run only its first rows in a tick (the engine pauses batch-priority rows beside
+interactive ones): the others keep their state, their step and their noise streams untouched, so
+an image comes out the same whether or not it was paused.
+
 Who leaves when is known on the host: an image needs exactly nfe(solver, steps) evaluations, so
 the group counts them down in Python instead of reading the solver's "finished" mask back from
 the device, which would stall a GPU's queue of kernels once per tick. Non-finite rows are found
@@ -12,6 +16,7 @@ when they leave (one check per finished batch of rows, not per tick).
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from typing import Any
 
@@ -77,17 +82,52 @@ class SolverGroup:
             raise RuntimeError("solver group has no state: add() rows before stepping it")
         return self.state
 
-    def point(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every row's next evaluation point (x, eta)."""
-        return self.impl.point(self._live())
-
-    def advance(self, x0_hat: torch.Tensor, eps_hat: torch.Tensor) -> list[int]:
-        """Consume one evaluation per row; returns the indices of the rows that finished."""
+    def _head(self, rows: int | None) -> State:
+        """The state of the first `rows` rows (views; all rows: the state itself)."""
         state = self._live()
-        noise = draw_noise(state["x"], self.generators) if self.impl.stochastic else None
-        self.impl.advance(state, x0_hat, eps_hat, noise)
-        self.remaining = [r - 1 for r in self.remaining]
-        return [i for i, r in enumerate(self.remaining) if r <= 0]
+        if rows is None or rows >= len(self.slots):
+            return state
+        return {k: v[:rows] for k, v in state.items()}
+
+    def point(self, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next evaluation point (x, eta) of every row, or of the first `rows`."""
+        return self.impl.point(self._head(rows))
+
+    def advance(self, x0_hat: torch.Tensor, eps_hat: torch.Tensor, rows: int | None = None) -> list[int]:
+        """Consume one evaluation per row (or per row of the first `rows`, the others paused);
+        returns the indices of the rows that finished."""
+        state = self._live()
+        m = len(self.slots) if rows is None else min(rows, len(self.slots))
+        if m < len(self.slots):
+            self._unalias(state)
+        head = self._head(m)
+        views = dict(head)
+        noise = draw_noise(head["x"], self.generators[:m]) if self.impl.stochastic else None
+        self.impl.advance(head, x0_hat, eps_hat, noise)
+        if head is not state:
+            # in-place updates went through the views; entries the solver replaced are copied back,
+            # each first cloned if it is itself a view of the state (eta0 <- eta1 and the like)
+            storages = {v.untyped_storage().data_ptr() for v in state.values()}
+            new = {
+                k: v.clone() if v.untyped_storage().data_ptr() in storages else v
+                for k, v in head.items()
+                if v is not views[k]
+            }
+            for k, v in new.items():
+                state[k][:m] = v
+        self.remaining[:m] = [r - 1 for r in self.remaining[:m]]
+        return [i for i, r in enumerate(self.remaining[:m]) if r <= 0]
+
+    @staticmethod
+    def _unalias(state: State) -> None:
+        """Give entries that share memory their own (a fresh state holds eta0 as eta_prev too): the
+        rows written back after a partial advance must land in one entry only."""
+        seen: set[int] = set()
+        for k, v in state.items():
+            ptr = v.untyped_storage().data_ptr()
+            if ptr in seen:
+                state[k] = v.clone()
+            seen.add(ptr)
 
     def remove(self, rows: Sequence[int]) -> tuple[list[Any], torch.Tensor]:
         """Leave: drop the given rows; returns their owners and final x (in row order)."""
@@ -107,6 +147,45 @@ class SolverGroup:
         if self.impl.stochastic:
             self.generators = [self.generators[i] for i in kept]
         return owners, x
+
+
+class ForwardTimes:
+    """A running estimate of the network's forward time per batch size (rows the network ran,
+    padded), from the engine's own measurements: an exponential moving average per size, linear
+    interpolation between measured sizes, and in proportion to the rows beyond the largest one (as a
+    CPU costs; a GPU's flatter curve is learned once larger batches have run)."""
+
+    def __init__(self, weight: float = 0.2):
+        self.weight = weight  # of a new measurement in its size's average
+        self.sizes: list[int] = []  # measured sizes, sorted
+        self.seconds: dict[int, float] = {}
+
+    def add(self, rows: int, seconds: float) -> None:
+        if rows < 1 or not seconds >= 0:
+            return
+        old = self.seconds.get(rows)
+        if old is None:
+            bisect.insort(self.sizes, rows)
+            self.seconds[rows] = seconds
+        else:
+            self.seconds[rows] = old + self.weight * (seconds - old)
+
+    def predict(self, rows: int) -> float | None:
+        """Seconds a forward of `rows` rows is expected to take; None before any measurement."""
+        if rows in self.seconds:
+            return self.seconds[rows]
+        if not self.sizes:
+            return None
+        i = bisect.bisect_left(self.sizes, rows)
+        if i == len(self.sizes):  # beyond the largest measured size
+            lo = self.sizes[-1]
+            return self.seconds[lo] * rows / lo
+        hi = self.sizes[i]
+        if i == 0:  # below the smallest: in proportion, down to nothing
+            return self.seconds[hi] * rows / hi
+        lo = self.sizes[i - 1]
+        t_lo, t_hi = self.seconds[lo], self.seconds[hi]
+        return t_lo + (t_hi - t_lo) * (rows - lo) / (hi - lo)
 
 
 def _index(rows: list[int], device: torch.device) -> torch.Tensor:

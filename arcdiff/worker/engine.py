@@ -2,13 +2,22 @@
 network evaluation ("tick").
 
 Each tick, for each model with work:
-1. admit waiting images FIFO up to max_batch; each gets its own generator seeded from
-   (request seed, image index), its own step grid and a fresh solver state in its solver's group;
-2. gather every running image's next point (x, eta) into one tensor; a compiled network gets it
+1. admit waiting images, interactive ones first, FIFO within a priority: interactive images up to
+   max_batch of them, batch images while the whole batch holds fewer than max_batch (so an
+   interactive image gets in beside a full batch of batch images); a client at its cap
+   (max_images_per_key) waits while others go first. Each image gets its own generator seeded
+   from (request seed, image index), its own step grid and a fresh solver state in its
+   (solver, priority) group;
+2. choose the rows that run: with no interactive rows, all of them. With interactive rows, all of
+   those, and batch rows only while the whole tick's predicted forward time stays within the tick
+   budget (see _batch_rows; predictions come from the forward times measured per batch size): on a
+   GPU a larger batch costs little more and batch rows keep running, on a CPU they pause, their
+   state and noise streams untouched, and resume when the interactive images are done;
+3. gather every running row's next point (x, eta) into one tensor; a compiled network gets it
    padded to a bucket size (1, 2, 4, ..., max_batch) so it sees few shapes, an eager one the
    exact batch (on a CPU a padded row costs as much as a real one);
-3. one forward -> (x0_hat, eps_hat);
-4. scatter back: each solver group advances all its rows in one vectorised call; finished rows
+4. one forward -> (x0_hat, eps_hat), timed (CUDA events, read a tick later, on a GPU);
+5. scatter back: each solver group advances all its running rows in one vectorised call; finished rows
    leave (known on the host: no device sync per tick), are turned into pixels in one op and
    PNG-encoded on a thread pool; a generation completes when all its images are encoded. A row
    that ends non-finite fails its generation (with the reason), not the batch; rows never mix in
@@ -26,20 +35,20 @@ import logging
 import os
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
-from arcdiff.contract import GenerationSpec, JobResult, queue_expiry
+from arcdiff.contract import PRIORITIES, GenerationSpec, JobResult, queue_expiry
 from arcdiff.model.format import LoadedModel
 from arcdiff.model.images import png_bytes, to_uint8
 from arcdiff.model.rng import image_generator, image_seed, initial_noise
 from arcdiff.model.solvers import nfe as solver_nfe
 from arcdiff.worker import metrics as m
-from arcdiff.worker.batch import SolverGroup, bucket_for, bucket_sizes
+from arcdiff.worker.batch import ForwardTimes, SolverGroup, bucket_for, bucket_sizes
 from arcdiff.worker.device_thread import DeviceThread
 from arcdiff.worker.loading import PAD_ETA, Forward, Prepared, WarmUpFailed, warm_up
 from arcdiff.worker.results import Collected, encode_png, job_result
@@ -97,10 +106,22 @@ class EngineConfig:
     recompile_stance: str | None = None
     progress_interval_s: float = 0.25  # at most one progress event per generation this often
     preview_interval_s: float = 0.5  # at most one round of previews per generation this often
+    # while interactive rows run, a tick's forward may take tick_budget x their own predicted time,
+    # and at least tick_budget_min_s more than it; batch rows fill that (see Engine._batch_rows)
+    tick_budget: float = 1.25
+    tick_budget_min_s: float = 0.001
+    # paused batch rows still get at least this much forward time, as a fraction of the interactive
+    # rows' own (0: none; a constant interactive stream then starves them)
+    batch_min_share: float = 0.1
+    max_images_per_key: int = 0  # images of one client (spec.client) in the batch at once; 0: no cap
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {self.max_batch}")
+        if self.tick_budget < 1 or self.tick_budget_min_s < 0 or self.batch_min_share < 0:
+            raise ValueError("tick_budget must be at least 1, tick_budget_min_s and batch_min_share at least 0")
+        if self.max_images_per_key < 0:
+            raise ValueError(f"max_images_per_key must be at least 0, got {self.max_images_per_key}")
         buckets = self.bucket_sizes
         if buckets[-1] != self.max_batch or buckets[0] < 1:
             raise ValueError(f"buckets {buckets} must be positive and end at max_batch {self.max_batch}")
@@ -152,11 +173,23 @@ class _Runner:
         self.forward: Forward = prepared.forward
         self.shape = prepared.loaded.image_shape
         self.data_range = prepared.loaded.config.get("data_range", [-1.0, 1.0])
-        self.waiting: deque[tuple[_Task, int]] = deque()  # (generation, image index), FIFO
-        self.groups: dict[str, SolverGroup] = {}
+        # (generation, image index), FIFO per priority
+        self.waiting: dict[str, deque[tuple[_Task, int]]] = {p: deque() for p in PRIORITIES}
+        self.groups: dict[tuple[str, str], SolverGroup] = {}  # by (solver, priority)
         self.active: dict[str, _Task] = {}  # generations with rows in the batch, by id
-        self.in_batch = 0  # rows in the batch (kept under the engine lock)
+        # rows in the batch, in all and per priority and per client (kept under the engine lock)
+        self.in_batch = 0
+        self.rows: dict[str, int] = dict.fromkeys(PRIORITIES, 0)
+        self.client_rows: Counter[str] = Counter()
         self.dirty = False  # a generation with rows in the batch was closed: drop its rows
+        self.times = ForwardTimes()  # measured forward seconds per batch size
+        self.pending_times: deque[tuple[int, torch.cuda.Event, torch.cuda.Event]] = deque()  # GPU timings to read
+        self.credit = 0.0  # seconds of forward time owed to paused batch rows (batch_min_share)
+        self.paused = 0  # batch rows that sat out the last tick
+        self.turn = 0  # which batch group goes first when only some batch rows run
+
+    def n_waiting(self) -> int:
+        return sum(len(q) for q in self.waiting.values())
 
 
 class Engine:
@@ -246,8 +279,8 @@ class Engine:
                 raise ValueError(f"generation {spec.id} is already held")
             self._tasks[spec.id] = task
             runner = self._runners[spec.model]
-            runner.waiting.extend((task, k) for k in range(spec.n))
-            m.WAITING.labels(spec.model).set(len(runner.waiting))
+            runner.waiting[spec.priority].extend((task, k) for k in range(spec.n))
+            m.WAITING.labels(spec.model).set(runner.n_waiting())
             self._cond.notify_all()
         return fut
 
@@ -269,27 +302,69 @@ class Engine:
 
     def waiting_images(self, model: str) -> int:
         with self._cond:
-            return len(self._runners[model].waiting)
+            return self._runners[model].n_waiting()
 
-    def running_images(self, model: str) -> int:
+    def running_images(self, model: str, priority: str | None = None) -> int:
+        """Images in the batch (running or paused), of one priority or all."""
         with self._cond:
-            return self._runners[model].in_batch
+            r = self._runners[model]
+            return r.in_batch if priority is None else r.rows[priority]
 
-    def _room(self, model: str) -> bool:
+    def clients(self, model: str) -> dict[str, int]:
+        """Images in the batch per client (spec.client), for the per-client cap."""
+        with self._cond:
+            return dict(self._runners[model].client_rows)
+
+    def paused_images(self, model: str) -> int:
+        """Batch images in the batch that sat out the last tick beside interactive ones."""
+        with self._cond:
+            return self._runners[model].paused
+
+    def _blocked(self, r: _Runner, priority: str | None = None) -> int:
+        """Waiting images (of `priority`, or all) that the per-client cap holds back now."""
+        cap = self.config.max_images_per_key
+        if not cap:
+            return 0
+        # a client's free slots go to its interactive images first, as in _admit
+        free = {c: max(0, cap - n) for c, n in r.client_rows.items()}
+        blocked = 0
+        for p in PRIORITIES:
+            for task, _k in r.waiting[p]:
+                c = task.spec.client
+                left = free.get(c, cap)
+                if left:
+                    free[c] = left - 1
+                elif priority in (None, p):
+                    blocked += 1
+        return blocked
+
+    def _room(self, model: str, priority: str) -> bool:
+        """Whether a generation of `priority` taken now would not just sit behind a full batch.
+
+        Interactive images have a batch's worth of room of their own (batch rows pause for them),
+        batch images the room that all images leave. Images the per-client cap holds back do not
+        take room (others go first), up to a batch's worth of them."""
         r = self._runners[model]
-        return len(r.waiting) + r.in_batch < self.max_batch
+        blocked = self._blocked(r)
+        if blocked >= self.max_batch:
+            return False
+        if priority == "batch":
+            return r.n_waiting() - blocked + r.in_batch < self.max_batch
+        held = len(r.waiting["interactive"]) - self._blocked(r, "interactive") + r.rows["interactive"]
+        return held < self.max_batch
 
-    def has_room(self, model: str) -> bool:
+    def has_room(self, model: str, priority: str = "interactive") -> bool:
         """Whether taking another generation for `model` would not just sit behind a full batch."""
         with self._cond:
-            return self._room(model)
+            return self._room(model, priority)
 
-    def wait_for_room(self, models: Iterable[str], timeout: float) -> list[str]:
-        """Block until some of `models` has room (or timeout); returns those that do."""
-        models = list(models)
+    def wait_for_room(self, queues: Iterable[tuple[str, str]], timeout: float) -> list[tuple[str, str]]:
+        """Block until some of `queues` ((model, priority) pairs) has room (or timeout); returns
+        those that do."""
+        queues = list(queues)
         with self._cond:
-            self._cond.wait_for(lambda: self._closing or any(self._room(x) for x in models), timeout)
-            return [x for x in models if self._room(x)]
+            self._cond.wait_for(lambda: self._closing or any(self._room(*q) for q in queues), timeout)
+            return [q for q in queues if self._room(*q)]
 
     def wait_idle(self, timeout: float) -> bool:
         """Block until no generation is held (or timeout); True when idle."""
@@ -356,8 +431,9 @@ class Engine:
             self._tasks.pop(task.spec.id, None)
             r = self._runners[task.spec.model]
             if task.admitted < task.spec.n:
-                r.waiting = deque(item for item in r.waiting if item[0] is not task)
-                m.WAITING.labels(r.name).set(len(r.waiting))
+                q = r.waiting[task.spec.priority]
+                r.waiting[task.spec.priority] = deque(item for item in q if item[0] is not task)
+                m.WAITING.labels(r.name).set(r.n_waiting())
             if task.in_batch:
                 r.dirty = True
             self._cond.notify_all()
@@ -430,7 +506,7 @@ class Engine:
 
     @staticmethod
     def _has_work(r: _Runner) -> bool:
-        return bool(r.waiting) or r.in_batch > 0 or r.dirty
+        return any(r.waiting.values()) or r.in_batch > 0 or r.dirty
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
@@ -466,31 +542,37 @@ class Engine:
         if r.dirty:
             self._drop_closed(r)
         self._admit(r)
-        groups = [g for g in r.groups.values() if len(g)]
-        n = sum(len(g) for g in groups)
+        self._read_times(r)
+        parts = self._plan(r)
+        n = sum(rows for _g, rows in parts)
         if n == 0:
             return
-        points = [g.point() for g in groups]
+        points = [g.point(rows) for g, rows in parts]
         x = torch.cat([p[0] for p in points])
         eta = torch.cat([p[1] for p in points])
         b = bucket_for(n, self.buckets) if self.config.warm_up else n
         if b > n:
             x = torch.cat([x, x.new_zeros((b - n, *x.shape[1:]))])
             eta = torch.cat([eta, eta.new_full((b - n,), PAD_ETA)])
-        x0_hat, eps_hat = r.forward(x, eta)
+        x0_hat, eps_hat = self._forward(r, x, eta)
         m.BATCH_SIZE.labels(r.name).observe(n)
         now = time.monotonic()
         tasks = list(r.active.values())
-        for task in tasks:
-            task.out.batch_sizes.add(n)
-            task.nfe_done += task.in_batch  # every row in the batch had one evaluation
+        if r.paused:  # only some rows had an evaluation: count them
+            ran = Counter(task for g, rows in parts for task, _k in g.slots[:rows])
+            for task, count in ran.items():
+                task.out.batch_sizes.add(n)
+                task.nfe_done += count
+        else:
+            for task in tasks:
+                task.out.batch_sizes.add(n)
+                task.nfe_done += task.in_batch  # every row in the batch had one evaluation
         previews = [t for t in tasks if t.spec.preview and t.listener is not None and now >= t.next_preview]
         if previews:
-            self._preview(r, groups, x0_hat, previews, now)
+            self._preview(r, parts, x0_hat, previews, now)
         offset = 0
-        for g in groups:
-            rows = len(g)
-            leave = g.advance(x0_hat[offset : offset + rows], eps_hat[offset : offset + rows])
+        for g, rows in parts:
+            leave = g.advance(x0_hat[offset : offset + rows], eps_hat[offset : offset + rows], rows)
             offset += rows
             m.NFE.labels(r.name, g.impl.name).inc(rows)
             if leave:
@@ -499,6 +581,91 @@ class Engine:
         for task in tasks:
             if now >= task.next_progress or task.images_done != task.reported_images:
                 self._report(task, now)
+
+    def _plan(self, r: _Runner) -> list[tuple[SolverGroup, int]]:
+        """The rows that run this tick: (group, its first rows). Every interactive row; batch rows
+        as _batch_rows allows, the oldest first, the group that goes first taking turns."""
+        interactive = [g for (_s, p), g in r.groups.items() if p == "interactive" and len(g)]
+        batch = [g for (_s, p), g in r.groups.items() if p == "batch" and len(g)]
+        n_i, n_b = sum(len(g) for g in interactive), sum(len(g) for g in batch)
+        if n_i:
+            k = self._batch_rows(r, n_i, n_b) if n_b else 0
+        else:
+            k, r.credit = n_b, 0.0
+        if r.paused != n_b - k:
+            r.paused = n_b - k
+            m.PAUSED.labels(r.name).set(r.paused)
+        parts = [(g, len(g)) for g in interactive]
+        if k == n_b:
+            return parts + [(g, len(g)) for g in batch]
+        r.turn = (r.turn + 1) % len(batch)
+        for g in batch[r.turn :] + batch[: r.turn]:
+            if k <= 0:
+                break
+            parts.append((g, min(k, len(g))))
+            k -= len(g)
+        return parts
+
+    def _size(self, rows: int) -> int:
+        """The rows the network runs for `rows` images (padded to a bucket when compiled)."""
+        return bucket_for(rows, self.buckets) if self.config.warm_up else rows
+
+    def _batch_rows(self, r: _Runner, n_i: int, n_b: int) -> int:
+        """How many of the n_b batch rows run beside n_i interactive ones this tick.
+
+        The tick's predicted forward time may exceed that of the interactive rows alone (t_i) by
+        max((tick_budget - 1) t_i, tick_budget_min_s), plus the credit that batch_min_share lends
+        paused rows (share x t_i per tick while some are paused). The forward never exceeds
+        max_batch rows. Before anything was measured the interactive rows run alone once."""
+        cfg = self.config
+        fit = min(n_b, self.max_batch - n_i)
+        t_i = r.times.predict(self._size(n_i))
+        if fit <= 0 or t_i is None:
+            return 0
+        free = max((cfg.tick_budget - 1.0) * t_i, cfg.tick_budget_min_s)
+        allowed = free + r.credit
+
+        def extra(k: int) -> float:
+            return (r.times.predict(self._size(n_i + k)) or 0.0) - t_i
+
+        # the largest k whose extra time is allowed (predictions grow with rows); none when nothing
+        # is allowed (strict priority: not even a row that measured "free")
+        lo, hi = 0, fit if allowed > 0 else 0
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if extra(mid) <= allowed:
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo == n_b:
+            r.credit = 0.0
+        else:
+            spent = max(0.0, extra(lo) - free) if lo else 0.0
+            r.credit = min(max(0.0, r.credit - spent) + cfg.batch_min_share * t_i, max(0.0, extra(fit)))
+        return lo
+
+    def _forward(self, r: _Runner, x: torch.Tensor, eta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network on one batch, timed for r.times: on a GPU with CUDA events read back at a
+        later tick (no sync), elsewhere by the host's clock (on MPS: the launch only)."""
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = r.forward(x, eta)
+            end.record()
+            r.pending_times.append((x.shape[0], start, end))
+            return out
+        t0 = time.perf_counter()
+        out = r.forward(x, eta)
+        r.times.add(x.shape[0], time.perf_counter() - t0)
+        return out
+
+    @staticmethod
+    def _read_times(r: _Runner) -> None:
+        """Take in the GPU timings whose forwards have ended (oldest first; query() does not block)."""
+        while r.pending_times and (len(r.pending_times) > 64 or r.pending_times[0][2].query()):
+            rows, start, end = r.pending_times.popleft()
+            if end.query():
+                r.times.add(rows, start.elapsed_time(end) / 1000.0)
 
     def _report(self, task: _Task, now: float) -> None:
         task.next_progress = now + self.config.progress_interval_s
@@ -509,7 +676,7 @@ class Engine:
         )
 
     def _preview(
-        self, r: _Runner, groups: list[SolverGroup], x0_hat: torch.Tensor, tasks: list[_Task], now: float
+        self, r: _Runner, parts: list[tuple[SolverGroup, int]], x0_hat: torch.Tensor, tasks: list[_Task], now: float
     ) -> None:
         """Copy the x0_hat rows of `tasks` (the clean estimate at this evaluation, no extra network
         call) and PNG-encode them off the device thread. Called before the groups advance."""
@@ -517,12 +684,12 @@ class Engine:
         rows: list[int] = []
         owners: list[tuple[_Task, int, int]] = []  # (generation, image index, its evaluations so far)
         offset = 0
-        for g in groups:
-            for i, (task, k) in enumerate(g.slots):
+        for g, ran in parts:
+            for i, (task, k) in enumerate(g.slots[:ran]):
                 if task in due:
                     rows.append(offset + i)
                     owners.append((task, k, task.nfe_per_image - g.remaining[i] + 1))
-            offset += len(g)
+            offset += ran
         for task in tasks:
             task.next_preview = now + self.config.preview_interval_s
         if rows:
@@ -532,35 +699,52 @@ class Engine:
     def _admit(self, r: _Runner) -> None:
         picked: list[tuple[_Task, int]] = []
         now = time.time()
+        cap = self.config.max_images_per_key
         with self._cond:
-            room = self.max_batch - r.in_batch
-            while room > 0 and r.waiting:
-                task, k = r.waiting.popleft()
-                picked.append((task, k))
-                room -= 1
-                task.admitted += 1
-                task.in_batch += 1
-                r.in_batch += 1
-                r.active[task.spec.id] = task
-                if task.state == "queued":
-                    task.state = "running"
-                    task.out.first_admit = now
-                    m.QUEUE_WAIT.labels(r.name).observe(max(0.0, now - task.spec.submitted_at))
-            m.WAITING.labels(r.name).set(len(r.waiting))
+            for priority in PRIORITIES:  # interactive first: batch room is what it leaves
+                q = r.waiting[priority]
+                room = self.max_batch - (r.rows[priority] if priority == "interactive" else r.in_batch)
+                kept: deque[tuple[_Task, int]] = deque()
+                while room > 0 and q:
+                    item = q.popleft()
+                    if cap and r.client_rows[item[0].spec.client] >= cap:
+                        kept.append(item)  # its client is at the cap: others go first
+                        continue
+                    self._take(r, *item, now)
+                    picked.append(item)
+                    room -= 1
+                if kept:
+                    kept.extend(q)
+                    r.waiting[priority] = kept
+            m.WAITING.labels(r.name).set(r.n_waiting())
             m.RUNNING.labels(r.name).set(r.in_batch)
         if not picked:
             return
-        by_solver: dict[str, list[tuple[_Task, int]]] = {}
+        by_group: dict[tuple[str, str], list[tuple[_Task, int]]] = {}
         for item in picked:
-            by_solver.setdefault(item[0].spec.solver, []).append(item)
-        for solver, items in by_solver.items():
+            by_group.setdefault((item[0].spec.solver, item[0].spec.priority), []).append(item)
+        for key, items in by_group.items():
             gens = [image_generator(image_seed(t.spec.seed, k)) for t, k in items]
             x_T = torch.stack([initial_noise(r.shape, g) for g in gens]).to(self.device)
             steps = torch.tensor([t.spec.steps for t, _ in items])  # on the host: the group counts down there
-            group = r.groups.get(solver)
+            group = r.groups.get(key)
             if group is None:
-                group = r.groups[solver] = SolverGroup(solver)
+                group = r.groups[key] = SolverGroup(key[0])
             group.add(x_T, steps, items, gens, [t.spec.schedule for t, _ in items])
+
+    @staticmethod
+    def _take(r: _Runner, task: _Task, k: int, now: float) -> None:
+        """Image k of `task` enters the batch (call under the lock)."""
+        task.admitted += 1
+        task.in_batch += 1
+        r.in_batch += 1
+        r.rows[task.spec.priority] += 1
+        r.client_rows[task.spec.client] += 1
+        r.active[task.spec.id] = task
+        if task.state == "queued":
+            task.state = "running"
+            task.out.first_admit = now
+            m.QUEUE_WAIT.labels(r.name).observe(max(0.0, now - task.spec.submitted_at))
 
     def _finish(self, r: _Runner, solver: str, owners: list[tuple[_Task, int]], xs: torch.Tensor) -> None:
         """Rows that left the batch: encode the good ones, fail the generations of non-finite ones."""
@@ -604,6 +788,10 @@ class Engine:
         """One row of `task` left the batch (call under the lock)."""
         task.in_batch -= 1
         r.in_batch -= 1
+        r.rows[task.spec.priority] -= 1
+        r.client_rows[task.spec.client] -= 1
+        if r.client_rows[task.spec.client] <= 0:
+            del r.client_rows[task.spec.client]
         if task.in_batch == 0:
             r.active.pop(task.spec.id, None)
 
@@ -632,6 +820,10 @@ class Engine:
             r.groups.clear()
             r.active.clear()
             r.in_batch = 0
+            r.rows = dict.fromkeys(PRIORITIES, 0)
+            r.client_rows.clear()
+            r.paused = 0
+            m.PAUSED.labels(r.name).set(0)
             self._cond.notify_all()
         for task in tasks:
             self._close(task, error=reason)

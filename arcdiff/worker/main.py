@@ -62,6 +62,10 @@ def build_engine(settings: WorkerSettings, models: list[str], worker_name: str =
         job_timeout_s=settings.job_timeout_s,
         queue_timeout_s=settings.queue_timeout_s,
         warm_up=speed.compile != "none",
+        tick_budget=settings.tick_budget,
+        tick_budget_min_s=settings.tick_budget_min_ms / 1000.0,
+        batch_min_share=settings.batch_min_share,
+        max_images_per_key=settings.max_images_per_key,
         recompile_stance="eager_on_recompile" if speed.compile != "none" else None,
     )
     return Engine(prepared, config, failed_models=failed, device_thread=device_thread)

@@ -45,6 +45,12 @@ WAITING = Gauge(
     ["model"],
     multiprocess_mode="livesum",
 )
+PAUSED = Gauge(
+    "arcdiff_worker_paused_images",
+    "Batch-priority images in the batch that sat out the last network evaluation beside interactive ones",
+    ["model"],
+    multiprocess_mode="livesum",
+)
 LOAD = Gauge("arcdiff_worker_load_seconds", "Seconds to load the model", ["model"], multiprocess_mode="max")
 COMPILE = Gauge(
     "arcdiff_worker_compile_seconds",
@@ -72,4 +78,5 @@ def init_model_series(model: str) -> None:
         JOBS.labels(model, status)
     for histogram in (BATCH_SIZE, QUEUE_WAIT, SAMPLE, ENCODE):
         histogram.labels(model)
+    PAUSED.labels(model)
     COMPILE.labels(model)  # 0 until a warm-up sets it (stays 0 when the model is not compiled)

@@ -13,10 +13,13 @@ serves them as server-sent events. A stop-job command (what DELETE /v1/generatio
 a running generation) cancels it in the engine: its rows leave the batch at the next tick and RQ
 records it STOPPED.
 
-Dequeueing waits for room in the model's batch first, so jobs stay in Redis, visible as queued
-and free for other workers, until this one can run them. Blocking pops are short (1 s) so a
-stop request is seen promptly without raising out of a Redis call. RQ's `max_idle_time` holds:
-a worker idle that long leaves the loop.
+Each model has two queues, interactive (arcdiff:<model>) and batch (arcdiff:<model>:batch); the
+worker tries every interactive queue before any batch one. Dequeueing waits for room in the
+model's batch first, so jobs stay in Redis, visible as queued and free for other workers, until this
+one can run them; an interactive job has room while interactive images fill less than a batch
+(the engine pauses batch rows for it), a batch job while all images do (Engine.has_room).
+Blocking pops are short (1 s) so a stop request is seen promptly without raising out of a Redis
+call. RQ's `max_idle_time` holds: a worker idle that long leaves the loop.
 
 What this needs of RQ beyond its public API goes through arcdiff/worker/rq_compat.py.
 
@@ -49,7 +52,7 @@ from rq.registry import CanceledJobRegistry
 from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker, WorkerStatus
 
-from arcdiff.contract import QUEUE_PREFIX, TASK, GenerationSpec, SpecError, add_event, queue_name
+from arcdiff.contract import PRIORITIES, TASK, GenerationSpec, SpecError, add_event, queue_model, queue_name
 from arcdiff.worker import metrics as m
 from arcdiff.worker import rq_compat as rq_internal
 from arcdiff.worker.engine import Engine, GenerationCanceled
@@ -82,7 +85,8 @@ class BatchingWorker(SimpleWorker):
         self._held: dict[str, _Held] = {}  # before RQ's __init__, which may already set the state
         self._held_lock = threading.Lock()
         kwargs.setdefault("serializer", JSONSerializer)
-        queues = [queue_name(model) for model in engine.models]
+        # every interactive queue before any batch queue: RQ tries them in this order
+        queues = [queue_name(model, priority) for priority in PRIORITIES for model in engine.models]
         # RQ computes Redis TTLs from job_monitoring_interval (+ 60, for EXPIRE, which wants whole
         # seconds; one of its paths passes it unrounded): it gets whole seconds, and our heartbeats
         # keep the exact (possibly fractional) interval
@@ -141,7 +145,7 @@ class BatchingWorker(SimpleWorker):
             held.spec = self._spec_of(job, queue)
         except SpecError as e:
             self._fail(held, f"invalid generation job: {e}")
-            m.JOBS.labels(queue.name.removeprefix(QUEUE_PREFIX), "failed").inc()
+            m.JOBS.labels(queue_model(queue.name)[0], "failed").inc()
             return
         with self._held_lock:
             self._held[job.id] = held
@@ -169,7 +173,7 @@ class BatchingWorker(SimpleWorker):
         Returns None (which ends RQ's loop) once a stop was requested, or after `max_idle_time`
         seconds without a job."""
         backoff = 1.0
-        by_model = {q.name.removeprefix(QUEUE_PREFIX): q for q in self.queues}
+        by_queue = {q.name: queue_model(q.name) for q in self.queues}
         idle_since = time.monotonic()
         while True:
             if rq_internal.stop_requested(self):
@@ -183,12 +187,12 @@ class BatchingWorker(SimpleWorker):
                 self._update_state()
                 if self.should_run_maintenance_tasks:
                     self.run_maintenance_tasks()
-                ready = self.engine.wait_for_room(by_model, timeout=POLL_S)
+                ready = set(self.engine.wait_for_room(by_queue.values(), timeout=POLL_S))
                 if rq_internal.stop_requested(self):
                     return None
                 if not ready:
                     continue
-                queues = [q for q in rq_internal.ordered_queues(self) if q.name.removeprefix(QUEUE_PREFIX) in ready]
+                queues = [q for q in rq_internal.ordered_queues(self) if by_queue[q.name] in ready]
                 result = self.queue_class.dequeue_any(
                     queues,
                     POLL_S,
@@ -430,8 +434,8 @@ class BatchingWorker(SimpleWorker):
         spec = GenerationSpec.from_payload(args[0])
         if spec.id != job.id:
             raise SpecError(f"spec id {spec.id!r} is not the job id {job.id!r}")
-        if queue_name(spec.model) != queue.name:
-            raise SpecError(f"model {spec.model!r} does not belong on queue {queue.name!r}")
+        if queue_name(spec.model, spec.priority) != queue.name:
+            raise SpecError(f"a {spec.priority} generation of {spec.model!r} does not belong on queue {queue.name!r}")
         return spec
 
     def _update_state(self, force: bool = False) -> None:

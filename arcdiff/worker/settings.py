@@ -60,6 +60,32 @@ class WorkerSettings(BaseSettings):
         description="torch.set_num_threads for the engine process; unset: 1 on a CPU, torch's default (one per "
         "core) on CUDA and MPS",
     )
+    # priorities (the request's "priority") and the per-client cap
+    tick_budget: float = Field(
+        1.25,
+        ge=1.0,
+        description="while interactive images run, a network evaluation may take this many times as long as the "
+        "interactive images alone would (predicted from the forward times measured per batch size); batch-priority "
+        "images fill that time and the rest of them pause",
+    )
+    tick_budget_min_ms: float = Field(
+        1.0,
+        ge=0.0,
+        description="the same budget is at least this many milliseconds above the interactive images' own time "
+        "(small batches on a GPU, whose timings jitter, are then not paused for noise)",
+    )
+    batch_min_share: float = Field(
+        0.1,
+        ge=0.0,
+        description="paused batch images still get at least this much forward time, as a fraction of the "
+        "interactive images' own; 0: none (a constant interactive stream then starves them)",
+    )
+    max_images_per_key: int = Field(
+        0,
+        ge=0,
+        description="images of one API key (or, without keys, one client address) in the batch at once; "
+        "the key's further images wait while others go first; 0: no cap",
+    )
 
     # RQ job lifecycle
     result_ttl_s: int = Field(3600, ge=1, description="seconds a finished generation is kept")

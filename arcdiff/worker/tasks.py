@@ -1,7 +1,7 @@
 """The function a generation job names (arcdiff.contract.TASK), for workers other than `arcdiff worker`.
 
 `arcdiff worker` never calls it: it reads the job's spec and batches it. A stock RQ worker can
-run it (`rq worker -w rq.SimpleWorker -S rq.serializers.JSONSerializer arcdiff:mnist`): one
+run it (`rq worker -w rq.SimpleWorker -S rq.serializers.JSONSerializer arcdiff:mnist arcdiff:mnist:batch`): one
 job at a time, through an engine built once per process from the ARCDIFF_* settings.
 """
 

@@ -54,6 +54,7 @@ CONTRACT: dict[str, tuple[str, tuple[str, ...]]] = {
     "arcdiff_worker_encode_seconds": ("histogram", ("model",)),
     "arcdiff_worker_running_images": ("gauge", ("model",)),
     "arcdiff_worker_waiting_images": ("gauge", ("model",)),
+    "arcdiff_worker_paused_images": ("gauge", ("model",)),
     "arcdiff_worker_load_seconds": ("gauge", ("model",)),
     "arcdiff_worker_compile_seconds": ("gauge", ("model",)),
     "arcdiff_worker_device_memory_bytes": ("gauge", ("device",)),

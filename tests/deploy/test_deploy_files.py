@@ -447,7 +447,7 @@ def test_k8s_keda_scales_workers_on_rq_queue_lists():
         assert m["address"] == "redis.arcdiff.svc.cluster.local:6379"
         assert int(m["listLength"]) > 0 and isinstance(m["listLength"], str)
         lists.append(m["listName"])
-    assert lists == [f"rq:queue:arcdiff:{m}" for m in models]
+    assert lists == [f"rq:queue:arcdiff:{m}{suffix}" for m in models for suffix in ("", ":batch")]
 
 
 # --------------------------------------------------------------------- dashboard and rules (static)

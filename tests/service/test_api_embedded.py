@@ -59,6 +59,9 @@ def poll(client, gen_id, timeout=120):
         ({"n": "2"}, "n"),
         ({"wait": "yes"}, "wait"),
         ({"wait": 1}, "wait"),
+        ({"priority": "urgent"}, "priority"),
+        ({"priority": None}, "priority"),
+        ({"priority": 1}, "priority"),
     ],
 )
 def test_invalid_fields_are_422_naming_the_field(client, change, field):
@@ -189,6 +192,15 @@ def test_mixed_requests_at_once_all_correct_and_sharing_batches(client, model_di
     assert len(shared) >= 2, [g["metrics"]["batch_sizes"] for g in gens]
 
 
+def test_priority_is_optional_and_shown(client, model_dir):
+    """A batch generation runs like any other (same images), and says so in its body."""
+    gen = client.post("/v1/generations", json={**BASE, "n": 2, "priority": "batch", "wait": True}).json()
+    assert gen["status"] == "finished" and gen["priority"] == "batch", gen
+    assert client.get(gen["url"]).json()["priority"] == "batch"
+    assert_images_match(gen["images"], model_dir, "tiny", BASE["steps"], BASE["solver"], BASE["seed"], gen["schedule"])
+    assert client.post("/v1/generations", json=BASE).json()["priority"] == "interactive"
+
+
 def test_short_request_finishes_while_a_long_one_runs(client):
     long = client.post("/v1/generations", json={**BASE, "steps": 60, "solver": "rk4"}).json()
     wait_until(
@@ -241,6 +253,7 @@ def test_models_health_ready_metrics_openapi(client):
         "arcdiff_worker_encode_seconds_bucket",
         "arcdiff_worker_running_images",
         "arcdiff_worker_waiting_images",
+        "arcdiff_worker_paused_images",
         "arcdiff_worker_load_seconds",
         "arcdiff_worker_compile_seconds",
         "arcdiff_worker_device_memory_bytes",

@@ -7,6 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from rq.job import Job
+from rq.serializers import JSONSerializer
 from servicekit import (
     assert_images_match,
     free_port,
@@ -190,6 +192,21 @@ def test_wait_png_and_image_urls_through_redis(one_worker, model_dir):
     assert r.content == client.get(gen["images"][1]["url"]).content  # seed 10 = image 1 of seed 9
     assert "sample;dur=" in r.headers["server-timing"]
     assert client.get("/v1/generations/" + "f" * 32).status_code == 404
+
+
+def test_priority_travels_through_redis_on_its_own_queue(one_worker, model_dir):
+    client, conn = one_worker["client"], one_worker["redis"].client
+    body = {"model": "tiny", "steps": 3, "solver": "ddpm", "seed": 5, "n": 2, "wait": True}
+    gen = client.post("/v1/generations", json={**body, "priority": "batch"}).json()
+    assert gen["status"] == "finished" and gen["priority"] == "batch", gen
+    assert client.get(gen["url"]).json()["priority"] == "batch"
+    assert_images_match(gen["images"], model_dir, "tiny", 3, "ddpm", 5)
+    job = Job.fetch(gen["id"], connection=conn, serializer=JSONSerializer)
+    assert job.origin == "arcdiff:tiny:batch" and job.args[0]["priority"] == "batch"
+    assert job.args[0]["client"].startswith("addr:")  # who asked, for the per-key cap; no secret
+    inter = client.post("/v1/generations", json=body).json()
+    assert inter["priority"] == "interactive"
+    assert Job.fetch(inter["id"], connection=conn, serializer=JSONSerializer).origin == "arcdiff:tiny"
 
 
 def test_two_workers_share_the_queue(two_workers, model_dir):

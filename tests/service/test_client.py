@@ -66,14 +66,15 @@ def check_images(result: GenerationResult, model_dir, steps, solver, seed, n):
 def test_generate(service):
     with Client(service["base"], api_key=KEY) as client:
         assert [m["name"] for m in client.models()] == ["tiny", "tiny-eps"]
-        result = client.generate("tiny", steps=3, solver="ddim", seed=7, n=3, timeout=60)
-    assert (result.model, result.steps, result.solver, result.seed, result.n, result.nfe) == (
+        result = client.generate("tiny", steps=3, solver="ddim", seed=7, n=3, timeout=60, priority="batch")
+    assert (result.model, result.steps, result.solver, result.seed, result.n, result.nfe, result.priority) == (
         "tiny",
         3,
         "ddim",
         7,
         3,
         3,
+        "batch",
     )
     check_images(result, service["model_dir"], 3, "ddim", 7, 3)
     assert len(result.pil_images) == 3 and result.retries == 0
@@ -225,7 +226,7 @@ def test_generate_command_with_url(service, model_dir, tmp_path, monkeypatch, ca
     monkeypatch.setenv("ARCDIFF_API_KEY", KEY)  # the --api-key default
     remote, local = tmp_path / "remote.png", tmp_path / "local.png"
     args = ["generate", "--model", "tiny", "--steps", "3", "--solver", "ddim", "--seed", "7", "-n", "5", "--nrow", "3"]
-    assert main([*args, "--url", service["base"], "-o", str(remote)]) == 0
+    assert main([*args, "--url", service["base"], "--priority", "batch", "-o", str(remote)]) == 0
     captured = capsys.readouterr()
     out = captured.out
     assert "5 images of tiny" in out and "seeds 7..11" in out and "total" in out

@@ -13,6 +13,7 @@ from arcdiff.contract import (
     JobResult,
     SpecError,
     queue_expiry,
+    queue_model,
     queue_name,
 )
 from arcdiff.model.images import grid, png_bytes, to_uint8
@@ -31,6 +32,16 @@ def test_spec_round_trip():
     spec = GenerationSpec.from_payload(GOOD)
     assert GenerationSpec.from_payload(spec.to_payload()) == spec
     assert queue_name("mnist") == "arcdiff:mnist"
+
+
+def test_priority_and_client_default_for_older_specs_and_pick_the_queue():
+    old = GenerationSpec.from_payload(GOOD)  # a payload from before the fields existed
+    assert (old.priority, old.client) == ("interactive", "")
+    spec = GenerationSpec.from_payload({**GOOD, "priority": "batch", "client": "key:0123456789abcdef"})
+    assert GenerationSpec.from_payload(spec.to_payload()) == spec
+    assert queue_name("mnist", "batch") == "arcdiff:mnist:batch"
+    assert queue_model(queue_name("mnist", "batch")) == ("mnist", "batch")
+    assert queue_model(queue_name("mnist-eps")) == ("mnist-eps", "interactive")
 
 
 def test_queue_expiry_counts_from_acceptance():
@@ -57,6 +68,10 @@ def test_queue_expiry_counts_from_acceptance():
         ({"model": ""}, "model"),
         ({"extra": 1}, "unknown field"),
         ({"submitted_at": "now"}, "submitted_at"),
+        ({"priority": "urgent"}, "priority must be one of interactive, batch"),
+        ({"priority": 1}, "priority"),
+        ({"client": 7}, "client"),
+        ({"client": "k" * 65}, "client"),
     ],
 )
 def test_bad_specs_name_the_field(change, message):

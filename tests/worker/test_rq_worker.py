@@ -24,7 +24,7 @@ from servicekit import (
     worker_gauge,
 )
 
-from arcdiff.contract import TASK, GenerationSpec
+from arcdiff.contract import TASK, GenerationSpec, queue_name
 
 
 @pytest.fixture
@@ -52,11 +52,18 @@ def workers(redis_url, model_dir, tmp_path):
         print(f"--- worker{i}.log ---\n" + (tmp_path / f"worker{i}.log").read_text()[-4000:])
 
 
-def enqueue(conn, steps, solver="rk4", seed=0, n=1, payload=None, func=TASK, retries=1):
+def enqueue(conn, steps, solver="rk4", seed=0, n=1, payload=None, func=TASK, retries=1, priority="interactive"):
     spec = GenerationSpec(
-        id=uuid.uuid4().hex, model="tiny", steps=steps, solver=solver, seed=seed, n=n, submitted_at=time.time()
+        id=uuid.uuid4().hex,
+        model="tiny",
+        steps=steps,
+        solver=solver,
+        seed=seed,
+        n=n,
+        submitted_at=time.time(),
+        priority=priority,
     )
-    q = Queue("arcdiff:tiny", connection=conn, serializer=JSONSerializer)
+    q = Queue(queue_name("tiny", priority), connection=conn, serializer=JSONSerializer)
     return q.enqueue_call(
         func,
         args=(payload if payload is not None else spec.to_payload(),),
@@ -96,7 +103,7 @@ def test_jobs_share_the_batch_with_an_honest_rq_lifecycle(conn, workers, redis_u
         assert status(conn, j) == "finished"
     assert status(conn, long) == "started", "short jobs waited for the long one"
     (worker,) = Worker.all(connection=conn)
-    assert worker.get_state() == "busy" and worker.queue_names() == ["arcdiff:tiny"]
+    assert worker.get_state() == "busy" and worker.queue_names() == ["arcdiff:tiny", "arcdiff:tiny:batch"]
     wait_until(lambda: fetch(conn, long).last_heartbeat > beat, 10, "a heartbeat of the running job")
     for job, (steps, solver, seed) in zip(shorts, ((3, "ddim", 10), (3, "ddpm", 11)), strict=True):
         res = fetch(conn, job).return_value()
@@ -130,6 +137,26 @@ def test_bad_jobs_fail_with_the_reason(conn, workers, redis_url):
     for job, reason in ((bad_steps, "missing field"), (bad_func, "expected function")):
         assert status(conn, job) == "failed"
         assert reason in fetch(conn, job).latest_result().exc_string
+
+
+def test_an_interactive_job_is_taken_beside_a_batch_queue_that_fills_the_worker(conn, workers, redis_url, model_dir):
+    """Batch jobs fill the engine (max batch 4) and more wait in the batch queue; an interactive job
+    is still taken at once and finishes while they run (the batch rows pause for it on this CPU)."""
+    port = free_port()
+    w = workers(metrics_port=port)
+    wait_workers(redis_url, "tiny", 1, [w])
+    running = [enqueue(conn, steps=1000, seed=i, n=2, priority="batch") for i in range(2)]
+    waiting = enqueue(conn, steps=2, priority="batch")
+    wait_running_images(port, 4)
+    inter = enqueue(conn, steps=3, solver="ddim", seed=21)
+    wait_status(conn, inter, {"finished", "failed"}, timeout=60)
+    assert status(conn, inter) == "finished"
+    assert_images_match(fetch(conn, inter).return_value()["images"], model_dir, "tiny", 3, "ddim", 21)
+    assert [status(conn, j) for j in running] == ["started", "started"]
+    assert status(conn, waiting) == "queued", "a batch job was taken into a full batch"
+    for j in running:
+        send_stop_job_command(conn, j.id)
+    wait_status(conn, waiting, {"finished"}, timeout=60)
 
 
 def wait_running_images(port, count, timeout=60):

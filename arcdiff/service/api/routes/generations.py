@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, Header, Request, Response, status
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from arcdiff.contract import SEED_MAX, GenerationSpec, JobMetrics
+from arcdiff.contract import CLIENT_MAX, SEED_MAX, GenerationSpec, JobMetrics
 from arcdiff.model.solver_names import nfe as solver_nfe
 from arcdiff.model.solver_names import resolve
 from arcdiff.service.api.deps import BackendDep, SettingsDep, require_api_key
@@ -52,6 +52,7 @@ def to_out(gen: Generation) -> GenerationOut:
         steps=spec.steps,
         solver=spec.solver,
         schedule=spec.schedule,
+        priority=spec.priority,
         seed=spec.seed,
         n=spec.n,
         nfe=solver_nfe(spec.solver, spec.steps),
@@ -167,6 +168,7 @@ async def create_generation(
         want_png = False
     seed = body.seed if body.seed is not None else secrets.randbelow(SEED_MAX + 1)
     solver, steps, schedule = resolve(body.solver, body.steps, body.schedule)
+    caller = getattr(request.state, "client_id", "anonymous")
     spec = GenerationSpec(
         id=uuid.uuid4().hex,
         model=body.model,
@@ -177,8 +179,10 @@ async def create_generation(
         submitted_at=time.time(),
         preview=body.preview,
         schedule=schedule,
+        priority=body.priority,
+        client=caller[:CLIENT_MAX],  # no secret: a short hash of the key, or the address (for the per-key cap)
     )
-    limiter, caller = request.app.state.limiter, getattr(request.state, "client_id", "anonymous")
+    limiter = request.app.state.limiter
     try:
         if limiter is not None:
             await limiter.take(caller, spec.n)
