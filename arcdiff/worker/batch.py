@@ -17,6 +17,8 @@ when they leave (one check per finished batch of rows, not per tick).
 from __future__ import annotations
 
 import bisect
+import statistics
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -151,24 +153,26 @@ class SolverGroup:
 
 class ForwardTimes:
     """A running estimate of the network's forward time per batch size (rows the network ran,
-    padded), from the engine's own measurements: an exponential moving average per size, linear
+    padded), from the engine's own measurements: per size the median of its last few (robust to
+    the spikes of a shared machine, where another process takes the core mid-forward), linear
     interpolation between measured sizes, and in proportion to the rows beyond the largest one (as a
     CPU costs; a GPU's flatter curve is learned once larger batches have run)."""
 
-    def __init__(self, weight: float = 0.2):
-        self.weight = weight  # of a new measurement in its size's average
+    def __init__(self, window: int = 9):
+        self.window = window  # measurements kept per size
         self.sizes: list[int] = []  # measured sizes, sorted
-        self.seconds: dict[int, float] = {}
+        self.recent: dict[int, deque[float]] = {}
+        self.seconds: dict[int, float] = {}  # the median of each size's recent measurements
 
     def add(self, rows: int, seconds: float) -> None:
         if rows < 1 or not seconds >= 0:
             return
-        old = self.seconds.get(rows)
-        if old is None:
+        recent = self.recent.get(rows)
+        if recent is None:
             bisect.insort(self.sizes, rows)
-            self.seconds[rows] = seconds
-        else:
-            self.seconds[rows] = old + self.weight * (seconds - old)
+            recent = self.recent[rows] = deque(maxlen=self.window)
+        recent.append(seconds)
+        self.seconds[rows] = statistics.median(recent)
 
     def predict(self, rows: int) -> float | None:
         """Seconds a forward of `rows` rows is expected to take; None before any measurement."""

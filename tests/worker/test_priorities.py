@@ -262,12 +262,41 @@ def test_a_group_advancing_only_its_first_rows_leaves_the_others_as_they_were(lo
 
 
 def test_forward_times_interpolate_and_extrapolate():
-    t = ForwardTimes(weight=0.5)
+    t = ForwardTimes(window=3)
     assert t.predict(4) is None
     t.add(2, 0.010)
     assert t.predict(4) == pytest.approx(0.020) and t.predict(1) == pytest.approx(0.005)
     t.add(8, 0.020)
     assert t.predict(5) == pytest.approx(0.015)
-    t.add(8, 0.030)  # a moving average per size
-    assert t.predict(8) == pytest.approx(0.025)
-    assert t.predict(16) == pytest.approx(0.050)
+    t.add(8, 0.900)  # a spike (another process took the core): the median of the last 3 ignores it
+    t.add(8, 0.030)
+    assert t.predict(8) == pytest.approx(0.030)
+    assert t.predict(16) == pytest.approx(0.060)
+
+
+def test_gpu_timings_are_read_once_their_forward_has_ended():
+    """The CUDA path without a GPU: event pairs are taken in order, each once it has completed
+    (query() never blocks), and a backlog beyond 64 is dropped rather than waited on."""
+    from collections import deque
+    from types import SimpleNamespace
+
+    class Event:  # the two calls the engine makes of a torch.cuda.Event
+        def __init__(self, ms, done=True):
+            self.ms, self.done = ms, done
+
+        def query(self):
+            return self.done
+
+        def elapsed_time(self, end):
+            return end.ms - self.ms
+
+    r = SimpleNamespace(times=ForwardTimes(), pending_times=deque())
+    r.pending_times.extend([(4, Event(0), Event(2)), (8, Event(2), Event(5, done=False)), (4, Event(5), Event(7))])
+    Engine._read_times(r)
+    assert r.times.predict(4) == pytest.approx(0.002) and len(r.pending_times) == 2  # stopped at the running one
+    r.pending_times[0][2].done = True
+    Engine._read_times(r)
+    assert r.times.predict(8) == pytest.approx(0.003) and not r.pending_times
+    r.pending_times.extend((1, Event(0, done=False), Event(1, done=False)) for _ in range(70))
+    Engine._read_times(r)
+    assert len(r.pending_times) == 64 and r.times.predict(1) == pytest.approx(0.002 / 4)  # none read
