@@ -12,9 +12,18 @@ weight:
   [{"weight": 3, "request": {"model": "mnist", "steps": 10, "solver": "rk4", "n": 1}},
    {"weight": 1, "request": {"model": "mnist", "steps": 20, "solver": "ddim", "n": 4}, "name": "ddim-x4"}]
 
-("weight" defaults to 1, "n" to 1, "name" to model/solver/steps/n). Without --mix: the service's first
-model (GET /v1/models), rk4 10 steps n=1 (weight 3) and ddim 20 steps n=4 (weight 1). The sequence of
-entries and seeds is fixed by --seed.
+("weight" defaults to 1, "n" to 1, "name" to model/solver/steps/n). A request may also say
+"priority" ("interactive" or "batch"). An entry with "loops": L gets L client loops of its own
+instead (the C shared loops pick among the entries without "loops"), each starting its requests at
+least "interval_s" seconds apart if given: a fixed background load beside the measured requests,
+e.g. batch jobs that keep the worker full beside an interactive request every second. Without
+--mix: the service's first model (GET /v1/models), rk4 10 steps n=1 (weight 3) and ddim 20 steps
+n=4 (weight 1). The sequence of entries and seeds is fixed by --seed.
+
+Per entry the record has its latency percentiles and its images per second in the first DURATION
+seconds: images of the requests finished by then, over DURATION (requests still in flight then do
+not count, and the time given to them after it does not dilute the rate; with long requests, use a
+DURATION many times theirs).
 
 Overload is counted, not hidden: the client never retries, so a 429 (queue full, rate limit) is
 counted as `rejected` and a 503 as an error; the loop that got it waits the server's Retry-After (never
@@ -34,7 +43,8 @@ import time
 from typing import Any
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-REQUEST_KEYS = ("model", "steps", "solver", "n")
+REQUEST_KEYS = ("model", "steps", "solver", "n", "priority")
+PRIORITIES = ("interactive", "batch")  # arcdiff.contract.PRIORITIES, not imported to keep this module light
 SEED_MAX = 2**32 - 1  # arcdiff.contract.SEED_MAX, not imported to keep this module light
 MAX_EXAMPLES = 3  # example messages kept per error kind
 
@@ -99,7 +109,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--mix",
         metavar="FILE",
-        help="JSON list of {weight, request: {model, steps, solver, n}} "
+        help="JSON list of {weight, request: {model, steps, solver, n, priority?}, loops?, interval_s?} "
         "(default: the first served model, rk4 10 steps n=1 and ddim 20 steps n=4)",
     )
     p.add_argument(
@@ -110,6 +120,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="seed of the sequence of mix entries and request seeds (default 0)",
     )
     p.add_argument("--api-key", metavar="KEY", help="the service's API key (default ARCDIFF_API_KEY)")
+    p.add_argument(
+        "--metrics-url",
+        metavar="URL",
+        help="Prometheus page whose arcdiff_worker_nfe_total gives the network evaluations per second, per "
+        "solver, over DURATION (default URL/metrics: the engine's own in embedded mode; with Redis, a "
+        "worker's metrics port)",
+    )
     p.add_argument(
         "--json",
         metavar="PATH",
@@ -171,9 +188,12 @@ def parse_mix(data: Any, where: str = "mix") -> list[dict[str, Any]]:
         at = f"{where}: entry {i}"
         if not isinstance(raw, dict):
             raise MixError(f"{at}: expected an object with 'weight' and 'request', got {type(raw).__name__}")
-        unknown = sorted(set(raw) - {"weight", "request", "name"})
+        unknown = sorted(set(raw) - {"weight", "request", "name", "loops", "interval_s"})
         if unknown:
-            raise MixError(f"{at}: unknown key(s) {', '.join(map(repr, unknown))} (expected weight, request, name)")
+            raise MixError(
+                f"{at}: unknown key(s) {', '.join(map(repr, unknown))} (expected weight, request, name, loops, "
+                "interval_s)"
+            )
         weight = raw.get("weight", 1)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
             raise MixError(f"{at}: 'weight' must be a positive number, not {weight!r}")
@@ -199,12 +219,32 @@ def parse_mix(data: Any, where: str = "mix") -> list[dict[str, Any]]:
             if not _is_int(v) or v < 1:
                 raise MixError(f"{at}: request {key!r} must be an integer of at least 1, not {v!r}")
         request = {"model": req["model"], "steps": req["steps"], "solver": req["solver"], "n": n}
+        if "priority" in req:
+            if req["priority"] not in PRIORITIES:
+                raise MixError(
+                    f"{at}: request 'priority' must be one of {', '.join(PRIORITIES)}, not {req['priority']!r}"
+                )
+            request["priority"] = req["priority"]
         name = raw.get("name")
         if name is not None and (not isinstance(name, str) or not name):
             raise MixError(f"{at}: 'name' must be a non-empty string, not {name!r}")
-        entries.append(
-            {"name": name or "{model}/{solver}/{steps}/n{n}".format(**request), "weight": weight, "request": request}
+        default_name = "/".join(
+            [request["model"], request["solver"], str(request["steps"]), f"n{n}"]
+            + ([request["priority"]] if "priority" in request else [])
         )
+        entry = {"name": name or default_name, "weight": weight, "request": request}
+        if "loops" in raw:
+            if not _is_int(raw["loops"]) or raw["loops"] < 1:
+                raise MixError(f"{at}: 'loops' must be an integer of at least 1, not {raw['loops']!r}")
+            entry["loops"] = raw["loops"]
+        if "interval_s" in raw:
+            v = raw["interval_s"]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise MixError(f"{at}: 'interval_s' must be a positive number of seconds, not {v!r}")
+            if "loops" not in raw:
+                raise MixError(f"{at}: 'interval_s' paces an entry's own loops: give 'loops' too")
+            entry["interval_s"] = float(v)
+        entries.append(entry)
     seen: dict[str, int] = {}
     for e in entries:  # names label the per-entry figures: make them unique
         k = seen[e["name"]] = seen.get(e["name"], 0) + 1
@@ -290,8 +330,10 @@ class Tally:
     def __init__(self, entries: list[dict[str, Any]]):
         self.entries = entries
         self.per_entry = [
-            {"started": 0, "finished": 0, "rejected": 0, "failed": 0, "images": 0, "latency_ms": []} for _ in entries
+            {"started": 0, "finished": 0, "rejected": 0, "failed": 0, "images": 0, "window_images": 0, "latency_ms": []}
+            for _ in entries
         ]
+        self.window_end: float | None = None  # time.monotonic() when the window closes (DURATION)
         self.server: dict[str, list[float]] = {k: [] for k in ("queue_ms", "sample_ms", "encode_ms", "total_ms")}
         self.errors: dict[str, dict[str, Any]] = {}
         self.first_start: float | None = None
@@ -311,6 +353,8 @@ class Tally:
             if isinstance(metrics.get(k), (int, float)):
                 values.append(float(metrics[k]))
         self.last_end = time.monotonic()
+        if self.window_end is None or self.last_end <= self.window_end:
+            e["window_images"] += images
 
     def failed(self, i: int, kind: str, message: str, rejected: bool = False) -> None:
         self.per_entry[i]["rejected" if rejected else "failed"] += 1
@@ -337,10 +381,39 @@ def classify(exc: BaseException) -> tuple[str, str, bool]:
 # ---- the run --------------------------------------------------------------------------------------
 
 
+async def scrape_nfe(http: Any, url: str) -> dict[str, float] | None:
+    """arcdiff_worker_nfe_total per model/solver from a Prometheus page (the service's /metrics in
+    embedded mode, or a worker's); None when there is none to read."""
+    import httpx
+
+    try:
+        r = await http.get(url)
+        if r.status_code != 200:
+            return None
+        from prometheus_client.parser import text_string_to_metric_families
+
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(r.text):
+            for sample in family.samples:
+                if sample.name == "arcdiff_worker_nfe_total":
+                    key = f"{sample.labels.get('model')}/{sample.labels.get('solver')}"
+                    out[key] = out.get(key, 0.0) + sample.value
+    except (httpx.HTTPError, ImportError, ValueError):
+        return None
+    return out or None
+
+
 async def drive(
-    args: argparse.Namespace, entries: list[dict[str, Any]], client: Any, tally: Tally, progress: Any
+    args: argparse.Namespace,
+    entries: list[dict[str, Any]],
+    client: Any,
+    tally: Tally,
+    progress: Any,
+    scrape: Any = None,
 ) -> dict[str, Any]:
-    """Run the loops; returns timing facts (the outcomes are in `tally`)."""
+    """Run the loops; returns timing facts (the outcomes are in `tally`). `scrape`: an async
+    callable read at the start and at the end of DURATION (network evaluations done, see
+    scrape_nfe)."""
     import asyncio
     import random
     import signal
@@ -348,20 +421,27 @@ async def drive(
     from arcdiff.client import APIError
 
     rng = random.Random(args.seed)
-    weights = [e["weight"] for e in entries]
+    shared = [i for i, e in enumerate(entries) if "loops" not in e]  # what the C shared loops pick from
+    weights = [entries[i]["weight"] for i in shared]
+    # an entry with loops of its own draws its seeds from its own stream (its loops' timing then
+    # does not change the shared loops' sequence)
+    own_rngs = {i: random.Random(f"{args.seed}/{i}") for i, e in enumerate(entries) if "loops" in e}
     t0 = time.monotonic()
     stop_at = t0 + args.duration
     hard_stop = stop_at + args.timeout
+    tally.window_end = stop_at
     state = {"started": 0, "interrupted": False}
     stopping = asyncio.Event()
 
-    def plan() -> tuple[int, int] | None:
+    def plan(own: int | None = None) -> tuple[int, int] | None:
         """The next request (entry index, seed), or None when no more may start. Drawn in start order,
-        so the sequence depends only on --seed."""
+        so the sequence depends only on --seed. `own`: an entry with loops of its own."""
         if stopping.is_set() or time.monotonic() >= stop_at or state["started"] >= args.max_requests:
             return None
         state["started"] += 1
-        return rng.choices(range(len(entries)), weights)[0], rng.randint(0, SEED_MAX)
+        if own is not None:
+            return own, own_rngs[own].randint(0, SEED_MAX)
+        return shared[rng.choices(range(len(shared)), weights)[0]], rng.randint(0, SEED_MAX)
 
     async def pause(seconds: float) -> None:
         """Sleep, but not past DURATION nor past a stop request."""
@@ -372,8 +452,9 @@ async def drive(
             except asyncio.TimeoutError:
                 pass
 
-    async def loop() -> None:
-        while (nxt := plan()) is not None:
+    async def loop(own: int | None = None) -> None:
+        interval = entries[own].get("interval_s", 0.0) if own is not None else 0.0
+        while (nxt := plan(own)) is not None:
             i, seed = nxt
             req = entries[i]["request"]
             tally.started(i)
@@ -387,6 +468,7 @@ async def drive(
                     n=req["n"],
                     timeout=max(0.01, hard_stop - t),
                     wait=True,
+                    priority=req.get("priority"),
                 )
             except asyncio.CancelledError:
                 tally.failed(i, "Cancelled", "still in flight when the run was stopped")
@@ -400,6 +482,8 @@ async def drive(
                 continue
             tally.finished(i, (time.monotonic() - t) * 1000.0, len(result.images), result.metrics)
             progress.update(1)
+            if interval:
+                await pause(t + interval - time.monotonic())
 
     loop_ = asyncio.get_running_loop()
     main = asyncio.current_task()
@@ -420,7 +504,26 @@ async def drive(
         handler = True
     except (NotImplementedError, RuntimeError, ValueError):
         handler = False
-    tasks = [asyncio.create_task(loop()) for _ in range(args.concurrency)]
+
+    async def window_nfe() -> dict[str, float] | None:
+        """Network evaluations per second, per model/solver, over DURATION (or until a stop)."""
+        if scrape is None:
+            return None
+        before, t_before = await scrape(), time.monotonic()
+        if before is None:
+            return None
+        try:
+            await asyncio.wait_for(stopping.wait(), max(0.0, stop_at - time.monotonic()))
+        except asyncio.TimeoutError:
+            pass
+        after, t_after = await scrape(), time.monotonic()
+        if after is None:
+            return None
+        return {k: round((v - before.get(k, 0.0)) / max(1e-9, t_after - t_before), 3) for k, v in sorted(after.items())}
+
+    nfe_task = asyncio.create_task(window_nfe())
+    tasks = [asyncio.create_task(loop()) for _ in range(args.concurrency if shared else 0)]
+    tasks += [asyncio.create_task(loop(i)) for i in own_rngs for _ in range(entries[i]["loops"])]
     try:
         # each request's own timeout ends at hard_stop; this bound is a backstop
         done, pending = await asyncio.wait(tasks, timeout=hard_stop - time.monotonic() + 5.0)
@@ -437,7 +540,11 @@ async def drive(
     for t in tasks:
         if t.done() and not t.cancelled() and t.exception() is not None:
             raise t.exception()  # a bug in the loop itself
-    return {"t0": t0, "interrupted": state["interrupted"]}
+    try:
+        nfe_per_s = await asyncio.wait_for(nfe_task, 15.0)
+    except (asyncio.TimeoutError, asyncio.CancelledError):
+        nfe_per_s = None
+    return {"t0": t0, "interrupted": state["interrupted"], "nfe_per_s": nfe_per_s}
 
 
 async def _main(
@@ -448,8 +555,9 @@ async def _main(
     from arcdiff.client import APIError, AsyncClient, Unreachable
 
     # one connection per loop (httpx's default pool holds 100); no retries: overload is counted
+    loops = args.concurrency + sum(e.get("loops", 0) for e in entries or [])
     transport = httpx.AsyncHTTPTransport(
-        limits=httpx.Limits(max_connections=args.concurrency + 1, max_keepalive_connections=args.concurrency + 1)
+        limits=httpx.Limits(max_connections=loops + 1, max_keepalive_connections=loops + 1)
     )
     async with AsyncClient(args.url, api_key, max_retries=0, transport=transport) as client:
         try:
@@ -474,10 +582,13 @@ async def _main(
 
         tally = Tally(entries)
         progress = _progress(args)
-        try:
-            facts = await drive(args, entries, client, tally, progress)
-        finally:
-            progress.close()
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        async with httpx.AsyncClient(headers=headers, timeout=10.0) as http:
+            metrics_url = args.metrics_url or args.url.rstrip("/") + "/metrics"
+            try:
+                facts = await drive(args, entries, client, tally, progress, lambda: scrape_nfe(http, metrics_url))
+            finally:
+                progress.close()
     return 0, {"entries": entries, "tally": tally, "models": [m.get("name") for m in models], **facts}
 
 
@@ -513,8 +624,11 @@ def build_record(args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any
                 "name": entry["name"],
                 "weight": entry["weight"],
                 "request": entry["request"],
+                **{k: entry[k] for k in ("loops", "interval_s") if k in entry},
                 **{k: t[k] for k in ("started", "finished", "rejected", "failed", "images")},
                 "latency_ms": {k: lat[k] for k in ("p50", "p95", "p99", "max")},
+                # images of requests finished in the first DURATION seconds, over DURATION
+                "images_per_s": round(t["window_images"] / args.duration, 4),
             }
         )
     try:
@@ -541,6 +655,8 @@ def build_record(args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any
         "percentiles": "nearest-rank",
         # the server's latency record of the finished generations: medians (nearest-rank)
         "server_ms": {f"{k}_p50": _round(percentile(sorted(v), 50)) for k, v in tally.server.items()},
+        # from the service's metrics: network evaluations per second per model/solver over DURATION
+        "nfe_per_s": out.get("nfe_per_s"),
         "per_entry": per_entry,
         "interrupted": out["interrupted"],
         "args": settings,
@@ -552,12 +668,14 @@ def summary(record: dict[str, Any]) -> str:
     from arcdiff.bench.report import table
 
     cols = ["entry", "weight", "started", "finished", "rejected", "failed", "images", "p50_ms", "p95_ms", "p99_ms"]
+    cols.append("images/s")
     rows = [
         {
             "entry": e["name"],
-            "weight": e["weight"],
+            "weight": f"{e['loops']} loops" if "loops" in e else e["weight"],
             **{k: e[k] for k in cols[2:7]},
             **{f"{p}_ms": e["latency_ms"][p] for p in ("p50", "p95", "p99")},
+            "images/s": e["images_per_s"],
         }
         for e in record["per_entry"]
     ]
@@ -572,6 +690,11 @@ def summary(record: dict[str, Any]) -> str:
         f"latency max {lat['max']} ms; server median queue {srv['queue_ms_p50']} ms, "
         f"sample {srv['sample_ms_p50']} ms",
     ]
+    if record.get("nfe_per_s"):
+        lines.append(
+            "network evaluations/s over the duration: "
+            + ", ".join(f"{k} {v:.4g}" for k, v in record["nfe_per_s"].items() if v)
+        )
     for kind, err in record["errors"].items():
         lines.append(f"errors {kind}: {err['count']}, e.g. {err['examples'][0]!r}")
     if record["interrupted"]:

@@ -98,12 +98,42 @@ def test_bench_record_adds_up(api, model_dir, tmp_path):
     assert "ddim-x3" in r.stdout and "requests/s" in r.stdout
 
 
+def test_entries_with_loops_of_their_own_and_priorities(api, model_dir, tmp_path):
+    """An interactive request every 0.5 s on a loop of its own beside two loops of batch requests:
+    per entry its latency and its images per second in the window, the priority sent along."""
+    base = api()
+    mix = [
+        {"loops": 1, "interval_s": 0.5, "request": {"model": "tiny", "steps": 2, "solver": "euler"}},
+        {"loops": 2, "request": {"model": "tiny", "steps": 30, "solver": "ddim", "n": 2, "priority": "batch"}},
+    ]
+    r = bench(model_dir, "--url", base, "-d", "3", "--json", "-", "--mix", write_mix(tmp_path / "mix.json", mix))
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)
+    inter, batch = rec["per_entry"]
+    assert inter["name"] == "tiny/euler/2/n1" and batch["name"] == "tiny/ddim/30/n2/batch"
+    assert (inter["loops"], inter["interval_s"], batch["loops"]) == (1, 0.5, 2)
+    assert batch["request"]["priority"] == "batch" and "priority" not in inter["request"]
+    assert 3 <= inter["started"] <= 7, inter  # one loop, one start per 0.5 s at most, for 3 s
+    assert inter["finished"] > 0 and batch["finished"] > 0 and rec["requests"]["failed"] == 0
+    for e in (inter, batch):
+        assert 0 < e["images_per_s"] <= e["images"] / 3 + 1e-9
+        assert e["latency_ms"]["p50"] <= e["latency_ms"]["p95"]
+    assert "images/s" in r.stderr and "2 loops" in r.stderr
+    # the engine's own count of network evaluations (embedded: on the API's /metrics), per solver
+    nfe = rec["nfe_per_s"]
+    assert nfe["tiny/ddim"] > 0 and nfe["tiny/euler"] > 0 and "network evaluations/s" in r.stderr
+    assert nfe["tiny/euler"] == pytest.approx(2 * inter["finished"] / 3, rel=0.5)
+
+
 def test_refused_before_any_request(model_dir, tmp_path):
     bad = [
         ([{"weight": 1, "request": {"model": "tiny", "solver": "euler"}}], "entry 0: request is missing 'steps'"),
         ([MIX[0], {"weight": -2, "request": MIX[0]["request"]}], "entry 1: 'weight' must be a positive number"),
         ([], "the list of entries is empty"),
         ([{"weight": 1, "request": {**MIX[0]["request"], "n": "4"}}], "entry 0: request 'n' must be an integer"),
+        ([{"request": {**MIX[0]["request"], "priority": "urgent"}}], "entry 0: request 'priority' must be one of"),
+        ([{"request": MIX[0]["request"], "interval_s": 1}], "entry 0: 'interval_s' paces an entry's own loops"),
+        ([{"request": MIX[0]["request"], "loops": 0}], "entry 0: 'loops' must be an integer of at least 1"),
     ]
     port = free_port()  # nothing listens there: a mix problem is reported before the service is contacted
     for k, (mix, message) in enumerate(bad):
