@@ -163,6 +163,8 @@ class ForwardTimes:
         self.sizes: list[int] = []  # measured sizes, sorted
         self.recent: dict[int, deque[float]] = {}
         self.seconds: dict[int, float] = {}  # the median of each size's recent measurements
+        self.count = 0  # measurements taken
+        self.last: dict[int, int] = {}  # per size: self.count at its latest measurement
 
     def add(self, rows: int, seconds: float) -> None:
         if rows < 1 or not seconds >= 0:
@@ -173,6 +175,12 @@ class ForwardTimes:
             recent = self.recent[rows] = deque(maxlen=self.window)
         recent.append(seconds)
         self.seconds[rows] = statistics.median(recent)
+        self.count += 1
+        self.last[rows] = self.count
+
+    def stale(self, rows: int, after: int) -> bool:
+        """Whether `rows` has not been measured in the last `after` measurements (of any size)."""
+        return self.count - self.last.get(rows, -after - 1) > after
 
     def predict(self, rows: int) -> float | None:
         """Seconds a forward of `rows` rows is expected to take; None before any measurement."""

@@ -64,6 +64,11 @@ def _rss_bytes() -> int | None:
         return None
 
 
+# while batch rows run beside interactive ones, the interactive rows run alone at least once per this
+# many forwards, so that their own forward time, against which the budget is set, stays current
+REFRESH_AFTER = 16
+
+
 class GenerationFailed(Exception):
     """A generation the engine could not finish; str() is the reason shown to the client."""
 
@@ -108,11 +113,11 @@ class EngineConfig:
     preview_interval_s: float = 0.5  # at most one round of previews per generation this often
     # while interactive rows run, a tick's forward may take tick_budget x their own predicted time,
     # and at least tick_budget_min_s more than it; batch rows fill that (see Engine._batch_rows)
-    tick_budget: float = 1.25
+    tick_budget: float = 1.2
     tick_budget_min_s: float = 0.001
     # paused batch rows still get at least this much forward time, as a fraction of the interactive
     # rows' own (0: none; a constant interactive stream then starves them)
-    batch_min_share: float = 0.1
+    batch_min_share: float = 0.05
     max_images_per_key: int = 0  # images of one client (spec.client) in the batch at once; 0: no cap
 
     def __post_init__(self) -> None:
@@ -629,8 +634,11 @@ class Engine:
             return (r.times.predict(self._size(n_i + k)) or 0.0) - t_i
 
         # the largest k whose extra time is allowed (predictions grow with rows); none when nothing
-        # is allowed (strict priority: not even a row that measured "free")
-        lo, hi = 0, fit if allowed > 0 else 0
+        # is allowed (strict priority: not even a row that measured "free"), nor when the
+        # interactive rows' own time has not been measured lately: they run alone once to refresh
+        # it (on a shared machine forward times drift, and a stale t_i would move the budget)
+        fresh = not r.times.stale(self._size(n_i), REFRESH_AFTER)
+        lo, hi = 0, fit if allowed > 0 and fresh else 0
         while lo < hi:
             mid = (lo + hi + 1) // 2
             if extra(mid) <= allowed:

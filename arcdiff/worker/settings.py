@@ -62,7 +62,7 @@ class WorkerSettings(BaseSettings):
     )
     # priorities (the request's "priority") and the per-client cap
     tick_budget: float = Field(
-        1.25,
+        1.2,
         ge=1.0,
         description="while interactive images run, a network evaluation may take this many times as long as the "
         "interactive images alone would (predicted from the forward times measured per batch size); batch-priority "
@@ -75,7 +75,7 @@ class WorkerSettings(BaseSettings):
         "(small batches on a GPU, whose timings jitter, are then not paused for noise)",
     )
     batch_min_share: float = Field(
-        0.1,
+        0.05,
         ge=0.0,
         description="paused batch images still get at least this much forward time, as a fraction of the "
         "interactive images' own; 0: none (a constant interactive stream then starves them)",
