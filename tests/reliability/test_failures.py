@@ -128,7 +128,12 @@ def test_model_that_fails_to_load_is_named_and_its_jobs_left_alone(stack):
     assert "does NOT serve broken" in log
     conn = stack["redis"].client
     (worker,) = Worker.all(connection=conn)
-    assert sorted(worker.queue_names()) == ["arcdiff:tiny", "arcdiff:tiny-eps"]
+    assert sorted(worker.queue_names()) == [
+        "arcdiff:tiny",
+        "arcdiff:tiny-eps",
+        "arcdiff:tiny-eps:batch",
+        "arcdiff:tiny:batch",
+    ]
     # a job for the broken model (enqueued by hand: this API does not serve it) is never taken
     spec = GenerationSpec(
         id=uuid.uuid4().hex, model="broken", steps=2, solver="ddim", seed=0, n=1, submitted_at=time.time()
