@@ -108,6 +108,17 @@ def test_no_machine_paths(page):
     assert not hits, f"{page.relative_to(REPO)} names paths of one machine: {hits}"
 
 
+PUBLISHED_JSON = [*sorted((REPO / "docs").rglob("*.json")), *sorted((REPO / "arcdiff/model/weights").rglob("*.json"))]
+
+
+@pytest.mark.parametrize("path", PUBLISHED_JSON, ids=lambda p: str(p.relative_to(REPO)))
+def test_no_machine_paths_in_published_records(path):
+    # eval records and bundled model configs ship with the project: a path of the machine that
+    # made them means nothing elsewhere (they say MNIST_DIR instead)
+    hits = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if MACHINE_PATH.search(line)]
+    assert not hits, f"{path.relative_to(REPO)} names paths of one machine: {hits}"
+
+
 def setting_variables() -> set[str]:
     from arcdiff.service.settings import Settings
     from arcdiff.worker.settings import WorkerSettings

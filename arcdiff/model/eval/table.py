@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         stem = f"{m}-{solver}{grid}-{steps}steps-k{args.num_samples}-seed{args.seed}"
         path = records_dir / f"{stem}.json"
         rec = json.loads(path.read_text()) if path.is_file() and not args.force else None
-        if rec is not None and (args.existing_only or rec.get("ref") == str(args.ref)):
+        if rec is not None and (args.existing_only or rec.get("ref") in (str(args.ref), shown_path(str(args.ref)))):
             left -= args.num_samples * nfe(solver, steps)
             print(f"[{i + 1}/{len(todo)}] {stem}: kept the existing record", flush=True)
         elif args.existing_only:
@@ -279,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                 schedule=schedule,
             )
             res.model = m  # the row's name, also under --rename
+            res.ref = shown_path(res.ref)  # records are published: no path of this machine
             write_record(res, records_dir)
             rec = res.to_json()
             rate.append(res.wall_seconds / (res.num_samples * res.nfe))
