@@ -9,7 +9,6 @@ import torch
 from servicekit import one_thread, png_info, png_pixels, reference
 
 from arcdiff.contract import GenerationSpec
-from arcdiff.model.registry import ModelRegistry
 from arcdiff.model.solvers import GRIDS, SOLVERS
 from arcdiff.worker.batch import bucket_for, bucket_sizes
 from arcdiff.worker.engine import Engine, EngineConfig, GenerationFailed
@@ -20,12 +19,6 @@ from arcdiff.worker.loading import Prepared
 def _one_thread():
     with one_thread():
         yield
-
-
-@pytest.fixture(scope="module")
-def loaded(model_dir):
-    reg = ModelRegistry(model_dir)
-    return {name: reg.load(name) for name in ("tiny", "tiny-eps")}
 
 
 def spec(id, steps=4, solver="ddim", seed=0, n=1, model="tiny", schedule="uniform"):

@@ -12,7 +12,6 @@ from servicekit import one_thread, png_info, png_pixels, wait_until
 
 from arcdiff.contract import GenerationSpec
 from arcdiff.model.images import to_uint8
-from arcdiff.model.registry import ModelRegistry
 from arcdiff.model.rng import image_generator, image_seed, initial_noise
 from arcdiff.worker.engine import Engine, EngineConfig, GenerationCanceled
 from arcdiff.worker.loading import Prepared
@@ -24,11 +23,6 @@ def _one_thread():
         yield
 
 
-@pytest.fixture(scope="module")
-def loaded(model_dir):
-    return {"tiny": ModelRegistry(model_dir).load("tiny")}
-
-
 def spec(id, steps, solver="rk4", seed=0, n=1, preview=False):
     return GenerationSpec(
         id=id, model="tiny", steps=steps, solver=solver, seed=seed, n=n, submitted_at=time.time(), preview=preview
@@ -36,7 +30,8 @@ def spec(id, steps, solver="rk4", seed=0, n=1, preview=False):
 
 
 def make_engine(loaded, max_batch=8, **config):
-    models = {name: Prepared(lm, lm.denoiser) for name, lm in loaded.items()}
+    lm = loaded["tiny"]
+    models = {"tiny": Prepared(lm, lm.denoiser)}
     return Engine(models, EngineConfig(max_batch=max_batch, worker="test", **config)).start()
 
 

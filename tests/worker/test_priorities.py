@@ -13,7 +13,6 @@ from prometheus_client import REGISTRY
 from servicekit import one_thread, reference, wait_until
 
 from arcdiff.contract import GenerationSpec
-from arcdiff.model.registry import ModelRegistry
 from arcdiff.worker.batch import ForwardTimes, SolverGroup
 from arcdiff.worker.engine import REFRESH_AFTER, Engine, EngineConfig
 from arcdiff.worker.loading import Prepared
@@ -25,11 +24,6 @@ STRICT = {"tick_budget": 1.0, "tick_budget_min_s": 0.0, "batch_min_share": 0.0}
 def _one_thread():
     with one_thread():
         yield
-
-
-@pytest.fixture(scope="module")
-def loaded(model_dir):
-    return {"tiny": ModelRegistry(model_dir).load("tiny")}
 
 
 def spec(id, steps, solver="ddpm", seed=0, n=1, priority="interactive", client=""):
