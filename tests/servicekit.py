@@ -15,14 +15,12 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import httpx
 import numpy as np
 import torch
 from PIL import Image
-
-if TYPE_CHECKING:
-    import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -203,7 +201,6 @@ def start_worker(
 
 def worker_gauge(port: int, name: str, **labels: str) -> float | None:
     """One sample from a worker's metrics port (None: not listening yet, or no such sample)."""
-    import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
@@ -252,6 +249,39 @@ def start_api(port: int, model_dir: Path, log: Path, redis_url: str | None = Non
     )
 
 
+class Api:
+    """One `arcdiff serve` process; `client` talks to it over real HTTP."""
+
+    def __init__(self, model_dir, log, redis_url=None, **env):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.proc = start_api(self.port, model_dir, log, redis_url=redis_url, **env)
+        self.client = httpx.Client(base_url=self.url, timeout=60)
+
+    def wait_listening(self, timeout=120):
+        def up():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"API exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                return self.client.get("/healthz").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(up, timeout, "the API to listen", interval=0.2)
+        return self
+
+    def wait_ready(self, timeout=120, headers=None):
+        self.wait_listening(timeout)
+        wait_until(lambda: self.client.get("/readyz").status_code == 200, timeout, "the API to be ready", interval=0.2)
+        return self
+
+    def close(self):
+        self.client.close()
+        stop(self.proc, signal.SIGTERM, timeout=20)
+        print(f"--- {self.log.name} ---\n{self.log.read_text()[-3000:]}")
+
+
 def wait_api_ready(
     api: subprocess.Popen,
     http: httpx.Client,
@@ -262,7 +292,6 @@ def wait_api_ready(
 ) -> None:
     """Wait for `path` (/readyz; /healthz: merely listening) to answer 200, failing at once with
     the log's tail if the API exits."""
-    import httpx
 
     def ready() -> bool:
         if api.poll() is not None:

@@ -23,7 +23,7 @@ def bearer(key):
 
 @pytest.fixture(scope="module")
 def api(model_dir, tmp_path_factory):
-    from conftest import Api
+    from servicekit import Api
 
     a = Api(
         model_dir,

@@ -17,7 +17,7 @@ EXAMPLES = 25  # per operation and generation mode: bounded, the whole fuzz stay
 
 @pytest.fixture(scope="module")
 def api(model_dir, tmp_path_factory):
-    from conftest import Api
+    from servicekit import Api
 
     # short waits and job timeouts: fuzzed wait=true requests for 1000 steps must not pile up
     a = Api(

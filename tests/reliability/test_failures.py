@@ -36,7 +36,7 @@ def make_broken_model_dir(model_dir, folder):
 
 @pytest.fixture(scope="module")
 def stack(model_dir, tmp_path_factory):
-    from conftest import Api
+    from servicekit import Api
 
     logs = tmp_path_factory.mktemp("failures")
     server = RestartableRedis(logs)

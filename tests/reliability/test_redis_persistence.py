@@ -22,7 +22,7 @@ def status_in_redis(conn, gen_id):
 
 
 def test_sigkill_and_restart_loses_no_generation_and_no_result(model_dir, tmp_path):
-    from conftest import Api
+    from servicekit import Api
 
     server = RestartableRedis(tmp_path, persistent=True)
     api = Api(model_dir, tmp_path / "api.log", redis_url=server.url, ARCDIFF_READY_CACHE_S="0.5")
