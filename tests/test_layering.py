@@ -146,3 +146,18 @@ def test_no_cycle_between_parts():
 )
 def test_import_forms_are_recognised(source, expected):
     assert expected in [name for name, _ in imports_in(source, "arcdiff.service.probe")]
+
+
+def test_tests_never_import_a_conftest_by_name():
+    """Several folders have a conftest.py; `from conftest import X` takes whichever is first on
+    sys.path, which changes with the set of tests collected. Shared helpers live in plain modules."""
+    tests = Path(__file__).parent
+    offenders = []
+    for path in sorted(tests.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [node.module] if isinstance(node, ast.ImportFrom) else []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            if "conftest" in names:
+                offenders.append(f"{path.relative_to(tests)}:{node.lineno}")
+    assert not offenders, f"import a helper module (servicekit) instead of a conftest: {offenders}"
