@@ -18,13 +18,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", required=True, help="model name in the models folder")
-    from arcdiff.model.solver_names import DEFAULT_SCHEDULE, DEFAULT_SOLVER, DEFAULT_STEPS, GRIDS, SOLVERS
+    from arcdiff.model.solver_names import (
+        DEFAULT_SCHEDULE,
+        DEFAULT_SOLVER,
+        DEFAULT_STEPS,
+        FEW_STEPS_MAX,
+        FEW_STEPS_SOLVER,
+        GRIDS,
+        SOLVERS,
+    )
 
     p.add_argument(
         "--solver",
         choices=SOLVERS,
         default=argparse.SUPPRESS,  # absent: the measured default (resolve below)
-        help=f"sampler (default: {DEFAULT_SOLVER}, the measured default of the API and `arcdiff generate`)",
+        help=f"sampler (default: {DEFAULT_SOLVER}, {FEW_STEPS_SOLVER} for at most {FEW_STEPS_MAX} steps: the "
+        "measured default of the API and `arcdiff generate`)",
     )
     p.add_argument(
         "--steps",

@@ -14,7 +14,13 @@ With --url the images come from a running service (arcdiff.client) instead of lo
 
 def register(sub: argparse._SubParsersAction) -> None:
     from arcdiff.contract import MAX_STEPS, PRIORITIES, SCHEDULE_NAMES, SOLVER_NAMES
-    from arcdiff.model.solver_names import DEFAULT_SCHEDULE, DEFAULT_SOLVER, DEFAULT_STEPS
+    from arcdiff.model.solver_names import (
+        DEFAULT_SCHEDULE,
+        DEFAULT_SOLVER,
+        DEFAULT_STEPS,
+        FEW_STEPS_MAX,
+        FEW_STEPS_SOLVER,
+    )
 
     p = sub.add_parser("generate", help="sample images locally into a grid PNG", description=HELP)
     p.add_argument("--model", required=True, metavar="NAME", help="model name (see ARCDIFF_MODEL_DIR)")
@@ -26,7 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "as many network evaluations)",
     )
     p.add_argument(
-        "--solver", choices=SOLVER_NAMES, help=f"solver (default {DEFAULT_SOLVER}, the measured best at 10 NFE)"
+        "--solver",
+        choices=SOLVER_NAMES,
+        help=f"solver (default {DEFAULT_SOLVER}, the measured best at 10 NFE; {FEW_STEPS_SOLVER} when --steps is at "
+        f"most {FEW_STEPS_MAX})",
     )
     p.add_argument(
         "--schedule",

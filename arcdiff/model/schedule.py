@@ -118,14 +118,24 @@ def uniform_eta_grid(steps: int, dtype: torch.dtype = torch.float64) -> torch.Te
     return torch.linspace(ETA_MAX, 0.0, steps + 1, dtype=dtype)
 
 
-# The tuned grids span sigma = tan(eta) in [SIGMA_MIN, SIGMA_MAX] (measured on the bundled models:
-# arcdiff/model/eval/convergence.py) and add an explicit first step from pure noise (eta = pi/2)
-# and a final step to the data (eta = 0): grid point 0 is pi/2, points 1..n-1 run from SIGMA_MAX
-# to SIGMA_MIN, point n is 0. In lambda = log cot eta both end steps are infinitely long; the
-# solvers take them with their first-order (exponential-integrator) step.
-SIGMA_MIN = 0.05
-SIGMA_MAX = 5.0
-KARRAS_RHO = 7.0
+# The tuned grids run in sigma = tan(eta) from sigma_max down to sigma_min and add an explicit
+# first step from pure noise (eta = pi/2) and a final step to the data (eta = 0): grid point 0 is
+# pi/2, points 1..n-1 run from sigma_max to sigma_min, point n is 0. In lambda = log cot eta both
+# end steps are infinitely long; the solvers take them with their first-order (exponential-
+# integrator) step. The range and the Karras rho depend on the step count n, measured by FID on
+# the bundled `mnist` (docs/evaluation.md, "Time grids"): few steps do best on a narrow range with
+# points spread evenly (a large sigma_min hands the last stretch to the x0 estimate, a small
+# sigma_max spends no step near pure noise); as n grows the range widens, and past the last
+# measured knot sigma_max grows like sqrt(n) and sigma_min shrinks like 1/n, so both first-order
+# end steps keep shrinking and every solver keeps converging.
+TUNED_KNOTS: tuple[tuple[float, float, float, float], ...] = (
+    # steps, sigma_max, sigma_min, rho; log-log interpolation between knots, constant below the first
+    (5, 8.0, 0.2, 1.5),
+    (10, 20.0, 0.15, 7.0),
+    (20, 20.0, 0.05, 7.0),
+    (40, 20.0, 0.02, 7.0),
+    (4000, 200.0, 0.0002, 7.0),  # the sqrt(n) and 1/n tails
+)
 GRID_IDS = {"uniform": 0, "logsnr": 1, "karras": 2}  # the per-sample grid id held in a solver state
 
 
@@ -139,24 +149,47 @@ def eta_from_sigma(sigma: torch.Tensor) -> torch.Tensor:
     return torch.atan(sigma)
 
 
+def tuned_range(steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sigma_max, sigma_min, rho) of the tuned grids for per-sample step counts (float64): each is
+    TUNED_KNOTS interpolated linearly in (log steps, log value), clamped at the end knots."""
+    knots = torch.tensor(TUNED_KNOTS, dtype=torch.float64, device=steps.device).log()
+    log_n = steps.to(torch.float64).clamp(knots[0, 0].exp(), knots[-1, 0].exp()).log()
+    hi = torch.searchsorted(knots[:, 0].contiguous(), log_n).clamp(1, len(knots) - 1)
+    w = ((log_n - knots[hi - 1, 0]) / (knots[hi, 0] - knots[hi - 1, 0]))[:, None]
+    values = (knots[hi - 1, 1:] + w * (knots[hi, 1:] - knots[hi - 1, 1:])).exp()
+    return values[:, 0], values[:, 1], values[:, 2]
+
+
+def tuned_eta(
+    t: torch.Tensor,
+    grid: torch.Tensor,
+    sigma_max: torch.Tensor | float,
+    sigma_min: torch.Tensor | float,
+    rho: torch.Tensor | float,
+) -> torch.Tensor:
+    """eta at fraction t in [0, 1] of a tuned grid's interior, from sigma_max (t = 0) to sigma_min
+    (t = 1): logsnr is uniform in lambda = -log sigma, karras uniform in sigma^(1/rho)."""
+    sigma_max, sigma_min, rho = (torch.as_tensor(v, dtype=torch.float64) for v in (sigma_max, sigma_min, rho))
+    lam_lo, lam_hi = -torch.log(sigma_max), -torch.log(sigma_min)
+    logsnr = eta_from_log_snr_half(lam_lo + t * (lam_hi - lam_lo))
+    r_max, r_min = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    karras = eta_from_sigma((r_max + t * (r_min - r_max)) ** rho)
+    return torch.where(grid == GRID_IDS["logsnr"], logsnr, karras)
+
+
 def grid_eta(i: torch.Tensor, steps: torch.Tensor, grid: torch.Tensor | None = None) -> torch.Tensor:
     """eta at index i of a grid with `steps` steps, for per-sample (i, steps, grid id) vectors
     (grid None: all uniform). Float64, computed without materialising a grid per sample.
 
-    uniform: eta = (pi/2)(1 - i/n), the paper's grid. logsnr: lambda = log cot eta uniform between
-    -log SIGMA_MAX and -log SIGMA_MIN. karras: sigma = tan eta with Karras et al.'s rho = 7 spacing
-    (sigma^(1/rho) uniform) between SIGMA_MAX and SIGMA_MIN. The tuned grids' interior points
-    are i = 1..n-1 (fraction t = (i-1)/(n-2); a single interior point sits at t = 1/2)."""
+    uniform: eta = (pi/2)(1 - i/n), the paper's grid. logsnr and karras: tuned_eta over
+    tuned_range(n). The tuned grids' interior points are i = 1..n-1 (fraction t = (i-1)/(n-2); a
+    single interior point sits at t = 1/2)."""
     i64, n64 = i.to(torch.float64), steps.to(torch.float64)
     uniform = ETA_MAX * (1.0 - i64 / n64)
     if grid is None:
         return uniform
     t = torch.where(n64 > 2, (i64 - 1) / (n64 - 2).clamp_min(1.0), torch.full_like(i64, 0.5)).clamp(0.0, 1.0)
-    lam_lo, lam_hi = -math.log(SIGMA_MAX), -math.log(SIGMA_MIN)
-    logsnr = eta_from_log_snr_half(lam_lo + t * (lam_hi - lam_lo))
-    r_max, r_min = SIGMA_MAX ** (1 / KARRAS_RHO), SIGMA_MIN ** (1 / KARRAS_RHO)
-    karras = eta_from_sigma((r_max + t * (r_min - r_max)) ** KARRAS_RHO)
-    tuned = torch.where(grid == GRID_IDS["logsnr"], logsnr, karras)
+    tuned = tuned_eta(t, grid, *tuned_range(steps))
     tuned = torch.where(
         i <= 0, torch.full_like(tuned, ETA_MAX), torch.where(i >= steps, torch.zeros_like(tuned), tuned)
     )

@@ -13,7 +13,16 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from arcdiff.contract import DEFAULT_PRIORITY, MAX_STEPS, PRIORITIES, SEED_MAX, SOLVER_NAMES
-from arcdiff.model.solver_names import DEFAULT_SCHEDULE, DEFAULT_SOLVER, DEFAULT_STEPS, GRIDS, NFE_PER_STEP, SOLVERS
+from arcdiff.model.solver_names import (
+    DEFAULT_SCHEDULE,
+    DEFAULT_SOLVER,
+    DEFAULT_STEPS,
+    FEW_STEPS_MAX,
+    FEW_STEPS_SOLVER,
+    GRIDS,
+    NFE_PER_STEP,
+    SOLVERS,
+)
 
 Solver = Literal[SOLVERS]  # type: ignore[valid-type]  # the names of model.solver_names
 Schedule = Literal[GRIDS]  # type: ignore[valid-type]
@@ -57,12 +66,13 @@ class GenerationRequest(BaseModel):
         None,
         description="euler, heun, rk4 (the paper's Runge-Kutta, velocity form), ddim, ddpm (stochastic), dpmpp2m, "
         "unipc2, unipc3, dpmpp3m or dpmpp2m_sde (stochastic). Omitted: the measured default "
-        f"({DEFAULT_SOLVER}, {DEFAULT_STEPS} steps, {DEFAULT_SCHEDULE}; see GET /v1/models)",
+        f"({DEFAULT_SOLVER}, {DEFAULT_STEPS} steps, {DEFAULT_SCHEDULE}; {FEW_STEPS_SOLVER} for at most "
+        f"{FEW_STEPS_MAX} steps; see GET /v1/models)",
     )
     schedule: Schedule = Field(  # type: ignore[assignment]
         None,
         description="the time grid: uniform (in eta, the paper's), logsnr (uniform in log cot eta) or karras "
-        "(rho = 7 in tan eta). Omitted: uniform for euler, heun, rk4, ddim, ddpm and dpmpp2m, "
+        "(in tan eta; range and rho per step count). Omitted: uniform for euler, heun, rk4, ddim, ddpm and dpmpp2m, "
         f"{DEFAULT_SCHEDULE} for the others",
     )
     seed: int | None = Field(
@@ -168,6 +178,10 @@ class ModelOut(BaseModel):
     defaults: dict[str, str | int] = Field(
         {"solver": DEFAULT_SOLVER, "steps": DEFAULT_STEPS, "schedule": DEFAULT_SCHEDULE},
         description="what a request that omits solver, steps and schedule gets",
+    )
+    few_steps_default: dict[str, str | int] = Field(
+        {"solver": FEW_STEPS_SOLVER, "max_steps": FEW_STEPS_MAX},
+        description="the solver a request gets that names at most max_steps steps and no solver",
     )
 
 

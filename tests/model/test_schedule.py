@@ -76,10 +76,11 @@ def test_forward_process_and_velocity():
     assert abs(lam.item()) < 1e-6
 
 
-@pytest.mark.parametrize("steps", [1, 2, 3, 10, 50])
+@pytest.mark.parametrize("steps", [1, 2, 3, 5, 7, 10, 50])
 def test_tuned_grids(steps):
-    """Explicit first step from pi/2 and last step to 0; in between, SIGMA_MAX down to SIGMA_MIN,
-    uniform in lambda (logsnr) or in sigma^(1/7) (karras)."""
+    """Explicit first step from pi/2 and last step to 0; in between, sigma_max down to sigma_min of
+    tuned_range(steps), uniform in lambda (logsnr) or in sigma^(1/rho) (karras)."""
+    sigma_max, sigma_min, rho = (float(v) for v in S.tuned_range(torch.tensor([steps])))
     for name in ("logsnr", "karras"):
         g = S.grid_etas(steps, name)
         assert len(g) == steps + 1 and g[0] == math.pi / 2 and g[-1] == 0
@@ -87,12 +88,29 @@ def test_tuned_grids(steps):
         inner = g[1:-1]
         if steps >= 3:
             sigma = torch.tan(inner)
-            assert torch.isclose(sigma[0], torch.tensor(S.SIGMA_MAX, dtype=torch.float64))
-            assert torch.isclose(sigma[-1], torch.tensor(S.SIGMA_MIN, dtype=torch.float64))
-            spacing = -torch.log(sigma) if name == "logsnr" else sigma ** (1 / S.KARRAS_RHO)
+            assert torch.isclose(sigma[0], torch.tensor(sigma_max, dtype=torch.float64))
+            assert torch.isclose(sigma[-1], torch.tensor(sigma_min, dtype=torch.float64))
+            spacing = -torch.log(sigma) if name == "logsnr" else sigma ** (1 / rho)
             assert torch.allclose(spacing.diff(), spacing.diff()[0].expand(steps - 2)), name
             assert torch.allclose(S.log_snr_half(inner), -torch.log(sigma))
     assert torch.allclose(S.grid_etas(steps, "uniform"), S.uniform_eta_grid(steps), rtol=0, atol=1e-15)
+
+
+def test_tuned_range_widens_with_steps():
+    """The measured knots are hit exactly; between and beyond them sigma_max never falls and
+    sigma_min never grows with the step count, and past the last measured knot both end steps
+    keep shrinking (sigma_max like sqrt(n), sigma_min like 1/n)."""
+    for steps, sigma_max, sigma_min, rho in S.TUNED_KNOTS:
+        got = [float(v) for v in S.tuned_range(torch.tensor([int(steps)]))]
+        assert got == pytest.approx([sigma_max, sigma_min, rho], rel=1e-12)
+    n = torch.arange(1, 5001)
+    sigma_max, sigma_min, rho = S.tuned_range(n)
+    assert (sigma_max.diff() >= 0).all() and (sigma_min.diff() <= 0).all() and (sigma_min < sigma_max).all()
+    assert (rho.diff() >= -1e-12).all() and float(rho[0]) == pytest.approx(1.5) and float(rho[-1]) == pytest.approx(7.0)
+    big = (n >= 40) & (n <= 4000)
+    assert (sigma_max[big].diff() > 0).all() and (sigma_min[big].diff() < 0).all()
+    assert torch.allclose(sigma_max[[79, 159]] ** 2 / n[[79, 159]], torch.tensor(10.0, dtype=torch.float64))
+    assert torch.allclose(sigma_min[[79, 159]] * n[[79, 159]], torch.tensor(0.8, dtype=torch.float64))
 
 
 def test_grid_eta_per_sample_grids():

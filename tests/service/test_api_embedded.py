@@ -4,7 +4,7 @@ import pytest
 from fastapi.testclient import TestClient
 from servicekit import assert_images_match, one_thread, png_info, png_pixels, poll_generation, wait_until
 
-from arcdiff.model.solver_names import DEFAULT_SCHEDULE, DEFAULT_SOLVER, DEFAULT_STEPS
+from arcdiff.model.solver_names import DEFAULT_SCHEDULE, DEFAULT_SOLVER, DEFAULT_STEPS, FEW_STEPS_MAX, FEW_STEPS_SOLVER
 from arcdiff.model.solvers import SOLVERS
 from arcdiff.service.app import create_app
 from arcdiff.service.settings import Settings
@@ -84,7 +84,8 @@ def test_model_is_required(client):
         ({"solver": "rk4"}, ("rk4", 2, "uniform")),  # about the default's 10 NFE; rk4 keeps its grid
         ({"solver": "dpmpp2m", "steps": 4}, ("dpmpp2m", 4, "uniform")),  # the names that had one grid keep it
         ({"solver": "unipc2", "steps": 3}, ("unipc2", 3, DEFAULT_SCHEDULE)),
-        ({"steps": 3, "schedule": "logsnr"}, (DEFAULT_SOLVER, 3, "logsnr")),
+        ({"steps": 3, "schedule": "logsnr"}, (FEW_STEPS_SOLVER, 3, "logsnr")),  # few steps: a deterministic one
+        ({"steps": FEW_STEPS_MAX + 1}, (DEFAULT_SOLVER, FEW_STEPS_MAX + 1, DEFAULT_SCHEDULE)),
     ],
 )
 def test_solver_steps_and_schedule_default(client, model_dir, given, want):
@@ -229,6 +230,7 @@ def test_models_health_ready_metrics_openapi(client):
         "schedules": ["uniform", "logsnr", "karras"],
         "nfe_per_step": {s: {"heun": 2, "rk4": 4}.get(s, 1) for s in SOLVERS},
         "defaults": {"solver": DEFAULT_SOLVER, "steps": DEFAULT_STEPS, "schedule": DEFAULT_SCHEDULE},
+        "few_steps_default": {"solver": FEW_STEPS_SOLVER, "max_steps": FEW_STEPS_MAX},
     }
     assert models["tiny-eps"]["prediction"] == "eps" and models["tiny"]["parameters"] > 40_000
     assert client.get("/healthz").json() == {"status": "ok"}
