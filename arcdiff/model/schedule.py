@@ -131,7 +131,7 @@ def uniform_eta_grid(steps: int, dtype: torch.dtype = torch.float64) -> torch.Te
 TUNED_KNOTS: tuple[tuple[float, float, float, float], ...] = (
     # steps, sigma_max, sigma_min, rho; log-log interpolation between knots, constant below the first
     (5, 8.0, 0.2, 1.5),
-    (10, 20.0, 0.15, 7.0),
+    (10, 20.0, 0.15, 5.0),
     (20, 20.0, 0.05, 7.0),
     (40, 20.0, 0.02, 7.0),
     (4000, 200.0, 0.0002, 7.0),  # the sqrt(n) and 1/n tails
@@ -149,15 +149,30 @@ def eta_from_sigma(sigma: torch.Tensor) -> torch.Tensor:
     return torch.atan(sigma)
 
 
-def tuned_range(steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sigma_max, sigma_min, rho) of the tuned grids for per-sample step counts (float64): each is
-    TUNED_KNOTS interpolated linearly in (log steps, log value), clamped at the end knots."""
-    knots = torch.tensor(TUNED_KNOTS, dtype=torch.float64, device=steps.device).log()
+def _interpolate_knots(steps: torch.Tensor) -> torch.Tensor:
+    """TUNED_KNOTS at the given step counts, linear in (log steps, log value), clamped at the end
+    knots: (len, 3) float64 of (sigma_max, sigma_min, rho)."""
+    knots = torch.tensor(TUNED_KNOTS, dtype=torch.float64).log()
     log_n = steps.to(torch.float64).clamp(knots[0, 0].exp(), knots[-1, 0].exp()).log()
     hi = torch.searchsorted(knots[:, 0].contiguous(), log_n).clamp(1, len(knots) - 1)
     w = ((log_n - knots[hi - 1, 0]) / (knots[hi, 0] - knots[hi - 1, 0]))[:, None]
-    values = (knots[hi - 1, 1:] + w * (knots[hi, 1:] - knots[hi - 1, 1:])).exp()
-    return values[:, 0], values[:, 1], values[:, 2]
+    return (knots[hi - 1, 1:] + w * (knots[hi, 1:] - knots[hi - 1, 1:])).exp()
+
+
+# tuned_range runs at every step of every sample group: a table per step count (every count past
+# the last knot is clamped to it) makes it one gather; one copy per device
+_TUNED_TABLE: dict[torch.device, torch.Tensor] = {}
+
+
+def tuned_range(steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sigma_max, sigma_min, rho) of the tuned grids for per-sample step counts (float64): each is
+    TUNED_KNOTS interpolated linearly in (log steps, log value), clamped at the end knots."""
+    table = _TUNED_TABLE.get(steps.device)
+    if table is None:
+        last = int(TUNED_KNOTS[-1][0])
+        table = _TUNED_TABLE[steps.device] = _interpolate_knots(torch.arange(last + 1)).to(steps.device)
+    values = table[steps.long().clamp(0, len(table) - 1)]
+    return values[..., 0], values[..., 1], values[..., 2]
 
 
 def tuned_eta(
@@ -177,23 +192,52 @@ def tuned_eta(
     return torch.where(grid == GRID_IDS["logsnr"], logsnr, karras)
 
 
-def grid_eta(i: torch.Tensor, steps: torch.Tensor, grid: torch.Tensor | None = None) -> torch.Tensor:
-    """eta at index i of a grid with `steps` steps, for per-sample (i, steps, grid id) vectors
-    (grid None: all uniform). Float64, computed without materialising a grid per sample.
-
-    uniform: eta = (pi/2)(1 - i/n), the paper's grid. logsnr and karras: tuned_eta over
-    tuned_range(n). The tuned grids' interior points are i = 1..n-1 (fraction t = (i-1)/(n-2); a
-    single interior point sits at t = 1/2)."""
+def _grid_eta_formula(i: torch.Tensor, steps: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """grid_eta computed from its definition (float64), for building the tables below."""
     i64, n64 = i.to(torch.float64), steps.to(torch.float64)
     uniform = ETA_MAX * (1.0 - i64 / n64)
-    if grid is None:
-        return uniform
     t = torch.where(n64 > 2, (i64 - 1) / (n64 - 2).clamp_min(1.0), torch.full_like(i64, 0.5)).clamp(0.0, 1.0)
     tuned = tuned_eta(t, grid, *tuned_range(steps))
     tuned = torch.where(
         i <= 0, torch.full_like(tuned, ETA_MAX), torch.where(i >= steps, torch.zeros_like(tuned), tuned)
     )
     return torch.where(grid == GRID_IDS["uniform"], uniform, tuned)
+
+
+# grid_eta runs at every step of every sample group (a few dozen small tensor ops each time): the
+# engine reads it from a table of every (grid, steps, i) up to the largest step count seen so far,
+# grown in powers of two (1024 steps: 25 MB); one table per device. On an accelerator it is built
+# once for GRID_TABLE_GPU_STEPS (the API takes at most 1000 steps)
+GRID_TABLE_GPU_STEPS = 1023
+_GRID_TABLE: dict[torch.device, torch.Tensor] = {}
+
+
+def _grid_table(max_steps: int, device: torch.device) -> torch.Tensor:
+    table = _GRID_TABLE.get(device)
+    if table is None or table.shape[1] <= max_steps:
+        size = 1 << max(5, max_steps.bit_length())  # steps 0..size-1
+        g, n, i = torch.meshgrid(
+            torch.arange(len(GRID_IDS)), torch.arange(size).clamp_min(1), torch.arange(size), indexing="ij"
+        )
+        table = _GRID_TABLE[device] = _grid_eta_formula(i.minimum(n), n, g).to(device)
+    return table
+
+
+def grid_eta(i: torch.Tensor, steps: torch.Tensor, grid: torch.Tensor | None = None) -> torch.Tensor:
+    """eta at index i of a grid with `steps` steps, for per-sample (i, steps, grid id) vectors
+    (grid None: all uniform). Float64; one lookup in a table of every grid (built on first use).
+
+    uniform: eta = (pi/2)(1 - i/n), the paper's grid. logsnr and karras: tuned_eta over
+    tuned_range(n). The tuned grids' interior points are i = 1..n-1 (fraction t = (i-1)/(n-2); a
+    single interior point sits at t = 1/2). Indices past the end read eta = 0."""
+    if steps.device.type == "cpu":
+        need = int(steps.max()) if steps.numel() else 1
+    else:  # no device sync at every step: the table for every step count the API takes, once
+        need = GRID_TABLE_GPU_STEPS
+    table = _grid_table(need, steps.device)
+    g = torch.zeros_like(steps) if grid is None else grid
+    n = steps.long().clamp_min(1)
+    return table[g.long(), n, i.long().clamp(0).minimum(n)]
 
 
 def grid_etas(steps: int, grid: str = "uniform") -> torch.Tensor:

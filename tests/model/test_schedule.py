@@ -123,3 +123,15 @@ def test_grid_eta_per_sample_grids():
         got = S.grid_eta(k, n, ids)
         want = torch.stack([S.grid_etas(int(n[j]), names[j])[int(k[j])] for j in range(5)])
         assert torch.equal(got, want)
+
+
+def test_grid_eta_table_equals_the_formula():
+    """The lookup table grid_eta reads (grown on demand) holds exactly the defining formula's values."""
+    S._GRID_TABLE.clear()
+    gen = torch.Generator().manual_seed(0)
+    for top in (7, 40, 300):  # each one grows the table
+        n = torch.randint(1, top + 1, (500,), generator=gen)
+        i = (torch.rand(500, generator=gen) * (n + 1)).long()
+        grid = torch.randint(0, 3, (500,), generator=gen)
+        assert torch.allclose(S.grid_eta(i, n, grid), S._grid_eta_formula(i, n, grid), rtol=0, atol=1e-14)
+        assert S._GRID_TABLE[torch.device("cpu")].shape[1] > top

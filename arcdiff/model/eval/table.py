@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     from arcdiff.model.eval.reference import reference_features
     from arcdiff.model.images import save_grid
     from arcdiff.model.registry import ModelRegistry
-    from arcdiff.model.solver_names import DEFAULT_SCHEDULE, DEFAULT_SOLVER
+    from arcdiff.model.solver_names import resolve
     from arcdiff.model.solvers import nfe
 
     if args.threads:
@@ -286,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
             left -= res.num_samples * res.nfe
             eta = left * sum(rate) / len(rate) / 60
             print(f"[{i + 1}/{len(todo)}] {res.line()}  (about {eta:.0f} min left)", flush=True)
-            if (solver, schedule) == (DEFAULT_SOLVER, DEFAULT_SCHEDULE) and res.grid is not None:
+            default_solver, _, default_schedule = resolve(None, steps, None)
+            if (solver, schedule) == (default_solver, default_schedule) and res.grid is not None:
                 save_grid(res.grid, out / f"{m}-{solver}-{schedule}-{res.nfe}nfe.png", scale=2)
         records.append(rec)
     if not records:
