@@ -149,30 +149,16 @@ def eta_from_sigma(sigma: torch.Tensor) -> torch.Tensor:
     return torch.atan(sigma)
 
 
-def _interpolate_knots(steps: torch.Tensor) -> torch.Tensor:
-    """TUNED_KNOTS at the given step counts, linear in (log steps, log value), clamped at the end
-    knots: (len, 3) float64 of (sigma_max, sigma_min, rho)."""
-    knots = torch.tensor(TUNED_KNOTS, dtype=torch.float64).log()
-    log_n = steps.to(torch.float64).clamp(knots[0, 0].exp(), knots[-1, 0].exp()).log()
+def tuned_range(steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sigma_max, sigma_min, rho) of the tuned grids for per-sample step counts (float64, the
+    shape of `steps`): TUNED_KNOTS interpolated linearly in (log steps, log value), clamped at the
+    end knots. Off the sampling path: grid_eta reads its table."""
+    knots = torch.tensor(TUNED_KNOTS, dtype=torch.float64, device=steps.device).log()
+    log_n = steps.reshape(-1).to(torch.float64).clamp(knots[0, 0].exp(), knots[-1, 0].exp()).log()
     hi = torch.searchsorted(knots[:, 0].contiguous(), log_n).clamp(1, len(knots) - 1)
     w = ((log_n - knots[hi - 1, 0]) / (knots[hi, 0] - knots[hi - 1, 0]))[:, None]
-    return (knots[hi - 1, 1:] + w * (knots[hi, 1:] - knots[hi - 1, 1:])).exp()
-
-
-# tuned_range runs at every step of every sample group: a table per step count (every count past
-# the last knot is clamped to it) makes it one gather; one copy per device
-_TUNED_TABLE: dict[torch.device, torch.Tensor] = {}
-
-
-def tuned_range(steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sigma_max, sigma_min, rho) of the tuned grids for per-sample step counts (float64): each is
-    TUNED_KNOTS interpolated linearly in (log steps, log value), clamped at the end knots."""
-    table = _TUNED_TABLE.get(steps.device)
-    if table is None:
-        last = int(TUNED_KNOTS[-1][0])
-        table = _TUNED_TABLE[steps.device] = _interpolate_knots(torch.arange(last + 1)).to(steps.device)
-    values = table[steps.long().clamp(0, len(table) - 1)]
-    return values[..., 0], values[..., 1], values[..., 2]
+    values = (knots[hi - 1, 1:] + w * (knots[hi, 1:] - knots[hi - 1, 1:])).exp()
+    return tuple(values[:, k].reshape(steps.shape) for k in range(3))  # type: ignore[return-value]
 
 
 def tuned_eta(
