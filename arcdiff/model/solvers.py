@@ -32,6 +32,7 @@ projection changes nothing.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Sequence
 
 import torch
@@ -109,10 +110,8 @@ class Solver:
         st: State = {"x": x_T.clone(), "i": i, "n": n, "grid": grid_ids(schedule, b, x_T.device)}
         if etas is not None:
             st["etas"] = etas.to(device=x_T.device, dtype=torch.float64).expand(b, -1).clone()
-        eta0 = self._grid(st, i)
-        # the current step's ends (and the previous step's start) are kept in the state rather than
-        # recomputed at every call: fewer small ops per evaluation, same values
-        st.update(eta_prev=eta0, eta0=eta0, eta1=self._grid(st, i + 1))
+        # the current step's ends are kept in the state rather than recomputed at every call
+        st.update(eta0=self._grid(st, i), eta1=self._grid(st, i + 1))
         return st
 
     @staticmethod
@@ -130,11 +129,10 @@ class Solver:
         """Move the samples in `stepped` (all if None) to their next step; returns the finished mask."""
         if stepped is None:
             st["i"] = st["i"] + 1
-            st["eta_prev"], st["eta0"] = st["eta0"], st["eta1"]
+            st["eta0"] = st["eta1"]
             st["eta1"] = cls._grid(st, st["i"] + 1)
         else:
             st["i"] = st["i"] + stepped.long()
-            st["eta_prev"] = torch.where(stepped, st["eta0"], st["eta_prev"])
             st["eta0"] = torch.where(stepped, st["eta1"], st["eta0"])
             st["eta1"] = torch.where(stepped, cls._grid(st, st["i"] + 1), st["eta1"])
         return st["i"] >= st["n"]
@@ -285,14 +283,64 @@ def _alpha_sigma(eta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return alpha, sigma
 
 
+class StepTables:
+    """The per-step update coefficients of one multistep solver for every (grid, steps) it has run.
+
+    A multistep update's coefficients depend only on where a sample is on its grid, not on its
+    pixels, so they are computed once per (grid id, step count), a block of `steps` rows, and each
+    step reads its row with one gather. Computed at every step instead, they cost a few dozen small
+    tensor ops per solver group and tick: most of the engine's own work when several solvers share
+    a batch, and on a GPU one kernel launch each. Blocks are appended and never move, so a state
+    keeps its rows' offsets. One table per (device, dtype): the coefficients are computed in float64
+    and rounded once to the dtype the update runs in, as the update itself would round them. The
+    size is bounded by the grids and step counts requested: every grid at every step count up to
+    1000 would be 1.5 M rows of at most a dozen numbers; a service sees a handful.
+    """
+
+    def __init__(self, build: Callable[[torch.Tensor], torch.Tensor]):
+        self._build = build  # (R, n + 1) grids of eta, float64 -> (R, n, C) coefficient rows, float64
+        self._lock = threading.Lock()  # the engine's thread and an embedded caller may both add blocks
+        self._offsets: dict[tuple[torch.device, torch.dtype], dict[tuple[int, int], int]] = {}
+        self._data: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def offsets(
+        self, grid: Sequence[int], steps: Sequence[int], device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Where each sample's block starts (long, on `device`), building the blocks not there yet."""
+        key = (device, dtype)
+        with self._lock:
+            known = self._offsets.setdefault(key, {})
+            missing = sorted(set(zip(grid, steps, strict=True)) - known.keys())
+            if missing:
+                old = self._data.get(key)
+                size = 0 if old is None else len(old)
+                blocks = [] if old is None else [old]
+                for g, n in missing:
+                    i = torch.arange(n + 1)
+                    etas = grid_eta(i, torch.full_like(i, n), torch.full_like(i, g))
+                    blocks.append(self._build(etas[None])[0].to(device=device, dtype=dtype))
+                    known[(g, n)] = size
+                    size += n
+                self._data[key] = torch.cat(blocks)
+            rows = [known[p] for p in zip(grid, steps, strict=True)]
+        return torch.tensor(rows, dtype=torch.long).to(device)
+
+    def data(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Every block on (device, dtype): (rows, C)."""
+        return self._data[(device, dtype)]
+
+
 class Multistep(Solver):
     """Base of the exponential integrators in lambda = log(cot eta) that reuse past x0 estimates
     (data-prediction form, DPM-Solver++ and UniPC), on the projected pair.
 
-    State: the x0 estimates at the last `history` grid points (m, newest first) and their lambdas
-    (lam; -inf where there is none yet: pi/2 is lambda = -inf, so the point at pure noise
-    contributes nothing to a difference quotient and the formulas reduce to lower order by
-    themselves). With h = lambda' - lambda, e^{-h} = tan(eta')/tan(eta) is finite at both ends;
+    State (besides the base's): the x0 estimates at the last `history` grid points (m, newest
+    first), and where the sample's coefficient rows are: `row`, its block's offset in the solver's
+    StepTables (named grids), or `coef`, its own rows (explicit etas). The coefficients are
+    `coefficients()` of a step context: the step's ends, and lam, the lambdas of the last
+    `history` grid points (-inf where there is none yet: pi/2 is lambda = -inf, so the point at
+    pure noise contributes nothing to a difference quotient and the formulas reduce to lower order
+    by themselves). With h = lambda' - lambda, e^{-h} = tan(eta')/tan(eta) is finite at both ends;
     the last step (to eta = 0, h = inf) is always first order and returns the x0 estimate.
     """
 
@@ -300,12 +348,55 @@ class Multistep(Solver):
     order: int = 2
     history: int = 1
 
+    def __init__(self) -> None:
+        self.tables = StepTables(self._coefficient_rows)
+
     def init(self, x_T, steps, schedule=None, etas=None) -> State:  # same arguments as Solver.init
         st = super().init(x_T, steps, schedule, etas)
         b = x_T.shape[0]
         st["m"] = x_T.new_zeros((b, self.history, *x_T.shape[1:]))
-        st["lam"] = torch.full((b, self.history), -math.inf, dtype=torch.float64, device=x_T.device)
+        if etas is None:
+            # from the host-side arguments: no device sync at admission
+            grid = grid_ids(schedule, b, torch.device("cpu")).tolist()
+            n = steps.cpu().long().expand(b).tolist()
+            st["row"] = self.tables.offsets(grid, n, x_T.device, x_T.dtype)
+        else:
+            st["coef"] = self._coefficient_rows(st["etas"]).to(x_T.dtype)
         return st
+
+    def _coefficients(self, st: State) -> torch.Tensor:
+        """Every sample's coefficient row for its current step: (B, C) in x's dtype."""
+        if "row" in st:
+            return self.tables.data(st["x"].device, st["x"].dtype)[st["row"] + st["i"]]
+        i = st["i"].clamp(max=st["coef"].shape[1] - 1)
+        return st["coef"][torch.arange(len(i), device=i.device), i]
+
+    def _coefficient_rows(self, etas: torch.Tensor) -> torch.Tensor:
+        """(R, n, C) float64: the coefficients of every step of R grids, etas (R, n + 1) float64."""
+        r, n = etas.shape[0], etas.shape[1] - 1
+        return self.coefficients(self._step_context(etas)).reshape(r, n, -1)
+
+    def _step_context(self, etas: torch.Tensor) -> State:
+        """What the coefficients of step i depend on, for every step of R grids (R * n rows, the
+        steps of one grid consecutive): i, n, the step's ends eta0 and eta1, the previous point
+        eta_prev (eta0 at i = 0) and lam (R * n, history): lambda at points i - 1, i - 2, ..."""
+        r, n = etas.shape[0], etas.shape[1] - 1
+        h = self.history
+        lam_points = torch.cat([torch.full((r, h), -math.inf, dtype=torch.float64), _lambda(etas[:, :-1])], dim=1)
+        lam = torch.stack([lam_points[:, h - 1 - k : h - 1 - k + n] for k in range(h)], dim=-1)
+        i = torch.arange(n).repeat(r)
+        return {
+            "i": i,
+            "n": torch.full_like(i, n),
+            "eta0": etas[:, :-1].reshape(-1),
+            "eta1": etas[:, 1:].reshape(-1),
+            "eta_prev": torch.cat([etas[:, :1], etas[:, :-2]], dim=1).reshape(-1),
+            "lam": lam.reshape(r * n, h),
+        }
+
+    def coefficients(self, ctx: State) -> torch.Tensor:
+        """(N, C) float64 coefficients of the update from a step context (_step_context)."""
+        raise NotImplementedError
 
     def _step_order(self, st: State) -> torch.Tensor:
         """The order of every sample's current step: warm-up (i + 1), first order into eta = 0."""
@@ -313,13 +404,12 @@ class Multistep(Solver):
         return torch.where(st["eta1"] <= 0, torch.ones_like(order), order)
 
     @staticmethod
-    def _push(st: State, m: torch.Tensor, lam: torch.Tensor) -> None:
+    def _push(st: State, m: torch.Tensor) -> None:
         st["m"] = torch.cat([m[:, None], st["m"][:, :-1]], dim=1)
-        st["lam"] = torch.cat([lam[:, None], st["lam"][:, :-1]], dim=1)
 
 
 def _combine(x: torch.Tensor, c_x: torch.Tensor, m: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """c_x x + sum_j w[:, j] m[:, j] with float64 per-sample coefficients (c_x (B,), w (B, K))."""
+    """c_x x + sum_j w[:, j] m[:, j] with per-sample coefficients (c_x (B,), w (B, K))."""
     return _per_sample(c_x, x) * x + torch.einsum("bk,bk...->b...", w.to(x.dtype), m)
 
 
@@ -334,10 +424,13 @@ class DPMSolverPP(Multistep):
     second-to-last step is at most second order (diffusers' lower_order_final).
     `sde`: DPM-Solver++(2M) SDE: x' = (sigma'/sigma) e^{-h} x + alpha' (1 - e^{-2h}) D
     + sigma' sqrt(1 - e^{-2h}) z, z from each sample's own generator.
+
+    Coefficient row: c_x, the weights on (m0, m1[, m2]) and, for the SDE, the noise's.
     """
 
     def __init__(self, name: str, order: int, sde: bool = False):
         self.name, self.order, self.history, self.stochastic = name, order, order - 1, sde
+        super().__init__()
 
     def _step_order(self, st: State) -> torch.Tensor:
         order = super()._step_order(st)
@@ -346,25 +439,20 @@ class DPMSolverPP(Multistep):
             order = torch.where(second_last, order.clamp(max=2), order)
         return order
 
-    def advance(
-        self, st: State, x0_hat: torch.Tensor, eps_hat: torch.Tensor, noise: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        if self.stochastic and noise is None:
-            raise ValueError(f"{self.name} is stochastic: advance() needs a noise tensor")
-        eta0, eta1 = self._etas(st)
-        m0, _ = self.inputs(st, x0_hat, eps_hat)
+    def coefficients(self, ctx: State) -> torch.Tensor:
+        eta0, eta1 = ctx["eta0"], ctx["eta1"]
         (a0, s0), (a1, s1) = _alpha_sigma(eta0), _alpha_sigma(eta1)
         lam0, lam1 = _lambda(eta0), _lambda(eta1)
         h = lam1 - lam0
         e = s1 * a0 / (a1 * s0)  # e^{-h}
-        order = self._step_order(st)
+        order = self._step_order(ctx)
         # q_k = h / h_k for the previous steps (h_0 = lam0 - lam_{-1}); 0 beside the infinite first step
         finite = torch.isfinite(h)
         h_safe = torch.where(finite, h, torch.ones_like(h))
-        hk = torch.cat([lam0[:, None], st["lam"][:, :-1]], dim=1) - st["lam"]
+        hk = torch.cat([lam0[:, None], ctx["lam"][:, :-1]], dim=1) - ctx["lam"]
         q = torch.where(finite[:, None] & (order[:, None] >= 2), h_safe[:, None] / hk, torch.zeros_like(hk))
         # weights on (m0, m1, m2) of D = D0 + c1 D1 + c2 D2 (the bracket the step multiplies)
-        w = torch.zeros((len(h), 1 + self.history), dtype=torch.float64, device=h.device)
+        w = torch.zeros((len(h), 1 + self.history), dtype=torch.float64)
         w[:, 0] = 1.0
         if self.stochastic:
             c_x, c_d = s1 / s0 * e, a1 * (1 - e * e)
@@ -392,12 +480,24 @@ class DPMSolverPP(Multistep):
         d2 = [f2 * q0, -f2 * qs, f2 * q1]  # D2 on (m0, m1, m2)
         for j in range(1 + self.history):
             w[:, j] += c1 * d1[j] + c2 * d2[j]
+        cols = [c_x[:, None], c_d[:, None] * w]
+        if self.stochastic:
+            cols.append((s1 * (1 - e * e).clamp(min=0).sqrt())[:, None])
+        return torch.cat(cols, dim=1)
+
+    def advance(
+        self, st: State, x0_hat: torch.Tensor, eps_hat: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if self.stochastic and noise is None:
+            raise ValueError(f"{self.name} is stochastic: advance() needs a noise tensor")
+        coef = self._coefficients(st)
+        m0, _ = self.inputs(st, x0_hat, eps_hat)
         m = torch.cat([m0[:, None], st["m"]], dim=1)
-        x = _combine(st["x"], c_x, m, c_d[:, None] * w)
+        x = _combine(st["x"], coef[:, 0], m, coef[:, 1 : 2 + self.history])
         if noise is not None and self.stochastic:
-            x = x + _per_sample(s1 * (1 - e * e).clamp(min=0).sqrt(), x) * noise.to(x.dtype)
+            x = x + _per_sample(coef[:, -1], x) * noise.to(x.dtype)
         st["x"] = x
-        self._push(st, m0, lam0)
+        self._push(st, m0)
         return self._next_step(st)
 
 
@@ -431,17 +531,18 @@ class UniPC(Multistep):
     (the small-h limit of b_1) would average in the estimate at pure noise; it uses b_1 = 1 there,
     its limit at h = inf. Earlier points at pure noise (r = -inf) drop out as their limits do.
 
-    State (besides Multistep's): x_last, the corrected point the last predictor started from,
-    and p_last, that predictor's order (the corrector uses the same).
+    State (besides Multistep's): x_last, the corrected point the last predictor started from.
+    Coefficient row: the corrector's c_x and weights on (m..., m_t), then the predictor's c_x and
+    weights on (m_t, m...); at the first step the corrector is the identity (nothing to correct).
     """
 
     def __init__(self, name: str, order: int):
         self.name, self.order, self.history = name, order, order
+        super().__init__()
 
     def init(self, x_T, steps, schedule=None, etas=None) -> State:  # same arguments as Solver.init
         st = super().init(x_T, steps, schedule, etas)
         st["x_last"] = x_T.clone()
-        st["p_last"] = torch.zeros_like(st["i"])
         return st
 
     def _step_order(self, st: State) -> torch.Tensor:
@@ -461,17 +562,15 @@ class UniPC(Multistep):
 
     def _update(
         self,
-        x: torch.Tensor,
-        m0: torch.Tensor,
-        hist: torch.Tensor,
         lam_hist: torch.Tensor,
         lam0: torch.Tensor,
         eta0: torch.Tensor,
         eta1: torch.Tensor,
         order: torch.Tensor,
-        m_t: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """One UniP step (m_t None) or UniC step (m_t: the estimate at eta1) from (x, m0) at eta0."""
+        corrector: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c_x, weights) of one UniP step, weights on (m0, hist...), or UniC step, weights on
+        (m0, hist..., m_t), from eta0 (lambda lam0, earlier lambdas lam_hist) to eta1."""
         (a0, s0), (a1, s1) = _alpha_sigma(eta0), _alpha_sigma(eta1)
         h = _lambda(eta1) - lam0
         finite = torch.isfinite(h)
@@ -492,8 +591,7 @@ class UniPC(Multistep):
             run = run & valid[k]
             have = have + run.long()
         eff = torch.minimum(order, have + 1)
-        corrector = m_t is not None
-        wm = torch.zeros((len(h), 1 + k_hist + 1), dtype=torch.float64, device=h.device)  # (m0, hist..., m_t)
+        wm = torch.zeros((len(h), 1 + k_hist + 1), dtype=torch.float64)  # (m0, hist..., m_t)
         for p in range(1, self.order + 1):
             sel = eff == p
             if corrector:
@@ -518,34 +616,32 @@ class UniPC(Multistep):
                 w[:, 0] -= rho[-1]
             wm = torch.where(sel[:, None], w, wm)
         c_d = a1 * (1 - e)
-        ms = [m0[:, None], hist] + ([m_t[:, None]] if m_t is not None else [])
         wm = wm if corrector else wm[:, :-1]
-        return _combine(x, s1 / s0, torch.cat(ms, dim=1), c_d[:, None] * wm)
+        return s1 / s0, c_d[:, None] * wm
+
+    def coefficients(self, ctx: State) -> torch.Tensor:
+        order = self._step_order(ctx)
+        first = ctx["i"] == 0
+        # UniC redoes the previous step (eta_prev -> eta0, from the point x_last) at that step's order
+        p_last = torch.where(first, torch.ones_like(order), order.roll(1))
+        lam = ctx["lam"]
+        c_x, w = self._update(lam[:, 1:], lam[:, 0], ctx["eta_prev"], ctx["eta0"], p_last, corrector=True)
+        c_x = torch.where(first, torch.ones_like(c_x), c_x)
+        w = torch.where(first[:, None], torch.zeros_like(w), w)
+        p_x, p_w = self._update(lam, _lambda(ctx["eta0"]), ctx["eta0"], ctx["eta1"], order, corrector=False)
+        return torch.cat([c_x[:, None], w, p_x[:, None], p_w], dim=1)
 
     def advance(
         self, st: State, x0_hat: torch.Tensor, eps_hat: torch.Tensor, noise: torch.Tensor | None = None
     ) -> torch.Tensor:
-        eta0, eta1 = self._etas(st)
         m_t, _ = self.inputs(st, x0_hat, eps_hat)
-        lam0 = _lambda(eta0)
-        # UniC: redo the step that led here (from eta_prev, where x_last was) with m_t as well
-        corrected = self._update(
-            st["x_last"],
-            st["m"][:, 0],
-            st["m"][:, 1:],
-            st["lam"][:, 1:],
-            st["lam"][:, 0],
-            st["eta_prev"],
-            eta0,
-            st["p_last"].clamp(min=1),
-            m_t,
-        )
-        x = torch.where(expand_like(st["i"] > 0, corrected), corrected, st["x"])
-        # UniP from the corrected point
-        order = self._step_order(st)
-        st["x"] = self._update(x, m_t, st["m"], st["lam"], lam0, eta0, eta1, order, None)
-        st["x_last"], st["p_last"] = x, order
-        self._push(st, m_t, lam0)
+        coef = self._coefficients(st)
+        k = self.history + 2  # the corrector's columns: c_x, then m... and m_t
+        # UniC: redo the step that led here, from x_last, with m_t as well; then UniP from there
+        x = _combine(st["x_last"], coef[:, 0], torch.cat([st["m"], m_t[:, None]], dim=1), coef[:, 1:k])
+        st["x"] = _combine(x, coef[:, k], torch.cat([m_t[:, None], st["m"]], dim=1), coef[:, k + 1 :])
+        st["x_last"] = x
+        self._push(st, m_t)
         return self._next_step(st)
 
 

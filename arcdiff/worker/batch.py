@@ -122,7 +122,7 @@ class SolverGroup:
 
     @staticmethod
     def _unalias(state: State) -> None:
-        """Give entries that share memory their own (a fresh state holds eta0 as eta_prev too): the
+        """Give entries that share memory their own (a solver may keep one tensor under two names): the
         rows written back after a partial advance must land in one entry only."""
         seen: set[int] = set()
         for k, v in state.items():

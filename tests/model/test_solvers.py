@@ -11,7 +11,7 @@ from gmm import default_mixture
 from arcdiff.model.configs import get_config
 from arcdiff.model.denoiser import Denoiser
 from arcdiff.model.rng import image_generator
-from arcdiff.model.schedule import GRID_IDS, consistent_pair, tuned_eta, velocity
+from arcdiff.model.schedule import GRID_IDS, consistent_pair, grid_etas, tuned_eta, velocity
 from arcdiff.model.solvers import GRIDS, SOLVERS, draw_noise, get_solver, nfe, sample
 from arcdiff.model.unet import UNet
 
@@ -270,6 +270,34 @@ def test_mixed_state_equals_separate_runs(solver):
         tick += 1
     for k in range(3):
         assert torch.allclose(out[k], alone[k][0], atol=1e-12, rtol=0), (solver, k)
+
+
+MULTISTEP = ["dpmpp2m", "dpmpp3m", "dpmpp2m_sde", "unipc2", "unipc3"]
+
+
+@pytest.mark.parametrize("solver", MULTISTEP)
+def test_step_tables_equal_the_coefficients_of_explicit_grids(solver):
+    """A named grid reads its update coefficients from the solver's shared table, explicit etas
+    compute them for the state: the same grid both ways gives the same samples, at every step
+    count (1 to 3 steps: the first and last steps' special cases overlap)."""
+    xT = x_T(4, seed=4)
+    for grid, steps in itertools.product(GRIDS, [1, 2, 3, 5, 16]):
+        etas = grid_etas(steps, grid)[None].expand(4, -1)
+        a = sample(GMM.denoiser, xT, steps, solver, generator=torch.Generator().manual_seed(1), schedule=grid)
+        b = sample(GMM.denoiser, xT, steps, solver, generator=torch.Generator().manual_seed(1), etas=etas)
+        assert torch.allclose(a, b, atol=1e-12, rtol=0), (grid, steps)
+
+
+def test_step_tables_hold_one_block_per_grid_and_step_count():
+    impl = get_solver("unipc3")
+    xT = x_T(3, seed=5)
+    impl.init(xT, torch.tensor([7, 9, 7]), ["karras", "karras", "logsnr"])
+    data = impl.tables.data(xT.device, xT.dtype)
+    st = impl.init(xT, torch.tensor([9, 7, 7]), ["karras", "karras", "logsnr"])
+    assert impl.tables.data(xT.device, xT.dtype) is data  # nothing new: no block built twice
+    assert st["row"][1] != st["row"][2]  # same step count, other grid: its own block
+    rows = data[st["row"][0] : st["row"][0] + 9]
+    assert rows.shape[0] == 9 and torch.isfinite(rows).all()
 
 
 def test_unet_sample_does_not_depend_on_batch():
