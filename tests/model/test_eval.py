@@ -394,3 +394,6 @@ def test_table_runs_and_keeps_finished_cells(tiny_models, blob_folder, tmp_path,
     capsys.readouterr()
     assert main(args) == 0  # a rerun keeps every record
     assert capsys.readouterr().out.count("kept the existing record") == 6
+    # the printed command names no folder of this machine's but the models', and no cache
+    md = (tmp_path / "t" / "table.md").read_text()
+    assert "--ref MNIST_DIR" in md and "--cache-dir" not in md and str(tmp_path / "c") not in md

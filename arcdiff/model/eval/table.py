@@ -74,6 +74,21 @@ def shown_path(path: str) -> str:
     return "MNIST_DIR" if Path(path).is_absolute() else path
 
 
+def shown_command(argv: list[str] | None, ref: str) -> list[str]:
+    """The arguments as the table prints them: the reference folder as shown_path, without the
+    options that do not change a figure (--existing-only, --force, --cache-dir and its folder)."""
+    shown: list[str] = []
+    args = iter(argv if argv is not None else sys.argv[1:])
+    for a in args:
+        if a in ("--existing-only", "--force") or a.startswith("--cache-dir="):
+            continue
+        if a == "--cache-dir":
+            next(args, None)
+            continue
+        shown.append(shown_path(a) if a == ref else a)
+    return shown
+
+
 def _label(r: dict[str, Any]) -> str:
     return f"{r['solver']} ({r.get('schedule', 'uniform')})"
 
@@ -293,11 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     if not records:
         print("no records: nothing to write")
         return 1
-    command = "python -m arcdiff.model.eval.table " + " ".join(
-        shown_path(a) if a == args.ref else a
-        for a in (argv if argv is not None else sys.argv[1:])
-        if a != "--existing-only"
-    )
+    command = "python -m arcdiff.model.eval.table " + " ".join(shown_command(argv, args.ref))
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.json").write_text(json.dumps({"command": command, "records": records}, indent=2) + "\n")
     (out / "table.md").write_text(markdown(records, command))
