@@ -154,12 +154,17 @@ def test_documented_variables_exist():
     assert not stale, f"variables named in the docs that nothing reads: {stale}"
 
 
-def test_eval_table_is_what_the_generator_writes():
-    """docs/eval/table.md is `markdown()` of the committed records: no hand edits, no machine paths."""
+EVAL_TABLES = sorted((REPO / "docs" / "eval").glob("**/table.json"))
+
+
+@pytest.mark.parametrize("path", EVAL_TABLES, ids=lambda p: str(p.parent.relative_to(REPO)))
+def test_eval_table_is_what_the_generator_writes(path):
+    """Each docs/eval table.md is `markdown()` of the committed records: no hand edits, no machine paths."""
     from arcdiff.model.eval.table import markdown
 
-    table = json.loads((REPO / "docs" / "eval" / "table.json").read_text())
+    table = json.loads(path.read_text())
     written = markdown(table["records"], table["command"])
-    assert (REPO / "docs" / "eval" / "table.md").read_text() == written
+    assert (path.parent / "table.md").read_text() == written
+    assert f"--out {path.parent.relative_to(REPO)} " in table["command"]
     refs = {r["ref"] for r in table["records"]}
     assert not any(ref in written for ref in refs if Path(ref).is_absolute())
