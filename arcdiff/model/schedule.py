@@ -230,10 +230,10 @@ def grid_eta(i: torch.Tensor, steps: torch.Tensor, grid: torch.Tensor | None = N
     return table[g.long(), n, i.long().clamp(0).minimum(n)]
 
 
-def grid_etas(steps: int, grid: str = "uniform") -> torch.Tensor:
-    """The whole grid (steps + 1 angles, float64) of one named grid, for plots and tests."""
+def grid_etas(steps: int, grid: str | int = "uniform") -> torch.Tensor:
+    """The whole grid (steps + 1 angles, float64) of one grid, by name or GRID_IDS id."""
     i = torch.arange(steps + 1)
-    return grid_eta(i, torch.full_like(i, steps), torch.full_like(i, GRID_IDS[grid]))
+    return grid_eta(i, torch.full_like(i, steps), torch.full_like(i, GRID_IDS[grid] if isinstance(grid, str) else grid))
 
 
 def consistent_pair(

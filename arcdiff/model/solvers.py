@@ -45,6 +45,7 @@ from arcdiff.model.schedule import (
     consistent_pair,
     expand_like,
     grid_eta,
+    grid_etas,
     log_snr_half,
     velocity,
 )
@@ -316,9 +317,7 @@ class StepTables:
                 size = 0 if old is None else len(old)
                 blocks = [] if old is None else [old]
                 for g, n in missing:
-                    i = torch.arange(n + 1)
-                    etas = grid_eta(i, torch.full_like(i, n), torch.full_like(i, g))
-                    blocks.append(self._build(etas[None])[0].to(device=device, dtype=dtype))
+                    blocks.append(self._build(grid_etas(n, g)[None])[0].to(device=device, dtype=dtype))
                     known[(g, n)] = size
                     size += n
                 self._data[key] = torch.cat(blocks)
@@ -622,7 +621,8 @@ class UniPC(Multistep):
     def coefficients(self, ctx: State) -> torch.Tensor:
         order = self._step_order(ctx)
         first = ctx["i"] == 0
-        # UniC redoes the previous step (eta_prev -> eta0, from the point x_last) at that step's order
+        # UniC redoes the previous step (eta_prev -> eta0, from the point x_last) at that step's order;
+        # a grid's steps are consecutive rows, so roll(1) is the previous step (masked at i = 0)
         p_last = torch.where(first, torch.ones_like(order), order.roll(1))
         lam = ctx["lam"]
         c_x, w = self._update(lam[:, 1:], lam[:, 0], ctx["eta_prev"], ctx["eta0"], p_last, corrector=True)
