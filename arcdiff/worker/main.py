@@ -81,14 +81,21 @@ def run_worker(settings: WorkerSettings, models: list[str]) -> int:
     if not settings.redis_url:
         raise WorkerSetupError("a worker needs a Redis URL: --redis URL or ARCDIFF_REDIS_URL")
     name = settings.worker_name or default_worker_name()
+    if settings.worker_metrics_port:
+        # before the models load: a taken port fails now, in one line, not after minutes of loading
+        # and compiling; and the probes of compose and Kubernetes watch this port during the
+        # warm-up (arcdiff_worker_up stays 0 until jobs are taken)
+        try:
+            start_http_server(settings.worker_metrics_port)
+        except OSError as e:
+            raise WorkerSetupError(
+                f"metrics port {settings.worker_metrics_port} is not free ({e.strerror}): give each worker on a host "
+                "its own --metrics-port (ARCDIFF_WORKER_METRICS_PORT), or 0 for no metrics"
+            ) from None
+        log.info("worker metrics on :%d/metrics", settings.worker_metrics_port)
     engine = build_engine(settings, models, worker_name=name)
     connection = redis.Redis.from_url(settings.redis_url)
     connection.ping()  # fail now, with the URL in the message, rather than inside RQ's loop
-    if settings.worker_metrics_port:
-        # before the warm-up: compiling every bucket can take minutes on a GPU, and the probes of
-        # compose and Kubernetes watch this port (arcdiff_worker_up stays 0 until jobs are taken)
-        start_http_server(settings.worker_metrics_port)
-        log.info("worker metrics on :%d/metrics", settings.worker_metrics_port)
     engine.start()  # warms up (compiles) first: the worker takes jobs only for what it serves
     worker = BatchingWorker(
         engine,
