@@ -25,6 +25,7 @@ __all__ = [
     "ordered_queues",
     "request_stop",
     "signal_name",
+    "stop_command_thread",
     "stop_requested",
 ]
 
@@ -67,3 +68,21 @@ def finish_job(worker: BaseWorker, job: Job, queue: Queue, execution: Any, resul
     the worker's serializer), out of the StartedJobRegistry, success callback run: what RQ does
     when a job function returns."""
     worker._finalize_success(job, queue, execution, result)
+
+
+def stop_command_thread(worker: BaseWorker) -> None:
+    """Tell the thread that reads the worker's command channel to stop, without waiting for it,
+    before RQ's unsubscribe().
+
+    RQ sends UNSUBSCRIBE, then stops the thread (redis-py 8's stop() joins it). When the reply to
+    UNSUBSCRIBE wakes the thread before its flag is cleared, it blocks again in
+    get_message(timeout=60) and the join waits for that: a worker that had drained in 5 s took
+    40 s to exit in a container and was SIGKILLed at the end of its grace period. With the flag
+    cleared first, the thread ends on that reply."""
+    thread = getattr(worker, "pubsub_thread", None)
+    if thread is None:
+        return
+    try:
+        thread.stop(timeout=0)  # redis-py >= 8: clear the flag, join for 0 s
+    except TypeError:
+        thread.stop()  # older redis-py: stop() only clears the flag

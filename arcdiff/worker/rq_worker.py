@@ -277,6 +277,10 @@ class BatchingWorker(SimpleWorker):
             super().teardown()
             log.info("worker %s: stopped", self.name)
 
+    def unsubscribe(self) -> None:
+        rq_internal.stop_command_thread(self)  # else RQ's close can wait up to 60 s for it
+        super().unsubscribe()
+
     def set_state(self, state: str, pipeline: Any = None) -> None:
         # RQ's loop says "idle" whenever it dequeues; we are busy while holding jobs
         if state == WorkerStatus.IDLE and self._held:

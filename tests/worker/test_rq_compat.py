@@ -140,3 +140,31 @@ def test_the_batching_worker_leaves_its_loop_after_max_idle_time(redis_url, conn
         engine.close()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+
+
+class CommandWorker(SimpleWorker):
+    """RQ's worker with the batching worker's unsubscribe (arcdiff/worker/rq_worker.py)."""
+
+    def unsubscribe(self):
+        rq_compat.stop_command_thread(self)
+        super().unsubscribe()
+
+
+def test_unsubscribe_does_not_wait_for_the_command_thread(conn, queues):
+    """The race that kept a drained worker alive for up to a minute: the command thread has read a
+    message and is back in get_message(timeout=60) when unsubscribe() runs. RQ's order (send
+    UNSUBSCRIBE, then stop and join the thread) can wait for that timeout; with the thread told
+    to stop first, it ends on the reply to UNSUBSCRIBE."""
+    w = CommandWorker(queues, connection=conn, serializer=JSONSerializer, name="unsubscribe-test")
+    handled = []
+    w.handle_payload = lambda message: handled.append(message)  # before subscribe(), which binds it
+    w.subscribe()
+    conn.publish(w.pubsub_channel_name, '{"command": "noop"}')
+    deadline = time.monotonic() + 10
+    while not handled and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert handled, "the command thread never read the message"
+    start = time.monotonic()
+    w.unsubscribe()
+    assert time.monotonic() - start < 5, "unsubscribe waited for the command thread"
+    assert not w.pubsub_thread.is_alive()
