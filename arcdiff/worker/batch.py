@@ -1,10 +1,10 @@
-"""The running images of one solver, kept as one batched solver state, and the batch buckets.
+"""The running images of one solver, kept as one batched solver state.
 
 The solvers in arcdiff/model/solvers.py are per-sample state machines whose state is a dict of tensors
 with a leading batch dimension. Images join by concatenating a fresh state and leave by indexing;
 the update itself is one vectorised call for the whole group, whatever step each image is at.
 
-A group may run only its first rows in a tick (the engine pauses batch-priority rows beside
+A group may run only its first rows in a tick (the scheduler pauses batch-priority rows beside
 interactive ones): the others keep their state, their step and their noise streams untouched, so
 an image comes out the same whether or not it was paused.
 
@@ -16,33 +16,12 @@ when they leave (one check per finished batch of rows, not per tick).
 
 from __future__ import annotations
 
-import bisect
-import statistics
-from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from arcdiff.model.solvers import State, draw_noise, get_solver
-
-
-def bucket_sizes(max_batch: int) -> list[int]:
-    """1, 2, 4, ... up to max_batch (and max_batch itself): the shapes the network ever sees."""
-    sizes, b = [], 1
-    while b < max_batch:
-        sizes.append(b)
-        b *= 2
-    sizes.append(max_batch)
-    return sizes
-
-
-def bucket_for(n: int, sizes: Sequence[int]) -> int:
-    """The smallest bucket that holds n images."""
-    for size in sizes:
-        if size >= n:
-            return size
-    raise ValueError(f"{n} images exceed the largest bucket {sizes[-1]}")
 
 
 class SolverGroup:
@@ -149,55 +128,6 @@ class SolverGroup:
         if self.impl.stochastic:
             self.generators = [self.generators[i] for i in kept]
         return owners, x
-
-
-class ForwardTimes:
-    """A running estimate of the network's forward time per batch size (rows the network ran,
-    padded), from the engine's own measurements: per size the median of its last few (robust to
-    the spikes of a shared machine, where another process takes the core mid-forward), linear
-    interpolation between measured sizes, and in proportion to the rows beyond the largest one (as a
-    CPU costs; a GPU's flatter curve is learned once larger batches have run)."""
-
-    def __init__(self, window: int = 9):
-        self.window = window  # measurements kept per size
-        self.sizes: list[int] = []  # measured sizes, sorted
-        self.recent: dict[int, deque[float]] = {}
-        self.seconds: dict[int, float] = {}  # the median of each size's recent measurements
-        self.count = 0  # measurements taken
-        self.last: dict[int, int] = {}  # per size: self.count at its latest measurement
-
-    def add(self, rows: int, seconds: float) -> None:
-        if rows < 1 or not seconds >= 0:
-            return
-        recent = self.recent.get(rows)
-        if recent is None:
-            bisect.insort(self.sizes, rows)
-            recent = self.recent[rows] = deque(maxlen=self.window)
-        recent.append(seconds)
-        self.seconds[rows] = statistics.median(recent)
-        self.count += 1
-        self.last[rows] = self.count
-
-    def stale(self, rows: int, after: int) -> bool:
-        """Whether `rows` has not been measured in the last `after` measurements (of any size)."""
-        return self.count - self.last.get(rows, -after - 1) > after
-
-    def predict(self, rows: int) -> float | None:
-        """Seconds a forward of `rows` rows is expected to take; None before any measurement."""
-        if rows in self.seconds:
-            return self.seconds[rows]
-        if not self.sizes:
-            return None
-        i = bisect.bisect_left(self.sizes, rows)
-        if i == len(self.sizes):  # beyond the largest measured size
-            lo = self.sizes[-1]
-            return self.seconds[lo] * rows / lo
-        hi = self.sizes[i]
-        if i == 0:  # below the smallest: in proportion, down to nothing
-            return self.seconds[hi] * rows / hi
-        lo = self.sizes[i - 1]
-        t_lo, t_hi = self.seconds[lo], self.seconds[hi]
-        return t_lo + (t_hi - t_lo) * (rows - lo) / (hi - lo)
 
 
 def _index(rows: list[int], device: torch.device) -> torch.Tensor:

@@ -10,9 +10,9 @@ from servicekit import one_thread, png_info, png_pixels, reference
 
 from arcdiff.contract import GenerationSpec
 from arcdiff.model.solvers import GRIDS, SOLVERS
-from arcdiff.worker.batch import bucket_for, bucket_sizes
 from arcdiff.worker.engine import Engine, EngineConfig, GenerationFailed
 from arcdiff.worker.loading import Prepared
+from arcdiff.worker.scheduler import bucket_for, bucket_sizes
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -13,9 +13,11 @@ from prometheus_client import REGISTRY
 from servicekit import one_thread, reference, wait_until
 
 from arcdiff.contract import GenerationSpec
-from arcdiff.worker.batch import ForwardTimes, SolverGroup
-from arcdiff.worker.engine import REFRESH_AFTER, Engine, EngineConfig
+from arcdiff.worker.batch import SolverGroup
+from arcdiff.worker.engine import Engine, EngineConfig
 from arcdiff.worker.loading import Prepared
+from arcdiff.worker.scheduler import REFRESH_AFTER, ForwardTimes
+from arcdiff.worker.timing import ForwardClock
 
 STRICT = {"tick_budget": 1.0, "tick_budget_min_s": 0.0, "batch_min_share": 0.0}
 
@@ -274,10 +276,8 @@ def test_forward_times_interpolate_and_extrapolate():
 def test_gpu_timings_are_read_once_their_forward_has_ended():
     """The CUDA path without a GPU: event pairs are taken in order, each once it has completed
     (query() never blocks), and a backlog beyond 64 is dropped rather than waited on."""
-    from collections import deque
-    from types import SimpleNamespace
 
-    class Event:  # the two calls the engine makes of a torch.cuda.Event
+    class Event:  # the two calls the clock makes of a torch.cuda.Event
         def __init__(self, ms, done=True):
             self.ms, self.done = ms, done
 
@@ -287,13 +287,10 @@ def test_gpu_timings_are_read_once_their_forward_has_ended():
         def elapsed_time(self, end):
             return end.ms - self.ms
 
-    r = SimpleNamespace(times=ForwardTimes(), pending_times=deque())
-    r.pending_times.extend([(4, Event(0), Event(2)), (8, Event(2), Event(5, done=False)), (4, Event(5), Event(7))])
-    Engine._read_times(r)
-    assert r.times.predict(4) == pytest.approx(0.002) and len(r.pending_times) == 2  # stopped at the running one
-    r.pending_times[0][2].done = True
-    Engine._read_times(r)
-    assert r.times.predict(8) == pytest.approx(0.003) and not r.pending_times
-    r.pending_times.extend((1, Event(0, done=False), Event(1, done=False)) for _ in range(70))
-    Engine._read_times(r)
-    assert len(r.pending_times) == 64 and r.times.predict(1) == pytest.approx(0.002 / 4)  # none read
+    clock = ForwardClock(torch.device("cpu"))
+    clock.pending.extend([(4, Event(0), Event(2)), (8, Event(2), Event(5, done=False)), (4, Event(5), Event(7))])
+    assert clock.take() == [(4, pytest.approx(0.002))] and len(clock.pending) == 2  # stopped at the running one
+    clock.pending[0][2].done = True
+    assert clock.take() == [(8, pytest.approx(0.003)), (4, pytest.approx(0.002))] and not clock.pending
+    clock.pending.extend((1, Event(0, done=False), Event(1, done=False)) for _ in range(70))
+    assert clock.take() == [] and len(clock.pending) == 64  # 6 dropped, none read
