@@ -1,54 +1,47 @@
 """The continuous-batching engine: one running batch per model that images join and leave at every
-network evaluation ("tick"). This module executes; the policy (admission, priorities, the tick
-budget, per-client caps, pausing) is the scheduler's (scheduler.py), as vLLM's model runner
-carries out what its scheduler plans.
+network evaluation ("tick"). This module carries out what the scheduler (scheduler.py: admission,
+priorities, the tick budget, per-client caps, pausing) plans, as vLLM's model runner does.
 
 Each tick, for each model with work:
-1. take the plan of its scheduler: the images admitted now, the rows of each solver group that
-   run, the size the network sees. Each admitted image gets its own generator seeded from
-   (request seed, image index), its own step grid and a fresh solver state at the end of its
-   (solver, priority) group; paused rows keep their state, step and noise stream untouched;
-2. gather the running rows' next points (x, eta) into one tensor, padded to the plan's size
-   (a compiled network sees few shapes; an eager one the exact batch);
-3. one forward -> (x0_hat, eps_hat), timed for the scheduler (timing.py: CUDA events read a tick
-   later on a GPU, no sync);
-4. scatter back: each solver group advances its running rows in one vectorised call; finished
-   rows leave (known on the host: no device sync per tick), are turned into pixels in one op and
-   PNG-encoded on a thread pool; a generation completes when all its images are encoded. A row
-   that ends non-finite fails its generation (with the reason), not the batch; rows never mix in
-   the network (group norm and attention are per image), so one NaN image cannot spoil another.
+1. the plan: the images admitted now (each joins its (solver, priority) group with its own
+   generator seeded from (request seed, image index), its own step grid and a fresh solver state)
+   and the rows of each group that run (paused rows keep state, step and noise stream untouched);
+2. gather the rows' next points (x, eta) into one tensor, padded to the plan's size;
+3. one forward -> (x0_hat, eps_hat), timed for the scheduler (timing.py; no sync on a GPU);
+4. scatter back: each group advances its rows in one vectorised call; finished rows leave (known
+   on the host: no device sync per tick), become pixels in one op and PNGs on a thread pool
+   (encoding.py); a generation completes when all its images are encoded. A row that ends
+   non-finite fails its generation, not the batch: rows never mix in the network (group norm and
+   attention are per image), so one NaN image cannot spoil another.
 
 One device thread runs the ticks (round robin over models); callers talk to it through a lock
-(which also guards the schedulers) and get a concurrent.futures.Future per generation. Nothing
-here knows about HTTP or Redis. A generation's own state, events and resolution live in
-generation.py, warm-up and the eager fallback beside loading (loading.py), result assembly in
-results.py.
+(which also guards the schedulers) and get a concurrent.futures.Future per generation
+(generation.py). Nothing here knows about HTTP or Redis.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future
 
 import torch
 
 from arcdiff.contract import GenerationSpec, JobResult, queue_expiry
 from arcdiff.model.format import LoadedModel
 from arcdiff.model.images import to_uint8
-from arcdiff.model.rng import image_generator, image_seed, initial_noise
 from arcdiff.worker import metrics as m
-from arcdiff.worker.batch import SolverGroup
+from arcdiff.worker.batch import RunningBatch
+from arcdiff.worker.config import EngineConfig
 from arcdiff.worker.device_thread import DeviceThread
-from arcdiff.worker.generation import Generation, GenerationCanceled, GenerationFailed, Listener, encode_previews
-from arcdiff.worker.loading import PAD_ETA, Forward, Prepared, WarmUpFailed, warm_up
-from arcdiff.worker.results import encode_png, job_result
-from arcdiff.worker.scheduler import GroupKey, Scheduler, SchedulerConfig, TickPlan
+from arcdiff.worker.encoding import Encoder
+from arcdiff.worker.generation import Generation, GenerationCanceled, GenerationFailed, Listener
+from arcdiff.worker.loading import Forward, Prepared, WarmUpFailed, warm_up
+from arcdiff.worker.results import job_result
+from arcdiff.worker.scheduler import GroupKey, Scheduler, TickPlan
 from arcdiff.worker.timing import ForwardClock
 
 __all__ = ["Engine", "EngineConfig", "GenerationCanceled", "GenerationFailed", "Listener"]
@@ -56,71 +49,16 @@ __all__ = ["Engine", "EngineConfig", "GenerationCanceled", "GenerationFailed", "
 log = logging.getLogger("arcdiff.engine")
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    """The engine's settings (plain values; the models and threads it runs are passed beside it).
-
-    `buckets`: the padded batch sizes (default 1, 2, 4, ..., max_batch); the largest must be
-    max_batch. Batches are padded to them only with `warm_up` (a compiled network, which wants
-    few shapes); otherwise the network runs the exact batch. A benchmark that always runs full
-    batches warms up just (max_batch,).
-    `warm_up`: before serving, call every model's forward once per bucket on the device thread
-    (compiles there; CUDA graphs are recorded per thread), see loading.warm_up.
-    `recompile_stance`: torch.compiler stance set after the warm-up ("eager_on_recompile" in the
-    worker: an unexpected new shape runs eagerly instead of stalling the batch for a compile;
-    tests use "fail_on_recompile").
-    The scheduling settings (tick_budget and below) are explained in scheduler.SchedulerConfig."""
-
-    device: str | torch.device = "cpu"
-    max_batch: int = 32
-    buckets: tuple[int, ...] | None = None
-    encode_threads: int = 2
-    worker: str = ""  # the name shown in each result's metrics
-    job_timeout_s: float | None = None  # a generation not done this long after submission fails
-    # a generation still waiting this long after it was accepted (spec.submitted_at, so time
-    # spent in Redis counts) fails instead of starting
-    queue_timeout_s: float | None = None
-    keep_samples: bool = False  # also return the float samples (tests, local tools)
-    warm_up: bool = False
-    recompile_stance: str | None = None
-    progress_interval_s: float = 0.25  # at most one progress event per generation this often
-    preview_interval_s: float = 0.5  # at most one round of previews per generation this often
-    tick_budget: float = 1.2
-    tick_budget_min_s: float = 0.001
-    batch_min_share: float = 0.05
-    max_images_per_key: int = 0
-
-    def __post_init__(self) -> None:
-        _ = self.scheduling  # builds, and so checks, the scheduler's settings
-
-    @property
-    def scheduling(self) -> SchedulerConfig:
-        return SchedulerConfig(
-            max_batch=self.max_batch,
-            buckets=tuple(self.buckets or ()),
-            pad=self.warm_up,
-            tick_budget=self.tick_budget,
-            tick_budget_min_s=self.tick_budget_min_s,
-            batch_min_share=self.batch_min_share,
-            max_images_per_key=self.max_images_per_key,
-        )
-
-    @property
-    def bucket_sizes(self) -> list[int]:
-        return self.scheduling.bucket_sizes
-
-
 class _Runner:
-    """The batch of one model: its scheduler, its solver groups and its network."""
+    """The batch of one model: its scheduler (the policy), its running rows and its network."""
 
     def __init__(self, name: str, prepared: Prepared, config: EngineConfig, device: torch.device):
         self.name = name
         self.prepared = prepared
         self.forward: Forward = prepared.forward
-        self.shape = prepared.loaded.image_shape
         self.data_range = prepared.loaded.config.get("data_range", [-1.0, 1.0])
         self.sched: Scheduler[Generation] = Scheduler(config.scheduling)  # read and changed under the lock
-        self.groups: dict[GroupKey, SolverGroup] = {}  # the rows' solver state, by (solver, priority)
+        self.batch = RunningBatch(prepared.loaded.image_shape, device)  # the device thread's alone
         self.active: dict[str, Generation] = {}  # generations with rows in the batch, by id
         self.dirty = False  # a generation with rows in the batch was closed: drop its rows
         self.clock = ForwardClock(device)
@@ -132,7 +70,7 @@ class Engine:
     def __init__(
         self,
         models: Mapping[str, Prepared | LoadedModel],
-        config: EngineConfig = EngineConfig(),
+        config: EngineConfig | None = None,
         *,
         failed_models: Mapping[str, str] | None = None,
         device_thread: DeviceThread | None = None,
@@ -144,7 +82,7 @@ class Engine:
         `device_thread`: the thread to run the ticks on; pass the one that loaded the models (see
         arcdiff/worker/device_thread.py for why one thread should do all torch work). Default: a new one.
         Either way the engine owns it from then on and stops it in close()."""
-        self.config = config
+        self.config = config = config or EngineConfig()
         self.device = torch.device(config.device)
         self.max_batch = config.max_batch
         self.buckets = config.bucket_sizes
@@ -156,10 +94,7 @@ class Engine:
         self._tasks: dict[str, Generation] = {}
         self._cond = threading.Condition()
         self._closing = False
-        self._pool = ThreadPoolExecutor(max_workers=config.encode_threads, thread_name_prefix="arcdiff-encode")
-        # previews get one thread of their own: in submission order, so a generation's previews reach
-        # its listeners in evaluation order (a stale one never replaces a newer one on screen)
-        self._preview_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="arcdiff-preview")
+        self._encoder = Encoder(config.encode_threads, self._encoded, lambda task, why: self._close(task, error=why))
         self._device_thread = device_thread or DeviceThread("arcdiff-engine")
         self._loop: Future | None = None
         self._next_deadline_check = 0.0
@@ -197,7 +132,7 @@ class Engine:
         if spec.model not in self._runners:
             raise ValueError(f"model {spec.model!r} is not loaded here; loaded: {', '.join(self._runners)}")
         fut: Future = Future()
-        expired = self._expired_reason(spec, time.time())
+        expired = queue_expiry(spec, self.config.queue_timeout_s, time.time())
         if expired:
             log.warning("generation %s failed: %s", spec.id, expired)
             m.JOBS.labels(spec.model, "failed").inc()
@@ -313,8 +248,7 @@ class Engine:
             except Exception:  # a loop that died already logged why; a slow one is left behind
                 pass
         self._device_thread.shutdown(timeout)
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self._preview_pool.shutdown(wait=True, cancel_futures=True)
+        self._encoder.close()
 
     # ---- resolution (any thread) ---------------------------------------------------------------
 
@@ -396,33 +330,21 @@ class Engine:
         if now < self._next_deadline_check:
             return
         self._next_deadline_check = now + 0.5
-        wall = time.time()
+        wall, limit = time.time(), self.config.queue_timeout_s
         with self._cond:
-            late = [t for t in self._tasks.values() if t.deadline is not None and now > t.deadline]
-            stale = [t for t in self._tasks.values() if t.state == "queued" and self._expired_reason(t.spec, wall)]
-        for t in late:
-            self._close(t, error=f"timed out after {t.timeout_s:g} s")
-        for t in stale:
-            self._close(t, error=self._expired_reason(t.spec, wall))
-
-    def _expired_reason(self, spec: GenerationSpec, wall: float) -> str | None:
-        return queue_expiry(spec, self.config.queue_timeout_s, wall)
+            overdue = [(t, why) for t in self._tasks.values() if (why := t.overdue(now, wall, limit))]
+        for t, why in overdue:
+            self._close(t, error=why)
 
     def _sample_memory(self) -> None:
-        """Device memory in use, once a second: CUDA's allocator on a GPU, the process's RSS on CPU."""
         now = time.monotonic()
-        if now < self._next_memory_sample:
-            return
-        self._next_memory_sample = now + 1.0
-        if self.device.type == "cuda":
-            used: int | None = torch.cuda.memory_allocated(self.device)
-        else:
-            used = _rss_bytes()
-        if used is not None:
-            m.DEVICE_MEMORY.labels(str(self.device)).set(used)
+        if now >= self._next_memory_sample:  # once a second
+            self._next_memory_sample = now + 1.0
+            m.sample_device_memory(self.device)
 
     def _tick(self, r: _Runner) -> None:
-        # 1. the plan: what the scheduler admits and which rows run, given the times measured so far
+        # 1. the plan: the scheduler admits images and picks the rows that run, with the forward
+        #    times measured so far; admitted images join their groups with a fresh state
         if r.dirty:
             self._drop_closed(r)
         times = r.clock.take()
@@ -431,44 +353,32 @@ class Engine:
             plan = r.sched.schedule()
             self._admitted(r, plan)
         m.PAUSED.labels(r.name).set(plan.paused)
-        if plan.admitted:
-            self._join(r, plan)
+        r.batch.join(plan.admitted)
         if not plan.rows:
             return
-        # 2. gather the running rows' points, padded to the plan's size
-        parts = [(r.groups[key], rows) for key, rows in plan.run]
-        points = [g.point(rows) for g, rows in parts]
-        x = torch.cat([p[0] for p in points])
-        eta = torch.cat([p[1] for p in points])
-        if plan.size > plan.rows:
-            x = torch.cat([x, x.new_zeros((plan.size - plan.rows, *x.shape[1:]))])
-            eta = torch.cat([eta, eta.new_full((plan.size - plan.rows,), PAD_ETA)])
-        # 3. one forward, timed
+        # 2. gather the rows' next points, padded to the plan's size; 3. one forward, timed
+        x, eta = r.batch.gather(plan.run, plan.size)
         x0_hat, eps_hat = r.clock.run(r.forward, x, eta)
         m.BATCH_SIZE.labels(r.name).observe(plan.rows)
         now = time.monotonic()
         tasks = list(r.active.values())
         if plan.paused:  # only some rows had an evaluation: count them
-            ran = Counter(task for g, rows in parts for task, _k in g.slots[:rows])
-            for task, count in ran.items():
-                task.out.batch_sizes.add(plan.rows)
-                task.nfe_done += count
-        else:
-            for task in tasks:
-                task.out.batch_sizes.add(plan.rows)
-                task.nfe_done += task.in_batch  # every row in the batch had one evaluation
-        previews = [t for t in tasks if t.spec.preview and t.listener is not None and now >= t.next_preview]
-        if previews:
-            self._preview(r, parts, x0_hat, previews, now)
-        # 4. scatter back: each group advances its running rows; finished rows leave
-        offset = 0
-        for (key, rows), (g, _rows) in zip(plan.run, parts, strict=True):
-            leave = g.advance(x0_hat[offset : offset + rows], eps_hat[offset : offset + rows], rows)
-            offset += rows
-            m.NFE.labels(r.name, g.impl.name).inc(rows)
-            if leave:
-                owners, xs = g.remove(leave)
-                self._finish(r, key, owners, xs)
+            counts: Mapping[Generation, int] = Counter(task for task, _k, _left in r.batch.ran(plan.run))
+        else:  # every row in the batch had one
+            counts = {task: task.in_batch for task in tasks}
+        for task, count in counts.items():
+            task.out.batch_sizes.add(plan.rows)
+            task.nfe_done += count
+        due = {t for t in tasks if t.spec.preview and t.listener is not None and now >= t.next_preview}
+        if due:  # before the groups advance: a preview shows this evaluation's x0_hat
+            self._encoder.previews(r.batch.ran(plan.run), due, x0_hat, r.data_range)
+            for task in due:
+                task.next_preview = now + self.config.preview_interval_s
+        # 4. scatter back: each group advances its rows that ran; finished rows leave and are encoded
+        for key, rows in plan.run:
+            m.NFE.labels(r.name, key[0]).inc(rows)
+        for key, owners, xs in r.batch.scatter(plan.run, x0_hat, eps_hat):
+            self._finish(r, key, owners, xs)
         for task in tasks:
             if now >= task.next_progress or task.images_done != task.reported_images:
                 task.report(now, self.config.progress_interval_s)
@@ -477,55 +387,10 @@ class Engine:
         """The plan's admitted images are in the batch: count them in (call under the lock)."""
         now = time.time()
         for task, _k in plan.admitted:
-            task.admitted += 1
-            task.in_batch += 1
+            task.admit(now)
             r.active[task.spec.id] = task
-            if task.state == "queued":
-                task.state = "running"
-                task.out.first_admit = now
-                m.QUEUE_WAIT.labels(r.name).observe(max(0.0, now - task.spec.submitted_at))
         m.WAITING.labels(r.name).set(r.sched.n_waiting())
         m.RUNNING.labels(r.name).set(r.sched.running())
-
-    def _join(self, r: _Runner, plan: TickPlan[Generation]) -> None:
-        """Fresh solver state for the admitted images, each at the end of its group."""
-        by_group: dict[GroupKey, list[tuple[Generation, int]]] = {}
-        for item in plan.admitted:
-            by_group.setdefault((item[0].spec.solver, item[0].spec.priority), []).append(item)
-        for key, items in by_group.items():
-            gens = [image_generator(image_seed(t.spec.seed, k)) for t, k in items]
-            x_T = torch.stack([initial_noise(r.shape, g) for g in gens]).to(self.device)
-            steps = torch.tensor([t.spec.steps for t, _ in items])  # on the host: the group counts down there
-            group = r.groups.get(key)
-            if group is None:
-                group = r.groups[key] = SolverGroup(key[0])
-            group.add(x_T, steps, items, gens, [t.spec.schedule for t, _ in items])
-
-    def _preview(
-        self,
-        r: _Runner,
-        parts: list[tuple[SolverGroup, int]],
-        x0_hat: torch.Tensor,
-        tasks: list[Generation],
-        now: float,
-    ) -> None:
-        """Copy the x0_hat rows of `tasks` (the clean estimate at this evaluation, no extra network
-        call) and PNG-encode them off the device thread. Called before the groups advance."""
-        due = set(tasks)
-        rows: list[int] = []
-        owners: list[tuple[Generation, int, int]] = []  # (generation, image index, its evaluations so far)
-        offset = 0
-        for g, ran in parts:
-            for i, (task, k) in enumerate(g.slots[:ran]):
-                if task in due:
-                    rows.append(offset + i)
-                    owners.append((task, k, task.nfe_per_image - g.remaining[i] + 1))
-            offset += ran
-        for task in tasks:
-            task.next_preview = now + self.config.preview_interval_s
-        if rows:
-            pixels = to_uint8(x0_hat[torch.tensor(rows, device=x0_hat.device)].float(), r.data_range)
-            self._preview_pool.submit(encode_previews, owners, pixels)
 
     def _finish(self, r: _Runner, key: GroupKey, owners: list[tuple[Generation, int]], xs: torch.Tensor) -> None:
         """Rows that left the batch: encode the good ones, fail the generations of non-finite ones."""
@@ -535,20 +400,14 @@ class Engine:
         failed: list[tuple[Generation, str]] = []
         encodes: list[tuple[Generation, int, torch.Tensor]] = []
         with self._cond:
-            r.sched.update_from_output(left=[(key, owners)])
+            self._left(r, key, owners)
             for row, ((task, k), ok, px) in enumerate(zip(owners, finite, pixels, strict=True)):
-                self._leave(r, task)
                 if task.closed:
                     continue
                 if not ok:
-                    seed = image_seed(task.spec.seed, k)
-                    failed.append((task, f"image {k} (seed {seed}) became non-finite (NaN or inf) during sampling"))
+                    failed.append((task, task.non_finite(k)))
                     continue
-                task.out.last_leave = now
-                task.images_done += 1
-                if self.config.keep_samples:
-                    task.out.samples[k] = xs[row].float().cpu()
-                m.IMAGES.labels(r.name, key[0]).inc()
+                task.image_done(k, now, xs[row].float().cpu() if self.config.keep_samples else None)
                 encodes.append((task, k, px))
             m.RUNNING.labels(r.name).set(r.sched.running())
             self._cond.notify_all()
@@ -556,28 +415,25 @@ class Engine:
         for task in dict.fromkeys(t for t, _k, _px in encodes):
             task.report(time.monotonic(), self.config.progress_interval_s)
         for task, k, px in encodes:
-            self._pool.submit(self._encode, r, task, k, px)
+            self._encoder.image(r.name, task, k, px)
         for task, reason in failed:
             self._close(task, error=reason)
 
     @staticmethod
-    def _leave(r: _Runner, task: Generation) -> None:
-        """One row of `task` left the batch (call under the lock)."""
-        task.in_batch -= 1
-        if task.in_batch == 0:
-            r.active.pop(task.spec.id, None)
+    def _left(r: _Runner, key: GroupKey, owners: list[tuple[Generation, int]]) -> None:
+        """Rows of group `key` left the batch, finished or dropped (call under the lock)."""
+        r.sched.update_from_output(left=[(key, owners)])
+        for task, _k in owners:
+            task.in_batch -= 1
+            if task.in_batch == 0:
+                r.active.pop(task.spec.id, None)
 
     def _drop_closed(self, r: _Runner) -> None:
         """Remove the rows of generations that were failed or taken back."""
         with self._cond:
             r.dirty = False
-            for key, g in r.groups.items():
-                closed = [i for i, (t, _k) in enumerate(g.slots) if t.closed]
-                if closed:
-                    owners, _ = g.remove(closed)
-                    r.sched.update_from_output(left=[(key, owners)])
-                    for task, _k in owners:
-                        self._leave(r, task)
+            for key, owners in r.batch.drop(lambda task: task.closed):
+                self._left(r, key, owners)
             m.RUNNING.labels(r.name).set(r.sched.running())
             self._cond.notify_all()
 
@@ -585,11 +441,10 @@ class Engine:
         """After a failed tick: fail every generation with rows in the batch and empty it."""
         with self._cond:
             tasks = list(r.active.values())
-            for g in r.groups.values():
-                for task, _k in g.slots:
-                    self._leave(r, task)
-            r.groups.clear()
+            r.batch.clear()
             r.active.clear()
+            for task in tasks:
+                task.in_batch = 0
             r.sched.reset()
             m.PAUSED.labels(r.name).set(0)
             self._cond.notify_all()
@@ -598,13 +453,8 @@ class Engine:
 
     # ---- encode threads ----------------------------------------------------------------------
 
-    def _encode(self, r: _Runner, task: Generation, k: int, pixels: torch.Tensor) -> None:
-        try:
-            png = encode_png(r.name, pixels)
-        except Exception as e:
-            log.exception("encoding image %d of %s failed", k, task.spec.id)
-            self._close(task, error=f"PNG encoding failed: {e}")
-            return
+    def _encoded(self, task: Generation, k: int, png: bytes) -> None:
+        """Image k of `task` is encoded; the last of its images completes it."""
         with self._cond:
             if task.closed:
                 return
@@ -613,11 +463,3 @@ class Engine:
         if done:
             result = job_result(task.spec, task.out, str(self.device), self.worker, self.config.keep_samples)
             self._close(task, result=result)
-
-
-def _rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None

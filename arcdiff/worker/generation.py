@@ -7,7 +7,6 @@ emission of its events, so that the device loop only records facts.
 
 from __future__ import annotations
 
-import base64
 import logging
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
@@ -15,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from arcdiff.contract import GenerationSpec, JobResult
-from arcdiff.model.images import png_bytes
+from arcdiff.contract import GenerationSpec, JobResult, queue_expiry
+from arcdiff.model.rng import image_seed
 from arcdiff.model.solvers import nfe as solver_nfe
 from arcdiff.worker import metrics as m
 from arcdiff.worker.results import Collected
@@ -62,6 +61,34 @@ class Generation:
     def nfe_per_image(self) -> int:
         return solver_nfe(self.spec.solver, self.spec.steps)
 
+    def admit(self, now: float) -> None:
+        """One of its images entered the batch (now: time.time())."""
+        self.admitted += 1
+        self.in_batch += 1
+        if self.state == "queued":
+            self.state = "running"
+            self.out.first_admit = now
+            m.QUEUE_WAIT.labels(self.spec.model).observe(max(0.0, now - self.spec.submitted_at))
+
+    def image_done(self, k: int, now: float, sample: torch.Tensor | None = None) -> None:
+        """Image k left the batch finished (now: time.time()); `sample`: its float result, to keep."""
+        self.out.last_leave = now
+        self.images_done += 1
+        if sample is not None:
+            self.out.samples[k] = sample
+        m.IMAGES.labels(self.spec.model, self.spec.solver).inc()
+
+    def non_finite(self, k: int) -> str:
+        """The reason it fails when image k ends non-finite."""
+        return f"image {k} (seed {image_seed(self.spec.seed, k)}) became non-finite (NaN or inf) during sampling"
+
+    def overdue(self, now: float, wall: float, queue_timeout_s: float | None) -> str | None:
+        """Why it must fail now, if it must: past its deadline (now: time.monotonic()), or still
+        queued past the queue timeout (wall: time.time())."""
+        if self.deadline is not None and now > self.deadline:
+            return f"timed out after {self.timeout_s:g} s"
+        return queue_expiry(self.spec, queue_timeout_s, wall) if self.state == "queued" else None
+
     def emit(self, event: str, data: dict) -> None:
         if self.listener is None or self.closed:
             return
@@ -98,13 +125,3 @@ class Generation:
                 self.future.set_result(result)
         except InvalidStateError:  # a caller cancelled its future: nobody is waiting for it
             pass
-
-
-def encode_previews(owners: list[tuple[Generation, int, int]], pixels: torch.Tensor) -> None:
-    """PNG-encode preview pixels and emit them: owners are (generation, image index, evaluations so
-    far), one per row of `pixels`. Runs on the preview thread."""
-    for (gen, k, nfe_done), px in zip(owners, pixels, strict=True):
-        if gen.closed:
-            continue
-        png = base64.b64encode(png_bytes(px)).decode("ascii")
-        gen.emit("preview", {"index": k, "nfe_done": nfe_done, "png_base64": png})
