@@ -24,7 +24,7 @@ SEED_MAX = 2**32 - 1
 SOLVER_NAMES = SOLVERS  # model.solvers.SOLVERS (from its torch-free name list)
 SCHEDULE_NAMES = GRIDS
 # a generation's priority: interactive images run first and keep their ticks short; batch images fill
-# what is left (arcdiff/worker/engine.py). Specs without the field (older APIs) are interactive.
+# what is left (arcdiff/worker/scheduler.py). Specs without the field (older APIs) are interactive.
 PRIORITIES = ("interactive", "batch")
 DEFAULT_PRIORITY = "interactive"
 BATCH_QUEUE_SUFFIX = ":batch"  # model names have no ':' (model.registry.NAME_PATTERN): no clash

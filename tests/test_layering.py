@@ -161,3 +161,58 @@ def test_tests_never_import_a_conftest_by_name():
             if "conftest" in names:
                 offenders.append(f"{path.relative_to(tests)}:{node.lineno}")
     assert not offenders, f"import a helper module (servicekit) instead of a conftest: {offenders}"
+
+
+# modules that load without torch (the engine's policy, tested without a model; what the API and the
+# client import), so nothing they import, however indirectly, may import it
+TORCH_FREE = ("arcdiff.worker.scheduler", "arcdiff.contract", "arcdiff.client")
+
+
+def source_file(module: str) -> Path | None:
+    base = ROOT.parent.joinpath(*module.split("."))
+    for path in (base / "__init__.py", base.with_suffix(".py")):
+        if path.is_file():
+            return path
+    return None
+
+
+def module_closure(module: str) -> dict[str, Path]:
+    """Every arcdiff module that importing `module` runs: its imports, theirs, and the packages above
+    each (a name that is no module, as in `from arcdiff.x import name`, stands for its module)."""
+    found: dict[str, Path] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        while name and source_file(name) is None:
+            name = name.rpartition(".")[0]
+        if not name or name in found:
+            continue
+        found[name] = path = source_file(name)  # type: ignore[assignment]
+        parent = name.rpartition(".")[0]
+        todo += [parent] if parent else []
+        todo += [target for target, _line in imports_of(path)]
+        # `from arcdiff.worker import metrics` imports the module arcdiff.worker.metrics too
+        froms = [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom) and not n.level]
+        todo += [f"{n.module}.{a.name}" for n in froms if (n.module or "").startswith("arcdiff") for a in n.names]
+    return found
+
+
+def test_torch_free_modules_import_nothing_that_imports_torch():
+    bad = []
+    for module in TORCH_FREE:
+        for name, path in module_closure(module).items():
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+                if any(n.split(".")[0] == "torch" or n.endswith(".torch") for n in names):
+                    bad.append(
+                        f"{path.relative_to(ROOT.parent)}:{node.lineno}: {name} (imported by {module}) imports torch"
+                    )
+    assert not bad, "\n".join(bad)
+
+
+def test_the_closure_follows_imports_and_packages():
+    """Guards the walk above: it reaches the modules it must (or the test would pass on nothing)."""
+    closure = module_closure("arcdiff.worker.scheduler")
+    assert {"arcdiff", "arcdiff.worker", "arcdiff.contract", "arcdiff.model.solver_names"} <= set(closure)
+    assert {"arcdiff.model.solvers", "arcdiff.worker.metrics"} <= set(module_closure("arcdiff.worker.engine"))

@@ -1,10 +1,10 @@
-"""The running images of one solver, kept as one batched solver state, and the batch buckets.
+"""The running images of one model's batch: per solver group, one batched solver state.
 
 The solvers in arcdiff/model/solvers.py are per-sample state machines whose state is a dict of tensors
 with a leading batch dimension. Images join by concatenating a fresh state and leave by indexing;
 the update itself is one vectorised call for the whole group, whatever step each image is at.
 
-A group may run only its first rows in a tick (the engine pauses batch-priority rows beside
+A group may run only its first rows in a tick (the scheduler pauses batch-priority rows beside
 interactive ones): the others keep their state, their step and their noise streams untouched, so
 an image comes out the same whether or not it was paused.
 
@@ -12,37 +12,24 @@ Who leaves when is known on the host: an image needs exactly nfe(solver, steps) 
 the group counts them down in Python instead of reading the solver's "finished" mask back from
 the device, which would stall a GPU's queue of kernels once per tick. Non-finite rows are found
 when they leave (one check per finished batch of rows, not per tick).
+
+RunningBatch holds a model's groups by (solver, priority), the executor's side of the scheduler's
+groups: same keys, rows in admission order, so "the first rows of a group" that a plan runs are
+the same rows on both sides. It gathers the rows a plan runs into one input and scatters the
+network's output back.
 """
 
 from __future__ import annotations
 
-import bisect
-import statistics
-from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
+from arcdiff.model.rng import image_generator, image_seed, initial_noise
 from arcdiff.model.solvers import State, draw_noise, get_solver
-
-
-def bucket_sizes(max_batch: int) -> list[int]:
-    """1, 2, 4, ... up to max_batch (and max_batch itself): the shapes the network ever sees."""
-    sizes, b = [], 1
-    while b < max_batch:
-        sizes.append(b)
-        b *= 2
-    sizes.append(max_batch)
-    return sizes
-
-
-def bucket_for(n: int, sizes: Sequence[int]) -> int:
-    """The smallest bucket that holds n images."""
-    for size in sizes:
-        if size >= n:
-            return size
-    raise ValueError(f"{n} images exceed the largest bucket {sizes[-1]}")
+from arcdiff.worker.loading import PAD_ETA
+from arcdiff.worker.scheduler import GroupKey
 
 
 class SolverGroup:
@@ -151,53 +138,77 @@ class SolverGroup:
         return owners, x
 
 
-class ForwardTimes:
-    """A running estimate of the network's forward time per batch size (rows the network ran,
-    padded), from the engine's own measurements: per size the median of its last few (robust to
-    the spikes of a shared machine, where another process takes the core mid-forward), linear
-    interpolation between measured sizes, and in proportion to the rows beyond the largest one (as a
-    CPU costs; a GPU's flatter curve is learned once larger batches have run)."""
+class RunningBatch:
+    """The solver groups of one model's batch, by (solver, priority). Rows are owned by
+    (generation, image index) pairs; a generation is anything with a GenerationSpec as `.spec`."""
 
-    def __init__(self, window: int = 9):
-        self.window = window  # measurements kept per size
-        self.sizes: list[int] = []  # measured sizes, sorted
-        self.recent: dict[int, deque[float]] = {}
-        self.seconds: dict[int, float] = {}  # the median of each size's recent measurements
-        self.count = 0  # measurements taken
-        self.last: dict[int, int] = {}  # per size: self.count at its latest measurement
+    def __init__(self, image_shape: Sequence[int], device: torch.device):
+        self.shape = tuple(image_shape)
+        self.device = device
+        self.groups: dict[GroupKey, SolverGroup] = {}
 
-    def add(self, rows: int, seconds: float) -> None:
-        if rows < 1 or not seconds >= 0:
-            return
-        recent = self.recent.get(rows)
-        if recent is None:
-            bisect.insort(self.sizes, rows)
-            recent = self.recent[rows] = deque(maxlen=self.window)
-        recent.append(seconds)
-        self.seconds[rows] = statistics.median(recent)
-        self.count += 1
-        self.last[rows] = self.count
+    def join(self, admitted: Sequence[tuple[Any, int]]) -> None:
+        """Admitted images enter, each at the end of its group with a fresh state: its own
+        generator seeded from (request seed, image index), its start noise, its step grid."""
+        by_group: dict[GroupKey, list[tuple[Any, int]]] = {}
+        for item in admitted:
+            by_group.setdefault((item[0].spec.solver, item[0].spec.priority), []).append(item)
+        for key, items in by_group.items():
+            gens = [image_generator(image_seed(t.spec.seed, k)) for t, k in items]
+            x_T = torch.stack([initial_noise(self.shape, g) for g in gens]).to(self.device)
+            steps = torch.tensor([t.spec.steps for t, _ in items])  # on the host: the group counts down there
+            group = self.groups.get(key)
+            if group is None:
+                group = self.groups[key] = SolverGroup(key[0])
+            group.add(x_T, steps, items, gens, [t.spec.schedule for t, _ in items])
 
-    def stale(self, rows: int, after: int) -> bool:
-        """Whether `rows` has not been measured in the last `after` measurements (of any size)."""
-        return self.count - self.last.get(rows, -after - 1) > after
+    def gather(self, run: Sequence[tuple[GroupKey, int]], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next points (x, eta) of the rows that run ((group, its first rows), in this order),
+        padded with zero rows at PAD_ETA to `size` rows."""
+        points = [self.groups[key].point(rows) for key, rows in run]
+        x = torch.cat([p[0] for p in points])
+        eta = torch.cat([p[1] for p in points])
+        if size > len(x):
+            x = torch.cat([x, x.new_zeros((size - len(x), *x.shape[1:]))])
+            eta = torch.cat([eta, eta.new_full((size - len(eta),), PAD_ETA)])
+        return x, eta
 
-    def predict(self, rows: int) -> float | None:
-        """Seconds a forward of `rows` rows is expected to take; None before any measurement."""
-        if rows in self.seconds:
-            return self.seconds[rows]
-        if not self.sizes:
-            return None
-        i = bisect.bisect_left(self.sizes, rows)
-        if i == len(self.sizes):  # beyond the largest measured size
-            lo = self.sizes[-1]
-            return self.seconds[lo] * rows / lo
-        hi = self.sizes[i]
-        if i == 0:  # below the smallest: in proportion, down to nothing
-            return self.seconds[hi] * rows / hi
-        lo = self.sizes[i - 1]
-        t_lo, t_hi = self.seconds[lo], self.seconds[hi]
-        return t_lo + (t_hi - t_lo) * (rows - lo) / (hi - lo)
+    def ran(self, run: Sequence[tuple[GroupKey, int]]) -> Iterator[tuple[Any, int, int]]:
+        """(generation, image index, evaluations it had left before this one) of each row that runs,
+        in gather order."""
+        for key, rows in run:
+            g = self.groups[key]
+            for (owner, k), left in zip(g.slots[:rows], g.remaining[:rows], strict=True):
+                yield owner, k, left
+
+    def scatter(
+        self, run: Sequence[tuple[GroupKey, int]], x0_hat: torch.Tensor, eps_hat: torch.Tensor
+    ) -> list[tuple[GroupKey, list[Any], torch.Tensor]]:
+        """Each group advances its rows that ran by their evaluation (one vectorised call per group);
+        rows that finished leave: (group, their owners, their final x), per group."""
+        left = []
+        offset = 0
+        for key, rows in run:
+            g = self.groups[key]
+            done = g.advance(x0_hat[offset : offset + rows], eps_hat[offset : offset + rows], rows)
+            offset += rows
+            if done:
+                owners, xs = g.remove(done)
+                left.append((key, owners, xs))
+        return left
+
+    def drop(self, closed: Callable[[Any], bool]) -> list[tuple[GroupKey, list[Any]]]:
+        """Remove the rows whose generation is `closed`; returns (group, their owners), per group."""
+        dropped = []
+        for key, g in self.groups.items():
+            rows = [i for i, (t, _k) in enumerate(g.slots) if closed(t)]
+            if rows:
+                dropped.append((key, g.remove(rows)[0]))
+        return dropped
+
+    def clear(self) -> None:
+        """Empty the batch."""
+        self.groups.clear()
 
 
 def _index(rows: list[int], device: torch.device) -> torch.Tensor:

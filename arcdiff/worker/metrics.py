@@ -7,6 +7,9 @@ and appear on its /metrics.
 
 from __future__ import annotations
 
+import os
+
+import torch
 from prometheus_client import Counter, Gauge, Histogram
 
 from arcdiff.model.solvers import SOLVERS
@@ -80,3 +83,17 @@ def init_model_series(model: str) -> None:
         histogram.labels(model)
     PAUSED.labels(model)
     COMPILE.labels(model)  # 0 until a warm-up sets it (stays 0 when the model is not compiled)
+
+
+def sample_device_memory(device: torch.device) -> None:
+    """Set the device memory gauge: CUDA's allocator on a GPU, the process's resident memory elsewhere."""
+    if device.type == "cuda":
+        used: int | None = torch.cuda.memory_allocated(device)
+    else:
+        try:
+            with open("/proc/self/statm") as f:
+                used = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            used = None
+    if used is not None:
+        DEVICE_MEMORY.labels(str(device)).set(used)

@@ -1,8 +1,9 @@
 """What a generation collects while its images run, and the JobResult assembled from it.
 
 The engine's tick loop only records facts here (when the first image entered the batch, when the
-last left, the batch sizes it ran at, each image's PNG); the encode threads turn finished pixels
-into PNGs, and the last one to finish assembles the result with its latency breakdown.
+last left, the batch sizes it ran at, each image's PNG); the encode threads (encoding.py) turn
+finished pixels into PNGs, and the last one to finish assembles the result with its latency
+breakdown.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from dataclasses import dataclass, field
 import torch
 
 from arcdiff.contract import GenerationSpec, ImageResult, JobMetrics, JobResult
-from arcdiff.model.images import png_bytes
 from arcdiff.model.rng import image_seed
 from arcdiff.model.solvers import nfe as solver_nfe
 from arcdiff.worker import metrics as m
@@ -28,14 +28,6 @@ class Collected:
     first_admit: float | None = None  # its first image entered the batch
     last_leave: float | None = None  # its last image left the batch
     batch_sizes: set[int] = field(default_factory=set)  # the batch sizes of the evaluations it was in
-
-
-def encode_png(model: str, pixels: torch.Tensor) -> bytes:
-    """One (C, H, W) uint8 image -> PNG bytes, timed into the encode histogram."""
-    t0 = time.perf_counter()
-    png = png_bytes(pixels)
-    m.ENCODE.labels(model).observe(time.perf_counter() - t0)
-    return png
 
 
 def job_result(

@@ -10,7 +10,6 @@ from servicekit import one_thread, png_info, png_pixels, reference
 
 from arcdiff.contract import GenerationSpec
 from arcdiff.model.solvers import GRIDS, SOLVERS
-from arcdiff.worker.batch import bucket_for, bucket_sizes
 from arcdiff.worker.engine import Engine, EngineConfig, GenerationFailed
 from arcdiff.worker.loading import Prepared
 
@@ -31,15 +30,6 @@ def make_engine(loaded, start=True, max_batch=8, forwards=None, warm_up=False):
     models = {name: Prepared(lm, (forwards or {}).get(name, lm.denoiser)) for name, lm in loaded.items()}
     eng = Engine(models, EngineConfig(max_batch=max_batch, worker="test", keep_samples=True, warm_up=warm_up))
     return eng.start() if start else eng
-
-
-def test_buckets():
-    assert bucket_sizes(1) == [1]
-    assert bucket_sizes(8) == [1, 2, 4, 8]
-    assert bucket_sizes(12) == [1, 2, 4, 8, 12]
-    assert [bucket_for(n, bucket_sizes(12)) for n in (1, 3, 5, 9, 12)] == [1, 4, 8, 12, 12]
-    with pytest.raises(ValueError):
-        bucket_for(13, bucket_sizes(12))
 
 
 def test_every_solver_matches_the_reference_sampler(loaded, model_dir):

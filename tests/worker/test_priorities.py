@@ -1,4 +1,6 @@
-"""Priorities and the per-client cap in the engine, in-process on the tiny models (no Redis, no HTTP).
+"""Priorities and the per-client cap in the engine, end to end, in-process on the tiny models (no
+Redis, no HTTP). The policy itself, case by case and without a model, is in test_scheduler.py; here
+it meets real rows: paused rows resume unchanged, every image is its seed's.
 
 What is checked is state (the engine's paused count and its gauge, the batch sizes each generation
 ran in, the images), never timing: strict settings (tick_budget 1, no slack, no minimum share)
@@ -13,9 +15,10 @@ from prometheus_client import REGISTRY
 from servicekit import one_thread, reference, wait_until
 
 from arcdiff.contract import GenerationSpec
-from arcdiff.worker.batch import ForwardTimes, SolverGroup
-from arcdiff.worker.engine import REFRESH_AFTER, Engine, EngineConfig
+from arcdiff.worker.batch import SolverGroup
+from arcdiff.worker.engine import Engine, EngineConfig
 from arcdiff.worker.loading import Prepared
+from arcdiff.worker.scheduler import REFRESH_AFTER
 
 STRICT = {"tick_budget": 1.0, "tick_budget_min_s": 0.0, "batch_min_share": 0.0}
 
@@ -255,45 +258,3 @@ def test_a_group_advancing_only_its_first_rows_leaves_the_others_as_they_were(lo
                 assert torch.allclose(together.state[key][i], value[0], atol=1e-6), (solver, i, key)
             if together.impl.stochastic:
                 assert torch.equal(together.generators[i].get_state(), alone.generators[0].get_state())
-
-
-def test_forward_times_interpolate_and_extrapolate():
-    t = ForwardTimes(window=3)
-    assert t.predict(4) is None
-    t.add(2, 0.010)
-    assert t.predict(4) == pytest.approx(0.020) and t.predict(1) == pytest.approx(0.005)
-    t.add(8, 0.020)
-    assert t.predict(5) == pytest.approx(0.015)
-    t.add(8, 0.900)  # a spike (another process took the core): the median of the last 3 ignores it
-    t.add(8, 0.030)
-    assert t.predict(8) == pytest.approx(0.030)
-    assert t.predict(16) == pytest.approx(0.060)
-    assert not t.stale(2, after=3) and t.stale(2, after=2) and t.stale(5, after=100)  # 2: 3 measurements ago
-
-
-def test_gpu_timings_are_read_once_their_forward_has_ended():
-    """The CUDA path without a GPU: event pairs are taken in order, each once it has completed
-    (query() never blocks), and a backlog beyond 64 is dropped rather than waited on."""
-    from collections import deque
-    from types import SimpleNamespace
-
-    class Event:  # the two calls the engine makes of a torch.cuda.Event
-        def __init__(self, ms, done=True):
-            self.ms, self.done = ms, done
-
-        def query(self):
-            return self.done
-
-        def elapsed_time(self, end):
-            return end.ms - self.ms
-
-    r = SimpleNamespace(times=ForwardTimes(), pending_times=deque())
-    r.pending_times.extend([(4, Event(0), Event(2)), (8, Event(2), Event(5, done=False)), (4, Event(5), Event(7))])
-    Engine._read_times(r)
-    assert r.times.predict(4) == pytest.approx(0.002) and len(r.pending_times) == 2  # stopped at the running one
-    r.pending_times[0][2].done = True
-    Engine._read_times(r)
-    assert r.times.predict(8) == pytest.approx(0.003) and not r.pending_times
-    r.pending_times.extend((1, Event(0, done=False), Event(1, done=False)) for _ in range(70))
-    Engine._read_times(r)
-    assert len(r.pending_times) == 64 and r.times.predict(1) == pytest.approx(0.002 / 4)  # none read
