@@ -22,11 +22,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from arcdiff.model.configs import get_config
-from arcdiff.model.data import load_images, to_model_range
 from arcdiff.model.denoiser import heads_for
 from arcdiff.model.format import make_config, save_model
 from arcdiff.model.loss import OBJECTIVE_PREDICTION, DiffusionLoss, Objective
 from arcdiff.model.unet import UNet, count_parameters
+from arcdiff.training.data import load_images, to_model_range
 
 LR_SCHEDULES = ("constant", "cosine")
 CHECKPOINT_TENSORS = "checkpoint.safetensors"
