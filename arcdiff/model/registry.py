@@ -18,10 +18,12 @@ import torch
 from arcdiff.model.diffusers_adapter import is_diffusers_folder, load_diffusers_model, read_diffusers_config
 from arcdiff.model.format import (
     WEIGHTS_FILE,
+    Distilled,
     LoadedModel,
     ModelFormatError,
     load_model,
     read_config,
+    read_distilled,
     weight_parameter_count,
 )
 
@@ -44,6 +46,9 @@ class ModelInfo:
     prediction: str
     parameters: int
     config: dict[str, Any]
+    # a few-step student (`arcdiff distill`): its teacher, the step count, solver and grid it was
+    # distilled for; a request for it that names no steps gets these (None: not distilled)
+    distilled: Distilled | None = None
 
 
 def describe(folder: Path) -> ModelInfo:
@@ -55,7 +60,15 @@ def describe(folder: Path) -> ModelInfo:
         cfg = read_config(folder)
         kind, params = "arcdiff", weight_parameter_count(folder / WEIGHTS_FILE)
     return ModelInfo(
-        folder.name, folder, kind, int(cfg["image_size"]), int(cfg["channels"]), cfg["prediction"], params, cfg
+        folder.name,
+        folder,
+        kind,
+        int(cfg["image_size"]),
+        int(cfg["channels"]),
+        cfg["prediction"],
+        params,
+        cfg,
+        read_distilled(cfg, folder / "config.json") if kind == "arcdiff" else None,
     )
 
 
