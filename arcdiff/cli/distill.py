@@ -76,7 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--stop-after", type=int, default=0, help="run at most this many steps, checkpoint and exit (0: to the end)"
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar: a line per checkpoint instead (for logs)")
     p.set_defaults(func=run)
 
 
@@ -110,7 +110,9 @@ def run(args: argparse.Namespace) -> int:
         compile=args.compile,
     )
     try:
-        folders = distill(settings, resume=args.resume, progress=not args.quiet, stop_after=args.stop_after or None)
+        folders = distill(
+            settings, resume=args.resume, progress=not args.quiet, stop_after=args.stop_after or None, log=True
+        )
     except (DataError, TrainingError) as e:
         print(f"arcdiff distill: error: {e}", file=sys.stderr)
         return 2

@@ -277,6 +277,7 @@ class Distiller:
         self.wall_time = 0.0
         self.loss_avg = float("nan")
         self.history: list[dict[str, Any]] = []  # one entry per finished round
+        self.curve: list[list[float]] = []  # [step, student steps, loss average, wall time] per checkpoint
 
     def _compiled(self, net: torch.nn.Module) -> torch.nn.Module:
         return cast(torch.nn.Module, torch.compile(net)) if self.s.compile else net
@@ -351,6 +352,7 @@ class Distiller:
             "loss_avg": self.loss_avg,
             "settings": asdict(self.s),
             "rounds": self.history,
+            "curve": self.curve,
             "done": self.step >= self.total_steps,
         }
         save_checkpoint(folder, modules, self.opt, generators, state)
@@ -361,7 +363,7 @@ class Distiller:
         modules, generators = self._parts()
         restore(state, tensors, modules, self.opt, generators)
         self.step, self.wall_time, self.loss_avg = state["step"], state["wall_time"], state["loss_avg"]
-        self.history = state["rounds"]
+        self.history, self.curve = state["rounds"], state.get("curve", [])
 
     # ---- the model folders ----------------------------------------------------------------------
     def student_name(self, steps: int) -> str:
@@ -416,9 +418,11 @@ def distill(
     images: torch.Tensor | None = None,
     stop_after: int | None = None,
     on_step: Callable[[Distiller], None] | None = None,
+    log: bool = False,
 ) -> list[Path]:
     """Run (or continue) the rounds; returns the model folders of the rounds finished so far.
-    `stop_after`: at most this many steps in this call, then a checkpoint (a chunk of a long run)."""
+    `stop_after`: at most this many steps in this call, then a checkpoint (a chunk of a long run).
+    `log`: without a progress bar, print a line per checkpoint and per round (the command's --quiet)."""
     out = Path(settings.out)
     d = Distiller(settings, images)
     if resume and (out / CHECKPOINT_STATE).is_file():
@@ -430,6 +434,14 @@ def distill(
     total = d.total_steps
     end = total if stop_after is None else min(total, d.step + stop_after)
     bar = tqdm(total=total, initial=d.step, disable=not progress, unit="step", dynamic_ncols=True)
+    start, wall_start = d.step, d.wall_time
+
+    def say(line: str) -> None:
+        if progress:
+            bar.write(line)
+        elif log:
+            print(line, flush=True)
+
     t_last = time.perf_counter()
     while d.step < end:
         d.train_step()
@@ -458,11 +470,15 @@ def distill(
                     "wall_time_s": round(d.wall_time, 1),
                 }
             )
-            if progress:
-                bar.write(f"round {len(d.history)}: {steps}-step student written to {folder} (loss {d.loss_avg:.4f})")
+            say(f"round {len(d.history)}: {steps}-step student written to {folder} (loss {d.loss_avg:.5f})")
             if d.step < total:
                 d.next_round()
         if round_done or d.step % settings.checkpoint_every == 0 or d.step == end:
+            n = settings.student_steps((d.step - 1) // settings.round_steps)
+            d.curve.append([d.step, n, round(d.loss_avg, 6), round(d.wall_time, 1)])
+            if not progress:  # a line per checkpoint, for logs
+                rate = (d.step - start) / max(d.wall_time - wall_start, 1e-9)
+                say(f"step {d.step}/{total} ({n}-step student): loss {d.loss_avg:.5f}, {rate:.2f} steps/s")
             d.save_checkpoint(out)
             t_last = time.perf_counter()  # checkpoint I/O is not training time
     bar.close()
