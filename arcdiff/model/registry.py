@@ -26,6 +26,7 @@ from arcdiff.model.format import (
     read_distilled,
     weight_parameter_count,
 )
+from arcdiff.model.solver_names import resolve
 
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parent / "weights"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -49,6 +50,16 @@ class ModelInfo:
     # a few-step student (`arcdiff distill`): its teacher, the step count, solver and grid it was
     # distilled for; a request for it that names no steps gets these (None: not distilled)
     distilled: Distilled | None = None
+
+    def resolve(self, solver: str | None, steps: int | None, schedule: str | None) -> tuple[str, int, str]:
+        """A request's (solver, steps, schedule) for this model with the defaults filled in. A
+        distilled student fills what the request leaves out with what it was distilled for (its
+        solver, step count and grid) as long as the request names no other solver; every other
+        model gets solver_names.resolve's measured defaults."""
+        d = self.distilled
+        if d is not None and solver in (None, d.solver):
+            return d.solver, steps if steps is not None else d.steps, schedule or d.schedule
+        return resolve(solver, steps, schedule)
 
 
 def describe(folder: Path) -> ModelInfo:

@@ -162,3 +162,21 @@ def test_malformed_distilled_object_is_named(tmp_path, field, value, message):
     with pytest.raises(ModelFormatError, match=message):
         load_model(tmp_path / "tiny")
     assert "tiny" in ModelRegistry(tmp_path).errors  # the registry keeps the folder out, with the reason
+
+
+def test_a_distilled_model_defaults_a_request_to_what_it_was_distilled_for(tmp_path):
+    from arcdiff.model.format import Distilled
+    from arcdiff.model.solver_names import resolve
+
+    torch.manual_seed(0)
+    cfg = get_config("tiny", heads=2)
+    d = Distilled(teacher="tiny", steps=2, solver="ddim", schedule="uniform", rounds=4, teacher_steps=32)
+    save_model(tmp_path / "tiny-2step", UNet(cfg), make_config("tiny-2step", cfg, "x0_eps", {}, d))
+    make_model(tmp_path)
+    reg = ModelRegistry(tmp_path)
+    student, teacher = reg.info("tiny-2step"), reg.info("tiny")
+    assert student.resolve(None, None, None) == ("ddim", 2, "uniform")
+    assert student.resolve("ddim", None, None) == ("ddim", 2, "uniform")
+    assert student.resolve(None, 4, None) == ("ddim", 4, "uniform")  # a step count it names is kept
+    assert student.resolve("rk4", None, None) == resolve("rk4", None, None)  # another solver: its defaults
+    assert teacher.resolve(None, None, None) == resolve(None, None, None)
