@@ -183,7 +183,7 @@ def student_targets(
 
 
 def snr_weight(eta_t: torch.Tensor) -> torch.Tensor:
-    """Truncated-SNR weight of the x0 loss, max(cot^2 eta, 1) (Salimans & Ho 2022, eq. 10)."""
+    """Truncated-SNR weight of the x0 loss, max(cot^2 eta, 1) (Salimans & Ho 2022)."""
     cot2 = (torch.cos(eta_t.double()) / torch.sin(eta_t.double())) ** 2
     return cot2.clamp_min(1.0)
 
@@ -392,7 +392,7 @@ class Distiller:
             "seed": self.s.seed,
             "loss": "max(cot^2 eta, 1) mse(x0) + mse(eps)",
             "compile": self.s.compile,
-            "wall_time_s": round(self.wall_time, 1),
+            "wall_time_s": round(self.wall_time, 1),  # of the run so far, every round up to this one
             "final_loss_ema": round(self.loss_avg, 5),
             "hardware": hardware_description(self.device),
             "torch": torch.__version__,
