@@ -85,11 +85,11 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from arcdiff.model.data import DataError
     from arcdiff.model.eval.evaluate import evaluate, write_record
     from arcdiff.model.eval.features import FeatureError
     from arcdiff.model.format import ModelFormatError
     from arcdiff.model.solver_names import resolve
+    from arcdiff.training.data import DataError
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "worker": "worker",
     "generate": "generate",
     "train": "train",
+    "distill": "distill",
     "train-features": "train_features",
     "eval": "evaluate",
     "bench": "bench",

@@ -71,8 +71,8 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from arcdiff.model.configs import parse_overrides
-    from arcdiff.model.data import DataError
-    from arcdiff.model.train import TrainingError, TrainSettings, train
+    from arcdiff.training.data import DataError
+    from arcdiff.training.train import TrainingError, TrainSettings, train
 
     try:
         arch = parse_overrides(args.arch)

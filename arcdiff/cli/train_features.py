@@ -35,8 +35,8 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from arcdiff.model.data import DataError
     from arcdiff.model.eval.mnist_net import train_feature_net
+    from arcdiff.training.data import DataError
 
     if args.threads:
         torch.set_num_threads(args.threads)

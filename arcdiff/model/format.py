@@ -9,6 +9,11 @@ config.json:
     schedule        {"type": "angle"}: trained on eta ~ U(0, pi/2)
     data_range      [-1, 1]: what pixel values map to (used to clip derived x0 and to write PNGs)
     training        facts about how the weights were made (data, steps, objective, ...)
+    distilled       optional, a few-step student only (`arcdiff distill`): {"teacher": the model it
+                    was distilled from, "teacher_steps": that model's DDIM steps it started from,
+                    "steps": the step count it was distilled for, "solver": "ddim", "schedule": the
+                    time grid, "rounds": halvings from teacher_steps to steps}; sample it with that
+                    solver, grid and step count
 
 Weights are read with safetensors only (never pickle). Every failure names the file and what is
 wrong with it.
@@ -27,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from arcdiff.model.denoiser import PREDICTIONS, Denoiser, heads_for
+from arcdiff.model.solver_names import GRIDS, SOLVERS
 from arcdiff.model.unet import UNet, UNetConfig
 
 FORMAT = "arcdiff-model"
@@ -51,7 +57,61 @@ class LoadedModel:
         return (self.config["channels"], self.config["image_size"], self.config["image_size"])
 
 
-def make_config(name: str, unet: UNetConfig, prediction: str, training: dict | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Distilled:
+    """A distilled student's "distilled" object: what it was distilled from and how to sample it."""
+
+    teacher: str
+    steps: int
+    solver: str
+    schedule: str
+    rounds: int | None = None
+    teacher_steps: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"teacher": self.teacher, "steps": self.steps, "solver": self.solver}
+        out["schedule"] = self.schedule
+        if self.rounds is not None:
+            out["rounds"] = self.rounds
+        if self.teacher_steps is not None:
+            out["teacher_steps"] = self.teacher_steps
+        return out
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def read_distilled(cfg: dict[str, Any], path: Path | str = CONFIG_FILE) -> Distilled | None:
+    """The config's "distilled" object (None for a model that was not distilled); a malformed one
+    raises ModelFormatError naming the field."""
+    d = cfg.get("distilled")
+    if d is None:
+        return None
+    if not isinstance(d, dict):
+        raise ModelFormatError(f"{path}: 'distilled' must be an object, got {type(d).__name__}")
+    if not isinstance(d.get("teacher"), str) or not d["teacher"]:
+        raise ModelFormatError(f"{path}: 'distilled.teacher' must be a model name")
+    if not _positive_int(d.get("steps")):
+        raise ModelFormatError(f"{path}: 'distilled.steps' must be a positive integer, got {d.get('steps')!r}")
+    if d.get("solver") not in SOLVERS:
+        raise ModelFormatError(f"{path}: 'distilled.solver' is {d.get('solver')!r}, expected one of {SOLVERS}")
+    if d.get("schedule") not in GRIDS:
+        raise ModelFormatError(f"{path}: 'distilled.schedule' is {d.get('schedule')!r}, expected one of {GRIDS}")
+    for key in ("rounds", "teacher_steps"):
+        if d.get(key) is not None and not _positive_int(d[key]):
+            raise ModelFormatError(f"{path}: 'distilled.{key}' must be a positive integer, got {d[key]!r}")
+    return Distilled(d["teacher"], d["steps"], d["solver"], d["schedule"], d.get("rounds"), d.get("teacher_steps"))
+
+
+def make_config(
+    name: str,
+    unet: UNetConfig,
+    prediction: str,
+    training: dict | None = None,
+    distilled: Distilled | None = None,
+) -> dict[str, Any]:
+    extra = {"distilled": distilled.to_dict()} if distilled is not None else {}
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -63,6 +123,7 @@ def make_config(name: str, unet: UNetConfig, prediction: str, training: dict | N
         "schedule": {"type": "angle"},
         "data_range": [-1.0, 1.0],
         "training": training or {},
+        **extra,
     }
 
 
@@ -102,6 +163,7 @@ def read_config(folder: Path) -> dict[str, Any]:
         )
     if (unet.image_size, unet.channels) != (cfg["image_size"], cfg["channels"]):
         raise ModelFormatError(f"{path}: image_size/channels disagree with the architecture")
+    read_distilled(cfg, path)  # validates
     return cfg
 
 

@@ -18,12 +18,15 @@ import torch
 from arcdiff.model.diffusers_adapter import is_diffusers_folder, load_diffusers_model, read_diffusers_config
 from arcdiff.model.format import (
     WEIGHTS_FILE,
+    Distilled,
     LoadedModel,
     ModelFormatError,
     load_model,
     read_config,
+    read_distilled,
     weight_parameter_count,
 )
+from arcdiff.model.solver_names import resolve
 
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parent / "weights"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -44,6 +47,19 @@ class ModelInfo:
     prediction: str
     parameters: int
     config: dict[str, Any]
+    # a few-step student (`arcdiff distill`): its teacher, the step count, solver and grid it was
+    # distilled for; a request for it that names no steps gets these (None: not distilled)
+    distilled: Distilled | None = None
+
+    def resolve(self, solver: str | None, steps: int | None, schedule: str | None) -> tuple[str, int, str]:
+        """A request's (solver, steps, schedule) for this model with the defaults filled in. A
+        distilled student fills what the request leaves out with what it was distilled for (its
+        solver, step count and grid) as long as the request names no other solver; every other
+        model gets solver_names.resolve's measured defaults."""
+        d = self.distilled
+        if d is not None and solver in (None, d.solver):
+            return d.solver, steps if steps is not None else d.steps, schedule or d.schedule
+        return resolve(solver, steps, schedule)
 
 
 def describe(folder: Path) -> ModelInfo:
@@ -55,7 +71,15 @@ def describe(folder: Path) -> ModelInfo:
         cfg = read_config(folder)
         kind, params = "arcdiff", weight_parameter_count(folder / WEIGHTS_FILE)
     return ModelInfo(
-        folder.name, folder, kind, int(cfg["image_size"]), int(cfg["channels"]), cfg["prediction"], params, cfg
+        folder.name,
+        folder,
+        kind,
+        int(cfg["image_size"]),
+        int(cfg["channels"]),
+        cfg["prediction"],
+        params,
+        cfg,
+        read_distilled(cfg, folder / "config.json") if kind == "arcdiff" else None,
     )
 
 

@@ -127,7 +127,7 @@ def test_mnist_feature_net_shapes_and_probabilities():
 
 @pytest.mark.skipif(not (MNIST / "t10k-images-idx3-ubyte.gz").is_file(), reason="MNIST test split not present")
 def test_mnist_feature_net_recognises_real_digits():
-    from arcdiff.model.data import load_mnist
+    from arcdiff.training.data import load_mnist
 
     images, labels = load_mnist(MNIST)
     probs = get_extractor("mnist").probabilities(images[:1000])

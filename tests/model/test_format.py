@@ -117,3 +117,66 @@ def test_diffusers_unet_loads_into_registry(tmp_path, prediction_type):
         assert torch.allclose(x0_hat, ab.sqrt() * x - (1 - ab).sqrt() * raw, atol=1e-4)
     out = sample(loaded.denoiser, torch.randn(1, 3, 16, 16), 3, "rk4")
     assert out.shape == (1, 3, 16, 16) and torch.isfinite(out).all()
+
+
+def test_distilled_object_is_read_and_exposed(tmp_path):
+    from arcdiff.model.format import Distilled
+
+    torch.manual_seed(0)
+    cfg = get_config("tiny", heads=2)
+    d = Distilled(teacher="tiny", steps=4, solver="ddim", schedule="uniform", rounds=3, teacher_steps=32)
+    save_model(tmp_path / "tiny-4step", UNet(cfg), make_config("tiny-4step", cfg, "x0_eps", {"steps": 0}, d))
+    make_model(tmp_path)
+    written = json.loads((tmp_path / "tiny-4step" / "config.json").read_text())
+    assert written["distilled"] == {
+        "teacher": "tiny",
+        "steps": 4,
+        "solver": "ddim",
+        "schedule": "uniform",
+        "rounds": 3,
+        "teacher_steps": 32,
+    }
+    reg = ModelRegistry(tmp_path)
+    assert reg.info("tiny-4step").distilled == d
+    assert reg.info("tiny").distilled is None  # a model that was not distilled has no such field
+    assert "distilled" not in json.loads((tmp_path / "tiny" / "config.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("steps", 0, "distilled.steps"),
+        ("steps", "4", "distilled.steps"),
+        ("solver", "magic", "distilled.solver"),
+        ("schedule", "cosine", "distilled.schedule"),
+        ("teacher", "", "distilled.teacher"),
+        ("rounds", -1, "distilled.rounds"),
+    ],
+)
+def test_malformed_distilled_object_is_named(tmp_path, field, value, message):
+    make_model(tmp_path)
+    cfg_path = tmp_path / "tiny" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["distilled"] = {"teacher": "mnist", "steps": 2, "solver": "ddim", "schedule": "uniform", field: value}
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ModelFormatError, match=message):
+        load_model(tmp_path / "tiny")
+    assert "tiny" in ModelRegistry(tmp_path).errors  # the registry keeps the folder out, with the reason
+
+
+def test_a_distilled_model_defaults_a_request_to_what_it_was_distilled_for(tmp_path):
+    from arcdiff.model.format import Distilled
+    from arcdiff.model.solver_names import resolve
+
+    torch.manual_seed(0)
+    cfg = get_config("tiny", heads=2)
+    d = Distilled(teacher="tiny", steps=2, solver="ddim", schedule="uniform", rounds=4, teacher_steps=32)
+    save_model(tmp_path / "tiny-2step", UNet(cfg), make_config("tiny-2step", cfg, "x0_eps", {}, d))
+    make_model(tmp_path)
+    reg = ModelRegistry(tmp_path)
+    student, teacher = reg.info("tiny-2step"), reg.info("tiny")
+    assert student.resolve(None, None, None) == ("ddim", 2, "uniform")
+    assert student.resolve("ddim", None, None) == ("ddim", 2, "uniform")
+    assert student.resolve(None, 4, None) == ("ddim", 4, "uniform")  # a step count it names is kept
+    assert student.resolve("rk4", None, None) == resolve("rk4", None, None)  # another solver: its defaults
+    assert teacher.resolve(None, None, None) == resolve(None, None, None)

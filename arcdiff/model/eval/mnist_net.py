@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arcdiff.model.data import resize_images
 from arcdiff.model.eval.features import FeatureError
+from arcdiff.training.data import resize_images
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 WEIGHTS_NAME = "mnist_features"
@@ -218,7 +218,7 @@ def train_feature_net(
     Returns the facts."""
     from safetensors.torch import save_file
 
-    from arcdiff.model.data import DataError, load_mnist
+    from arcdiff.training.data import DataError, load_mnist
 
     t0 = time.time()
     images, labels = load_mnist(data)

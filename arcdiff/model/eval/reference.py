@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from arcdiff.model.data import DataError, load_images
 from arcdiff.model.eval.features import FeatureExtractor, extract
 from arcdiff.model.eval.metrics import GaussianStats, fid_from_features, gaussian_stats, precision_recall
+from arcdiff.training.data import DataError, load_images
 
 CACHE_VERSION = 1
 FLOOR_SEED = 0
@@ -142,7 +142,7 @@ def reference_features(
     batch: int = 256,
     progress: bool = False,
 ) -> ReferenceFeatures:
-    """Features of the real images at `ref` (read with model.data.load_images at the model's size
+    """Features of the real images at `ref` (read with training.data.load_images at the model's size
     and channels) and the real-vs-real floor, from the cache when it holds them."""
     path = Path(ref).expanduser()
     if not path.exists():

@@ -8,29 +8,36 @@ settings continues bit for bit. At the end the EMA weights are written as a mode
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import platform
 import time
 from collections.abc import Callable
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from arcdiff.model.configs import get_config
-from arcdiff.model.data import load_images, to_model_range
 from arcdiff.model.denoiser import heads_for
 from arcdiff.model.format import make_config, save_model
 from arcdiff.model.loss import OBJECTIVE_PREDICTION, DiffusionLoss, Objective
 from arcdiff.model.unet import UNet, count_parameters
+from arcdiff.training.checkpoint import (
+    CHECKPOINT_STATE,
+    TrainingError,
+    check_settings,
+    ema_decay,
+    hardware_description,
+    lr_schedule,
+    read_checkpoint,
+    restore,
+    save_checkpoint,
+    update_ema,
+)
+from arcdiff.training.data import load_images, to_model_range
 
 LR_SCHEDULES = ("constant", "cosine")
-CHECKPOINT_TENSORS = "checkpoint.safetensors"
-CHECKPOINT_STATE = "checkpoint.json"
+__all__ = ["CHECKPOINT_STATE", "TrainSettings", "Trainer", "TrainingError", "lr_at", "train"]
 
 
 @dataclass
@@ -83,46 +90,9 @@ class TrainSettings:
         return self.name or (self.config if self.objective == "dual" else f"{self.config}-{self.objective}")
 
 
-class TrainingError(RuntimeError):
-    pass
-
-
-def hardware_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name} ({torch.get_num_threads()} threads)"
-
-
 def lr_at(step: int, settings: TrainSettings) -> float:
-    """Linear warm-up to lr, then constant (the EMA does the averaging) or a cosine decay that
-    reaches lr_min_ratio * lr at `settings.steps` (so with cosine the step count is part of the run)."""
-    warm = min(1.0, (step + 1) / max(1, settings.warmup))
-    if settings.lr_schedule == "cosine" and step >= settings.warmup:
-        progress = min(1.0, (step - settings.warmup) / max(1, settings.steps - settings.warmup))
-        floor = settings.lr_min_ratio
-        return settings.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
-    return settings.lr * warm
-
-
-def ema_decay(step: int, settings: TrainSettings) -> float:
-    """EMA decay with the usual ramp, so early weights do not dominate a short run."""
-    return min(settings.ema, (1 + step) / (10 + step))
-
-
-@torch.no_grad()
-def update_ema(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
-    # one fused op over all tensors (a kernel per parameter would dominate a GPU step of a small net)
-    torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1.0 - decay)
-    for e, b in zip(ema.buffers(), net.buffers(), strict=True):
-        e.copy_(b)
+    """The learning rate at `step` (checkpoint.lr_schedule with the run's settings)."""
+    return lr_schedule(step, settings.lr, settings.warmup, settings.steps, settings.lr_schedule, settings.lr_min_ratio)
 
 
 class Trainer:
@@ -194,78 +164,26 @@ class Trainer:
         if self.s.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.s.grad_clip)
         self.opt.step()
-        update_ema(self.ema, self.net, ema_decay(self.step, self.s))
+        update_ema(self.ema, self.net, ema_decay(self.step, self.s.ema))
         self.step += 1
         value = loss.item()
         self.loss_avg = value if math.isnan(self.loss_avg) else 0.98 * self.loss_avg + 0.02 * value
         return value
 
     # ---- checkpoints ----------------------------------------------------------------------------
+    def _parts(self) -> tuple[dict[str, torch.nn.Module], dict[str, torch.Generator]]:
+        return {"net": self.net, "ema": self.ema}, {"data": self.g_data, "loss": self.g_loss}
+
     def save_checkpoint(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors: dict[str, torch.Tensor] = {}
-        for k, v in self.net.state_dict().items():
-            tensors[f"net.{k}"] = v
-        for k, v in self.ema.state_dict().items():
-            tensors[f"ema.{k}"] = v
-        opt_state = self.opt.state_dict()
-        scalars: dict[str, Any] = {}
-        for pid, st in opt_state["state"].items():
-            for k, v in st.items():
-                if torch.is_tensor(v):
-                    tensors[f"opt.{pid}.{k}"] = v
-                else:
-                    scalars[f"{pid}.{k}"] = v
-        tensors["rng.data"] = self.g_data.get_state()
-        tensors["rng.loss"] = self.g_loss.get_state()
-        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        state = {
-            "step": self.step,
-            "wall_time": self.wall_time,
-            "loss_avg": self.loss_avg,
-            "settings": asdict(self.s),
-            "param_groups": opt_state["param_groups"],
-            "opt_scalars": scalars,
-        }
-        tmp_t, tmp_j = folder / (CHECKPOINT_TENSORS + ".tmp"), folder / (CHECKPOINT_STATE + ".tmp")
-        save_file(tensors, str(tmp_t))
-        tmp_j.write_text(json.dumps(state, indent=1))
-        os.replace(tmp_t, folder / CHECKPOINT_TENSORS)  # tensors first: a state file always has its tensors
-        os.replace(tmp_j, folder / CHECKPOINT_STATE)
+        modules, generators = self._parts()
+        state = {"step": self.step, "wall_time": self.wall_time, "loss_avg": self.loss_avg, "settings": asdict(self.s)}
+        save_checkpoint(folder, modules, self.opt, generators, state)
 
     def load_checkpoint(self, folder: Path) -> None:
-        state_path, tensor_path = folder / CHECKPOINT_STATE, folder / CHECKPOINT_TENSORS
-        try:
-            state = json.loads(state_path.read_text())
-            tensors = load_file(str(tensor_path))
-        except (OSError, ValueError) as e:
-            raise TrainingError(f"{folder}: cannot read checkpoint ({e})") from None
-        saved = state["settings"]
-        # a setting newer than the checkpoint was, by construction, at its default then
-        defaults = {
-            f.name: f.default if f.default_factory is MISSING else f.default_factory() for f in fields(TrainSettings)
-        }
-        changed = [k for k in TrainSettings.TRAJECTORY if saved.get(k, defaults[k]) != getattr(self.s, k)]
-        if changed:
-            diffs = ", ".join(
-                f"{k}: checkpoint {saved.get(k, defaults[k])!r}, now {getattr(self.s, k)!r}" for k in changed
-            )
-            raise TrainingError(f"{state_path}: cannot resume with different settings ({diffs})")
-        self.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
-        self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-        opt_state: dict[str, Any] = {"state": {}, "param_groups": state["param_groups"]}
-        for k, v in tensors.items():
-            if k.startswith("opt."):
-                _, pid, name = k.split(".", 2)
-                opt_state["state"].setdefault(int(pid), {})[name] = v.to(self.device)
-        for k, v in state["opt_scalars"].items():
-            pid, name = k.split(".", 1)
-            opt_state["state"].setdefault(int(pid), {})[name] = v
-        self.opt.load_state_dict(opt_state)
-        self.g_data.set_state(tensors["rng.data"])
-        self.g_loss.set_state(
-            tensors["rng.loss"].to(self.g_loss.device) if self.device.type != "cpu" else tensors["rng.loss"]
-        )
+        state, tensors = read_checkpoint(folder)
+        check_settings(state["settings"], self.s, TrainSettings.TRAJECTORY, folder / CHECKPOINT_STATE)
+        modules, generators = self._parts()
+        restore(state, tensors, modules, self.opt, generators)
         self.step, self.wall_time, self.loss_avg = state["step"], state["wall_time"], state["loss_avg"]
 
     # ---- the model folder -----------------------------------------------------------------------

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from arcdiff.model.data import DataError, load_cifar10, load_images, load_mnist, read_idx
 from arcdiff.model.format import load_model
-from arcdiff.model.train import Trainer, TrainingError, TrainSettings, train
+from arcdiff.training.data import DataError, load_cifar10, load_images, load_mnist, read_idx
+from arcdiff.training.train import Trainer, TrainingError, TrainSettings, train
 
 
 def blobs(n=64, size=8, seed=0) -> torch.Tensor:
@@ -162,7 +162,7 @@ def test_recipe_options_reach_the_exported_model(tmp_path):
 
 def test_lr_schedules_and_eta_densities():
     from arcdiff.model.loss import DiffusionLoss
-    from arcdiff.model.train import lr_at
+    from arcdiff.training.train import lr_at
 
     s = TrainSettings(config="tiny", data="", out="", lr=1e-3, warmup=10, steps=110, lr_schedule="cosine")
     assert lr_at(4, s) == pytest.approx(0.5e-3)
