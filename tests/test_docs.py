@@ -142,6 +142,7 @@ def test_documented_variables_exist():
         *(p for p in (REPO / "tests").rglob("*.py") if p.name != "test_docs.py"),
         *(p for p in (REPO / "deploy").rglob("*") if p.is_file()),
         REPO / "docker-compose.yml",
+        REPO / "docker-compose.cpu.yml",
         REPO / "Dockerfile",
     ]
     used = set()

@@ -24,7 +24,9 @@ def pins() -> dict[str, str]:
 
 def test_this_environment_has_the_locked_versions():
     done = subprocess.run(
-        [sys.executable, str(ROOT / "deploy" / "docker" / "lock.py"), "check", str(LOCK)], capture_output=True, text=True
+        [sys.executable, str(ROOT / "deploy" / "docker" / "lock.py"), "check", str(LOCK)],
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr + "\n(install with -c constraints/lock.txt, or write the lock again)"
 
