@@ -458,6 +458,13 @@ def distill(
         if on_step is not None:
             on_step(d)
         round_done = d.step % settings.round_steps == 0
+        if round_done or d.step % settings.checkpoint_every == 0 or d.step == end:
+            # the curve and the log line first: a round's end resets the loss average
+            n = settings.student_steps((d.step - 1) // settings.round_steps)
+            d.curve.append([d.step, n, round(d.loss_avg, 6), round(d.wall_time, 1)])
+            if not progress:  # a line per checkpoint, for logs
+                rate = (d.step - start) / max(d.wall_time - wall_start, 1e-9)
+                say(f"step {d.step}/{total} ({n}-step student): loss {d.loss_avg:.5f}, {rate:.2f} steps/s")
         if round_done:
             finished = d.step // settings.round_steps - 1
             steps = settings.student_steps(finished)
@@ -474,11 +481,6 @@ def distill(
             if d.step < total:
                 d.next_round()
         if round_done or d.step % settings.checkpoint_every == 0 or d.step == end:
-            n = settings.student_steps((d.step - 1) // settings.round_steps)
-            d.curve.append([d.step, n, round(d.loss_avg, 6), round(d.wall_time, 1)])
-            if not progress:  # a line per checkpoint, for logs
-                rate = (d.step - start) / max(d.wall_time - wall_start, 1e-9)
-                say(f"step {d.step}/{total} ({n}-step student): loss {d.loss_avg:.5f}, {rate:.2f} steps/s")
             d.save_checkpoint(out)
             t_last = time.perf_counter()  # checkpoint I/O is not training time
     bar.close()

@@ -146,7 +146,10 @@ def test_resume_is_bit_exact_and_the_students_are_models(models, tmp_path):
     for a_dir, b_dir in zip(straight, resumed, strict=True):
         a, b = load_file(str(a_dir / "model.safetensors")), load_file(str(b_dir / "model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), a_dir.name
-    assert json.loads((tmp_path / "b" / "run" / "checkpoint.json").read_text())["done"] is True
+    final = json.loads((tmp_path / "b" / "run" / "checkpoint.json").read_text())
+    assert final["done"] is True
+    assert [c[:2] for c in final["curve"]] == [[2, 2], [3, 2], [4, 1], [6, 1]]  # step, student steps
+    assert all(math.isfinite(c[2]) for c in final["curve"])  # a round's last loss is logged before its reset
     # the students differ from the teacher (they were trained) and from each other
     teacher = load_file(str(models / "tiny" / "model.safetensors"))
     two = load_file(str(straight[0] / "model.safetensors"))
