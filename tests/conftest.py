@@ -1,9 +1,5 @@
-import sys
-from pathlib import Path
-
-# tests/ helpers (gmm, fixtures) importable as plain modules
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
+# tests/ is on sys.path through pytest's `pythonpath` setting (pyproject.toml), so helpers such as
+# servicekit and gmm import as plain modules
 import pytest
 
 
