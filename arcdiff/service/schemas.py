@@ -14,14 +14,15 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from arcdiff.contract import DEFAULT_PRIORITY, MAX_STEPS, PRIORITIES, SEED_MAX, SOLVER_NAMES
 from arcdiff.model.solver_names import (
+    DEFAULT_NFE,
     DEFAULT_SCHEDULE,
     DEFAULT_SOLVER,
     DEFAULT_STEPS,
     FEW_STEPS_MAX,
     FEW_STEPS_SOLVER,
     GRIDS,
-    NFE_PER_STEP,
     SOLVERS,
+    nfe_by_solver,
 )
 
 Solver = Literal[SOLVERS]  # type: ignore[valid-type]  # the names of model.solver_names
@@ -60,7 +61,7 @@ class GenerationRequest(BaseModel):
         ge=1,
         le=MAX_STEPS,
         description="solver steps (network evaluations = steps x stages). Omitted: about "
-        f"{DEFAULT_STEPS * NFE_PER_STEP[DEFAULT_SOLVER]} network evaluations of the solver",
+        f"{DEFAULT_NFE} network evaluations of the solver",
     )
     solver: Solver = Field(  # type: ignore[assignment]
         None,
@@ -174,7 +175,7 @@ class ModelOut(BaseModel):
         "until one starts; null: unknown (Redis unreachable)",
     )
     schedules: list[str] = Field(list(GRIDS), description="the time grids a request may name")
-    nfe_per_step: dict[str, int] = Field(dict(NFE_PER_STEP), description="network evaluations per step, per solver")
+    nfe_per_step: dict[str, int] = Field(nfe_by_solver(), description="network evaluations per step, per solver")
     defaults: dict[str, str | int] = Field(
         {"solver": DEFAULT_SOLVER, "steps": DEFAULT_STEPS, "schedule": DEFAULT_SCHEDULE},
         description="what a request that omits solver, steps and schedule gets",
