@@ -119,13 +119,24 @@ def test_no_machine_paths_in_published_records(path):
     assert not hits, f"{path.relative_to(REPO)} names paths of one machine: {hits}"
 
 
-def setting_variables() -> set[str]:
-    from arcdiff.service.settings import Settings
-    from arcdiff.worker.settings import WorkerSettings
+def setting_classes() -> list[type]:
+    """Every settings class a command reads: `arcdiff serve` (Settings: the API's, the queue's and the
+    engine's) and `arcdiff worker` (WorkerSettings: the queue's, the engine's and the worker loop's)."""
+    from arcdiff.service.settings import ApiSettings, Settings
+    from arcdiff.settings import QueueSettings
+    from arcdiff.worker.settings import EngineSettings, WorkerSettings
 
-    prefix = Settings.model_config["env_prefix"]
-    assert WorkerSettings.model_fields.keys() <= Settings.model_fields.keys()
-    return {prefix + name.upper() for name in Settings.model_fields}
+    # the parts are all inside the two that commands read, so listing those two lists every setting
+    for part in (QueueSettings, EngineSettings, ApiSettings):
+        assert part.model_fields.keys() <= Settings.model_fields.keys(), part
+    assert EngineSettings.model_fields.keys() <= WorkerSettings.model_fields.keys()
+    return [Settings, WorkerSettings]
+
+
+def setting_variables() -> set[str]:
+    classes = setting_classes()
+    prefix = classes[0].model_config["env_prefix"]
+    return {prefix + name.upper() for cls in classes for name in cls.model_fields}
 
 
 def test_configuration_lists_every_setting():
