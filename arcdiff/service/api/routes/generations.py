@@ -19,7 +19,6 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from arcdiff.contract import CLIENT_MAX, SEED_MAX, GenerationSpec, JobMetrics
 from arcdiff.model.solver_names import nfe as solver_nfe
-from arcdiff.model.solver_names import resolve
 from arcdiff.service.api.deps import BackendDep, SettingsDep, require_api_key
 from arcdiff.service.backend import Backend, Generation, Rejected
 from arcdiff.service.metrics import GENERATIONS, REJECTED
@@ -167,7 +166,8 @@ async def create_generation(
             )
         want_png = False
     seed = body.seed if body.seed is not None else secrets.randbelow(SEED_MAX + 1)
-    solver, steps, schedule = resolve(body.solver, body.steps, body.schedule)
+    # the measured defaults, or a distilled student's own (model.catalog.ModelInfo.resolve)
+    solver, steps, schedule = backend.models[body.model].resolve(body.solver, body.steps, body.schedule)
     caller = getattr(request.state, "client_id", "anonymous")
     spec = GenerationSpec(
         id=uuid.uuid4().hex,
