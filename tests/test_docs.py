@@ -180,3 +180,27 @@ def test_eval_table_is_what_the_generator_writes(path):
     assert f"--out {path.parent.relative_to(REPO)} " in table["command"]
     refs = {r["ref"] for r in table["records"]}
     assert not any(ref in written for ref in refs if Path(ref).is_absolute())
+
+
+def test_docs_name_every_solver_as_the_solver_table_does():
+    """The solver lists in the docs against model.solver_names.SOLVER_TABLE (which the API, the CLI
+    and the playground read): every solver with its NFE per step in the evaluation table, every
+    name in the API's field table, and each default grid where the API page states it."""
+    from arcdiff.model.solver_names import SOLVER_TABLE, solvers_with_grid
+
+    evaluation = (REPO / "docs" / "evaluation.md").read_text(encoding="utf-8")
+    rows = {}
+    for line in evaluation.splitlines():
+        m = re.match(r"^\| (`[a-z0-9_]+`(?:, `[a-z0-9_]+`)*) \| (\d+) \|", line)
+        if m:
+            for name in re.findall(r"`([a-z0-9_]+)`", m.group(1)):
+                rows[name] = int(m.group(2))
+    assert rows == {s.name: s.nfe_per_step for s in SOLVER_TABLE}
+    api = (REPO / "docs" / "api.md").read_text(encoding="utf-8")
+    (solver_row,) = [line for line in api.splitlines() if line.startswith("| `solver` |")]
+    assert re.findall(r"`([a-z0-9_]+)`", solver_row.split("|")[2]) == [s.name for s in SOLVER_TABLE]
+    (schedule_row,) = [line for line in api.splitlines() if line.startswith("| `schedule` |")]
+    # "Omitted: `uniform` for `euler`, ... (what they always ran on), `karras` for the others"
+    uniform = re.findall(r"`([a-z0-9_]+)`", re.search(r"Omitted: `uniform` for ([^(]+)\(", schedule_row).group(1))
+    assert uniform == solvers_with_grid("uniform") and "`karras` for the others" in schedule_row
+    assert solvers_with_grid("karras") == [s.name for s in SOLVER_TABLE if s.name not in uniform]
