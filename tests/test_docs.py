@@ -119,13 +119,24 @@ def test_no_machine_paths_in_published_records(path):
     assert not hits, f"{path.relative_to(REPO)} names paths of one machine: {hits}"
 
 
-def setting_variables() -> set[str]:
-    from arcdiff.service.settings import Settings
-    from arcdiff.worker.settings import WorkerSettings
+def setting_classes() -> list[type]:
+    """Every settings class a command reads: `arcdiff serve` (Settings: the API's, the queue's and the
+    engine's) and `arcdiff worker` (WorkerSettings: the queue's, the engine's and the worker loop's)."""
+    from arcdiff.service.settings import ApiSettings, Settings
+    from arcdiff.settings import QueueSettings
+    from arcdiff.worker.settings import EngineSettings, WorkerSettings
 
-    prefix = Settings.model_config["env_prefix"]
-    assert WorkerSettings.model_fields.keys() <= Settings.model_fields.keys()
-    return {prefix + name.upper() for name in Settings.model_fields}
+    # the parts are all inside the two that commands read, so listing those two lists every setting
+    for part in (QueueSettings, EngineSettings, ApiSettings):
+        assert part.model_fields.keys() <= Settings.model_fields.keys(), part
+    assert EngineSettings.model_fields.keys() <= WorkerSettings.model_fields.keys()
+    return [Settings, WorkerSettings]
+
+
+def setting_variables() -> set[str]:
+    classes = setting_classes()
+    prefix = classes[0].model_config["env_prefix"]
+    return {prefix + name.upper() for cls in classes for name in cls.model_fields}
 
 
 def test_configuration_lists_every_setting():
@@ -169,3 +180,27 @@ def test_eval_table_is_what_the_generator_writes(path):
     assert f"--out {path.parent.relative_to(REPO)} " in table["command"]
     refs = {r["ref"] for r in table["records"]}
     assert not any(ref in written for ref in refs if Path(ref).is_absolute())
+
+
+def test_docs_name_every_solver_as_the_solver_table_does():
+    """The solver lists in the docs against model.solver_names.SOLVER_TABLE (which the API, the CLI
+    and the playground read): every solver with its NFE per step in the evaluation table, every
+    name in the API's field table, and each default grid where the API page states it."""
+    from arcdiff.model.solver_names import SOLVER_TABLE, solvers_with_grid
+
+    evaluation = (REPO / "docs" / "evaluation.md").read_text(encoding="utf-8")
+    rows = {}
+    for line in evaluation.splitlines():
+        m = re.match(r"^\| (`[a-z0-9_]+`(?:, `[a-z0-9_]+`)*) \| (\d+) \|", line)
+        if m:
+            for name in re.findall(r"`([a-z0-9_]+)`", m.group(1)):
+                rows[name] = int(m.group(2))
+    assert rows == {s.name: s.nfe_per_step for s in SOLVER_TABLE}
+    api = (REPO / "docs" / "api.md").read_text(encoding="utf-8")
+    (solver_row,) = [line for line in api.splitlines() if line.startswith("| `solver` |")]
+    assert re.findall(r"`([a-z0-9_]+)`", solver_row.split("|")[2]) == [s.name for s in SOLVER_TABLE]
+    (schedule_row,) = [line for line in api.splitlines() if line.startswith("| `schedule` |")]
+    # "Omitted: `uniform` for `euler`, ... (what they always ran on), `karras` for the others"
+    uniform = re.findall(r"`([a-z0-9_]+)`", re.search(r"Omitted: `uniform` for ([^(]+)\(", schedule_row).group(1))
+    assert uniform == solvers_with_grid("uniform") and "`karras` for the others" in schedule_row
+    assert solvers_with_grid("karras") == [s.name for s in SOLVER_TABLE if s.name not in uniform]

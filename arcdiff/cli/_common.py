@@ -33,6 +33,8 @@ def setup_logging(level: str) -> None:
 
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    from arcdiff.worker.settings import AMP_CHOICES, COMPILE_CHOICES  # the settings' Literal types
+
     p.add_argument("--device", help="auto, cpu, mps, cuda or cuda:N (ARCDIFF_DEVICE; default auto)")
     p.add_argument(
         "--max-batch", type=int, metavar="N", help="images per network evaluation (ARCDIFF_MAX_BATCH; default 32)"
@@ -43,12 +45,12 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING (ARCDIFF_LOG_LEVEL; default INFO)")
     p.add_argument(
         "--amp",
-        choices=("auto", "none", "bf16", "fp16"),
+        choices=AMP_CHOICES,
         help="autocast dtype of the network (ARCDIFF_AMP; default auto: bf16 on CUDA, none on CPU)",
     )
     p.add_argument(
         "--compile",
-        choices=("auto", "none", "default", "reduce-overhead", "max-autotune"),
+        choices=COMPILE_CHOICES,
         help="torch.compile mode, compiled per batch bucket at start-up; reduce-overhead adds CUDA graphs "
         "(ARCDIFF_COMPILE; default auto: reduce-overhead on CUDA, none on CPU)",
     )

@@ -12,7 +12,8 @@ HELP = """Measure, don't guess. Each benchmark prints a summary and writes a JSO
   diffusers  the same diffusers UNet2DModel weights sampled by diffusers' DDIMPipeline and by this
              engine's ddim at the same steps and batch: the speed ratio
   gpu-check  engine over batch 1/8/64, eager fp32 vs compile + bf16 (what deploy/gpu-check.sh runs)
-  flops      a network's FLOP per image (forward, training step) and a training run's estimated cost"""
+  flops      a network's FLOP per image (forward, training step) and a training run's estimated cost
+  api-start  a Redis-mode API process: launch to /readyz, resident memory (no torch loaded)"""
 
 # benchmark name -> module under arcdiff/bench/ exposing add_arguments(parser) and run(args) -> int
 BENCHES = {
@@ -21,6 +22,7 @@ BENCHES = {
     "diffusers": "vs_diffusers",
     "gpu-check": "gpu_check",
     "flops": "flops",
+    "api-start": "api_start",
 }
 
 

@@ -15,12 +15,19 @@ With --url the images come from a running service (arcdiff.client) instead of lo
 def register(sub: argparse._SubParsersAction) -> None:
     from arcdiff.contract import MAX_STEPS, PRIORITIES, SCHEDULE_NAMES, SOLVER_NAMES
     from arcdiff.model.solver_names import (
-        DEFAULT_SCHEDULE,
+        DEFAULT_NFE,
         DEFAULT_SOLVER,
         DEFAULT_STEPS,
         FEW_STEPS_MAX,
         FEW_STEPS_SOLVER,
+        GRIDS,
+        SOLVER_TABLE,
+        solvers_with_grid,
     )
+
+    # help from the solver table (model.solver_names), the one the API's schema reads
+    solver_help = "; ".join(f"{s.name}: {s.summary}" for s in SOLVER_TABLE)
+    grid_defaults = "; ".join(f"{g} for {'/'.join(solvers_with_grid(g))}" for g in GRIDS if solvers_with_grid(g))
 
     p = sub.add_parser("generate", help="sample images locally into a grid PNG", description=HELP)
     p.add_argument("--model", required=True, metavar="NAME", help="model name (see ARCDIFF_MODEL_DIR)")
@@ -29,18 +36,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         metavar="N",
         help=f"solver steps, 1..{MAX_STEPS} (default: {DEFAULT_STEPS} for the default solver, else about "
-        "as many network evaluations)",
+        f"{DEFAULT_NFE} network evaluations)",
     )
     p.add_argument(
         "--solver",
         choices=SOLVER_NAMES,
         help=f"solver (default {DEFAULT_SOLVER}, the measured best at 10 NFE; {FEW_STEPS_SOLVER} when --steps is at "
-        f"most {FEW_STEPS_MAX})",
+        f"most {FEW_STEPS_MAX}; a distilled model: the one it was distilled for). {solver_help}",
     )
     p.add_argument(
         "--schedule",
         choices=SCHEDULE_NAMES,
-        help=f"time grid (default uniform for euler/heun/rk4/ddim/ddpm/dpmpp2m, {DEFAULT_SCHEDULE} for the others)",
+        help=f"time grid (default: the solver's own, {grid_defaults})",
     )
     p.add_argument("--seed", type=int, default=0, metavar="K", help="seed of image 0 (default 0)")
     p.add_argument("-n", type=int, default=16, metavar="COUNT", help="number of images (default 16)")
@@ -77,11 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from arcdiff.model.solver_names import resolve
-
-    # the same defaults as the API (model.solver_names.resolve)
-    args.solver, args.steps, args.schedule = resolve(args.solver, args.steps, args.schedule)
-    if args.url:
+    if args.url:  # what the flags leave out, the service fills in (the same defaults, see below)
         return run_remote(args)
     import time
 
@@ -94,14 +97,20 @@ def run(args: argparse.Namespace) -> int:
     from arcdiff.model.solvers import nfe, sample
     from arcdiff.worker.loading import resolve_device
 
+    registry = ModelRegistry(args.model_dir)
+    if args.model in registry.models:
+        # the same defaults as the API: ModelInfo.resolve (solver_names.resolve, or a distilled
+        # student's own solver, steps and grid)
+        args.solver, args.steps, args.schedule = registry.info(args.model).resolve(
+            args.solver, args.steps, args.schedule
+        )
     problems = []
-    if not 1 <= args.steps <= MAX_STEPS:
+    if args.steps is not None and not 1 <= args.steps <= MAX_STEPS:
         problems.append(f"--steps must be in 1..{MAX_STEPS}")
     if not 0 <= args.seed <= SEED_MAX:
         problems.append(f"--seed must be in 0..{SEED_MAX}")
     if args.n < 1 or args.batch < 1:
         problems.append("-n and --batch must be at least 1")
-    registry = ModelRegistry(args.model_dir)
     if args.model not in registry.models:
         problems.append(
             f"unknown model {args.model!r} in {registry.root}; known: {', '.join(registry.names()) or 'none'}"
@@ -148,7 +157,8 @@ def run_remote(args: argparse.Namespace) -> int:
     if args.n < 1:
         print("arcdiff generate: -n must be at least 1", file=sys.stderr)
         return 2
-    bar = tqdm(desc=f"{args.model} {args.solver} {args.steps} steps", unit="NFE", file=sys.stderr, leave=True)
+    what = f"{args.solver or 'default solver'} {args.steps or 'default'} steps"
+    bar = tqdm(desc=f"{args.model} {what}", unit="NFE", file=sys.stderr, leave=True)
 
     def on_event(ev: GenerationEvent) -> None:
         if ev.event == "progress":

@@ -27,19 +27,13 @@ from typing import Literal
 import torch
 from torch import nn
 
+from arcdiff.model.catalog import PREDICTIONS, heads_for  # noqa: F401  (heads_for: re-exported)
 from arcdiff.model.schedule import expand_like
 
 Prediction = Literal["x0_eps", "eps", "x0", "v"]
-PREDICTIONS: tuple[str, ...] = ("x0_eps", "eps", "x0", "v")
 DIVISOR_FLOOR = 1e-3
 
 DenoiserFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-def heads_for(prediction: str) -> int:
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
-    return 2 if prediction == "x0_eps" else 1
 
 
 def split_prediction(

@@ -20,8 +20,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from arcdiff.model.catalog import (  # noqa: F401  (is_diffusers_folder, read_diffusers_config: re-exported)
+    DIFFUSERS_PREDICTIONS,
+    DIFFUSERS_WEIGHTS,
+    ModelFormatError,
+    diffusers_paths,
+    is_diffusers_folder,
+    read_diffusers_config,
+    read_json,
+)
 from arcdiff.model.denoiser import Denoiser
-from arcdiff.model.format import LoadedModel, ModelFormatError, read_json, weight_parameter_count
+from arcdiff.model.format import LoadedModel
 from arcdiff.model.schedule import (
     alpha_bar_from_betas,
     cosine_alpha_bar,
@@ -31,29 +40,8 @@ from arcdiff.model.schedule import (
     scaled_linear_betas,
 )
 
-PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
-UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
-
-
-def is_diffusers_folder(folder: Path) -> bool:
-    if (folder / "model_index.json").is_file() or (folder / "unet" / "config.json").is_file():
-        return True
-    cfg = folder / "config.json"
-    if cfg.is_file():
-        try:
-            return read_json(cfg).get("_class_name") == "UNet2DModel"
-        except ModelFormatError:
-            return False
-    return False
-
-
-def _paths(folder: Path) -> tuple[Path, Path | None]:
-    """(unet folder, scheduler config file or None) for a pipeline folder or a bare UNet folder."""
-    if (folder / "unet" / "config.json").is_file():
-        sched = folder / "scheduler" / "scheduler_config.json"
-        return folder / "unet", sched if sched.is_file() else None
-    sched = folder / "scheduler_config.json"
-    return folder, sched if sched.is_file() else None
+PREDICTION_TYPES = DIFFUSERS_PREDICTIONS
+UNET_WEIGHTS = DIFFUSERS_WEIGHTS
 
 
 def alpha_bar_from_scheduler(sched: dict[str, Any], path: Path | None) -> torch.Tensor:
@@ -73,45 +61,6 @@ def alpha_bar_from_scheduler(sched: dict[str, Any], path: Path | None) -> torch.
             f"{path}: beta_schedule {kind!r} is not supported (linear, scaled_linear, squaredcos_cap_v2)"
         )
     return alpha_bar_from_betas(betas)
-
-
-def read_diffusers_config(folder: Path) -> dict[str, Any]:
-    """An arcdiff-style config dict describing a diffusers folder (no weights loaded)."""
-    unet_dir, sched_path = _paths(folder)
-    ucfg = read_json(unet_dir / "config.json")
-    if ucfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        raise ModelFormatError(
-            f"{unet_dir / 'config.json'}: only UNet2DModel is supported, got {ucfg.get('_class_name')!r}"
-        )
-    sched = read_json(sched_path) if sched_path else {}
-    ptype = sched.get("prediction_type", "epsilon")
-    if ptype not in PREDICTION_TYPES:
-        raise ModelFormatError(
-            f"{sched_path}: prediction_type {ptype!r} is not supported ({', '.join(PREDICTION_TYPES)})"
-        )
-    size = ucfg.get("sample_size", 32)
-    if isinstance(size, (list, tuple)):
-        if len(set(size)) != 1:
-            raise ModelFormatError(f"{unet_dir / 'config.json'}: only square images are supported, got {size}")
-        size = size[0]
-    weights = unet_dir / UNET_WEIGHTS
-    if not weights.is_file():
-        raise ModelFormatError(f"{weights}: file is missing (only safetensors weights are loaded)")
-    return {
-        "format": "diffusers",
-        "name": folder.name,
-        "image_size": int(size),
-        "channels": int(ucfg.get("in_channels", 3)),
-        "prediction": PREDICTION_TYPES[ptype],
-        "schedule": {
-            "type": "diffusers",
-            "beta_schedule": sched.get("beta_schedule", "linear"),
-            "num_train_timesteps": int(sched.get("num_train_timesteps", 1000)),
-        },
-        "data_range": [-1.0, 1.0],
-        "parameters": weight_parameter_count(weights),
-        "training": {"source": "diffusers", "scheduler": sched_path.name if sched_path else None},
-    }
 
 
 def with_fixed_dtype(unet: nn.Module) -> nn.Module:
@@ -167,7 +116,7 @@ def load_diffusers_model(
         raise ModelFormatError(
             f"{folder}: is a diffusers model, but diffusers is not installed (pip install 'arcdiff[diffusers]')"
         ) from None
-    unet_dir, sched_path = _paths(folder)
+    unet_dir, sched_path = diffusers_paths(folder)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder only; never reach for a hub
     try:
         unet = UNet2DModel.from_pretrained(str(unet_dir), use_safetensors=True, local_files_only=True)

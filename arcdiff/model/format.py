@@ -16,7 +16,8 @@ config.json:
                     solver, grid and step count
 
 Weights are read with safetensors only (never pickle). Every failure names the file and what is
-wrong with it.
+wrong with it. Reading and checking config.json and the weights' header needs no torch: that half
+lives in arcdiff.model.catalog (the API's model list) and is re-exported here.
 """
 
 from __future__ import annotations
@@ -31,18 +32,21 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from arcdiff.model.denoiser import PREDICTIONS, Denoiser, heads_for
-from arcdiff.model.solver_names import GRIDS, SOLVERS
+# the format's torch-free half (reading and checking config.json, the weights' header), re-exported
+from arcdiff.model.catalog import (  # noqa: F401
+    CONFIG_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    Distilled,
+    ModelFormatError,
+    read_config,
+    read_distilled,
+    read_json,
+    weight_parameter_count,
+)
+from arcdiff.model.denoiser import Denoiser
 from arcdiff.model.unet import UNet, UNetConfig
-
-FORMAT = "arcdiff-model"
-FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-
-
-class ModelFormatError(ValueError):
-    """A model folder that cannot be loaded: the message names the file and the problem."""
 
 
 @dataclass
@@ -55,53 +59,6 @@ class LoadedModel:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return (self.config["channels"], self.config["image_size"], self.config["image_size"])
-
-
-@dataclass(frozen=True)
-class Distilled:
-    """A distilled student's "distilled" object: what it was distilled from and how to sample it."""
-
-    teacher: str
-    steps: int
-    solver: str
-    schedule: str
-    rounds: int | None = None
-    teacher_steps: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"teacher": self.teacher, "steps": self.steps, "solver": self.solver}
-        out["schedule"] = self.schedule
-        if self.rounds is not None:
-            out["rounds"] = self.rounds
-        if self.teacher_steps is not None:
-            out["teacher_steps"] = self.teacher_steps
-        return out
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def read_distilled(cfg: dict[str, Any], path: Path | str = CONFIG_FILE) -> Distilled | None:
-    """The config's "distilled" object (None for a model that was not distilled); a malformed one
-    raises ModelFormatError naming the field."""
-    d = cfg.get("distilled")
-    if d is None:
-        return None
-    if not isinstance(d, dict):
-        raise ModelFormatError(f"{path}: 'distilled' must be an object, got {type(d).__name__}")
-    if not isinstance(d.get("teacher"), str) or not d["teacher"]:
-        raise ModelFormatError(f"{path}: 'distilled.teacher' must be a model name")
-    if not _positive_int(d.get("steps")):
-        raise ModelFormatError(f"{path}: 'distilled.steps' must be a positive integer, got {d.get('steps')!r}")
-    if d.get("solver") not in SOLVERS:
-        raise ModelFormatError(f"{path}: 'distilled.solver' is {d.get('solver')!r}, expected one of {SOLVERS}")
-    if d.get("schedule") not in GRIDS:
-        raise ModelFormatError(f"{path}: 'distilled.schedule' is {d.get('schedule')!r}, expected one of {GRIDS}")
-    for key in ("rounds", "teacher_steps"):
-        if d.get(key) is not None and not _positive_int(d[key]):
-            raise ModelFormatError(f"{path}: 'distilled.{key}' must be a positive integer, got {d[key]!r}")
-    return Distilled(d["teacher"], d["steps"], d["solver"], d["schedule"], d.get("rounds"), d.get("teacher_steps"))
 
 
 def make_config(
@@ -127,46 +84,6 @@ def make_config(
     }
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ModelFormatError(f"{path}: file is missing")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFormatError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ModelFormatError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def read_config(folder: Path) -> dict[str, Any]:
-    path = Path(folder) / CONFIG_FILE
-    cfg = read_json(path)
-    if cfg.get("format") != FORMAT:
-        raise ModelFormatError(f"{path}: 'format' is {cfg.get('format')!r}, expected {FORMAT!r}")
-    for key in ("architecture", "image_size", "channels", "prediction"):
-        if key not in cfg:
-            raise ModelFormatError(f"{path}: missing field {key!r}")
-    if cfg["prediction"] not in PREDICTIONS:
-        raise ModelFormatError(f"{path}: 'prediction' is {cfg['prediction']!r}, expected one of {PREDICTIONS}")
-    arch = cfg["architecture"]
-    if not isinstance(arch, dict) or arch.get("type") != "unet":
-        raise ModelFormatError(f"{path}: 'architecture.type' must be 'unet'")
-    try:
-        unet = UNetConfig.from_dict(arch)
-    except (TypeError, ValueError) as e:
-        raise ModelFormatError(f"{path}: bad architecture ({e})") from None
-    if unet.heads != heads_for(cfg["prediction"]):
-        raise ModelFormatError(
-            f"{path}: prediction {cfg['prediction']!r} needs {heads_for(cfg['prediction'])} head(s), "
-            f"architecture has {unet.heads}"
-        )
-    if (unet.image_size, unet.channels) != (cfg["image_size"], cfg["channels"]):
-        raise ModelFormatError(f"{path}: image_size/channels disagree with the architecture")
-    read_distilled(cfg, path)  # validates
-    return cfg
-
-
 def save_model(folder: str | os.PathLike, net: UNet, config: dict[str, Any]) -> Path:
     """Write config.json and model.safetensors (float32, contiguous) into `folder`."""
     folder = Path(folder)
@@ -189,21 +106,6 @@ def read_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, to
             return {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise ModelFormatError(f"{path}: cannot read safetensors ({e})") from None
-
-
-def weight_parameter_count(path: Path) -> int:
-    """Number of parameters in a safetensors file, read from its header alone."""
-    total = 0
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            for k in f.keys():
-                n = 1
-                for d in f.get_slice(k).get_shape():
-                    n *= d
-                total += n
-    except Exception as e:
-        raise ModelFormatError(f"{path}: cannot read safetensors ({e})") from None
-    return total
 
 
 def load_state(net: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -664,8 +664,22 @@ _IMPLS: dict[str, Solver] = {
 }
 
 SOLVERS: tuple[str, ...] = solver_names.SOLVERS
-if tuple(_IMPLS) != SOLVERS or any(_IMPLS[n].nfe_per_step != k for n, k in solver_names.NFE_PER_STEP.items()):
-    raise RuntimeError("solver_names.py is out of step with the solvers implemented here")
+
+
+def table_mismatches() -> list[str]:
+    """Where solver_names.SOLVER_TABLE disagrees with the implementations here (empty: nowhere)."""
+    if tuple(_IMPLS) != SOLVERS:
+        return [f"names: table {SOLVERS}, implemented {tuple(_IMPLS)}"]
+    return [
+        f"{row.name}.{key}: table {getattr(row, key)!r}, implemented {getattr(_IMPLS[row.name], key)!r}"
+        for row in solver_names.SOLVER_TABLE
+        for key in ("nfe_per_step", "stochastic", "pair")
+        if getattr(row, key) != getattr(_IMPLS[row.name], key)
+    ]
+
+
+if table_mismatches():
+    raise RuntimeError("solver_names.SOLVER_TABLE is out of step with model.solvers: " + "; ".join(table_mismatches()))
 
 
 def get_solver(name: str) -> Solver:

@@ -15,14 +15,14 @@ from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from arcdiff.model.registry import ModelInfo, ModelRegistry
+from arcdiff.model.catalog import ModelCatalog, ModelInfo
 from arcdiff.service.api.deps import key_digests
 from arcdiff.service.api.routes import generations, health, models, playground, redoc
-from arcdiff.service.backend import Backend
+from arcdiff.service.backend import Backend, Limiter
 from arcdiff.service.limits import BodyLimitMiddleware
 from arcdiff.service.metrics import REJECTED, MetricsMiddleware, init_generation_series, init_route_series
 from arcdiff.service.schemas import generation_request
-from arcdiff.service.settings import Settings
+from arcdiff.service.settings import ApiSettings, Settings
 
 log = logging.getLogger("arcdiff.api")
 
@@ -40,8 +40,8 @@ class SetupError(RuntimeError):
     """The app cannot start as configured (e.g. ARCDIFF_MODELS names an unknown model)."""
 
 
-def served_models(settings: Settings) -> dict[str, ModelInfo]:
-    registry = ModelRegistry(settings.model_dir)
+def served_models(settings: ApiSettings) -> dict[str, ModelInfo]:
+    registry = ModelCatalog(settings.model_dir)  # torch-free: config.json and the weights' header
     names = settings.models or registry.names()
     unknown = [n for n in names if n not in registry.models]
     if unknown:
@@ -53,11 +53,14 @@ def served_models(settings: Settings) -> dict[str, ModelInfo]:
     return {n: registry.info(n) for n in names}
 
 
-def make_backend(settings: Settings, models: dict[str, ModelInfo]) -> Backend:
+def make_backend(settings: ApiSettings, models: dict[str, ModelInfo]) -> Backend:
+    """Redis mode: the queue client (no torch is imported). Embedded mode: the engine in this
+    process, configured by the engine's settings (given with the API's, or from the environment)."""
     if settings.embedded:
         from arcdiff.service.embedded import EmbeddedBackend
 
-        return EmbeddedBackend(settings, models)
+        composed = settings if isinstance(settings, Settings) else Settings(**settings.model_dump())
+        return EmbeddedBackend(composed, models)
     from arcdiff.service.queue import RedisBackend
 
     return RedisBackend(settings, models)
@@ -130,18 +133,14 @@ def _json_safe(value: object) -> object:
     return value
 
 
-def make_limiter(settings: Settings, backend: Backend):
-    """The per-caller images-per-minute limiter: in Redis when Redis is used, else in memory."""
+def make_limiter(settings: ApiSettings, backend: Backend) -> Limiter | None:
+    """The per-caller images-per-minute limiter, where the backend keeps it (None: no limit)."""
     if not settings.rate_limit_images_per_min:
         return None
-    from arcdiff.service.ratelimit import MemoryLimiter, RedisLimiter
-
-    if settings.embedded:
-        return MemoryLimiter(settings.rate_limit_images_per_min)
-    return RedisLimiter(settings.rate_limit_images_per_min, backend.redis)
+    return backend.rate_limiter(settings.rate_limit_images_per_min)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: ApiSettings | None = None) -> FastAPI:
     settings = settings or Settings()
     served = served_models(settings)
     backend = make_backend(settings, served)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from arcdiff.contract import TERMINAL_EVENTS, GenerationSpec, JobResult
-from arcdiff.model.registry import ModelInfo
+from arcdiff.model.catalog import ModelInfo
 
 
 class Rejected(Exception):
@@ -56,6 +56,16 @@ class Event:
         return self.event in TERMINAL_EVENTS
 
 
+class Limiter(Protocol):
+    """A per-caller images-per-minute limit (service.ratelimit), kept where the backend keeps state."""
+
+    async def take(self, caller: str, n: int) -> None:
+        """Count n images for caller, or raise ratelimit.RateLimited (nothing counted)."""
+
+    async def give_back(self, caller: str, n: int) -> None:
+        """Uncount n images taken for a generation that was then refused."""
+
+
 class Backend(Protocol):
     mode: str  # "embedded" or "redis"
     models: dict[str, ModelInfo]  # the models served
@@ -92,3 +102,7 @@ class Backend(Protocol):
 
     async def workers(self) -> dict[str, int]:
         """Live workers per served model (embedded: 1 while the in-process engine serves it)."""
+
+    def rate_limiter(self, images_per_min: int) -> Limiter:
+        """The per-caller limit, shared by every API process where the backend is (Redis: a counter
+        there; embedded: in this process's memory)."""

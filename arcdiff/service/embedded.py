@@ -17,9 +17,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from arcdiff.contract import EVENTS_MAXLEN, TERMINAL_EVENTS, GenerationSpec
-from arcdiff.model.registry import ModelInfo
+from arcdiff.model.catalog import ModelInfo
 from arcdiff.service.backend import Event, Generation, NotReady, QueueFull
 from arcdiff.service.metrics import QUEUE_DEPTH
+from arcdiff.service.ratelimit import MemoryLimiter
 from arcdiff.service.settings import Settings
 from arcdiff.worker.engine import Engine, GenerationCanceled
 
@@ -59,6 +60,9 @@ class EmbeddedBackend:
         self._loader: asyncio.Task | None = None
         self._gens: dict[str, _Entry] = {}  # insertion-ordered: oldest first
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    def rate_limiter(self, images_per_min: int) -> MemoryLimiter:
+        return MemoryLimiter(images_per_min)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()

@@ -90,7 +90,7 @@ def init_route_series(app: Any) -> None:
 
 def init_generation_series(models: Any) -> None:
     """Create the served models' generation-request series at zero (see init_route_series)."""
-    from arcdiff.model.solvers import SOLVERS
+    from arcdiff.model.solver_names import SOLVERS
 
     for model in models:
         for solver in SOLVERS:

@@ -37,10 +37,11 @@ from arcdiff.contract import (
     queue_expiry,
     queue_name,
 )
-from arcdiff.model.registry import ModelInfo
+from arcdiff.model.catalog import ModelInfo
 from arcdiff.service.backend import Event, Generation, NotReady, QueueFull
 from arcdiff.service.metrics import QUEUE_DEPTH
-from arcdiff.service.settings import Settings
+from arcdiff.service.ratelimit import RedisLimiter
+from arcdiff.service.settings import ApiSettings
 
 log = logging.getLogger("arcdiff.queue")
 
@@ -58,7 +59,7 @@ EVENT_POLL_MS = 2000  # an event stream with nothing new looks at the job's stat
 class RedisBackend:
     mode = "redis"
 
-    def __init__(self, settings: Settings, models: dict[str, ModelInfo]):
+    def __init__(self, settings: ApiSettings, models: dict[str, ModelInfo]):
         if not settings.redis_url:
             raise ValueError("RedisBackend needs a Redis URL")
         self.settings = settings
@@ -75,6 +76,9 @@ class RedisBackend:
 
     async def start(self) -> None:
         pass
+
+    def rate_limiter(self, images_per_min: int) -> RedisLimiter:
+        return RedisLimiter(images_per_min, self.redis)
 
     async def close(self) -> None:
         await self.aredis.aclose()

@@ -14,14 +14,17 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from arcdiff.contract import DEFAULT_PRIORITY, MAX_STEPS, PRIORITIES, SEED_MAX, SOLVER_NAMES
 from arcdiff.model.solver_names import (
+    DEFAULT_NFE,
     DEFAULT_SCHEDULE,
     DEFAULT_SOLVER,
     DEFAULT_STEPS,
     FEW_STEPS_MAX,
     FEW_STEPS_SOLVER,
     GRIDS,
-    NFE_PER_STEP,
+    SOLVER_TABLE,
     SOLVERS,
+    nfe_by_solver,
+    solvers_with_grid,
 )
 
 Solver = Literal[SOLVERS]  # type: ignore[valid-type]  # the names of model.solver_names
@@ -29,6 +32,10 @@ Schedule = Literal[GRIDS]  # type: ignore[valid-type]
 Priority = Literal[PRIORITIES]  # type: ignore[valid-type]
 Status = Literal["queued", "running", "finished", "failed", "canceled"]
 MAX_IMAGES_CAP = 256
+
+# help texts written from solver_names.SOLVER_TABLE, so they name every solver and its default grid
+SOLVER_HELP = "; ".join(f"{s.name}: {s.summary}" for s in SOLVER_TABLE)
+GRID_DEFAULTS_HELP = "; ".join(f"{g} for {', '.join(solvers_with_grid(g))}" for g in GRIDS if solvers_with_grid(g))
 
 
 class GenerationRequest(BaseModel):
@@ -60,20 +67,18 @@ class GenerationRequest(BaseModel):
         ge=1,
         le=MAX_STEPS,
         description="solver steps (network evaluations = steps x stages). Omitted: about "
-        f"{DEFAULT_STEPS * NFE_PER_STEP[DEFAULT_SOLVER]} network evaluations of the solver",
+        f"{DEFAULT_NFE} network evaluations of the solver",
     )
     solver: Solver = Field(  # type: ignore[assignment]
         None,
-        description="euler, heun, rk4 (the paper's Runge-Kutta, velocity form), ddim, ddpm (stochastic), dpmpp2m, "
-        "unipc2, unipc3, dpmpp3m or dpmpp2m_sde (stochastic). Omitted: the measured default "
+        description=f"{SOLVER_HELP}. Omitted: the measured default "
         f"({DEFAULT_SOLVER}, {DEFAULT_STEPS} steps, {DEFAULT_SCHEDULE}; {FEW_STEPS_SOLVER} for at most "
         f"{FEW_STEPS_MAX} steps; see GET /v1/models)",
     )
     schedule: Schedule = Field(  # type: ignore[assignment]
         None,
         description="the time grid: uniform (in eta, the paper's), logsnr (uniform in log cot eta) or karras "
-        "(in tan eta; range and rho per step count). Omitted: uniform for euler, heun, rk4, ddim, ddpm and dpmpp2m, "
-        f"{DEFAULT_SCHEDULE} for the others",
+        f"(in tan eta; range and rho per step count). Omitted: the solver's own default, {GRID_DEFAULTS_HELP}",
     )
     seed: int | None = Field(
         None,
@@ -174,14 +179,23 @@ class ModelOut(BaseModel):
         "until one starts; null: unknown (Redis unreachable)",
     )
     schedules: list[str] = Field(list(GRIDS), description="the time grids a request may name")
-    nfe_per_step: dict[str, int] = Field(dict(NFE_PER_STEP), description="network evaluations per step, per solver")
+    nfe_per_step: dict[str, int] = Field(nfe_by_solver(), description="network evaluations per step, per solver")
     defaults: dict[str, str | int] = Field(
         {"solver": DEFAULT_SOLVER, "steps": DEFAULT_STEPS, "schedule": DEFAULT_SCHEDULE},
-        description="what a request that omits solver, steps and schedule gets",
+        description="what a request for this model that omits solver, steps and schedule gets",
     )
     few_steps_default: dict[str, str | int] = Field(
         {"solver": FEW_STEPS_SOLVER, "max_steps": FEW_STEPS_MAX},
         description="the solver a request gets that names at most max_steps steps and no solver",
+    )
+    default_schedules: dict[str, str] = Field(
+        {s.name: s.default_grid for s in SOLVER_TABLE},
+        description="per solver: the time grid a request that names the solver and no schedule gets",
+    )
+    distilled: dict[str, str | int] | None = Field(
+        None,
+        description="a few-step student (`arcdiff distill`): its teacher and the solver, steps and schedule it was "
+        "distilled for, which a request that leaves them out gets (null: not distilled)",
     )
 
 

@@ -1,7 +1,9 @@
-"""The API's settings: the worker's (embedded mode runs the same engine) plus the HTTP front end's.
+"""The API's settings: the HTTP front end's on top of the queue's (ApiSettings: all a Redis-mode
+API reads), and `Settings`, what `arcdiff serve` reads: those plus the engine's, which only its
+embedded mode uses (it runs the engine in-process). See arcdiff.settings for the split.
 
 All come from ARCDIFF_* environment variables (an empty value counts as unset); `arcdiff serve`
-flags override them.
+flags override them. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -12,12 +14,15 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
 
-from arcdiff.worker.settings import WorkerSettings, split_list
+from arcdiff.settings import QueueSettings, split_list
+from arcdiff.worker.settings import EngineSettings
 
 HASHED_KEY = re.compile(r"^sha256:[0-9a-fA-F]{64}$", re.IGNORECASE)
 
 
-class Settings(WorkerSettings):
+class ApiSettings(QueueSettings):
+    """The HTTP front end: what the API reads in either mode."""
+
     host: str = Field("127.0.0.1", description="address the API listens on")
     port: int = Field(8000, ge=1, le=65535, description="port the API listens on")
     api_workers: int = Field(1, ge=1, le=64, description="uvicorn processes of the API (more than 1 needs a Redis URL)")
@@ -62,3 +67,8 @@ class Settings(WorkerSettings):
     @property
     def embedded(self) -> bool:
         return not self.redis_url
+
+
+class Settings(ApiSettings, EngineSettings):
+    """`arcdiff serve`: the API's settings and the engine's; embedded mode (no Redis URL) runs the
+    engine in this process with them, Redis mode reads only ApiSettings' fields."""

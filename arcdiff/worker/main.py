@@ -13,7 +13,7 @@ from arcdiff.model.registry import ModelRegistry
 from arcdiff.worker.device_thread import DeviceThread
 from arcdiff.worker.engine import Engine, EngineConfig
 from arcdiff.worker.loading import prepare_models, resolve_device, resolve_speed
-from arcdiff.worker.settings import WorkerSettings
+from arcdiff.worker.settings import EngineSettings, WorkerSettings
 
 log = logging.getLogger("arcdiff.worker")
 
@@ -27,7 +27,7 @@ def default_worker_name() -> str:
     return f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
 
 
-def build_engine(settings: WorkerSettings, models: list[str], worker_name: str = "") -> Engine:
+def build_engine(settings: EngineSettings, models: list[str], worker_name: str = "") -> Engine:
     """Load `models` from the registry onto the configured device and wrap them in an engine."""
     registry = ModelRegistry(settings.model_dir)
     # a folder whose config.json cannot be read is in registry.errors: it failed to load, it is not unknown

@@ -12,7 +12,8 @@ from arcdiff.model.configs import get_config
 from arcdiff.model.denoiser import Denoiser
 from arcdiff.model.rng import image_generator
 from arcdiff.model.schedule import GRID_IDS, consistent_pair, grid_etas, tuned_eta, velocity
-from arcdiff.model.solvers import GRIDS, SOLVERS, draw_noise, get_solver, nfe, sample
+from arcdiff.model.solver_names import SOLVER_INFO, SOLVER_TABLE, resolve
+from arcdiff.model.solvers import GRIDS, SOLVERS, RungeKutta, draw_noise, get_solver, nfe, sample, table_mismatches
 from arcdiff.model.unet import UNet
 
 GMM = default_mixture()
@@ -34,6 +35,38 @@ def test_solver_names_and_nfe():
     assert [nfe(s, 10) for s in SOLVERS] == [10, 20, 40] + [10] * 7
     with pytest.raises(ValueError, match="unknown solver 'foo'"):
         get_solver("foo")
+
+
+@pytest.mark.parametrize("row", SOLVER_TABLE, ids=lambda r: r.name)
+def test_the_solver_table_matches_each_implementation_field_by_field(row):
+    """solver_names.SOLVER_TABLE (torch-free: the API, CLI and playground read it) against what
+    each solver does: its declared fields, the network evaluations it makes, whether it draws
+    noise, and the grid a request without one gets."""
+    impl = get_solver(row.name)
+    assert (impl.name, impl.nfe_per_step, impl.stochastic, impl.pair) == (
+        row.name,
+        row.nfe_per_step,
+        row.stochastic,
+        row.pair,
+    )
+    calls = []
+
+    def counting(x, eta):
+        calls.append(len(eta))
+        return GMM.denoiser(x, eta)
+
+    xT = x_T(4)
+    a = sample(counting, xT, 3, row.name, generator=torch.Generator().manual_seed(1))
+    assert len(calls) == row.nfe(3) == nfe(row.name, 3)
+    b = sample(GMM.denoiser, xT, 3, row.name, generator=torch.Generator().manual_seed(2))
+    assert (not torch.equal(a, b)) == row.stochastic  # only a stochastic solver depends on its noise
+    assert row.default_grid in GRIDS and resolve(row.name, None, None)[2] == row.default_grid
+    assert (row.pair == "predicted") == isinstance(impl, RungeKutta)  # the velocity-form solvers
+
+
+def test_the_table_is_the_only_list():
+    assert tuple(r.name for r in SOLVER_TABLE) == SOLVERS == tuple(SOLVER_INFO)
+    assert table_mismatches() == []
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,15 @@ import pytest
 from fastapi.testclient import TestClient
 from servicekit import assert_images_match, one_thread, png_info, png_pixels, poll_generation, wait_until
 
-from arcdiff.model.solver_names import DEFAULT_SCHEDULE, DEFAULT_SOLVER, DEFAULT_STEPS, FEW_STEPS_MAX, FEW_STEPS_SOLVER
+from arcdiff.model.solver_names import (
+    DEFAULT_SCHEDULE,
+    DEFAULT_SOLVER,
+    DEFAULT_STEPS,
+    FEW_STEPS_MAX,
+    FEW_STEPS_SOLVER,
+    SOLVER_TABLE,
+    resolve,
+)
 from arcdiff.model.solvers import SOLVERS
 from arcdiff.service.app import create_app
 from arcdiff.service.settings import Settings
@@ -231,6 +239,9 @@ def test_models_health_ready_metrics_openapi(client):
         "nfe_per_step": {s: {"heun": 2, "rk4": 4}.get(s, 1) for s in SOLVERS},
         "defaults": {"solver": DEFAULT_SOLVER, "steps": DEFAULT_STEPS, "schedule": DEFAULT_SCHEDULE},
         "few_steps_default": {"solver": FEW_STEPS_SOLVER, "max_steps": FEW_STEPS_MAX},
+        # additions: each solver's own grid (from the solver table), and null for a model not distilled
+        "default_schedules": {s.name: s.default_grid for s in SOLVER_TABLE},
+        "distilled": None,
     }
     assert models["tiny-eps"]["prediction"] == "eps" and models["tiny"]["parameters"] > 40_000
     assert client.get("/healthz").json() == {"status": "ok"}
@@ -307,3 +318,28 @@ def test_no_models_is_not_ready(tmp_path):
         assert r.status_code == 503 and r.json()["reason"] == "no models to serve"
         r = c.post("/v1/generations", json=BASE)
         assert r.status_code == 422 and "no models are served" in r.json()["message"]
+
+
+def test_a_distilled_model_gets_its_own_defaults(model_dir, tmp_path):
+    """A student's config.json names the solver, steps and grid it was distilled for: /v1/models
+    shows them and a request that leaves them out gets them (model.catalog.ModelInfo.resolve), as
+    `arcdiff generate` does locally; naming another solver gives that solver's usual defaults."""
+    import json
+    import shutil
+
+    models = tmp_path / "models"
+    shutil.copytree(model_dir / "tiny", models / "tiny-2step")
+    cfg_path = models / "tiny-2step" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["distilled"] = {"teacher": "tiny", "steps": 2, "solver": "ddim", "schedule": "logsnr"}
+    cfg_path.write_text(json.dumps(cfg))
+    with one_thread(), make_client(models) as c:
+        (info,) = c.get("/v1/models").json()
+        assert info["distilled"] == cfg["distilled"]
+        assert info["defaults"] == {"solver": "ddim", "steps": 2, "schedule": "logsnr"}
+        assert info["default_schedules"]["ddim"] == "logsnr" and info["default_schedules"]["rk4"] == "uniform"
+        wait_ready(c)
+        gen = c.post("/v1/generations", json={"model": "tiny-2step", "seed": 1, "wait": True}).json()
+        assert (gen["solver"], gen["steps"], gen["schedule"], gen["nfe"]) == ("ddim", 2, "logsnr", 2)
+        other = c.post("/v1/generations", json={"model": "tiny-2step", "solver": "rk4", "wait": True}).json()
+        assert (other["solver"], other["steps"], other["schedule"]) == resolve("rk4", None, None)

@@ -115,7 +115,10 @@ def test_settings_from_environment(monkeypatch):
     monkeypatch.setenv("ARCDIFF_WORKER_METRICS_PORT", "9200")
     s = Settings()
     assert s.redis_url is None and s.embedded and s.port == 8000 and s.max_images == 4
-    assert s.models == ["mnist", "mnist-eps"] and s.api_keys == ["a", "b"] and s.worker_metrics_port == 9200
+    assert s.models == ["mnist", "mnist-eps"] and s.api_keys == ["a", "b"]
+    # the worker loop's settings are the worker's alone; the engine's are in both (embedded mode)
+    assert WorkerSettings().worker_metrics_port == 9200 and "worker_metrics_port" not in Settings.model_fields
+    assert WorkerSettings().models == s.models and "max_batch" in Settings.model_fields
     monkeypatch.setenv("ARCDIFF_REDIS_URL", "redis://r:6379/0")
     assert not Settings().embedded
 

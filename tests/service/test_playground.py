@@ -13,7 +13,7 @@ import httpx
 import pytest
 from servicekit import REPO, free_port, headless_chromium, start_api, stop, wait_api_ready, wait_until
 
-from arcdiff.model.solver_names import DEFAULT_SCHEDULE, GRIDS, SOLVERS
+from arcdiff.model.solver_names import DEFAULT_SCHEDULE, GRIDS, SOLVERS, resolve
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -138,9 +138,13 @@ def test_playground_in_a_real_browser(service, browser, tmp_path):
     )
     assert limits == [["1", "1000"], ["1", "16"], ["0", "4294967295"]]
     assert js(driver, "return [...document.getElementById('solver').options].map((o) => o.value)") == list(SOLVERS)
-    # the time grids, the measured default preselected
-    assert js(driver, "return [...document.getElementById('schedule').options].map((o) => o.value)") == list(GRIDS)
-    assert js(driver, "return document.getElementById('schedule').value") == DEFAULT_SCHEDULE
+    # the time grids, after a first choice that sends none (the solver's own default, named in it)
+    assert js(driver, "return [...document.getElementById('schedule').options].map((o) => o.value)") == [
+        "",
+        *GRIDS,
+    ]
+    assert js(driver, "return document.getElementById('schedule').value") == ""
+    assert f"({DEFAULT_SCHEDULE})" in js(driver, "return document.getElementById('schedule').options[0].textContent")
 
     # four images, each with its seed, the right natural size, scaled up with crisp pixels
     card = generate(driver, model, 3, "ddim", 7, 4, schedule="karras")
@@ -207,6 +211,19 @@ def test_playground_in_a_real_browser(service, browser, tmp_path):
     set_value(driver, "n", 1)
     generate(driver, model, 2, "euler", 5, 1)
     assert driver.find_element("id", "err-steps").text == "" and driver.find_element("id", "err-form").text == ""
+
+    # no grid picked: the playground sends none, so rk4 gets the grid it gets over curl (its own
+    # default from the solver table), not the one the default solver would
+    card = generate(driver, model, 2, "rk4", 5, 1, schedule="")
+    assert "(uniform)" in js(driver, "return document.getElementById('schedule').options[0].textContent")
+    body = http.get(f"/v1/generations/{card.get_attribute('data-id')}", headers={"Authorization": f"Bearer {KEY}"})
+    over_curl = http.post(
+        "/v1/generations",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={"model": model, "steps": 2, "solver": "rk4", "seed": 5, "n": 1, "wait": True},
+    ).json()
+    assert body.json()["schedule"] == over_curl["schedule"] == resolve("rk4", 2, None)[2] == "uniform"
+    assert body.json()["images"][0]["png_base64"] == over_curl["images"][0]["png_base64"]
 
     # a 429 (here: the key's images-per-minute limit) shows the API's message and Retry-After beside the button
     set_value(driver, "n", 16)

@@ -9,10 +9,10 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 
 from arcdiff.service.backend import Backend
-from arcdiff.service.settings import Settings
+from arcdiff.service.settings import ApiSettings
 
 
-def get_settings(request: Request) -> Settings:
+def get_settings(request: Request) -> ApiSettings:
     return request.app.state.settings
 
 
@@ -20,7 +20,7 @@ def get_backend(request: Request) -> Backend:
     return request.app.state.backend
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
 BackendDep = Annotated[Backend, Depends(get_backend)]
 
 

@@ -178,22 +178,29 @@ function onModel() {
   const m = state.models.find((x) => x.name === $("model").value);
   $("model-info").textContent = m ? describe(m) : "";
   if (m && m.nfe_per_step) STAGES = m.nfe_per_step;
-  const defaults = (m && m.defaults) || { solver: "rk4", schedule: "uniform" };
+  const defaults = (m && m.defaults) || { solver: "rk4" };
   const solver = $("solver");
   const previous = solver.value || defaults.solver;
   const names = m ? m.solvers : Object.keys(STAGES);
   solver.replaceChildren(...names.map((s) => new Option(s, s)));
   solver.value = names.includes(previous) ? previous : names[0];
+  // the first choice sends no "schedule": the API then gives the solver its own default grid, so
+  // a request means the same here as over curl or the CLI; picking a grid sends it
   const schedule = $("schedule");
-  const before = schedule.value || defaults.schedule;
+  const before = schedule.value;
   const grids = (m && m.schedules) || GRIDS;
-  schedule.replaceChildren(...grids.map((g) => new Option(g, g)));
-  schedule.value = grids.includes(before) ? before : grids[0];
+  schedule.replaceChildren(new Option("the solver's default", ""), ...grids.map((g) => new Option(g, g)));
+  schedule.value = grids.includes(before) ? before : "";
   $("hint-solver").textContent = m && m.defaults ? `measured best at 10 NFE: ${m.defaults.solver} on ${m.defaults.schedule}` : "";
   updateHint();
 }
 
 function updateHint() {
+  // name the grid the solver's default stands for (from /v1/models, which reads the solver table)
+  const m = state.models.find((x) => x.name === $("model").value);
+  const grid = m && m.default_schedules && m.default_schedules[$("solver").value];
+  const first = $("schedule").options[0];
+  if (first && first.value === "") first.textContent = grid ? `the solver's default (${grid})` : "the solver's default";
   const steps = Number($("steps").value);
   const stages = STAGES[$("solver").value];
   $("nfe-hint").textContent = Number.isInteger(steps) && steps > 0 && stages ? `${steps * stages} NFE per image` : "";

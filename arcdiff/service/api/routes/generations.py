@@ -19,7 +19,6 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from arcdiff.contract import CLIENT_MAX, SEED_MAX, GenerationSpec, JobMetrics
 from arcdiff.model.solver_names import nfe as solver_nfe
-from arcdiff.model.solver_names import resolve
 from arcdiff.service.api.deps import BackendDep, SettingsDep, require_api_key
 from arcdiff.service.backend import Backend, Generation, Rejected
 from arcdiff.service.metrics import GENERATIONS, REJECTED
@@ -42,21 +41,19 @@ def generation_url(gen_id: str) -> str:
     return f"{PREFIX}/{gen_id}"
 
 
+# the spec's fields a request carries straight through, and those an answer echoes
+SPEC_FIELDS = frozenset(GenerationSpec.__dataclass_fields__)
+ECHOED = frozenset(GenerationOut.model_fields) & SPEC_FIELDS
+
+
 def to_out(gen: Generation) -> GenerationOut:
     spec, url = gen.spec, generation_url(gen.spec.id)
     out = GenerationOut(
-        id=spec.id,
         status=gen.status,
         url=url,
-        model=spec.model,
-        steps=spec.steps,
-        solver=spec.solver,
-        schedule=spec.schedule,
-        priority=spec.priority,
-        seed=spec.seed,
-        n=spec.n,
         nfe=solver_nfe(spec.solver, spec.steps),
         error=gen.error,
+        **{k: v for k, v in asdict(spec).items() if k in ECHOED},  # id, model, steps, solver, schedule, ...
     )
     if gen.result is not None:
         out.images = [
@@ -167,20 +164,17 @@ async def create_generation(
             )
         want_png = False
     seed = body.seed if body.seed is not None else secrets.randbelow(SEED_MAX + 1)
-    solver, steps, schedule = resolve(body.solver, body.steps, body.schedule)
+    # the measured defaults, or a distilled student's own (model.catalog.ModelInfo.resolve)
+    solver, steps, schedule = backend.models[body.model].resolve(body.solver, body.steps, body.schedule)
     caller = getattr(request.state, "client_id", "anonymous")
+    filled = {"steps": steps, "solver": solver, "schedule": schedule, "seed": seed}
     spec = GenerationSpec(
         id=uuid.uuid4().hex,
-        model=body.model,
-        steps=steps,
-        solver=solver,
-        seed=seed,
-        n=body.n,
         submitted_at=time.time(),
-        preview=body.preview,
-        schedule=schedule,
-        priority=body.priority,
         client=caller[:CLIENT_MAX],  # no secret: a short hash of the key, or the address (for the per-key cap)
+        **filled,
+        # every other request field the spec has travels as given (a new one needs no line here)
+        **{k: v for k, v in body.model_dump().items() if k in SPEC_FIELDS and k not in filled},
     )
     limiter = request.app.state.limiter
     try:

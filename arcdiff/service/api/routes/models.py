@@ -36,6 +36,9 @@ async def list_models(backend: BackendDep) -> list[ModelOut]:
             parameters=info.parameters,
             solvers=list(SOLVER_NAMES),
             workers=workers.get(info.name),
+            defaults=dict(zip(("solver", "steps", "schedule"), info.resolve(None, None, None), strict=True)),
+            default_schedules={s: info.resolve(s, None, None)[2] for s in SOLVER_NAMES},
+            distilled=info.distilled.to_dict() if info.distilled is not None else None,
         )
         for info in backend.models.values()
     ]
