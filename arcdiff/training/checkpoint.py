@@ -50,6 +50,26 @@ def update_ema(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None
         e.copy_(b)
 
 
+def optimizer_step(
+    loss: torch.Tensor, net: torch.nn.Module, opt: torch.optim.Optimizer, grad_clip: float, hint: str, step: int
+) -> float:
+    """One optimiser step on `loss` (gradients clipped to `grad_clip` when positive); its value.
+    A non-finite loss stops the run with `hint` (what to change) instead of corrupting the weights."""
+    if not torch.isfinite(loss):
+        raise TrainingError(f"loss is {loss.item()} at step {step}: {hint}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    opt.step()
+    return loss.item()
+
+
+def running_mean(average: float, value: float) -> float:
+    """The loss shown on the progress bar: an exponential average, started at the first value."""
+    return value if math.isnan(average) else 0.98 * average + 0.02 * value
+
+
 def hardware_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

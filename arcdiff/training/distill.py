@@ -61,8 +61,10 @@ from arcdiff.training.checkpoint import (
     ema_decay,
     hardware_description,
     lr_schedule,
+    optimizer_step,
     read_checkpoint,
     restore,
+    running_mean,
     save_checkpoint,
     update_ema,
 )
@@ -318,17 +320,10 @@ class Distiller:
         b = make_targets(self.teacher_fn, x0, eps, i, self.student_steps(), self.s.schedule)
         self.net.train()
         loss = distill_loss(self.student_fn, b).mean()
-        if not torch.isfinite(loss):
-            raise TrainingError(f"loss is {loss.item()} at step {self.step}: lower --lr")
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.s.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.s.grad_clip)
-        self.opt.step()
+        value = optimizer_step(loss, self.net, self.opt, self.s.grad_clip, "lower --lr", self.step)
         update_ema(self.ema, self.net, ema_decay(self.local_step, self.s.ema))
         self.step += 1
-        value = loss.item()
-        self.loss_avg = value if math.isnan(self.loss_avg) else 0.98 * self.loss_avg + 0.02 * value
+        self.loss_avg = running_mean(self.loss_avg, value)
         return value
 
     def next_round(self) -> None:

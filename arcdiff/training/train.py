@@ -8,7 +8,6 @@ settings continues bit for bit. At the end the EMA weights are written as a mode
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -29,8 +28,10 @@ from arcdiff.training.checkpoint import (
     ema_decay,
     hardware_description,
     lr_schedule,
+    optimizer_step,
     read_checkpoint,
     restore,
+    running_mean,
     save_checkpoint,
     update_ema,
 )
@@ -157,17 +158,10 @@ class Trainer:
                 loss = self.loss_fn(self.forward_net, x0, self.g_loss).mean()
         else:
             loss = self.loss_fn(self.forward_net, x0, self.g_loss).mean()
-        if not torch.isfinite(loss):
-            raise TrainingError(f"loss is {loss.item()} at step {self.step}: lower --lr or check the data")
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.s.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.s.grad_clip)
-        self.opt.step()
+        value = optimizer_step(loss, self.net, self.opt, self.s.grad_clip, "lower --lr or check the data", self.step)
         update_ema(self.ema, self.net, ema_decay(self.step, self.s.ema))
         self.step += 1
-        value = loss.item()
-        self.loss_avg = value if math.isnan(self.loss_avg) else 0.98 * self.loss_avg + 0.02 * value
+        self.loss_avg = running_mean(self.loss_avg, value)
         return value
 
     # ---- checkpoints ----------------------------------------------------------------------------
