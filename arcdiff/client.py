@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import email.utils
 import io
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse, connect_sse
@@ -238,6 +239,68 @@ def _error(r: httpx.Response) -> APIError:
     return APIError(r.status_code, message, body, retry)
 
 
+# ---- the core: every operation once, as a generator of effects (sans-IO) --------------------------
+#
+# An operation is a generator that yields what it needs done and receives the outcome: `_Send` (one
+# request; answered with its httpx.Response), `_Open` (an event stream; answered with its response,
+# the body read if it is an error), `_NEXT` (the stream's next ServerSentEvent, None once it ends),
+# `_Sleep` and `_Emit` (hand an event to the caller). A transport error is thrown back in where it
+# happened. `Client` and `AsyncClient` are only the drivers that do these things, blocking or awaited.
+
+
+@dataclass(frozen=True)
+class _Send:
+    method: str
+    path: str
+    kw: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Open:
+    path: str
+    headers: dict[str, str]
+
+
+@dataclass(frozen=True)
+class _Sleep:
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _Emit:
+    event: GenerationEvent
+
+
+class _Next:
+    pass
+
+
+_NEXT = _Next()
+_Effect = _Send | _Open | _Next | _Sleep | _Emit
+T = TypeVar("T")
+Flow = Generator[_Effect, Any, T]
+
+
+class _Runner:
+    """Steps one operation: `step()` passes on the answer (or error) set since and returns the next
+    effect, or None when the operation has returned (its value in `value`)."""
+
+    def __init__(self, flow: Flow[Any]):
+        self.flow = flow
+        self.answer: Any = None
+        self.error: BaseException | None = None
+        self.value: Any = None
+        self.events: Any = None  # the open stream's event iterator (the driver's kind)
+
+    def step(self) -> _Effect | None:
+        answer, error, self.answer, self.error = self.answer, self.error, None, None
+        try:
+            return self.flow.throw(error) if error is not None else self.flow.send(answer)
+        except StopIteration as stop:
+            self.value = stop.value
+            return None
+
+
 class _Base:
     def __init__(
         self,
@@ -318,6 +381,125 @@ class _Base:
             raise GenerationFailed(body["id"], body.get("error"))
         return GenerationResult.from_body(body, retries)
 
+    # -- the operations --
+
+    def _request(self, method: str, path: str, deadline: float, **kw: Any) -> Flow[tuple[httpx.Response, int]]:
+        """One API call; 429/503 retried after Retry-After (bounded); returns (response, retries)."""
+        attempt = 0
+        while True:
+            try:
+                r = yield _Send(method, path, kw)
+            except httpx.TransportError as e:
+                raise Unreachable(self.base_url, e) from e
+            if r.status_code < 400:
+                return r, attempt
+            wait = self._retry_wait(r, attempt, deadline)
+            if wait is None:
+                raise _error(r)
+            attempt += 1
+            yield _Sleep(wait)
+
+    def _json(self, method: str, path: str) -> Flow[Any]:
+        """A call that is retried for up to max_retry_wait seconds; returns its JSON body."""
+        r, _ = yield from self._request(method, path, time.monotonic() + self.max_retry_wait)
+        return r.json()
+
+    def _submit(
+        self,
+        model: str,
+        steps: int | None,
+        solver: str | None,
+        seed: int | None,
+        n: int,
+        wait: bool,
+        timeout: float,
+        preview: bool,
+        schedule: str | None,
+        priority: str | None,
+    ) -> Flow[dict]:
+        deadline = time.monotonic() + timeout
+        try:
+            r, retries = yield from self._request(
+                "POST",
+                "/v1/generations",
+                deadline,
+                json=self._body(model, steps, solver, seed, n, wait, schedule, preview, priority),
+                timeout=self._post_timeout(wait, deadline),
+            )
+        except Unreachable as e:
+            if wait and isinstance(e.__cause__, httpx.ReadTimeout):
+                raise GenerationTimeout(None, timeout, "waited on") from e
+            raise
+        return {**r.json(), "retries": retries}
+
+    def _events(
+        self, gen_id: str, handle: Callable[[GenerationEvent], None] | None = None
+    ) -> Flow[GenerationEvent | None]:
+        """Each event emitted (or passed to `handle`); returns the terminal one, or None if the server
+        closed the stream before it. A broken stream is resumed from the last event seen."""
+        last_id, resumes = None, 0
+        while True:
+            try:
+                r = yield _Open(f"/v1/generations/{gen_id}/events", self._resume_headers(last_id))
+                if r.status_code >= 400:
+                    raise _error(r)
+                while (sse := (yield _NEXT)) is not None:
+                    ev = GenerationEvent.parse(sse)
+                    last_id = ev.id or last_id
+                    if handle is None:
+                        yield _Emit(ev)
+                    else:
+                        handle(ev)
+                    if ev.terminal:
+                        return ev
+            except httpx.TransportError as e:
+                resumes += 1
+                if resumes > RESUMES:
+                    raise Unreachable(self.base_url, e) from e
+                yield _Sleep(min(2.0, 0.1 * 2**resumes))
+                continue
+            return None  # the server closed the stream before a terminal event: nothing more to follow
+
+    def _generate(
+        self,
+        model: str,
+        steps: int | None,
+        solver: str | None,
+        seed: int | None,
+        n: int,
+        timeout: float,
+        wait: bool,
+        on_event: Callable[[GenerationEvent], None] | None,
+        preview: bool,
+        schedule: str | None,
+        priority: str | None,
+    ) -> Flow[GenerationResult]:
+        deadline = time.monotonic() + timeout
+        if on_event is not None:
+            body = yield from self._submit(model, steps, solver, seed, n, False, timeout, preview, schedule, priority)
+
+            def handle(ev: GenerationEvent) -> None:
+                if time.monotonic() > deadline:
+                    raise GenerationTimeout(body["id"], timeout, "running")
+                on_event(ev)
+
+            end = yield from self._events(body["id"], handle)
+            if end is not None:
+                return self._result(end.data, body["retries"])
+        body = yield from self._submit(model, steps, solver, seed, n, wait, timeout, False, schedule, priority)
+        retries, interval = body["retries"], self.poll_interval
+        while body["status"] not in TERMINAL:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise GenerationTimeout(body["id"], timeout, body["status"])
+            yield _Sleep(min(interval, left))
+            interval = self._next_poll(interval)
+            body = (yield from self._request("GET", f"/v1/generations/{body['id']}", deadline))[0].json()
+        return self._result(body, retries)
+
+
+# ---- the transports: drivers of the core ---------------------------------------------------------
+
 
 class Client(_Base):
     """Synchronous client. Use as a context manager, or call `close()`.
@@ -348,29 +530,52 @@ class Client(_Base):
     def close(self) -> None:
         self._http.close()
 
-    def _request(self, method: str, path: str, deadline: float, **kw: Any) -> tuple[httpx.Response, int]:
-        """One API call; 429/503 retried after Retry-After (bounded); returns (response, retries)."""
-        attempt = 0
-        while True:
+    def _drive(self, flow: Flow[Any], out: list[Any] | None = None) -> Iterator[GenerationEvent]:
+        """Run an operation, blocking: yields its emitted events; its value appended to `out`."""
+        run = _Runner(flow)
+        with contextlib.ExitStack() as stream:
             try:
-                r = self._http.request(method, path, **kw)
-            except httpx.TransportError as e:
-                raise Unreachable(self.base_url, e) from e
-            if r.status_code < 400:
-                return r, attempt
-            wait = self._retry_wait(r, attempt, deadline)
-            if wait is None:
-                raise _error(r)
-            attempt += 1
-            time.sleep(wait)
+                while (effect := run.step()) is not None:
+                    if isinstance(effect, _Emit):
+                        yield effect.event
+                    elif isinstance(effect, _Sleep):
+                        time.sleep(effect.seconds)
+                    else:
+                        try:
+                            run.answer = self._perform(effect, stream, run)
+                        except httpx.TransportError as e:
+                            stream.close()
+                            run.error = e
+            finally:
+                flow.close()
+        if out is not None:
+            out.append(run.value)
+
+    def _perform(self, effect: _Send | _Open | _Next, stream: contextlib.ExitStack, run: _Runner) -> Any:
+        if isinstance(effect, _Send):
+            return self._http.request(effect.method, effect.path, **effect.kw)
+        if isinstance(effect, _Open):
+            stream.close()
+            source = stream.enter_context(connect_sse(self._http, "GET", effect.path, headers=effect.headers))
+            if source.response.status_code >= 400:
+                source.response.read()
+            run.events = source.iter_sse()
+            return source.response
+        return next(run.events, None)
+
+    def _call(self, flow: Flow[T]) -> T:
+        out: list[T] = []
+        for _ in self._drive(flow, out):
+            pass
+        return out[0]
 
     def models(self) -> list[dict]:
         """GET /v1/models."""
-        return self._request("GET", "/v1/models", time.monotonic() + self.max_retry_wait)[0].json()
+        return self._call(self._json("GET", "/v1/models"))
 
     def get(self, gen_id: str) -> dict:
         """GET /v1/generations/{id}: the generation's JSON body."""
-        return self._request("GET", f"/v1/generations/{gen_id}", time.monotonic() + self.max_retry_wait)[0].json()
+        return self._call(self._json("GET", f"/v1/generations/{gen_id}"))
 
     def submit(
         self,
@@ -390,52 +595,18 @@ class Client(_Base):
         the request until done (up to its own wait timeout, then 202) and `timeout` bounds it here.
         preview=True: its events carry previews (see `events`). priority: "interactive" (the server's
         default) or "batch" (fills the device time interactive generations leave)."""
-        deadline = time.monotonic() + timeout
-        try:
-            r, retries = self._request(
-                "POST",
-                "/v1/generations",
-                deadline,
-                json=self._body(model, steps, solver, seed, n, wait, schedule, preview, priority),
-                timeout=self._post_timeout(wait, deadline),
-            )
-        except Unreachable as e:
-            if wait and isinstance(e.__cause__, httpx.ReadTimeout):
-                raise GenerationTimeout(None, timeout, "waited on") from e
-            raise
-        return {**r.json(), "retries": retries}
+        return self._call(self._submit(model, steps, solver, seed, n, wait, timeout, preview, schedule, priority))
 
     def events(self, gen_id: str) -> Iterator[GenerationEvent]:
         """GET /v1/generations/{id}/events: the generation's events as they come, ending with the
         terminal one (finished, failed or canceled, its data the generation's body). A stream that
         breaks is resumed from the last event seen (Last-Event-ID), up to RESUMES times."""
-        last_id, resumes = None, 0
-        while True:
-            try:
-                with connect_sse(
-                    self._http, "GET", f"/v1/generations/{gen_id}/events", headers=self._resume_headers(last_id)
-                ) as source:
-                    if source.response.status_code >= 400:
-                        source.response.read()
-                        raise _error(source.response)
-                    for sse in source.iter_sse():
-                        ev = GenerationEvent.parse(sse)
-                        last_id = ev.id or last_id
-                        yield ev
-                        if ev.terminal:
-                            return
-            except httpx.TransportError as e:
-                resumes += 1
-                if resumes > RESUMES:
-                    raise Unreachable(self.base_url, e) from e
-                time.sleep(min(2.0, 0.1 * 2**resumes))
-                continue
-            return  # the server closed the stream before a terminal event: nothing more to follow
+        return self._drive(self._events(gen_id))
 
     def cancel(self, gen_id: str) -> dict:
         """DELETE /v1/generations/{id}: the generation's body (status canceled; or, while the worker
         has not confirmed it yet, its current status). A finished or failed one raises APIError 409."""
-        return self._request("DELETE", f"/v1/generations/{gen_id}", time.monotonic() + self.max_retry_wait)[0].json()
+        return self._call(self._json("DELETE", f"/v1/generations/{gen_id}"))
 
     def generate(
         self,
@@ -457,29 +628,9 @@ class Client(_Base):
         answers 202 first; wait=False submits and polls from the start. With `on_event` the
         generation is followed through its event stream instead, each event passed to it (progress
         bars; previews too with preview=True)."""
-        deadline = time.monotonic() + timeout
-        if on_event is not None:
-            body = self.submit(
-                model, steps, solver, seed, n, timeout=timeout, preview=preview, schedule=schedule, priority=priority
-            )
-            for ev in self.events(body["id"]):
-                if time.monotonic() > deadline:
-                    raise GenerationTimeout(body["id"], timeout, "running")
-                on_event(ev)
-                if ev.terminal:
-                    return self._result(ev.data, body["retries"])
-        body = self.submit(
-            model, steps, solver, seed, n, wait=wait, timeout=timeout, schedule=schedule, priority=priority
+        return self._call(
+            self._generate(model, steps, solver, seed, n, timeout, wait, on_event, preview, schedule, priority)
         )
-        retries, interval = body["retries"], self.poll_interval
-        while body["status"] not in TERMINAL:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise GenerationTimeout(body["id"], timeout, body["status"])
-            time.sleep(min(interval, left))
-            interval = self._next_poll(interval)
-            body = self._request("GET", f"/v1/generations/{body['id']}", deadline)[0].json()
-        return self._result(body, retries)
 
 
 class AsyncClient(_Base):
@@ -508,28 +659,52 @@ class AsyncClient(_Base):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _request(self, method: str, path: str, deadline: float, **kw: Any) -> tuple[httpx.Response, int]:
-        attempt = 0
-        while True:
+    async def _drive(self, flow: Flow[Any], out: list[Any] | None = None) -> AsyncIterator[GenerationEvent]:
+        """Run an operation, awaited: yields its emitted events; its value appended to `out`."""
+        run = _Runner(flow)
+        async with contextlib.AsyncExitStack() as stream:
             try:
-                r = await self._http.request(method, path, **kw)
-            except httpx.TransportError as e:
-                raise Unreachable(self.base_url, e) from e
-            if r.status_code < 400:
-                return r, attempt
-            wait = self._retry_wait(r, attempt, deadline)
-            if wait is None:
-                raise _error(r)
-            attempt += 1
-            await asyncio.sleep(wait)
+                while (effect := run.step()) is not None:
+                    if isinstance(effect, _Emit):
+                        yield effect.event
+                    elif isinstance(effect, _Sleep):
+                        await asyncio.sleep(effect.seconds)
+                    else:
+                        try:
+                            run.answer = await self._perform(effect, stream, run)
+                        except httpx.TransportError as e:
+                            await stream.aclose()
+                            run.error = e
+            finally:
+                flow.close()
+        if out is not None:
+            out.append(run.value)
+
+    async def _perform(self, effect: _Send | _Open | _Next, stream: contextlib.AsyncExitStack, run: _Runner) -> Any:
+        if isinstance(effect, _Send):
+            return await self._http.request(effect.method, effect.path, **effect.kw)
+        if isinstance(effect, _Open):
+            await stream.aclose()
+            source = await stream.enter_async_context(
+                aconnect_sse(self._http, "GET", effect.path, headers=effect.headers)
+            )
+            if source.response.status_code >= 400:
+                await source.response.aread()
+            run.events = source.aiter_sse()
+            return source.response
+        return await anext(run.events, None)
+
+    async def _call(self, flow: Flow[T]) -> T:
+        out: list[T] = []
+        async for _ in self._drive(flow, out):
+            pass
+        return out[0]
 
     async def models(self) -> list[dict]:
-        return (await self._request("GET", "/v1/models", time.monotonic() + self.max_retry_wait))[0].json()
+        return await self._call(self._json("GET", "/v1/models"))
 
     async def get(self, gen_id: str) -> dict:
-        return (await self._request("GET", f"/v1/generations/{gen_id}", time.monotonic() + self.max_retry_wait))[
-            0
-        ].json()
+        return await self._call(self._json("GET", f"/v1/generations/{gen_id}"))
 
     async def submit(
         self,
@@ -545,50 +720,14 @@ class AsyncClient(_Base):
         schedule: str | None = None,
         priority: str | None = None,
     ) -> dict:
-        deadline = time.monotonic() + timeout
-        try:
-            r, retries = await self._request(
-                "POST",
-                "/v1/generations",
-                deadline,
-                json=self._body(model, steps, solver, seed, n, wait, schedule, preview, priority),
-                timeout=self._post_timeout(wait, deadline),
-            )
-        except Unreachable as e:
-            if wait and isinstance(e.__cause__, httpx.ReadTimeout):
-                raise GenerationTimeout(None, timeout, "waited on") from e
-            raise
-        return {**r.json(), "retries": retries}
+        return await self._call(self._submit(model, steps, solver, seed, n, wait, timeout, preview, schedule, priority))
 
-    async def events(self, gen_id: str) -> AsyncIterator[GenerationEvent]:
+    def events(self, gen_id: str) -> AsyncIterator[GenerationEvent]:
         """`async for ev in client.events(id)`: as Client.events."""
-        last_id, resumes = None, 0
-        while True:
-            try:
-                async with aconnect_sse(
-                    self._http, "GET", f"/v1/generations/{gen_id}/events", headers=self._resume_headers(last_id)
-                ) as source:
-                    if source.response.status_code >= 400:
-                        await source.response.aread()
-                        raise _error(source.response)
-                    async for sse in source.aiter_sse():
-                        ev = GenerationEvent.parse(sse)
-                        last_id = ev.id or last_id
-                        yield ev
-                        if ev.terminal:
-                            return
-            except httpx.TransportError as e:
-                resumes += 1
-                if resumes > RESUMES:
-                    raise Unreachable(self.base_url, e) from e
-                await asyncio.sleep(min(2.0, 0.1 * 2**resumes))
-                continue
-            return
+        return self._drive(self._events(gen_id))
 
     async def cancel(self, gen_id: str) -> dict:
-        return (await self._request("DELETE", f"/v1/generations/{gen_id}", time.monotonic() + self.max_retry_wait))[
-            0
-        ].json()
+        return await self._call(self._json("DELETE", f"/v1/generations/{gen_id}"))
 
     async def generate(
         self,
@@ -602,16 +741,6 @@ class AsyncClient(_Base):
         schedule: str | None = None,
         priority: str | None = None,
     ) -> GenerationResult:
-        deadline = time.monotonic() + timeout
-        body = await self.submit(
-            model, steps, solver, seed, n, wait=wait, timeout=timeout, schedule=schedule, priority=priority
+        return await self._call(
+            self._generate(model, steps, solver, seed, n, timeout, wait, None, False, schedule, priority)
         )
-        retries, interval = body["retries"], self.poll_interval
-        while body["status"] not in TERMINAL:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise GenerationTimeout(body["id"], timeout, body["status"])
-            await asyncio.sleep(min(interval, left))
-            interval = self._next_poll(interval)
-            body = (await self._request("GET", f"/v1/generations/{body['id']}", deadline))[0].json()
-        return self._result(body, retries)
