@@ -404,26 +404,16 @@ class _Base:
         r, _ = yield from self._request(method, path, time.monotonic() + self.max_retry_wait)
         return r.json()
 
-    def _submit(
-        self,
-        model: str,
-        steps: int | None,
-        solver: str | None,
-        seed: int | None,
-        n: int,
-        wait: bool,
-        timeout: float,
-        preview: bool,
-        schedule: str | None,
-        priority: str | None,
-    ) -> Flow[dict]:
+    def _submit(self, body: dict, timeout: float) -> Flow[dict]:
+        """POST `body` (see `_body`); with "wait" the read may last until the deadline."""
+        wait = bool(body.get("wait"))
         deadline = time.monotonic() + timeout
         try:
             r, retries = yield from self._request(
                 "POST",
                 "/v1/generations",
                 deadline,
-                json=self._body(model, steps, solver, seed, n, wait, schedule, preview, priority),
+                json=body,
                 timeout=self._post_timeout(wait, deadline),
             )
         except Unreachable as e:
@@ -461,22 +451,13 @@ class _Base:
             return None  # the server closed the stream before a terminal event: nothing more to follow
 
     def _generate(
-        self,
-        model: str,
-        steps: int | None,
-        solver: str | None,
-        seed: int | None,
-        n: int,
-        timeout: float,
-        wait: bool,
-        on_event: Callable[[GenerationEvent], None] | None,
-        preview: bool,
-        schedule: str | None,
-        priority: str | None,
+        self, request: dict, timeout: float, on_event: Callable[[GenerationEvent], None] | None = None
     ) -> Flow[GenerationResult]:
+        """Submit `request` and follow it to its end: through its events when `on_event` is given
+        (submitted without "wait"), else by waiting and polling (without "preview")."""
         deadline = time.monotonic() + timeout
         if on_event is not None:
-            body = yield from self._submit(model, steps, solver, seed, n, False, timeout, preview, schedule, priority)
+            body = yield from self._submit({k: v for k, v in request.items() if k != "wait"}, timeout)
 
             def handle(ev: GenerationEvent) -> None:
                 if time.monotonic() > deadline:
@@ -486,7 +467,7 @@ class _Base:
             end = yield from self._events(body["id"], handle)
             if end is not None:
                 return self._result(end.data, body["retries"])
-        body = yield from self._submit(model, steps, solver, seed, n, wait, timeout, False, schedule, priority)
+        body = yield from self._submit({k: v for k, v in request.items() if k != "preview"}, timeout)
         retries, interval = body["retries"], self.poll_interval
         while body["status"] not in TERMINAL:
             left = deadline - time.monotonic()
@@ -595,7 +576,9 @@ class Client(_Base):
         the request until done (up to its own wait timeout, then 202) and `timeout` bounds it here.
         preview=True: its events carry previews (see `events`). priority: "interactive" (the server's
         default) or "batch" (fills the device time interactive generations leave)."""
-        return self._call(self._submit(model, steps, solver, seed, n, wait, timeout, preview, schedule, priority))
+        return self._call(
+            self._submit(self._body(model, steps, solver, seed, n, wait, schedule, preview, priority), timeout)
+        )
 
     def events(self, gen_id: str) -> Iterator[GenerationEvent]:
         """GET /v1/generations/{id}/events: the generation's events as they come, ending with the
@@ -629,7 +612,9 @@ class Client(_Base):
         generation is followed through its event stream instead, each event passed to it (progress
         bars; previews too with preview=True)."""
         return self._call(
-            self._generate(model, steps, solver, seed, n, timeout, wait, on_event, preview, schedule, priority)
+            self._generate(
+                self._body(model, steps, solver, seed, n, wait, schedule, preview, priority), timeout, on_event
+            )
         )
 
 
@@ -720,7 +705,9 @@ class AsyncClient(_Base):
         schedule: str | None = None,
         priority: str | None = None,
     ) -> dict:
-        return await self._call(self._submit(model, steps, solver, seed, n, wait, timeout, preview, schedule, priority))
+        return await self._call(
+            self._submit(self._body(model, steps, solver, seed, n, wait, schedule, preview, priority), timeout)
+        )
 
     def events(self, gen_id: str) -> AsyncIterator[GenerationEvent]:
         """`async for ev in client.events(id)`: as Client.events."""
@@ -742,5 +729,5 @@ class AsyncClient(_Base):
         priority: str | None = None,
     ) -> GenerationResult:
         return await self._call(
-            self._generate(model, steps, solver, seed, n, timeout, wait, None, False, schedule, priority)
+            self._generate(self._body(model, steps, solver, seed, n, wait, schedule, False, priority), timeout)
         )
