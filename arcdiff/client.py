@@ -14,6 +14,8 @@ have passed. 429 (queue full) and 503 (not ready) are retried after the server's
 (capped at `max_retry_wait` seconds, at most `max_retries` times, and never past the deadline);
 any other error raises `APIError` carrying the API's own message (for 422, the one that names the
 bad fields). Only httpx, httpx-sse and (when images are decoded) Pillow are imported: no torch.
+`Client` and `AsyncClient` share one core: each operation is a generator of effects (requests,
+sleeps, events) that the two classes only drive, blocking or awaited (see "the core" below).
 
 Follow a generation as it runs (server-sent events; a dropped stream is resumed with Last-Event-ID):
 
@@ -277,15 +279,15 @@ class _Next:
 
 _NEXT = _Next()
 _Effect = _Send | _Open | _Next | _Sleep | _Emit
-T = TypeVar("T")
-Flow = Generator[_Effect, Any, T]
+_T = TypeVar("_T")
+_Flow = Generator[_Effect, Any, _T]
 
 
 class _Runner:
     """Steps one operation: `step()` passes on the answer (or error) set since and returns the next
     effect, or None when the operation has returned (its value in `value`)."""
 
-    def __init__(self, flow: Flow[Any]):
+    def __init__(self, flow: _Flow[Any]):
         self.flow = flow
         self.answer: Any = None
         self.error: BaseException | None = None
@@ -383,7 +385,7 @@ class _Base:
 
     # -- the operations --
 
-    def _request(self, method: str, path: str, deadline: float, **kw: Any) -> Flow[tuple[httpx.Response, int]]:
+    def _request(self, method: str, path: str, deadline: float, **kw: Any) -> _Flow[tuple[httpx.Response, int]]:
         """One API call; 429/503 retried after Retry-After (bounded); returns (response, retries)."""
         attempt = 0
         while True:
@@ -399,12 +401,12 @@ class _Base:
             attempt += 1
             yield _Sleep(wait)
 
-    def _json(self, method: str, path: str) -> Flow[Any]:
+    def _json(self, method: str, path: str) -> _Flow[Any]:
         """A call that is retried for up to max_retry_wait seconds; returns its JSON body."""
         r, _ = yield from self._request(method, path, time.monotonic() + self.max_retry_wait)
         return r.json()
 
-    def _submit(self, body: dict, timeout: float) -> Flow[dict]:
+    def _submit(self, body: dict, timeout: float) -> _Flow[dict]:
         """POST `body` (see `_body`); with "wait" the read may last until the deadline."""
         wait = bool(body.get("wait"))
         deadline = time.monotonic() + timeout
@@ -424,7 +426,7 @@ class _Base:
 
     def _events(
         self, gen_id: str, handle: Callable[[GenerationEvent], None] | None = None
-    ) -> Flow[GenerationEvent | None]:
+    ) -> _Flow[GenerationEvent | None]:
         """Each event emitted (or passed to `handle`); returns the terminal one, or None if the server
         closed the stream before it. A broken stream is resumed from the last event seen."""
         last_id, resumes = None, 0
@@ -452,7 +454,7 @@ class _Base:
 
     def _generate(
         self, request: dict, timeout: float, on_event: Callable[[GenerationEvent], None] | None = None
-    ) -> Flow[GenerationResult]:
+    ) -> _Flow[GenerationResult]:
         """Submit `request` and follow it to its end: through its events when `on_event` is given
         (submitted without "wait"), else by waiting and polling (without "preview")."""
         deadline = time.monotonic() + timeout
@@ -511,7 +513,7 @@ class Client(_Base):
     def close(self) -> None:
         self._http.close()
 
-    def _drive(self, flow: Flow[Any], out: list[Any] | None = None) -> Iterator[GenerationEvent]:
+    def _drive(self, flow: _Flow[Any], out: list[Any] | None = None) -> Iterator[GenerationEvent]:
         """Run an operation, blocking: yields its emitted events; its value appended to `out`."""
         run = _Runner(flow)
         with contextlib.ExitStack() as stream:
@@ -544,8 +546,8 @@ class Client(_Base):
             return source.response
         return next(run.events, None)
 
-    def _call(self, flow: Flow[T]) -> T:
-        out: list[T] = []
+    def _call(self, flow: _Flow[_T]) -> _T:
+        out: list[_T] = []
         for _ in self._drive(flow, out):
             pass
         return out[0]
@@ -644,7 +646,7 @@ class AsyncClient(_Base):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _drive(self, flow: Flow[Any], out: list[Any] | None = None) -> AsyncIterator[GenerationEvent]:
+    async def _drive(self, flow: _Flow[Any], out: list[Any] | None = None) -> AsyncIterator[GenerationEvent]:
         """Run an operation, awaited: yields its emitted events; its value appended to `out`."""
         run = _Runner(flow)
         async with contextlib.AsyncExitStack() as stream:
@@ -679,8 +681,8 @@ class AsyncClient(_Base):
             return source.response
         return await anext(run.events, None)
 
-    async def _call(self, flow: Flow[T]) -> T:
-        out: list[T] = []
+    async def _call(self, flow: _Flow[_T]) -> _T:
+        out: list[_T] = []
         async for _ in self._drive(flow, out):
             pass
         return out[0]
