@@ -51,7 +51,9 @@ def import_commands(package: str, modules: dict[str, str]) -> list[tuple[str, An
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # the command line as given (`arcdiff eval table` records it)
     return int(args.func(args) or 0)
 
 
