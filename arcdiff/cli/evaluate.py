@@ -109,7 +109,10 @@ def register_tables(p: argparse.ArgumentParser) -> None:
             name, help=summary, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
         )
         module.add_arguments(sp)
-        sp.set_defaults(func=lambda args, name=name, module=module: module.run(args, own_arguments(args.argv, name)))
+        # argv: main() fills in the command line, which the tables record
+        sp.set_defaults(
+            func=lambda args, name=name, module=module: module.run(args, own_arguments(args.argv, name)), argv=[]
+        )
 
 
 def own_arguments(argv: list[str], name: str) -> list[str]:

@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    args.argv = argv  # the command line as given (`arcdiff eval table` records it)
+    if hasattr(args, "argv"):  # a command that records its command line (`arcdiff eval table`) asks for it
+        args.argv = argv
     return int(args.func(args) or 0)
 
 
