@@ -220,10 +220,8 @@ def grid_eta(i: torch.Tensor, steps: torch.Tensor, grid: torch.Tensor | None = N
     uniform: eta = (pi/2)(1 - i/n), the paper's grid. logsnr and karras: tuned_eta over
     tuned_range(n). The tuned grids' interior points are i = 1..n-1 (fraction t = (i-1)/(n-2); a
     single interior point sits at t = 1/2). Indices past the end read eta = 0."""
-    if steps.device.type == "cpu":
-        need = int(steps.max()) if steps.numel() else 1
-    else:  # no device sync at every step: the table for every step count the API takes, once
-        need = GRID_TABLE_GPU_STEPS
+    # on a GPU no device sync at every step: the table for every step count the API takes, once
+    need = (int(steps.max()) if steps.numel() else 1) if steps.device.type == "cpu" else GRID_TABLE_GPU_STEPS
     table = _grid_table(need, steps.device)
     g = torch.zeros_like(steps) if grid is None else grid
     n = steps.long().clamp_min(1)
