@@ -4,7 +4,9 @@ x_eta = cos(eta) x0 + sin(eta) eps, eta in [0, pi/2]: eta = 0 is data, eta = pi/
 In the usual VP notation alpha = cos(eta), sigma = sin(eta), alpha_bar = cos^2(eta), and the
 half log-SNR used by DPM-Solver is lambda = log(alpha / sigma) = log(cot(eta)).
 
-Every function here is a plain function over tensors; none holds state.
+Every function here is a plain function over tensors. The one module-level value that changes is
+_GRID_TABLE, grid_eta's cache of grid points per device: filled on first use and grown as larger
+step counts come, it never changes a result (the same formula, read from a table).
 """
 
 from __future__ import annotations
