@@ -69,13 +69,13 @@ class GenerationRequest(BaseModel):
         description="solver steps (network evaluations = steps x stages). Omitted: about "
         f"{DEFAULT_NFE} network evaluations of the solver",
     )
-    solver: Solver = Field(  # type: ignore[assignment]
+    solver: Solver = Field(
         None,
         description=f"{SOLVER_HELP}. Omitted: the measured default "
         f"({DEFAULT_SOLVER}, {DEFAULT_STEPS} steps, {DEFAULT_SCHEDULE}; {FEW_STEPS_SOLVER} for at most "
         f"{FEW_STEPS_MAX} steps; see GET /v1/models)",
     )
-    schedule: Schedule = Field(  # type: ignore[assignment]
+    schedule: Schedule = Field(
         None,
         description="the time grid: uniform (in eta, the paper's), logsnr (uniform in log cot eta) or karras "
         f"(in tan eta; range and rho per step count). Omitted: the solver's own default, {GRID_DEFAULTS_HELP}",
@@ -99,7 +99,7 @@ class GenerationRequest(BaseModel):
         description="send previews on GET /v1/generations/{id}/events while it runs: each image's current "
         "x0_hat (the model's clean estimate, at no extra network evaluation) as a small PNG",
     )
-    priority: Priority = Field(  # type: ignore[assignment]
+    priority: Priority = Field(
         DEFAULT_PRIORITY,
         description="interactive (default): runs first, its network evaluations kept short; batch: fills the "
         "device time interactive images leave (on a CPU it pauses while they run)",
