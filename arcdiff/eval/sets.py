@@ -336,6 +336,12 @@ def main(argv: list[str] | None = None) -> int:
     return run(p.parse_args(argv), argv)
 
 
+def shown_command(argv: list[str], args: argparse.Namespace) -> list[str]:
+    """The arguments as the results record them: this machine's folders read MNIST_DIR and MODEL_DIR."""
+    names = {args.ref: "MNIST_DIR", **({args.model_dir: "MODEL_DIR"} if args.model_dir else {})}
+    return [names.get(a, a) if Path(a).is_absolute() else a for a in argv]
+
+
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     """Sample what is missing, score every cell in every feature space, write the table;
     `argv`, the command's own arguments, is recorded with the results."""
@@ -346,7 +352,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        result = run_sets(args, "arcdiff eval sets " + shlex.join(argv))
+        result = run_sets(args, "arcdiff eval sets " + shlex.join(shown_command(argv, args)))
     except (ValueError, OSError) as e:
         print(f"arcdiff eval sets: error: {e}", file=sys.stderr)
         return 2
