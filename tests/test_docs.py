@@ -172,7 +172,7 @@ EVAL_TABLES = sorted((REPO / "docs" / "eval").glob("**/table.json"))
 @pytest.mark.parametrize("path", EVAL_TABLES, ids=lambda p: str(p.parent.relative_to(REPO)))
 def test_eval_table_is_what_the_generator_writes(path):
     """Each docs/eval table.md is `markdown()` of the committed records: no hand edits, no machine paths."""
-    from arcdiff.model.eval.table import markdown
+    from arcdiff.eval.table import markdown
 
     table = json.loads(path.read_text())
     written = markdown(table["records"], table["command"])

@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--data", required=True, help="MNIST images IDX file, or the folder holding it and its labels")
-    p.add_argument("--out", default="arcdiff/model/eval/weights", help="folder for the weights and facts")
+    p.add_argument("--out", default="arcdiff/eval/weights", help="folder for the weights and facts")
     p.add_argument("--holdout", type=int, default=2000, help="images held out to measure accuracy (0: none)")
     p.add_argument("--no-refit", action="store_true", help="ship the held-out-split fit instead of refitting on all")
     p.add_argument("--epochs", type=int, default=10, help="passes over the data per fit")
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from arcdiff.model.eval.mnist_net import train_feature_net
+    from arcdiff.eval.mnist_net import train_feature_net
     from arcdiff.training.data import DataError
 
     if args.threads:

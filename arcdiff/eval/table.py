@@ -1,7 +1,7 @@
 """The frontier: FID, sFID, precision/recall and confident-digit share against NFE per (solver,
 time grid) for the bundled MNIST models, plotted as FID against NFE.
 
-    python -m arcdiff.model.eval.table --ref MNIST_DIR --num-samples 500 --out eval/table
+    arcdiff eval table --ref MNIST_DIR --num-samples 500 --out eval/table
 
 Rows are (model, solver, schedule); columns NFE 5, 10, 20, 40 (and 80 for the paper's solvers
 euler, heun, rk4); a cell exists where the NFE is a whole number of steps (rk4 at 20/40/80 is 5,
@@ -196,12 +196,8 @@ def plot_frontier(records: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m arcdiff.model.eval.table",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The table's options, on its own parser (`python -m arcdiff.eval.table`) or on `arcdiff eval table`."""
     p.add_argument("--ref", required=True, help="real images (the MNIST IDX folder)")
     p.add_argument("--num-samples", type=int, default=DEFAULT_SAMPLES, help="samples per cell")
     p.add_argument("--out", default="eval/table", help="output folder")
@@ -228,13 +224,26 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="write the table from the records already in OUT/records, running nothing (missing cells: -)",
     )
-    args = p.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="arcdiff eval table",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(p)
+    argv = sys.argv[1:] if argv is None else argv
+    return run(p.parse_args(argv), argv)
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run the table's cells; `argv`, the table's own arguments, is recorded as the command."""
     import torch
 
-    from arcdiff.model.eval.evaluate import evaluate, write_record
-    from arcdiff.model.eval.features import get_extractor
-    from arcdiff.model.eval.reference import reference_features
+    from arcdiff.eval.evaluate import evaluate, write_record
+    from arcdiff.eval.features import get_extractor
+    from arcdiff.eval.reference import reference_features
     from arcdiff.model.images import save_grid
     from arcdiff.model.registry import ModelRegistry
     from arcdiff.model.solver_names import resolve
@@ -308,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     if not records:
         print("no records: nothing to write")
         return 1
-    command = "python -m arcdiff.model.eval.table " + " ".join(shown_command(argv, args.ref))
+    command = "arcdiff eval table " + " ".join(shown_command(argv, args.ref))
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.json").write_text(json.dumps({"command": command, "records": records}, indent=2) + "\n")
     (out / "table.md").write_text(markdown(records, command))

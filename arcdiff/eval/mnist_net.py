@@ -9,7 +9,7 @@ so, as is common for MNIST, a classifier trained on the digits gives the feature
                        ADM's sFID, which keeps 7 channels of Inception's 17x17 mixed_6/conv)
     softmax          -> "is this a recognisable digit" (confidence > 0.9)
 
-Weights ship as arcdiff/model/eval/weights/mnist_features.safetensors with a JSON of facts beside them;
+Weights ship as arcdiff/eval/weights/mnist_features.safetensors with a JSON of facts beside them;
 `arcdiff train-features` remakes them.
 """
 
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arcdiff.model.eval.features import FeatureError
+from arcdiff.eval.features import FeatureError
 from arcdiff.training.data import resize_images
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -125,7 +125,7 @@ def load_mnist_extractor(weights: str | Path | None = None, device: str | torch.
     if not path.is_file() or not facts_path.is_file():
         raise FeatureError(
             f"{path}: MNIST feature network weights (and {facts_path.name}) not found; "
-            "make them with `arcdiff train-features --data PATH_TO_MNIST --out arcdiff/model/eval/weights`"
+            "make them with `arcdiff train-features --data PATH_TO_MNIST --out arcdiff/eval/weights`"
         )
     facts = json.loads(facts_path.read_text())
     net = MnistFeatureNet(MnistNetConfig.from_dict(facts["architecture"]))
