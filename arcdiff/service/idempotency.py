@@ -1,8 +1,9 @@
 """Idempotent submits: the `Idempotency-Key` header of POST /v1/generations.
 
-The first request with a key claims it, atomically (Redis: SET NX with the TTL; embedded: a lock
-in memory), naming the generation id it is about to make and the fingerprint of its body; once the
-generation is accepted the claim is marked made, and if it is refused the claim is dropped. A later
+The first request with a key claims it, atomically (Redis: SET NX; embedded: a lock in memory),
+naming the generation id it is about to make and the fingerprint of its body, for at most
+PENDING_TTL_S; once the generation is accepted the claim is marked made and kept for the TTL, and
+if it is refused the claim is dropped. A later
 request with the same key (within `ARCDIFF_IDEMPOTENCY_TTL_S`, per API key) finds the claim: with
 the same body it gets that generation, with another body it is refused. Keys are scoped per API key
 (without keys, one scope for everyone); only a SHA-256 of (scope, key) names the record.
@@ -26,6 +27,9 @@ from arcdiff.service.backend import NotReady
 KEY_PREFIX = "arcdiff:idem:"
 MAX_KEY_LENGTH = 255
 KEY_PATTERN = r"^[!-~]+$"  # visible ASCII, no spaces
+# a claim whose generation is not made yet lives this long at most: if the request that holds it dies
+# before it submits (its API process killed), the key is free again after this, not after the TTL
+PENDING_TTL_S = 60
 
 
 def fingerprint(body: dict[str, Any]) -> str:
@@ -80,7 +84,7 @@ class RedisIdempotency:
         name = KEY_PREFIX + record_name(scope, key)
         try:
             for _ in range(3):  # a claim that expires between SET and GET: try again
-                if await self.redis.set(name, mine.to_json(), nx=True, ex=self.ttl_s):
+                if await self.redis.set(name, mine.to_json(), nx=True, ex=min(PENDING_TTL_S, self.ttl_s)):
                     return None
                 raw = await self.redis.get(name)
                 if raw is not None:
@@ -93,7 +97,7 @@ class RedisIdempotency:
         name = KEY_PREFIX + record_name(scope, key)
         done = Claim(mine.fingerprint, mine.gen_id, made=True)
         try:
-            await self.redis.set(name, done.to_json(), xx=True, keepttl=True)
+            await self.redis.set(name, done.to_json(), xx=True, ex=self.ttl_s)
         except RedisError:
             pass  # the claim stays "not made": a repeat waits for the generation, which exists
 
@@ -122,7 +126,7 @@ class MemoryIdempotency:
             held = self._claims.get(name)
             if held is not None:
                 return held[0]
-            self._claims[name] = (mine, now + self.ttl_s)
+            self._claims[name] = (mine, now + min(PENDING_TTL_S, self.ttl_s))
             return None
 
     async def made(self, scope: str, key: str, mine: Claim) -> None:
@@ -130,7 +134,7 @@ class MemoryIdempotency:
         with self._lock:
             held = self._claims.get(name)
             if held is not None and held[0] == mine:
-                self._claims[name] = (Claim(mine.fingerprint, mine.gen_id, made=True), held[1])
+                self._claims[name] = (Claim(mine.fingerprint, mine.gen_id, made=True), time.monotonic() + self.ttl_s)
 
     async def release(self, scope: str, key: str, mine: Claim) -> None:
         name = record_name(scope, key)

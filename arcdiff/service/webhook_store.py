@@ -97,7 +97,7 @@ class RedisWebhookStore:
 
     async def load(self, gen_id: str) -> tuple[dict[str, Any], list[Delivery]] | None:
         try:
-            fields = await self.redis.hgetall(HOOK_PREFIX + gen_id)
+            fields: dict[Any, Any] = await self.redis.hgetall(HOOK_PREFIX + gen_id)  # bytes -> bytes
         except RedisError as e:  # a GET of the generation answers 503, as for the job itself
             raise NotReady(f"Redis error: {e}", retry_after=2) from None
         if b"config" not in fields:
