@@ -103,6 +103,14 @@ class GenerationSpec:
         missing = sorted(names - set(payload) - optional)
         if missing:
             raise SpecError(f"missing field(s): {', '.join(missing)}")
+        cls._check_types(payload)
+        spec = cls(**payload)
+        spec._check_values()
+        return spec
+
+    @staticmethod
+    def _check_types(payload: dict[str, Any]) -> None:
+        """Each field's exact type (a bool is no integer here)."""
         for key in ("id", "model", "solver", "schedule", "priority"):
             if key in payload and (not isinstance(payload[key], str) or not payload[key]):
                 raise SpecError(f"{key} must be a non-empty string")
@@ -115,7 +123,10 @@ class GenerationSpec:
             raise SpecError("preview must be a boolean")
         if not isinstance(payload["submitted_at"], (int, float)) or not math.isfinite(payload["submitted_at"]):
             raise SpecError("submitted_at must be a number")
-        spec = cls(**payload)
+
+    def _check_values(self) -> None:
+        """Ranges and names."""
+        spec = self
         if not 1 <= spec.steps <= MAX_STEPS:
             raise SpecError(f"steps must be in 1..{MAX_STEPS}, got {spec.steps}")
         if not 0 <= spec.seed <= SEED_MAX:
@@ -128,7 +139,6 @@ class GenerationSpec:
             raise SpecError(f"unknown schedule {spec.schedule!r}")
         if spec.priority not in PRIORITIES:
             raise SpecError(f"priority must be one of {', '.join(PRIORITIES)}, got {spec.priority!r}")
-        return spec
 
 
 def queue_expiry(spec: GenerationSpec, queue_timeout_s: float | None, now: float) -> str | None:

@@ -174,9 +174,9 @@ def test_no_cycle_between_parts():
 
     def cycle_from(node: str, path: list[str]) -> list[str] | None:
         if node in path:
-            return path[path.index(node) :] + [node]
+            return [*path[path.index(node) :], node]
         for nxt in sorted(graph[node]):
-            found = cycle_from(nxt, path + [node])
+            found = cycle_from(nxt, [*path, node])
             if found:
                 return found
         return None

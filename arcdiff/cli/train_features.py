@@ -12,9 +12,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Train the MNIST feature network (a small CNN classifier): fit on all but --holdout labelled "
             "images and report held-out accuracy, then refit on all of them, and write "
-            "mnist_features.safetensors + mnist_features.json to OUT."
+            "<name>.safetensors + <name>.json to OUT (mnist_features for --kind cnn, mnist_judge for --kind mlp)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--kind",
+        choices=("cnn", "mlp"),
+        default="cnn",
+        help="cnn: the feature network (mnist_features); mlp: the second judge of `arcdiff eval sets --features "
+        "judge` (mnist_judge)",
     )
     p.add_argument("--data", required=True, help="MNIST images IDX file, or the folder holding it and its labels")
     p.add_argument("--out", default="arcdiff/eval/weights", help="folder for the weights and facts")
@@ -51,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
             lr=args.lr,
             seed=args.seed,
             progress=not args.quiet,
+            kind=args.kind,
         )
     except (DataError, ValueError) as e:
         print(f"arcdiff train-features: error: {e}", file=sys.stderr)

@@ -170,7 +170,7 @@ def score(
     return out
 
 
-def evaluate(
+def evaluate(  # noqa: PLR0913 - the options of `arcdiff eval`, each a keyword with a default
     model: str | LoadedModel,
     solver: str,
     steps: int,

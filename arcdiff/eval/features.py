@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-EXTRACTORS = ("auto", "mnist", "inception")
+EXTRACTORS = ("auto", "mnist", "judge", "inception")
 
 
 class FeatureError(RuntimeError):
@@ -61,10 +61,10 @@ def get_extractor(
         raise ValueError(f"unknown feature extractor {kind!r}; expected one of {', '.join(EXTRACTORS)}")
     if kind == "auto":
         kind = "mnist" if channels == 1 else "inception"
-    if kind == "mnist":
+    if kind in ("mnist", "judge"):  # the project's CNN, or the perceptron no default was chosen on
         from arcdiff.eval.mnist_net import load_mnist_extractor
 
-        return load_mnist_extractor(mnist_weights, device=device)
+        return load_mnist_extractor(mnist_weights, device=device, kind="mlp" if kind == "judge" else "cnn")
     from arcdiff.eval.inception import InceptionExtractor
 
     return InceptionExtractor(inception_path, device=device)

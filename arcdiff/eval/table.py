@@ -53,7 +53,7 @@ def parse_rows(text: str) -> tuple[tuple, ...]:
         if len(parts) not in (2, 3):
             raise ValueError(f"a row is model:solver[:schedule][@nfe/nfe...], got {item!r}")
         row = (parts[0], parts[1], parts[2] if len(parts) == 3 else "uniform")
-        rows.append(row + (tuple(int(n) for n in nfes.split("/")),) if nfes else row)
+        rows.append((*row, tuple(int(n) for n in nfes.split("/"))) if nfes else row)
     return tuple(rows)
 
 
@@ -106,7 +106,7 @@ def _pivot(records: list[dict[str, Any]], fmt, title: str, nfes: list[int]) -> l
         lines.append(
             f"| {m} | {s} | " + " | ".join(fmt(by[(m, s, n)]) if (m, s, n) in by else "-" for n in nfes) + " |"
         )
-    return lines + [""]
+    return [*lines, ""]
 
 
 def markdown(records: list[dict[str, Any]], command: str) -> str:
@@ -318,15 +318,20 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         print("no records: nothing to write")
         return 1
     command = "arcdiff eval table " + " ".join(shown_command(argv, args.ref))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.json").write_text(json.dumps({"command": command, "records": records}, indent=2) + "\n")
-    (out / "table.md").write_text(markdown(records, command))
-    plot_frontier(records, out / "frontier.png")
+    write_table(out, records, command)
     print(
         f"{len(todo)} cells in {(time.time() - t0) / 60:.1f} min; wrote {out / 'table.md'}, {out / 'table.json'} "
         f"and {out / 'frontier.png'}"
     )
     return 0
+
+
+def write_table(out: Path, records: list[dict[str, Any]], command: str) -> None:
+    """OUT/table.json (the records and the command), OUT/table.md and OUT/frontier.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.json").write_text(json.dumps({"command": command, "records": records}, indent=2) + "\n")
+    (out / "table.md").write_text(markdown(records, command))
+    plot_frontier(records, out / "frontier.png")
 
 
 if __name__ == "__main__":

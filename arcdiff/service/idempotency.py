@@ -12,6 +12,7 @@ the same body it gets that generation, with another body it is refused. Keys are
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import threading
@@ -96,16 +97,12 @@ class RedisIdempotency:
     async def made(self, scope: str, key: str, mine: Claim) -> None:
         name = KEY_PREFIX + record_name(scope, key)
         done = Claim(mine.fingerprint, mine.gen_id, made=True)
-        try:
+        with contextlib.suppress(RedisError):  # then the claim stays "not made": a repeat still finds the generation
             await self.redis.set(name, done.to_json(), xx=True, ex=self.ttl_s)
-        except RedisError:
-            pass  # the claim stays "not made": a repeat waits for the generation, which exists
 
     async def release(self, scope: str, key: str, mine: Claim) -> None:
-        try:
+        with contextlib.suppress(RedisError):  # then it lapses with its TTL
             await self._release(keys=[KEY_PREFIX + record_name(scope, key)], args=[mine.to_json()])
-        except RedisError:
-            pass  # expires with its TTL
 
 
 class MemoryIdempotency:

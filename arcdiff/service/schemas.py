@@ -55,7 +55,7 @@ class WebhookIn(BaseModel):
         "refused unless the server allows them",
         json_schema_extra={"format": "uri"},
     )
-    events: list[WebhookEvent] = Field(  # type: ignore[valid-type]
+    events: list[WebhookEvent] = Field(
         list(DEFAULT_WEBHOOK_EVENTS),
         min_length=1,
         max_length=len(WEBHOOK_EVENTS),
@@ -107,13 +107,13 @@ class GenerationRequest(BaseModel):
         description="solver steps (network evaluations = steps x stages). Omitted: about "
         f"{DEFAULT_NFE} network evaluations of the solver",
     )
-    solver: Solver = Field(  # type: ignore[assignment]
+    solver: Solver = Field(
         None,
         description=f"{SOLVER_HELP}. Omitted: the measured default "
         f"({DEFAULT_SOLVER}, {DEFAULT_STEPS} steps, {DEFAULT_SCHEDULE}; {FEW_STEPS_SOLVER} for at most "
         f"{FEW_STEPS_MAX} steps; see GET /v1/models)",
     )
-    schedule: Schedule = Field(  # type: ignore[assignment]
+    schedule: Schedule = Field(
         None,
         description="the time grid: uniform (in eta, the paper's), logsnr (uniform in log cot eta) or karras "
         f"(in tan eta; range and rho per step count). Omitted: the solver's own default, {GRID_DEFAULTS_HELP}",
@@ -137,7 +137,7 @@ class GenerationRequest(BaseModel):
         description="send previews on GET /v1/generations/{id}/events while it runs: each image's current "
         "x0_hat (the model's clean estimate, at no extra network evaluation) as a small PNG",
     )
-    priority: Priority = Field(  # type: ignore[assignment]
+    priority: Priority = Field(
         DEFAULT_PRIORITY,
         description="interactive (default): runs first, its network evaluations kept short; batch: fills the "
         "device time interactive images leave (on a CPU it pauses while they run)",
@@ -196,7 +196,7 @@ class WebhookAttemptOut(BaseModel):
 
 
 class WebhookDeliveryOut(BaseModel):
-    event: WebhookEvent  # type: ignore[valid-type]
+    event: WebhookEvent
     message_id: str = Field(description="the webhook-id header: the same on every attempt of this delivery")
     state: Literal["pending", "delivered", "failed"] = Field(
         description="pending: not yet answered with 2xx and attempts left; delivered; failed: out of attempts "
@@ -208,7 +208,7 @@ class WebhookDeliveryOut(BaseModel):
 
 class WebhookOut(BaseModel):
     url: str
-    events: list[WebhookEvent]  # type: ignore[valid-type]
+    events: list[WebhookEvent]
     deliveries: list[WebhookDeliveryOut] = Field(
         default_factory=list, description="one per event that has happened and was asked for"
     )

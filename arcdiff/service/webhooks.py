@@ -18,6 +18,7 @@ each attempt is signed afresh with its own timestamp.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -137,10 +138,8 @@ class WebhookDispatcher:
                 raise
             except Exception as e:  # Redis away, say: the next round tries again
                 log.warning("webhook round failed: %s: %s", type(e).__name__, e)
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.settings.webhook_poll_s)
-            except asyncio.TimeoutError:
-                pass
             self._wake.clear()
 
     async def _round(self) -> None:

@@ -85,7 +85,7 @@ def test_a_recompile_after_warm_up_is_an_error_under_the_guard(model_dir):
         fwd(torch.zeros(2, 1, 8, 8), torch.full((2,), 0.5))
         torch.compiler.set_stance("fail_on_recompile")
         fwd(torch.zeros(2, 1, 8, 8), torch.full((2,), 0.7))  # same shape: no recompile
-        with pytest.raises(Exception, match="(?i)recompil"):
+        with pytest.raises(Exception, match=r"(?i)recompil"):
             fwd(torch.zeros(3, 1, 8, 8), torch.full((3,), 0.5))
 
 
@@ -154,7 +154,7 @@ def test_bf16_autocast_on_cpu_when_asked_keeps_the_solver_in_float32(model_dir):
 
 @pytest.mark.slow
 def test_inductor_compiled_engine_no_recompiles(model_dir):
-    eng, specs, results, sizes, n_graphs = run_mixed(model_dir, backend="inductor", mode="reduce-overhead")
+    _eng, specs, results, _sizes, _n_graphs = run_mixed(model_dir, backend="inductor", mode="reduce-overhead")
     for s, r in zip(specs, results, strict=True):
         want, _ = reference(model_dir, s.model, s.steps, s.solver, s.seed, s.n)
         assert torch.allclose(r.extra["samples"], want, atol=1e-4), s

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 from fastapi import Depends, HTTPException, Request, status
 
@@ -85,7 +85,7 @@ def idempotency_scope(request: Request) -> str:
     return request.state.client_id if keys_configured(request) else ""
 
 
-def _reject(request: Request, code: int, message: str) -> None:
+def _reject(request: Request, code: int, message: str) -> NoReturn:
     from arcdiff.service.metrics import REJECTED
 
     if request.method == "POST":

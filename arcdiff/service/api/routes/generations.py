@@ -40,6 +40,8 @@ from arcdiff.service.webhooks import WebhookDispatcher
 
 log = logging.getLogger("arcdiff.api")
 
+# the `responses` of a route: status code -> its OpenAPI description (and model)
+Responses = dict[int | str, dict[str, Any]]
 ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 PREFIX = "/v1/generations"
 
@@ -51,6 +53,8 @@ def generation_url(gen_id: str) -> str:
 # the spec's fields a request carries straight through, and those an answer echoes
 SPEC_FIELDS = frozenset(GenerationSpec.__dataclass_fields__)
 ECHOED = frozenset(GenerationOut.model_fields) & SPEC_FIELDS
+# the spec's fields the route fills in (the defaults resolved, a seed drawn) rather than copies
+FILLED = frozenset({"steps", "solver", "schedule", "seed"})
 
 
 def to_out(gen: Generation) -> GenerationOut:
@@ -195,7 +199,7 @@ IdempotencyKey = Annotated[
 ]
 
 
-_CREATE_RESPONSES = {
+_CREATE_RESPONSES: Responses = {
     200: {
         "description": "wait=true and done in time: the generation (status finished or failed); with "
         "'Accept: image/png' and n=1, the PNG itself with a Server-Timing header",
@@ -266,17 +270,37 @@ async def create_generation(
     # the measured defaults, or a distilled student's own (model.catalog.ModelInfo.resolve)
     solver, steps, schedule = backend.models[body.model].resolve(body.solver, body.steps, body.schedule)
     caller = getattr(request.state, "client_id", "anonymous")
-    filled = {"steps": steps, "solver": solver, "schedule": schedule, "seed": seed}
+    # every other request field the spec has travels as given (a new one needs no line here)
+    given: dict[str, Any] = {k: v for k, v in body.model_dump().items() if k in SPEC_FIELDS and k not in FILLED}
     spec = GenerationSpec(
         id=gen_id,
         submitted_at=time.time(),
         # no secret: a short hash of the key, or the address; the per-key cap, and with keys the owner
         client=caller[:CLIENT_MAX],
-        **filled,
-        # every other request field the spec has travels as given (a new one needs no line here)
-        **{k: v for k, v in body.model_dump().items() if k in SPEC_FIELDS and k not in filled},
+        steps=steps,
+        solver=solver,
+        schedule=schedule,
+        seed=seed,
+        **given,
     )
+    refused = await _submit(request, backend, spec, caller)
     idem = request.app.state.idempotency
+    if claim is not None:  # a refused request frees its key; an accepted one keeps it for the TTL
+        await (idem.release(*claim) if refused is not None else idem.made(*claim))
+    if refused is not None:
+        return refused
+    webhooks = _dispatcher(request)
+    if body.webhook is not None and webhooks is not None:
+        try:
+            await webhooks.register(Generation(spec, "queued"), body.webhook.url, body.webhook.events)
+        except Exception:  # the generation is accepted: answer it; the log says the webhook is lost
+            log.exception("registering the webhook of %s failed", spec.id)
+    return await _answer(request, backend, settings, spec, body.wait, want_png)
+
+
+async def _submit(request: Request, backend: Backend, spec: GenerationSpec, caller: str) -> JSONResponse | None:
+    """Count the images against the caller's limit and hand the generation to the backend; the
+    error answer if either refuses (nothing counted then)."""
     limiter = request.app.state.limiter
     try:
         if limiter is not None:
@@ -287,23 +311,13 @@ async def create_generation(
             if limiter is not None:
                 await limiter.give_back(caller, spec.n)
             raise
-    except (Rejected, RateLimited) as e:
-        if claim is not None:
-            await idem.release(*claim)
-        if isinstance(e, RateLimited):
-            REJECTED.labels("rate_limited").inc()
-            return _error(status.HTTP_429_TOO_MANY_REQUESTS, str(e), headers={"Retry-After": str(e.retry_after)})
+    except RateLimited as e:
+        REJECTED.labels("rate_limited").inc()
+        return _error(status.HTTP_429_TOO_MANY_REQUESTS, str(e), headers={"Retry-After": str(e.retry_after)})
+    except Rejected as e:
         REJECTED.labels(e.reason).inc()
         return _error(e.status_code, str(e), headers={"Retry-After": str(e.retry_after)})
-    if claim is not None:
-        await idem.made(*claim)
-    webhooks = _dispatcher(request)
-    if body.webhook is not None and webhooks is not None:
-        try:
-            await webhooks.register(Generation(spec, "queued"), body.webhook.url, body.webhook.events)
-        except Exception:  # the generation is accepted: answer it; the log says the webhook is lost
-            log.exception("registering the webhook of %s failed", spec.id)
-    return await _answer(request, backend, settings, spec, body.wait, want_png)
+    return None
 
 
 async def _claim_key(request: Request, backend: Backend, scope: str, key: str, mine: Claim) -> Claim | Response | None:
@@ -379,20 +393,21 @@ async def _answer(
     if not gen.done:
         return await _json(request, gen, status.HTTP_202_ACCEPTED, headers, await _workers(backend, spec.model))
     if want_png:
-        if gen.status != "finished":
+        result = gen.result if gen.status == "finished" else None
+        if result is None:
             return await _json(request, gen, status.HTTP_500_INTERNAL_SERVER_ERROR, headers)
         headers.update(
             {
-                "Server-Timing": server_timing(gen.result.metrics),
+                "Server-Timing": server_timing(result.metrics),
                 "X-Generation-Id": spec.id,
-                "X-Seed": str(gen.result.images[0].seed),
+                "X-Seed": str(result.images[0].seed),
             }
         )
-        return Response(gen.result.images[0].png, media_type="image/png", headers=headers)
+        return Response(result.images[0].png, media_type="image/png", headers=headers)
     return await _json(request, gen, status.HTTP_200_OK, headers)
 
 
-_READ_RESPONSES = {
+_READ_RESPONSES: Responses = {
     401: {"model": ErrorOut, "description": "API keys are configured and the request has none"},
     403: {"model": ErrorOut, "description": "the API key matches none configured"},
     404: {"model": ErrorOut, "description": "unknown or expired id"},
@@ -406,7 +421,7 @@ async def read_generation(gen_id: str, request: Request, backend: BackendDep) ->
     return gen if isinstance(gen, Response) else await _json(request, gen, status.HTTP_200_OK)
 
 
-_IMAGE_RESPONSES = {
+_IMAGE_RESPONSES: Responses = {
     200: {"content": {"image/png": {}}, "description": "the PNG"},
     401: {"model": ErrorOut, "description": "API keys are configured and the request has none"},
     403: {"model": ErrorOut, "description": "the API key matches none configured"},
@@ -419,15 +434,16 @@ async def read_image(gen_id: str, k: int, request: Request, backend: BackendDep)
     gen = await _find(request, backend, gen_id)
     if isinstance(gen, Response):
         return gen
-    if gen.status != "finished":
+    result = gen.result if gen.status == "finished" else None
+    if result is None:
         return _error(status.HTTP_409_CONFLICT, f"generation {gen_id} is {gen.status}, not finished")
-    if not 0 <= k < len(gen.result.images):
-        return _error(status.HTTP_404_NOT_FOUND, f"generation {gen_id} has images 0..{len(gen.result.images) - 1}")
-    im = gen.result.images[k]
+    if not 0 <= k < len(result.images):
+        return _error(status.HTTP_404_NOT_FOUND, f"generation {gen_id} has images 0..{len(result.images) - 1}")
+    im = result.images[k]
     return Response(im.png, media_type="image/png", headers={"X-Seed": str(im.seed)})
 
 
-_CANCEL_RESPONSES = {
+_CANCEL_RESPONSES: Responses = {
     200: {"description": "canceled (now or before): the generation, status canceled"},
     202: {"description": "cancel sent, not yet confirmed by the worker: the generation as it is"},
     401: {"model": ErrorOut, "description": "API keys are configured and the request has none"},
@@ -457,7 +473,7 @@ async def cancel_generation(gen_id: str, request: Request, backend: BackendDep) 
     return await _json(request, after, status.HTTP_200_OK if after.status == "canceled" else status.HTTP_202_ACCEPTED)
 
 
-_EVENTS_RESPONSES = {
+_EVENTS_RESPONSES: Responses = {
     200: {
         "content": {"text/event-stream": {}},
         "description": "server-sent events: queued, progress {nfe_done, nfe_total, images_done}, preview "
@@ -560,7 +576,7 @@ def with_body_model(
     return bound
 
 
-async def _find(request: Request, backend: Backend, gen_id: str) -> Generation | Response:
+async def _find(request: Request, backend: Backend, gen_id: str) -> Generation | JSONResponse:
     """The generation, or the error response (404 unknown, or another API key's; 503 queue unreachable)."""
     if not ID_PATTERN.match(gen_id):
         return _error(status.HTTP_404_NOT_FOUND, f"no generation {gen_id[:64]!r}: ids are 32 lowercase hex digits")
