@@ -178,6 +178,7 @@ class GenerationResult:
     retries: int = 0  # 429/503 answers retried before the generation was accepted
     schedule: str = "uniform"  # the time grid the images were sampled on
     priority: str = "interactive"  # interactive or batch
+    webhook: dict | None = None  # the request's webhook and its deliveries, as the server last said
 
     @property
     def pil_images(self) -> list[Image]:
@@ -206,6 +207,7 @@ class GenerationResult:
             retries=retries,
             schedule=body.get("schedule", "uniform"),
             priority=body.get("priority", "interactive"),
+            webhook=body.get("webhook"),
         )
 
 
@@ -340,8 +342,10 @@ class _Base:
         schedule: str | None,
         preview: bool = False,
         priority: str | None = None,
+        webhook: str | dict[str, Any] | None = None,
     ) -> dict:
-        """The POST body; steps, solver, schedule and priority left out when None (the server's defaults)."""
+        """The POST body; steps, solver, schedule, priority and webhook left out when None (the
+        server's defaults). `webhook`: a URL, or {"url": ..., "events": [...]}."""
         body: dict[str, Any] = {"model": model, "n": n}
         for key, value in (("steps", steps), ("solver", solver), ("schedule", schedule), ("priority", priority)):
             if value is not None:
@@ -352,6 +356,8 @@ class _Base:
             body["wait"] = True
         if preview:
             body["preview"] = True
+        if webhook is not None:
+            body["webhook"] = {"url": webhook} if isinstance(webhook, str) else dict(webhook)
         return body
 
     @staticmethod
@@ -406,16 +412,19 @@ class _Base:
         r, _ = yield from self._request(method, path, time.monotonic() + self.max_retry_wait)
         return r.json()
 
-    def _submit(self, body: dict, timeout: float) -> _Flow[dict]:
-        """POST `body` (see `_body`); with "wait" the read may last until the deadline."""
+    def _submit(self, body: dict, timeout: float, idempotency_key: str | None = None) -> _Flow[dict]:
+        """POST `body` (see `_body`); with "wait" the read may last until the deadline. With an
+        `idempotency_key` a repeat (a retry after 429/503 included) makes no second generation."""
         wait = bool(body.get("wait"))
         deadline = time.monotonic() + timeout
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else {}
         try:
             r, retries = yield from self._request(
                 "POST",
                 "/v1/generations",
                 deadline,
                 json=body,
+                headers=headers,
                 timeout=self._post_timeout(wait, deadline),
             )
         except Unreachable as e:
@@ -453,13 +462,17 @@ class _Base:
             return None  # the server closed the stream before a terminal event: nothing more to follow
 
     def _generate(
-        self, request: dict, timeout: float, on_event: Callable[[GenerationEvent], None] | None = None
+        self,
+        request: dict,
+        timeout: float,
+        on_event: Callable[[GenerationEvent], None] | None = None,
+        idempotency_key: str | None = None,
     ) -> _Flow[GenerationResult]:
         """Submit `request` and follow it to its end: through its events when `on_event` is given
         (submitted without "wait"), else by waiting and polling (without "preview")."""
         deadline = time.monotonic() + timeout
         if on_event is not None:
-            body = yield from self._submit({k: v for k, v in request.items() if k != "wait"}, timeout)
+            body = yield from self._submit({k: v for k, v in request.items() if k != "wait"}, timeout, idempotency_key)
 
             def handle(ev: GenerationEvent) -> None:
                 if time.monotonic() > deadline:
@@ -469,7 +482,7 @@ class _Base:
             end = yield from self._events(body["id"], handle)
             if end is not None:
                 return self._result(end.data, body["retries"])
-        body = yield from self._submit({k: v for k, v in request.items() if k != "preview"}, timeout)
+        body = yield from self._submit({k: v for k, v in request.items() if k != "preview"}, timeout, idempotency_key)
         retries, interval = body["retries"], self.poll_interval
         while body["status"] not in TERMINAL:
             left = deadline - time.monotonic()
@@ -573,13 +586,21 @@ class Client(_Base):
         preview: bool = False,
         schedule: str | None = None,
         priority: str | None = None,
+        webhook: str | dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
     ) -> dict:
         """POST a generation; returns the API's body plus `retries`. With wait=True the server holds
         the request until done (up to its own wait timeout, then 202) and `timeout` bounds it here.
         preview=True: its events carry previews (see `events`). priority: "interactive" (the server's
-        default) or "batch" (fills the device time interactive generations leave)."""
+        default) or "batch" (fills the device time interactive generations leave). webhook: a URL (or
+        {"url", "events"}) the server POSTs the generation's events to, signed (Standard Webhooks).
+        idempotency_key: the same key and body again answer the generation already made."""
         return self._call(
-            self._submit(self._body(model, steps, solver, seed, n, wait, schedule, preview, priority), timeout)
+            self._submit(
+                self._body(model, steps, solver, seed, n, wait, schedule, preview, priority, webhook),
+                timeout,
+                idempotency_key,
+            )
         )
 
     def events(self, gen_id: str) -> Iterator[GenerationEvent]:
@@ -606,16 +627,21 @@ class Client(_Base):
         preview: bool = False,
         schedule: str | None = None,
         priority: str | None = None,
+        webhook: str | dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
     ) -> GenerationResult:
         """Generate `n` images and return them (at most `timeout` seconds, retries included).
 
         wait=True (default) asks the server to answer when done (lowest latency) and polls only if it
         answers 202 first; wait=False submits and polls from the start. With `on_event` the
         generation is followed through its event stream instead, each event passed to it (progress
-        bars; previews too with preview=True)."""
+        bars; previews too with preview=True). webhook and idempotency_key: as for `submit`."""
         return self._call(
             self._generate(
-                self._body(model, steps, solver, seed, n, wait, schedule, preview, priority), timeout, on_event
+                self._body(model, steps, solver, seed, n, wait, schedule, preview, priority, webhook),
+                timeout,
+                on_event,
+                idempotency_key,
             )
         )
 
@@ -706,9 +732,15 @@ class AsyncClient(_Base):
         preview: bool = False,
         schedule: str | None = None,
         priority: str | None = None,
+        webhook: str | dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
     ) -> dict:
         return await self._call(
-            self._submit(self._body(model, steps, solver, seed, n, wait, schedule, preview, priority), timeout)
+            self._submit(
+                self._body(model, steps, solver, seed, n, wait, schedule, preview, priority, webhook),
+                timeout,
+                idempotency_key,
+            )
         )
 
     def events(self, gen_id: str) -> AsyncIterator[GenerationEvent]:
@@ -729,7 +761,13 @@ class AsyncClient(_Base):
         wait: bool = True,
         schedule: str | None = None,
         priority: str | None = None,
+        webhook: str | dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
     ) -> GenerationResult:
         return await self._call(
-            self._generate(self._body(model, steps, solver, seed, n, wait, schedule, False, priority), timeout)
+            self._generate(
+                self._body(model, steps, solver, seed, n, wait, schedule, False, priority, webhook),
+                timeout,
+                idempotency_key=idempotency_key,
+            )
         )
