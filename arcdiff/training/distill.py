@@ -40,6 +40,7 @@ settings continues bit for bit.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -235,7 +236,7 @@ def make_targets(
     eta_t, eta_s = etas[0], etas[-1]
     x_t = expand_like(torch.cos(eta_t), x0) * x0 + expand_like(torch.sin(eta_t), x0) * eps
     x = x_t
-    for eta, eta_next in zip(etas[:-1], etas[1:], strict=True):
+    for eta, eta_next in itertools.pairwise(etas):
         x0_hat, eps_hat = teacher(x, eta)
         x = ddim_step(x, x0_hat.to(x0.dtype), eps_hat.to(x0.dtype), eta, eta_next)
     x0_tgt, eps_tgt = student_targets(x_t, x, eta_t, eta_s)
