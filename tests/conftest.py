@@ -141,9 +141,10 @@ def _fast_tests_start_no_process():
         pytest.fail(f"{_GUARD.test} is marked fast but started: {'; '.join(_GUARD.started)}", pytrace=False)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def _torch_on_one_thread():
-    """Torch in the test process runs one intra-op thread. The networks here are tiny, and on a
+    """Torch in the test process runs one intra-op thread (session-wide, so that module fixtures
+    such as the solver tests' reference trajectory run on it too). The networks here are tiny, and on a
     busy 2-core machine two OpenMP threads spin against a core someone else holds: beside a
     training run, 40 distillation steps of the tiny model took over 300 s on two threads and the
     solver convergence tests minutes; on one thread, seconds. Services the tests start set their
