@@ -202,23 +202,31 @@ def plot(result: dict[str, Any], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     feats = list(result["floor"])
     fig, axes = plt.subplots(1, len(feats), figsize=(6.5 * len(feats), 4.8), squeeze=False)
+    cells = result["cells"]
     for ax, feat in zip(axes[0], feats, strict=True):
-        for c in result["cells"]:
-            s = c["scores"][feat]
-            marker = "s" if "step" in c["model"] else "o"
-            ax.errorbar(c["nfe"], s["mean"], yerr=s["sd"], fmt=marker, capsize=3, label=c["label"])
+        for c in cells:
+            s = c["scores"].get(feat)
+            if s is None:
+                continue
+            marker = "s" if c.get("model", "").endswith("step") else "o"
+            # cells at one NFE side by side: a small offset on the log axis keeps their bars apart
+            peers = [d["label"] for d in cells if d["nfe"] == c["nfe"]]
+            x = c["nfe"] * 1.03 ** (peers.index(c["label"]) - (len(peers) - 1) / 2)
+            ax.errorbar(x, s["mean"], yerr=s["sd"], fmt=marker, capsize=3, label=c["label"])
         floor = result["floor"][feat]
         ax.axhline(floor["mean"], color="grey", lw=1, ls=":", label=f"real data ({floor['mean']:.2f})")
         ax.set_xscale("log")
-        ticks = sorted({c["nfe"] for c in result["cells"]})
+        ticks = sorted({c["nfe"] for c in cells})
         ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("network evaluations per image (NFE)")
         ax.set_ylabel(f"FD, {feat} features (lower is better)")
         ax.set_title(f"{feat}: mean ± sd over {result['sets']} sets of {result['set_size']}")
-        ax.grid(True, which="both", alpha=0.3)
+        ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -337,8 +345,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def shown_command(argv: list[str], args: argparse.Namespace) -> list[str]:
-    """The arguments as the results record them: this machine's folders read MNIST_DIR and MODEL_DIR."""
-    names = {args.ref: "MNIST_DIR", **({args.model_dir: "MODEL_DIR"} if args.model_dir else {})}
+    """The arguments as the results record them: this machine's folders read MNIST_DIR, MODEL_DIR and OUT."""
+    names = {args.ref: "MNIST_DIR", args.out: "OUT", **({args.model_dir: "MODEL_DIR"} if args.model_dir else {})}
     return [names.get(a, a) if Path(a).is_absolute() else a for a in argv]
 
 

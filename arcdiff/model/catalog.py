@@ -57,6 +57,8 @@ class Distilled:
     schedule: str
     rounds: int | None = None
     teacher_steps: int | None = None
+    # measured quality beside the teacher's, as `arcdiff eval sets` reports it (None: not measured)
+    quality: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"teacher": self.teacher, "steps": self.steps, "solver": self.solver}
@@ -65,6 +67,8 @@ class Distilled:
             out["rounds"] = self.rounds
         if self.teacher_steps is not None:
             out["teacher_steps"] = self.teacher_steps
+        if self.quality is not None:
+            out["quality"] = self.quality
         return out
 
 
@@ -91,7 +95,11 @@ def read_distilled(cfg: dict[str, Any], path: Path | str = CONFIG_FILE) -> Disti
     for key in ("rounds", "teacher_steps"):
         if d.get(key) is not None and not _positive_int(d[key]):
             raise ModelFormatError(f"{path}: 'distilled.{key}' must be a positive integer, got {d[key]!r}")
-    return Distilled(d["teacher"], d["steps"], d["solver"], d["schedule"], d.get("rounds"), d.get("teacher_steps"))
+    if d.get("quality") is not None and not isinstance(d["quality"], dict):
+        raise ModelFormatError(f"{path}: 'distilled.quality' must be an object, got {type(d['quality']).__name__}")
+    return Distilled(
+        d["teacher"], d["steps"], d["solver"], d["schedule"], d.get("rounds"), d.get("teacher_steps"), d.get("quality")
+    )
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -8,7 +8,7 @@ real limits: the models this deployment serves and its largest n.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
@@ -263,10 +263,11 @@ class ModelOut(BaseModel):
         {s.name: s.default_grid for s in SOLVER_TABLE},
         description="per solver: the time grid a request that names the solver and no schedule gets",
     )
-    distilled: dict[str, str | int] | None = Field(
+    distilled: dict[str, Any] | None = Field(
         None,
         description="a few-step student (`arcdiff distill`): its teacher and the solver, steps and schedule it was "
-        "distilled for, which a request that leaves them out gets (null: not distilled)",
+        "distilled for, which a request that leaves them out gets, and its measured quality beside the teacher's "
+        "(`quality`: Frechet distances per feature space, from `arcdiff eval sets`) (null: not distilled)",
     )
 
 
