@@ -17,8 +17,17 @@ from fastapi import APIRouter, Depends, Header, Request, Response, status
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from arcdiff.contract import CLIENT_MAX, SEED_MAX, GenerationSpec, JobMetrics
-from arcdiff.model.solver_names import nfe as solver_nfe
+from arcdiff.contract import (
+    CLIENT_MAX,
+    SEED_MAX,
+    GenerationSpec,
+    JobMetrics,
+    SpecError,
+    check_kind,
+    decode_inputs,
+    spec_nfe,
+)
+from arcdiff.model.catalog import ModelInfo
 from arcdiff.service.api.deps import BackendDep, SettingsDep, require_api_key
 from arcdiff.service.backend import Backend, Generation, Rejected
 from arcdiff.service.metrics import GENERATIONS, REJECTED
@@ -51,7 +60,7 @@ def to_out(gen: Generation) -> GenerationOut:
     out = GenerationOut(
         status=gen.status,
         url=url,
-        nfe=solver_nfe(spec.solver, spec.steps),
+        nfe=spec_nfe(spec),
         error=gen.error,
         **{k: v for k, v in asdict(spec).items() if k in ECHOED},  # id, model, steps, solver, schedule, ...
     )
@@ -66,6 +75,7 @@ def to_out(gen: Generation) -> GenerationOut:
             for im in gen.result.images
         ]
         out.metrics = LatencyOut(**asdict(gen.result.metrics))
+        out.latents = list(gen.result.latents) or None
     return out
 
 
@@ -121,6 +131,58 @@ def _error(code: int, detail: str, headers: dict | None = None, **extra: Any) ->
     return JSONResponse({"message": detail, "detail": detail, **extra}, status_code=code, headers=headers)
 
 
+EDIT_FIELDS = ("image", "mask", "noise", "strength", "seed_to", "solver", "n", "steps")
+
+
+def invalid(e: SpecError, prefix: str = "") -> JSONResponse:
+    """422 for an input the schema could not judge (an image against the model, a combination of
+    fields), shaped as the schema's own 422s: a message naming the field, and a detail list."""
+    msg = str(e)
+    first = msg.split(" ", 1)[0]
+    field = prefix + (first if first in EDIT_FIELDS else "body")
+    REJECTED.labels("invalid").inc()
+    return JSONResponse(
+        {
+            "message": f"{field}: {msg}",
+            "detail": [{"loc": ["body", *field.split(".")], "msg": msg, "type": "value_error"}],
+        },
+        status_code=422,
+    )
+
+
+def check_inputs(spec: GenerationSpec, info: ModelInfo) -> JSONResponse | None:
+    """The kind's rules and the inputs against the model, before anything is queued (the worker
+    checks again); a 422 naming the field, or None. Nothing is written anywhere."""
+    try:
+        check_kind(spec)
+        decode_inputs(spec, (info.channels, info.image_size, info.image_size), info.name)
+    except SpecError as e:
+        return invalid(e)
+    return None
+
+
+async def enqueue(request: Request, backend: Backend, spec: GenerationSpec) -> JSONResponse | None:
+    """Queue `spec` within the caller's rate limit; the error response (429, 503), or None."""
+    limiter = request.app.state.limiter
+    caller = getattr(request.state, "client_id", "anonymous")
+    try:
+        if limiter is not None:
+            await limiter.take(caller, spec.n)
+        try:
+            await backend.submit(spec)
+        except Rejected:
+            if limiter is not None:
+                await limiter.give_back(caller, spec.n)
+            raise
+    except Rejected as e:
+        REJECTED.labels(e.reason).inc()
+        return _error(e.status_code, str(e), headers={"Retry-After": str(e.retry_after)})
+    except RateLimited as e:
+        REJECTED.labels("rate_limited").inc()
+        return _error(status.HTTP_429_TOO_MANY_REQUESTS, str(e), headers={"Retry-After": str(e.retry_after)})
+    return None
+
+
 _CREATE_RESPONSES = {
     200: {
         "description": "wait=true and done in time: the generation (status finished or failed); with "
@@ -168,30 +230,29 @@ async def create_generation(
     solver, steps, schedule = backend.models[body.model].resolve(body.solver, body.steps, body.schedule)
     caller = getattr(request.state, "client_id", "anonymous")
     filled = {"steps": steps, "solver": solver, "schedule": schedule, "seed": seed}
+    # editing (issue 22): an input image makes it an edit; absent fields travel as the spec's defaults
+    edit = {
+        "kind": "edit" if body.image is not None else "generate",
+        "image": body.image or "",
+        "mask": body.mask or "",
+        "noise": body.noise or "",
+        "strength": 1.0 if body.strength is None else float(body.strength),
+    }
     spec = GenerationSpec(
         id=uuid.uuid4().hex,
         submitted_at=time.time(),
         client=caller[:CLIENT_MAX],  # no secret: a short hash of the key, or the address (for the per-key cap)
         **filled,
+        **edit,
         # every other request field the spec has travels as given (a new one needs no line here)
-        **{k: v for k, v in body.model_dump().items() if k in SPEC_FIELDS and k not in filled},
+        **{k: v for k, v in body.model_dump().items() if k in SPEC_FIELDS and k not in filled and k not in edit},
     )
-    limiter = request.app.state.limiter
-    try:
-        if limiter is not None:
-            await limiter.take(caller, spec.n)
-        try:
-            await backend.submit(spec)
-        except Rejected:
-            if limiter is not None:
-                await limiter.give_back(caller, spec.n)
-            raise
-    except Rejected as e:
-        REJECTED.labels(e.reason).inc()
-        return _error(e.status_code, str(e), headers={"Retry-After": str(e.retry_after)})
-    except RateLimited as e:
-        REJECTED.labels("rate_limited").inc()
-        return _error(status.HTTP_429_TOO_MANY_REQUESTS, str(e), headers={"Retry-After": str(e.retry_after)})
+    bad = check_inputs(spec, backend.models[body.model])
+    if bad is not None:
+        return bad
+    refused = await enqueue(request, backend, spec)
+    if refused is not None:
+        return refused
     location = {"Location": generation_url(spec.id)}
     if not body.wait:
         GENERATIONS.labels(spec.model, spec.solver, "queued").inc()
