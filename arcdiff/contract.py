@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import struct
 from dataclasses import MISSING, asdict, dataclass, field
 from typing import Any
 
@@ -238,6 +239,12 @@ def decode_png(data: str, shape: tuple[int, int, int], what: str, model: str = "
     if not raw.startswith(_PNG_SIGNATURE):
         raise SpecError(f"{what} is not a PNG (base64 of a PNG file expected)")
     c, h, w = shape
+    # the size from the IHDR chunk, which a PNG must start with, before PIL sees a byte of it
+    if len(raw) < 24 or raw[12:16] != b"IHDR":
+        raise SpecError(f"{what} is not a readable PNG: no IHDR header")
+    size = struct.unpack(">II", raw[16:24])
+    if size != (w, h):
+        raise SpecError(f"{what} is {size[0]}x{size[1]} pixels; {model} takes {w}x{h} images")
     modes = _MASK_MODES if what == "mask" else _MODES.get(c, ())
     Image.MAX_IMAGE_PIXELS = min(Image.MAX_IMAGE_PIXELS or MAX_INPUT_PIXELS, MAX_INPUT_PIXELS)
     try:
