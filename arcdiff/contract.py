@@ -113,6 +113,14 @@ class GenerationSpec:
         missing = sorted(names - set(payload) - optional)
         if missing:
             raise SpecError(f"missing field(s): {', '.join(missing)}")
+        cls._check_types(payload)
+        spec = cls(**payload)
+        spec._check_values()
+        return spec
+
+    @staticmethod
+    def _check_types(payload: dict[str, Any]) -> None:
+        """Each field's exact type (a bool is no integer here)."""
         for key in ("id", "model", "solver", "schedule", "priority"):
             if key in payload and (not isinstance(payload[key], str) or not payload[key]):
                 raise SpecError(f"{key} must be a non-empty string")
@@ -125,6 +133,11 @@ class GenerationSpec:
             raise SpecError("preview must be a boolean")
         if not isinstance(payload["submitted_at"], (int, float)) or not math.isfinite(payload["submitted_at"]):
             raise SpecError("submitted_at must be a number")
+        GenerationSpec._check_edit_types(payload)
+
+    @staticmethod
+    def _check_edit_types(payload: dict[str, Any]) -> None:
+        """The editing fields' exact types (issue 22)."""
         for key in ("kind", "image", "mask", "noise"):
             if not isinstance(payload.get(key, ""), str):
                 raise SpecError(f"{key} must be a string")
@@ -133,7 +146,10 @@ class GenerationSpec:
             raise SpecError("strength must be a number")
         if payload.get("seed_to") is not None and type(payload["seed_to"]) is not int:
             raise SpecError("seed_to must be an integer")
-        spec = cls(**payload)
+
+    def _check_values(self) -> None:
+        """Ranges and names."""
+        spec = self
         if not 1 <= spec.steps <= MAX_STEPS:
             raise SpecError(f"steps must be in 1..{MAX_STEPS}, got {spec.steps}")
         if not 0 <= spec.seed <= SEED_MAX:
@@ -147,7 +163,6 @@ class GenerationSpec:
         if spec.priority not in PRIORITIES:
             raise SpecError(f"priority must be one of {', '.join(PRIORITIES)}, got {spec.priority!r}")
         check_kind(spec)
-        return spec
 
 
 # ---- editing (issue 22) ------------------------------------------------------------------------

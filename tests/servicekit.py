@@ -125,8 +125,18 @@ class RestartableRedis:
 
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
         self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence]
-            + ["--dir", str(self.workdir)],
+            [
+                REDIS_SERVER,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                *persistence,
+                "--dir",
+                str(self.workdir),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -384,23 +394,35 @@ def png_info(data: bytes | str) -> tuple[str, tuple[int, int]]:
         return im.format + ":" + im.mode, im.size
 
 
-_loaded: dict[tuple[str, str], Any] = {}
+_loaded: dict[tuple[str, str, str], Any] = {}
 
 
 def reference(
-    model_dir: Path, model: str, steps: int, solver: str, seed: int, n: int, schedule: str = "uniform"
+    model_dir: Path,
+    model: str,
+    steps: int,
+    solver: str,
+    seed: int,
+    n: int,
+    schedule: str = "uniform",
+    amp: str = "none",
 ) -> tuple[torch.Tensor, np.ndarray]:
     """What image k of a request must be: model.solvers.sample with per-image generators.
 
-    Returns the float samples (n, C, H, W) and the uint8 pixels (n, H, W) of one-channel models."""
+    `amp` is the network's autocast: "none" for an engine built on a float32 model, "auto" for
+    what a worker or embedded API started with default settings runs on this CPU (bf16 where it
+    is native). Returns the float samples (n, C, H, W) and the uint8 pixels (n, H, W) of
+    one-channel models."""
     from arcdiff.model.images import to_uint8
     from arcdiff.model.registry import ModelRegistry
     from arcdiff.model.rng import image_generator, image_seed, initial_noise
     from arcdiff.model.solvers import sample
+    from arcdiff.worker.loading import AMP_DTYPES, resolve_speed
 
-    key = (str(model_dir), model)
+    amp = resolve_speed(torch.device("cpu"), amp).amp
+    key = (str(model_dir), model, amp)
     if key not in _loaded:
-        _loaded[key] = ModelRegistry(model_dir).load(model)
+        _loaded[key] = ModelRegistry(model_dir).load(model, amp_dtype=AMP_DTYPES[amp])
     loaded = _loaded[key]
     gens = [image_generator(image_seed(seed, k)) for k in range(n)]
     x_T = torch.stack([initial_noise(loaded.image_shape, g) for g in gens])
@@ -423,8 +445,9 @@ def one_thread() -> Iterator[None]:
 def assert_images_match(
     images: list[dict], model_dir: Path, model: str, steps: int, solver: str, seed: int, schedule: str = "uniform"
 ) -> None:
-    """API images (base64) equal the reference, up to one grey level (float rounding at .5)."""
-    _, want = reference(model_dir, model, steps, solver, seed, len(images), schedule)
+    """API images (base64) equal the reference at the served precision, up to one grey level
+    (float rounding at .5)."""
+    _, want = reference(model_dir, model, steps, solver, seed, len(images), schedule, amp="auto")
     for k, im in enumerate(images):
         assert im["index"] == k and im["seed"] == (seed + k) % 2**32
         got = png_pixels(im["png_base64"]).astype(int)

@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import httpx  # noqa: E402
+import httpx
 from servicekit import (
     RedisServer,
     free_port,
@@ -33,7 +33,7 @@ from servicekit import (
     start_api,
     start_worker,
     stop,
-    wait_until,  # noqa: E402
+    wait_until,
     wait_workers,
 )
 

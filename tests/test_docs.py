@@ -172,7 +172,7 @@ EVAL_TABLES = sorted((REPO / "docs" / "eval").glob("**/table.json"))
 @pytest.mark.parametrize("path", EVAL_TABLES, ids=lambda p: str(p.parent.relative_to(REPO)))
 def test_eval_table_is_what_the_generator_writes(path):
     """Each docs/eval table.md is `markdown()` of the committed records: no hand edits, no machine paths."""
-    from arcdiff.model.eval.table import markdown
+    from arcdiff.eval.table import markdown
 
     table = json.loads(path.read_text())
     written = markdown(table["records"], table["command"])
@@ -204,3 +204,27 @@ def test_docs_name_every_solver_as_the_solver_table_does():
     uniform = re.findall(r"`([a-z0-9_]+)`", re.search(r"Omitted: `uniform` for ([^(]+)\(", schedule_row).group(1))
     assert uniform == solvers_with_grid("uniform") and "`karras` for the others" in schedule_row
     assert solvers_with_grid("karras") == [s.name for s in SOLVER_TABLE if s.name not in uniform]
+
+
+def test_the_documented_solver_state_is_what_init_returns():
+    """docs/development.md lists the keys of the state Solver.init returns: each solver's state has
+    them, and DDIM's (one evaluation per step, no history) has nothing else."""
+    import re
+
+    import torch
+
+    from arcdiff.model.solvers import SOLVERS, get_solver
+
+    text = " ".join((REPO / "docs" / "development.md").read_text().split())
+    found = re.search(r"The state `Solver.init` returns holds, per sample: ((?:`\w+`, )+`\w+`)", text)
+    assert found, "docs/development.md no longer states the solver state's keys"
+    documented = set(re.findall(r"`(\w+)`", found.group(1)))
+    x_T, steps = torch.zeros(2, 1, 4, 4), torch.tensor([3, 5])
+    for name in SOLVERS:
+        keys = set(get_solver(name).init(x_T, steps))
+        assert documented <= keys, (name, documented - keys)
+    assert set(get_solver("ddim").init(x_T, steps)) == documented
+    assert set(get_solver("ddim").init(x_T, torch.tensor([2]), etas=torch.tensor([[1.5, 1.0, 0.0]]))) == {
+        *documented,
+        "etas",
+    }

@@ -16,15 +16,15 @@ import arcdiff
 
 ROOT = Path(arcdiff.__file__).parent
 PARTS = ("model", "training", "eval", "worker", "contract", "settings", "service", "client", "cli", "bench")
-# Parts that still live inside another part's folder, until they move to their own package: the
-# evaluation tooling is in arcdiff/model/eval/ but is offline tooling, not the method.
-NESTED: dict[str, str] = {"arcdiff.model.eval": "eval"}
+# what runs in production: none of it may import the offline tooling (training, evaluation)
+SERVING = ("service", "worker", "contract", "client", "settings")
+TOOLING = ("training", "eval")
 
 # part -> the parts it may import
 ALLOWED: dict[str, set[str]] = {
-    "model": set(),  # the method: no web, queue or worker code, no training or evaluation tooling
+    "model": set(),  # the method and the model format: no web, queue or worker code, no tooling
     "training": {"model"},  # the offline tooling that makes models (training loop, data, distillation)
-    "eval": {"model", "training"},  # evaluation tables; reads the data through training's loaders
+    "eval": {"model", "training"},  # evaluation (arcdiff/eval/); reads the data through training's loaders
     "contract": {"model"},  # neutral and torch-free (the client and the API import it): solver names only
     "settings": set(),  # the settings the API and the workers share (arcdiff/settings.py): pydantic only
     "client": {"contract"},  # torch-free HTTP client
@@ -58,9 +58,6 @@ def module_name(path: Path) -> str:
 
 
 def part_of(module: str) -> str | None:
-    for prefix, part in NESTED.items():
-        if module == prefix or module.startswith(prefix + "."):
-            return part
     bits = module.split(".")
     if bits[0] != "arcdiff" or len(bits) < 2:
         return None
@@ -110,15 +107,48 @@ def test_the_walk_sees_the_imports_it_must_see():
     assert ("arcdiff.worker.engine", "arcdiff.contract") in pairs
     assert ("arcdiff.service.embedded", "arcdiff.worker.main") in pairs  # inside a function
     assert ("arcdiff.training.train", "arcdiff.model.configs") in pairs
-    assert ("arcdiff.model.eval.reference", "arcdiff.training.data") in pairs  # eval counts as its own part
+    assert ("arcdiff.eval.reference", "arcdiff.training.data") in pairs
+    assert ("arcdiff.eval.table", "arcdiff.model.registry") in pairs
     assert {"worker", "service", "bench", "cli", "training", "eval"} <= {part_of(src) for src, *_ in edges()}
 
 
 def test_nothing_that_serves_imports_the_tooling():
-    """The service, the worker, the contract and the client run in production: the training and
-    evaluation tooling (and their data loaders) stay out of them, whatever else changes."""
-    for part in ("service", "worker", "contract", "client", "model"):
-        assert not ALLOWED[part] & {"training", "eval"}, part
+    """The service, the worker, the contract, the settings and the client run in production, and
+    the model is what they run: the training and evaluation tooling (and their data loaders) stay
+    out of them, whatever else changes. Checked on the rules and on the imports themselves."""
+    for part in (*SERVING, "model"):
+        assert not ALLOWED[part] & set(TOOLING), part
+    bad = [
+        f"{file}:{line}: {src} imports {dst}"
+        for src, dst, line, file in edges()
+        if part_of(src) in (*SERVING, "model") and part_of(dst) in TOOLING
+    ]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_tooling_has_its_own_packages():
+    """Evaluation and training are packages of their own (arcdiff/eval/, arcdiff/training/), not
+    folders inside the method's: arcdiff.model holds the schedule, network, loss, solvers, format
+    and registry only."""
+    for part in TOOLING:
+        assert (ROOT / part / "__init__.py").is_file(), part
+    nested = sorted(str(p.relative_to(ROOT.parent)) for p in (ROOT / "model").rglob("*.py") if p.parent.name in TOOLING)
+    assert not nested, nested
+
+
+@pytest.mark.parametrize(
+    "module, source",
+    [
+        ("arcdiff.service.probe", "from arcdiff.eval.table import main"),
+        ("arcdiff.worker.probe", "from arcdiff.training import data"),
+        ("arcdiff.contract", "import arcdiff.eval.metrics"),
+        ("arcdiff.model.probe", "from ..eval import features"),
+    ],
+)
+def test_a_serving_import_of_the_tooling_is_caught(module, source):
+    """Guards the rules: such an import, wherever it stands, is an edge that the rules refuse."""
+    (dst, _line), *_ = imports_in(source, module)
+    assert part_of(dst) in TOOLING and part_of(dst) not in ALLOWED[part_of(module)]
 
 
 def test_parts_import_only_what_the_architecture_allows():
@@ -144,9 +174,9 @@ def test_no_cycle_between_parts():
 
     def cycle_from(node: str, path: list[str]) -> list[str] | None:
         if node in path:
-            return path[path.index(node) :] + [node]
+            return [*path[path.index(node) :], node]
         for nxt in sorted(graph[node]):
-            found = cycle_from(nxt, path + [node])
+            found = cycle_from(nxt, [*path, node])
             if found:
                 return found
         return None

@@ -174,7 +174,7 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def measure_engine(
+def measure_engine(  # noqa: PLR0913 - one keyword per speed option that the benchmark compares
     loaded: Any,
     *,
     solver: str,
@@ -212,10 +212,11 @@ def measure_engine(
     timed = _TimedForward(forward, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    # a larger max_batch: the engine's own buckets up to it; else exactly `batch`, one bucket
     buckets = None if max_batch and max_batch > batch else (batch,)
     config = EngineConfig(
         device=device,
-        max_batch=batch if buckets else max_batch,
+        max_batch=max_batch if max_batch and buckets is None else batch,
         buckets=buckets,
         warm_up=compile_mode != "none",  # as in the worker: compiled networks warm up and get padded batches
         worker="bench",

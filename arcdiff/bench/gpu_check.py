@@ -12,9 +12,18 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any
+from typing import Any, TypedDict
 
-VARIANTS = {
+
+class Variant(TypedDict):
+    """measure_engine's speed options for one variant."""
+
+    compile_mode: str
+    amp: str
+    channels_last: bool
+
+
+VARIANTS: dict[str, Variant] = {
     "eager-fp32": {"compile_mode": "none", "amp": "none", "channels_last": False},
     "compile-bf16": {"compile_mode": "reduce-overhead", "amp": "bf16", "channels_last": True},
 }

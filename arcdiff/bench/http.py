@@ -35,11 +35,13 @@ finished or the service cannot be reached; 2 for bad arguments or a bad mix file
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -183,74 +185,89 @@ def parse_mix(data: Any, where: str = "mix") -> list[dict[str, Any]]:
         raise MixError(f"{where}: expected a JSON list of entries, got {type(data).__name__}")
     if not data:
         raise MixError(f"{where}: the list of entries is empty")
-    entries: list[dict[str, Any]] = []
-    for i, raw in enumerate(data):
-        at = f"{where}: entry {i}"
-        if not isinstance(raw, dict):
-            raise MixError(f"{at}: expected an object with 'weight' and 'request', got {type(raw).__name__}")
-        unknown = sorted(set(raw) - {"weight", "request", "name", "loops", "interval_s"})
-        if unknown:
-            raise MixError(
-                f"{at}: unknown key(s) {', '.join(map(repr, unknown))} (expected weight, request, name, loops, "
-                "interval_s)"
-            )
-        weight = raw.get("weight", 1)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
-            raise MixError(f"{at}: 'weight' must be a positive number, not {weight!r}")
-        if "request" not in raw:
-            raise MixError(f"{at}: missing 'request' (an object with model, steps, solver, n)")
-        req = raw["request"]
-        if not isinstance(req, dict):
-            raise MixError(f"{at}: 'request' must be an object with model, steps, solver, n, not {type(req).__name__}")
-        unknown = sorted(set(req) - set(REQUEST_KEYS))
-        if unknown:
-            raise MixError(
-                f"{at}: request has unknown key(s) {', '.join(map(repr, unknown))} "
-                f"(expected {', '.join(REQUEST_KEYS)}; seeds come from --seed)"
-            )
-        for key in ("model", "steps", "solver"):
-            if key not in req:
-                raise MixError(f"{at}: request is missing {key!r}")
-        for key in ("model", "solver"):
-            if not isinstance(req[key], str) or not req[key]:
-                raise MixError(f"{at}: request {key!r} must be a non-empty string, not {req[key]!r}")
-        n = req.get("n", 1)
-        for key, v in (("steps", req["steps"]), ("n", n)):
-            if not _is_int(v) or v < 1:
-                raise MixError(f"{at}: request {key!r} must be an integer of at least 1, not {v!r}")
-        request = {"model": req["model"], "steps": req["steps"], "solver": req["solver"], "n": n}
-        if "priority" in req:
-            if req["priority"] not in PRIORITIES:
-                raise MixError(
-                    f"{at}: request 'priority' must be one of {', '.join(PRIORITIES)}, not {req['priority']!r}"
-                )
-            request["priority"] = req["priority"]
-        name = raw.get("name")
-        if name is not None and (not isinstance(name, str) or not name):
-            raise MixError(f"{at}: 'name' must be a non-empty string, not {name!r}")
-        default_name = "/".join(
-            [request["model"], request["solver"], str(request["steps"]), f"n{n}"]
-            + ([request["priority"]] if "priority" in request else [])
-        )
-        entry = {"name": name or default_name, "weight": weight, "request": request}
-        if "loops" in raw:
-            if not _is_int(raw["loops"]) or raw["loops"] < 1:
-                raise MixError(f"{at}: 'loops' must be an integer of at least 1, not {raw['loops']!r}")
-            entry["loops"] = raw["loops"]
-        if "interval_s" in raw:
-            v = raw["interval_s"]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise MixError(f"{at}: 'interval_s' must be a positive number of seconds, not {v!r}")
-            if "loops" not in raw:
-                raise MixError(f"{at}: 'interval_s' paces an entry's own loops: give 'loops' too")
-            entry["interval_s"] = float(v)
-        entries.append(entry)
+    entries = [_parse_entry(raw, f"{where}: entry {i}") for i, raw in enumerate(data)]
     seen: dict[str, int] = {}
     for e in entries:  # names label the per-entry figures: make them unique
         k = seen[e["name"]] = seen.get(e["name"], 0) + 1
         if k > 1:
             e["name"] = f"{e['name']}#{k}"
     return entries
+
+
+def _positive_number(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+
+def _parse_entry(raw: Any, at: str) -> dict[str, Any]:
+    """One mix entry, checked and normalised: {name, weight, request, loops?, interval_s?}."""
+    if not isinstance(raw, dict):
+        raise MixError(f"{at}: expected an object with 'weight' and 'request', got {type(raw).__name__}")
+    unknown = sorted(set(raw) - {"weight", "request", "name", "loops", "interval_s"})
+    if unknown:
+        raise MixError(
+            f"{at}: unknown key(s) {', '.join(map(repr, unknown))} (expected weight, request, name, loops, interval_s)"
+        )
+    weight = raw.get("weight", 1)
+    if not _positive_number(weight):
+        raise MixError(f"{at}: 'weight' must be a positive number, not {weight!r}")
+    if "request" not in raw:
+        raise MixError(f"{at}: missing 'request' (an object with model, steps, solver, n)")
+    request = _parse_request(raw["request"], at)
+    name = raw.get("name")
+    if name is not None and (not isinstance(name, str) or not name):
+        raise MixError(f"{at}: 'name' must be a non-empty string, not {name!r}")
+    default_name = "/".join(
+        [request["model"], request["solver"], str(request["steps"]), f"n{request['n']}"]
+        + ([request["priority"]] if "priority" in request else [])
+    )
+    entry = {"name": name or default_name, "weight": weight, "request": request}
+    entry.update(_parse_pacing(raw, at))
+    return entry
+
+
+def _parse_request(req: Any, at: str) -> dict[str, Any]:
+    """An entry's request: {model, steps, solver, n, priority?}."""
+    if not isinstance(req, dict):
+        raise MixError(f"{at}: 'request' must be an object with model, steps, solver, n, not {type(req).__name__}")
+    unknown = sorted(set(req) - set(REQUEST_KEYS))
+    if unknown:
+        raise MixError(
+            f"{at}: request has unknown key(s) {', '.join(map(repr, unknown))} "
+            f"(expected {', '.join(REQUEST_KEYS)}; seeds come from --seed)"
+        )
+    for key in ("model", "steps", "solver"):
+        if key not in req:
+            raise MixError(f"{at}: request is missing {key!r}")
+    for key in ("model", "solver"):
+        if not isinstance(req[key], str) or not req[key]:
+            raise MixError(f"{at}: request {key!r} must be a non-empty string, not {req[key]!r}")
+    n = req.get("n", 1)
+    for key, v in (("steps", req["steps"]), ("n", n)):
+        if not _is_int(v) or v < 1:
+            raise MixError(f"{at}: request {key!r} must be an integer of at least 1, not {v!r}")
+    request = {"model": req["model"], "steps": req["steps"], "solver": req["solver"], "n": n}
+    if "priority" in req:
+        if req["priority"] not in PRIORITIES:
+            raise MixError(f"{at}: request 'priority' must be one of {', '.join(PRIORITIES)}, not {req['priority']!r}")
+        request["priority"] = req["priority"]
+    return request
+
+
+def _parse_pacing(raw: dict[str, Any], at: str) -> dict[str, Any]:
+    """An entry's own loops and their interval, if it has them."""
+    pacing: dict[str, Any] = {}
+    if "loops" in raw:
+        if not _is_int(raw["loops"]) or raw["loops"] < 1:
+            raise MixError(f"{at}: 'loops' must be an integer of at least 1, not {raw['loops']!r}")
+        pacing["loops"] = raw["loops"]
+    if "interval_s" in raw:
+        v = raw["interval_s"]
+        if not _positive_number(v):
+            raise MixError(f"{at}: 'interval_s' must be a positive number of seconds, not {v!r}")
+        if "loops" not in raw:
+            raise MixError(f"{at}: 'interval_s' paces an entry's own loops: give 'loops' too")
+        pacing["interval_s"] = float(v)
+    return pacing
 
 
 def load_mix(path: str) -> list[dict[str, Any]]:
@@ -324,15 +341,31 @@ def _round(v: float | None, digits: int = 3) -> float | None:
     return None if v is None else round(float(v), digits)
 
 
+COUNTS = ("started", "finished", "rejected", "failed", "images")
+
+
+@dataclass
+class EntryTally:
+    """Outcomes of one mix entry's requests."""
+
+    started: int = 0
+    finished: int = 0
+    rejected: int = 0
+    failed: int = 0
+    images: int = 0
+    window_images: int = 0  # images of requests finished within the window
+    latency_ms: list[float] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in COUNTS}
+
+
 class Tally:
     """Outcomes of one run, overall and per mix entry."""
 
     def __init__(self, entries: list[dict[str, Any]]):
         self.entries = entries
-        self.per_entry = [
-            {"started": 0, "finished": 0, "rejected": 0, "failed": 0, "images": 0, "window_images": 0, "latency_ms": []}
-            for _ in entries
-        ]
+        self.per_entry = [EntryTally() for _ in entries]
         self.window_end: float | None = None  # time.monotonic() when the window closes (DURATION)
         self.server: dict[str, list[float]] = {k: [] for k in ("queue_ms", "sample_ms", "encode_ms", "total_ms")}
         self.errors: dict[str, dict[str, Any]] = {}
@@ -342,22 +375,26 @@ class Tally:
     def started(self, i: int) -> None:
         if self.first_start is None:
             self.first_start = time.monotonic()
-        self.per_entry[i]["started"] += 1
+        self.per_entry[i].started += 1
 
     def finished(self, i: int, latency_ms: float, images: int, metrics: dict) -> None:
         e = self.per_entry[i]
-        e["finished"] += 1
-        e["images"] += images
-        e["latency_ms"].append(latency_ms)
+        e.finished += 1
+        e.images += images
+        e.latency_ms.append(latency_ms)
         for k, values in self.server.items():
             if isinstance(metrics.get(k), (int, float)):
                 values.append(float(metrics[k]))
         self.last_end = time.monotonic()
         if self.window_end is None or self.last_end <= self.window_end:
-            e["window_images"] += images
+            e.window_images += images
 
     def failed(self, i: int, kind: str, message: str, rejected: bool = False) -> None:
-        self.per_entry[i]["rejected" if rejected else "failed"] += 1
+        e = self.per_entry[i]
+        if rejected:
+            e.rejected += 1
+        else:
+            e.failed += 1
         err = self.errors.setdefault(kind, {"count": 0, "examples": []})
         err["count"] += 1
         message = message[:300]
@@ -366,7 +403,7 @@ class Tally:
         self.last_end = time.monotonic()
 
     def totals(self) -> dict[str, int]:
-        return {k: sum(e[k] for e in self.per_entry) for k in ("started", "finished", "rejected", "failed", "images")}
+        return {k: sum(e.counts()[k] for e in self.per_entry) for k in COUNTS}
 
 
 def classify(exc: BaseException) -> tuple[str, str, bool]:
@@ -403,7 +440,7 @@ async def scrape_nfe(http: Any, url: str) -> dict[str, float] | None:
     return out or None
 
 
-async def drive(
+async def drive(  # noqa: C901, PLR0915 - one run: its loops, pacing and stop share state as closures
     args: argparse.Namespace,
     entries: list[dict[str, Any]],
     client: Any,
@@ -447,10 +484,8 @@ async def drive(
         """Sleep, but not past DURATION nor past a stop request."""
         seconds = min(seconds, stop_at - time.monotonic())
         if seconds > 0:
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stopping.wait(), seconds)
-            except asyncio.TimeoutError:
-                pass
 
     async def loop(own: int | None = None) -> None:
         interval = entries[own].get("interval_s", 0.0) if own is not None else 0.0
@@ -512,10 +547,8 @@ async def drive(
         before, t_before = await scrape(), time.monotonic()
         if before is None:
             return None
-        try:
+        with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stopping.wait(), max(0.0, stop_at - time.monotonic()))
-        except asyncio.TimeoutError:
-            pass
         after, t_after = await scrape(), time.monotonic()
         if after is None:
             return None
@@ -526,7 +559,7 @@ async def drive(
     tasks += [asyncio.create_task(loop(i)) for i in own_rngs for _ in range(entries[i]["loops"])]
     try:
         # each request's own timeout ends at hard_stop; this bound is a backstop
-        done, pending = await asyncio.wait(tasks, timeout=hard_stop - time.monotonic() + 5.0)
+        _done, pending = await asyncio.wait(tasks, timeout=hard_stop - time.monotonic() + 5.0)
     except asyncio.CancelledError:
         state["interrupted"] = True
         pending = {t for t in tasks if not t.done()}
@@ -538,8 +571,8 @@ async def drive(
     if pending:
         await asyncio.gather(*pending, return_exceptions=True)
     for t in tasks:
-        if t.done() and not t.cancelled() and t.exception() is not None:
-            raise t.exception()  # a bug in the loop itself
+        if t.done() and not t.cancelled() and (exc := t.exception()) is not None:
+            raise exc  # a bug in the loop itself
     try:
         nfe_per_s = await asyncio.wait_for(nfe_task, 15.0)
     except (asyncio.TimeoutError, asyncio.CancelledError):
@@ -615,20 +648,20 @@ def build_record(args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any
     totals = tally.totals()
     end = tally.last_end or time.monotonic()
     wall = max(1e-9, end - (tally.first_start or out["t0"]))
-    latencies = [v for e in tally.per_entry for v in e["latency_ms"]]
+    latencies = [v for e in tally.per_entry for v in e.latency_ms]
     per_entry = []
     for entry, t in zip(out["entries"], tally.per_entry, strict=True):
-        lat = latency_summary(t["latency_ms"])
+        lat = latency_summary(t.latency_ms)
         per_entry.append(
             {
                 "name": entry["name"],
                 "weight": entry["weight"],
                 "request": entry["request"],
                 **{k: entry[k] for k in ("loops", "interval_s") if k in entry},
-                **{k: t[k] for k in ("started", "finished", "rejected", "failed", "images")},
+                **t.counts(),
                 "latency_ms": {k: lat[k] for k in ("p50", "p95", "p99", "max")},
                 # images of requests finished in the first DURATION seconds, over DURATION
-                "images_per_s": round(t["window_images"] / args.duration, 4),
+                "images_per_s": round(t.window_images / args.duration, 4),
             }
         )
     try:

@@ -114,7 +114,10 @@ def run(args: argparse.Namespace) -> int:
 def save_random_unet(folder: Path, size: str, image_size: int) -> int:
     """A UNet2DModel with random weights and a DDIM scheduler config, as a local pipeline folder."""
     import torch
-    from diffusers import DDIMScheduler, UNet2DModel
+
+    # the defining modules, not diffusers' lazy top level (whose type stubs are placeholder classes)
+    from diffusers.models.unets.unet_2d import UNet2DModel
+    from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=image_size, in_channels=3, out_channels=3, **UNET_SIZES[size])
@@ -254,7 +257,9 @@ def _time_side(
         return out
 
     if side == "diffusers":  # as its users run it: on the main thread
-        from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+        from diffusers.models.unets.unet_2d import UNet2DModel
+        from diffusers.pipelines.ddim.pipeline_ddim import DDIMPipeline
+        from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 
         if threads:
             torch.set_num_threads(threads)

@@ -1,4 +1,6 @@
-"""`arcdiff eval`: sample a model and report FID, sFID, precision and recall against real data."""
+"""`arcdiff eval`: sample a model and report FID, sFID, precision and recall against real data;
+`arcdiff eval table` (the frontier table, arcdiff/eval/table.py) and `arcdiff eval convergence`
+(solver errors against an exact ODE solution, arcdiff/eval/convergence.py)."""
 
 from __future__ import annotations
 
@@ -13,11 +15,14 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Sample --num-samples images from a model with a solver and step count, compute features of the "
             "samples and of the reference images (cached per reference and feature network), and print FID, "
             "sFID, precision and recall beside the floor (the same metrics between two random halves of the "
-            "real data). Writes OUT/<model>-<solver>-<steps>steps-k<K>-seed<S>.json and a .png grid."
+            "real data). Writes OUT/<model>-<solver>-<steps>steps-k<K>-seed<S>.json and a .png grid. "
+            "`arcdiff eval table` and `arcdiff eval convergence` run the evaluation tables instead."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="model name in the models folder")
+    # --model and --ref are required without a subcommand (checked in run_one: argparse would ask for
+    # them after `arcdiff eval table` too)
+    p.add_argument("--model", default=None, help="model name in the models folder (required)")
     from arcdiff.model.solver_names import (
         DEFAULT_SCHEDULE,
         DEFAULT_SOLVER,
@@ -50,7 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--num-samples", type=int, default=1000, help="images to sample and score")
     p.add_argument(
-        "--ref", required=True, help="real images: MNIST IDX file/folder, CIFAR-10 batches, or an image folder"
+        "--ref",
+        default=None,
+        help="real images: MNIST IDX file/folder, CIFAR-10 batches, or an image folder (required)",
     )
     p.add_argument("--out", default="eval", help="folder for the JSON record and the sample grid")
     p.add_argument("--seed", type=int, default=0, help="image k uses noise seed (seed + k), as in `arcdiff generate`")
@@ -77,7 +84,42 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=run)
+
+    def run_one(args: argparse.Namespace) -> int:
+        missing = [flag for flag, value in (("--model", args.model), ("--ref", args.ref)) if value is None]
+        if missing:
+            p.error("the following arguments are required: " + ", ".join(missing))
+        return run(args)
+
+    p.set_defaults(func=run_one)
+    register_tables(p)
+
+
+def register_tables(p: argparse.ArgumentParser) -> None:
+    """`arcdiff eval table` and `arcdiff eval convergence`: the same options as `python -m
+    arcdiff.eval.table` and `python -m arcdiff.eval.convergence`, from the modules themselves."""
+    from arcdiff.eval import convergence, sets, table
+
+    tables = p.add_subparsers(dest="eval_command", metavar="{table,sets,convergence}")
+    for name, module, summary in (
+        ("table", table, "the frontier table: FID and more against NFE per solver and grid (docs/evaluation.md)"),
+        ("sets", sets, "samplers compared over disjoint sample sets, paired on the same noise, in two feature spaces"),
+        ("convergence", convergence, "each ODE solver's error against an exact solution of the sampling ODE"),
+    ):
+        sp = tables.add_parser(
+            name, help=summary, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        module.add_arguments(sp)
+        # argv: main() fills in the command line, which the tables record
+        sp.set_defaults(
+            func=lambda args, name=name, module=module: module.run(args, own_arguments(args.argv, name)), argv=[]
+        )
+
+
+def own_arguments(argv: list[str], name: str) -> list[str]:
+    """The arguments after `eval NAME` in the command line: what the table records as its command."""
+    start = argv.index("eval")
+    return argv[argv.index(name, start) + 1 :]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,8 +127,8 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from arcdiff.model.eval.evaluate import evaluate, write_record
-    from arcdiff.model.eval.features import FeatureError
+    from arcdiff.eval.evaluate import evaluate, write_record
+    from arcdiff.eval.features import FeatureError
     from arcdiff.model.format import ModelFormatError
     from arcdiff.model.solver_names import resolve
     from arcdiff.training.data import DataError

@@ -57,6 +57,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-dir", metavar="DIR", help="folder of model folders (default ARCDIFF_MODEL_DIR or bundled)")
     p.add_argument("--batch", type=int, default=64, metavar="B", help="images per network evaluation (default 64)")
     p.add_argument(
+        "--amp",
+        choices=("auto", "none", "bf16", "fp16"),
+        default="auto",
+        help="autocast the network (solver state stays float32); auto: as a worker on this device does, bf16 on "
+        "CUDA and on CPUs with native bf16, so local and served images match (default auto)",
+    )
+    p.add_argument(
         "--url",
         metavar="URL",
         help="ask the service at URL (e.g. http://localhost:8000) instead of "
@@ -95,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     from arcdiff.model.registry import ModelRegistry
     from arcdiff.model.rng import SEED_MAX, image_generator, image_seed, initial_noise
     from arcdiff.model.solvers import nfe, sample
-    from arcdiff.worker.loading import resolve_device
+    from arcdiff.worker.loading import AMP_DTYPES, resolve_device, resolve_speed
 
     registry = ModelRegistry(args.model_dir)
     if args.model in registry.models:
@@ -119,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
         print("arcdiff generate: " + "; ".join(problems), file=sys.stderr)
         return 2
     device = resolve_device(args.device)
-    loaded = registry.load(args.model, device=device)
+    amp = resolve_speed(device, args.amp).amp
+    loaded = registry.load(args.model, device=device, amp_dtype=AMP_DTYPES[amp])
     t0 = time.perf_counter()
     chunks = []
     with torch.inference_mode():

@@ -12,12 +12,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Train the MNIST feature network (a small CNN classifier): fit on all but --holdout labelled "
             "images and report held-out accuracy, then refit on all of them, and write "
-            "mnist_features.safetensors + mnist_features.json to OUT."
+            "<name>.safetensors + <name>.json to OUT (mnist_features for --kind cnn, mnist_judge for --kind mlp)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    p.add_argument(
+        "--kind",
+        choices=("cnn", "mlp"),
+        default="cnn",
+        help="cnn: the feature network (mnist_features); mlp: the second judge of `arcdiff eval sets --features "
+        "judge` (mnist_judge)",
+    )
     p.add_argument("--data", required=True, help="MNIST images IDX file, or the folder holding it and its labels")
-    p.add_argument("--out", default="arcdiff/model/eval/weights", help="folder for the weights and facts")
+    p.add_argument("--out", default="arcdiff/eval/weights", help="folder for the weights and facts")
     p.add_argument("--holdout", type=int, default=2000, help="images held out to measure accuracy (0: none)")
     p.add_argument("--no-refit", action="store_true", help="ship the held-out-split fit instead of refitting on all")
     p.add_argument("--epochs", type=int, default=10, help="passes over the data per fit")
@@ -35,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from arcdiff.model.eval.mnist_net import train_feature_net
+    from arcdiff.eval.mnist_net import train_feature_net
     from arcdiff.training.data import DataError
 
     if args.threads:
@@ -51,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
             lr=args.lr,
             seed=args.seed,
             progress=not args.quiet,
+            kind=args.kind,
         )
     except (DataError, ValueError) as e:
         print(f"arcdiff train-features: error: {e}", file=sys.stderr)

@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from arcdiff.model.catalog import PREDICTIONS, heads_for  # noqa: F401  (heads_for: re-exported)
+from arcdiff.model.catalog import PREDICTIONS, heads_for
 from arcdiff.model.schedule import expand_like
 
 Prediction = Literal["x0_eps", "eps", "x0", "v"]

@@ -52,7 +52,7 @@ from arcdiff.model.unet import UNet, UNetConfig
 @dataclass
 class LoadedModel:
     name: str
-    path: Path
+    path: Path | None  # its folder; None for one made in memory (a benchmark's random network)
     config: dict[str, Any]
     denoiser: torch.nn.Module  # (x, eta) -> (x0_hat, eps_hat)
 
@@ -103,7 +103,8 @@ def read_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, to
         raise ModelFormatError(f"{path}: file is missing")
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            names = f.keys()  # a safetensors file handle, not a dict: it has keys() but no __iter__
+            return {k: f.get_tensor(k) for k in names}
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise ModelFormatError(f"{path}: cannot read safetensors ({e})") from None
 

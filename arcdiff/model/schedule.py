@@ -4,7 +4,9 @@ x_eta = cos(eta) x0 + sin(eta) eps, eta in [0, pi/2]: eta = 0 is data, eta = pi/
 In the usual VP notation alpha = cos(eta), sigma = sin(eta), alpha_bar = cos^2(eta), and the
 half log-SNR used by DPM-Solver is lambda = log(alpha / sigma) = log(cot(eta)).
 
-Every function here is a plain function over tensors; none holds state.
+Every function here is a plain function over tensors. The one module-level value that changes is
+_GRID_TABLE, grid_eta's cache of grid points per device: filled on first use and grown as larger
+step counts come, it never changes a result (the same formula, read from a table).
 """
 
 from __future__ import annotations
@@ -220,10 +222,8 @@ def grid_eta(i: torch.Tensor, steps: torch.Tensor, grid: torch.Tensor | None = N
     uniform: eta = (pi/2)(1 - i/n), the paper's grid. logsnr and karras: tuned_eta over
     tuned_range(n). The tuned grids' interior points are i = 1..n-1 (fraction t = (i-1)/(n-2); a
     single interior point sits at t = 1/2). Indices past the end read eta = 0."""
-    if steps.device.type == "cpu":
-        need = int(steps.max()) if steps.numel() else 1
-    else:  # no device sync at every step: the table for every step count the API takes, once
-        need = GRID_TABLE_GPU_STEPS
+    # on a GPU no device sync at every step: the table for every step count the API takes, once
+    need = (int(steps.max()) if steps.numel() else 1) if steps.device.type == "cpu" else GRID_TABLE_GPU_STEPS
     table = _grid_table(need, steps.device)
     g = torch.zeros_like(steps) if grid is None else grid
     n = steps.long().clamp_min(1)

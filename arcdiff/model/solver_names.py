@@ -108,7 +108,7 @@ def edit_steps(steps: int, strength: float) -> int:
     """The steps an image-to-image edit runs: the last floor(strength * steps) (at least 1) of the
     `steps`-step grid, so it starts at that grid point (diffusers' img2img convention; on the
     uniform grid eta0 = (k / steps) pi/2 <= strength pi/2). The tolerance keeps 0.3 * 10 at 3."""
-    return max(1, min(steps, int(math.floor(strength * steps + 1e-9))))
+    return max(1, min(steps, math.floor(strength * steps + 1e-9)))
 
 
 # POST /v1/encodings' default: measured on MNIST test digits (docs/evaluation.md, "Editing")

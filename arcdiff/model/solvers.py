@@ -22,7 +22,7 @@ in one place (`Solver.inputs`):
   that euler/heun/rk4 integrate, and converge to its solution. With the heads as predicted,
   ddim re-applies the heads' disagreement with x at every step (its error against a reference
   trajectory grows with steps on `mnist`) and dpmpp2m follows the x0 head's own ODE (its error
-  stalls); figures in arcdiff/model/eval/convergence.py's table (docs/evaluation.md).
+  stalls); figures in arcdiff/eval/convergence.py's table (docs/evaluation.md).
 - euler, heun, rk4 use the velocity form, v_hat = -sin(eta) x0_hat + cos(eta) eps_hat (equation
   13), which the projection leaves unchanged.
 For a one-head model with an unclipped derived head the pair is already consistent and the

@@ -180,8 +180,9 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             expose_headers=["Location", "Retry-After", "Server-Timing", "X-Generation-Id", "X-Seed"],
         )
     app.add_middleware(MetricsMiddleware)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
+    # the decorator form: add_exception_handler's type wants handlers of any Exception
+    app.exception_handler(RequestValidationError)(_validation_error)
+    app.exception_handler(StarletteHTTPException)(_http_error)
     app.include_router(generations.build_router(generation_request(list(served), settings.max_images)))
     app.include_router(edits.router)
     app.include_router(models.router)

@@ -8,6 +8,7 @@ its events (queued, progress, previews, the end) in a bounded in-memory log that
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -16,7 +17,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from arcdiff.contract import EVENTS_MAXLEN, TERMINAL_EVENTS, GenerationSpec
+from arcdiff.contract import EVENTS_MAXLEN, TERMINAL_EVENTS, GenerationSpec, JobResult
 from arcdiff.model.catalog import ModelInfo
 from arcdiff.service.backend import Event, Generation, NotReady, QueueFull
 from arcdiff.service.metrics import QUEUE_DEPTH
@@ -30,10 +31,9 @@ MAX_KEPT = 10_000  # generations remembered at most (oldest done ones are forgot
 
 
 @dataclass
-class _Entry:
-    spec: GenerationSpec
-    future: Future | None = None
-    done_at: float | None = None
+class _EventLog:
+    """A generation's events, bounded, and the wake-up of their readers."""
+
     events: deque[Event] = field(default_factory=lambda: deque(maxlen=EVENTS_MAXLEN))
     seq: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # set (and replaced) on each new event
@@ -47,6 +47,14 @@ class _Entry:
         self.events.append(Event(str(self.seq), event, data))
         self.changed.set()
         self.changed = asyncio.Event()
+
+
+@dataclass
+class _Entry:
+    spec: GenerationSpec
+    future: Future[JobResult]  # the engine's: resolves to the result, or raises why not
+    log: _EventLog
+    done_at: float | None = None
 
 
 class EmbeddedBackend:
@@ -111,30 +119,33 @@ class EmbeddedBackend:
         self._forget_expired()
         if self._queued(spec.model) >= self.settings.queue_limit:
             raise QueueFull(f"{self.settings.queue_limit} generations already waiting for {spec.model}", retry_after=1)
-        entry = _Entry(spec)
-        entry.add("queued", {})
-        loop = self._loop
+        engine, loop, log = self.engine, self._loop, _EventLog()
+        if engine is None or loop is None:  # ready means loaded, and loading starts in start()
+            raise NotReady("loading models", retry_after=2)
+        log.add("queued", {})
 
         def on_event(event: str, data: dict) -> None:  # engine threads: hand over to the loop
-            loop.call_soon_threadsafe(entry.add, event, data)
+            loop.call_soon_threadsafe(log.add, event, data)
 
         def on_done(_f: Future) -> None:
             entry.done_at = time.time()
-            loop.call_soon_threadsafe(lambda: entry.add(self._status(entry)[0], {}))
+            loop.call_soon_threadsafe(lambda: log.add(self._status(entry)[0], {}))
 
-        entry.future = self.engine.submit(spec, listener=on_event)
+        entry = _Entry(spec, engine.submit(spec, listener=on_event), log)
         self._gens[spec.id] = entry
         entry.future.add_done_callback(on_done)
 
     def _queued(self, model: str) -> int:
         engine = self.engine
-        return sum(
-            1
-            for e in self._gens.values()
-            if e.spec.model == model
-            and not e.future.done()
-            and engine is not None
-            and engine.status(e.spec.id) == "queued"
+        return len(
+            [
+                e
+                for e in self._gens.values()
+                if e.spec.model == model
+                and not e.future.done()
+                and engine is not None
+                and engine.status(e.spec.id) == "queued"
+            ]
         )
 
     def _forget_expired(self) -> None:
@@ -170,8 +181,8 @@ class EmbeddedBackend:
         if e.future.done():
             status, error = self._status(e)
             return Generation(e.spec, status, result=e.future.result() if status == "finished" else None, error=error)
-        status = self.engine.status(gen_id) if self.engine is not None else None
-        return Generation(e.spec, status or "queued")
+        live = self.engine.status(gen_id) if self.engine is not None else None
+        return Generation(e.spec, live or "queued")
 
     async def cancel(self, gen_id: str) -> Generation | None:
         e = self._gens.get(gen_id)
@@ -184,17 +195,15 @@ class EmbeddedBackend:
     async def events(self, gen_id: str, after: str | None = None) -> AsyncIterator[Event]:
         last = int(after) if after and after.isdigit() else 0
         while (e := self._gens.get(gen_id)) is not None:
-            changed = e.changed  # taken before reading: an event added meanwhile sets it
-            for ev in list(e.events):
+            changed = e.log.changed  # taken before reading: an event added meanwhile sets it
+            for ev in list(e.log.events):
                 if int(ev.id) > last:
                     last = int(ev.id)
                     yield ev
                     if ev.terminal:
                         return
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):  # look again (it may have been forgotten)
                 await asyncio.wait_for(changed.wait(), timeout=5.0)
-            except asyncio.TimeoutError:
-                pass  # look again (the generation may have been forgotten)
 
     async def wait(self, gen_id: str, timeout: float) -> Generation | None:
         e = self._gens.get(gen_id)

@@ -52,7 +52,7 @@ class BodyLimitMiddleware:
             if declared > self.max:
                 await _send_error(send, 413, too_large)
                 return
-        has_body = length is None and b"transfer-encoding" in headers or (length is not None and int(length) > 0)
+        has_body = (length is None and b"transfer-encoding" in headers) or (length is not None and int(length) > 0)
         content_type = headers.get(b"content-type", b"").decode("latin-1")
         if has_body and not _is_json(content_type):
             await _send_error(

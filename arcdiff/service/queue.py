@@ -12,10 +12,12 @@ running one (the worker cancels it in its engine).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import cast
 
 import redis
 import redis.asyncio as aredis
@@ -44,6 +46,8 @@ from arcdiff.service.ratelimit import RedisLimiter
 from arcdiff.service.settings import ApiSettings
 
 log = logging.getLogger("arcdiff.queue")
+# XREAD's answer (bytes, the client does not decode): [(stream key, [(entry id, {field: value})])]
+StreamReply = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]
 
 _STATUS = {
     JobStatus.STARTED: "running",
@@ -224,19 +228,15 @@ class RedisBackend:
             return gen
         job = Job.fetch(gen_id, connection=self.redis, serializer=JSONSerializer)
         if job.get_status(refresh=False) in _NOT_STARTED:
-            try:
+            with contextlib.suppress(InvalidJobOperation):  # canceled meanwhile
                 job.cancel()  # out of the queue: it never runs
-            except InvalidJobOperation:
-                pass  # canceled meanwhile
             with self.redis.pipeline(transaction=False) as pipe:
                 add_event(pipe, gen_id, "canceled", {}, self.settings.result_ttl_s)
                 pipe.execute()
             job = Job.fetch(gen_id, connection=self.redis, serializer=JSONSerializer)
         if job.worker_name:  # running, or taken by a worker just before the cancel
-            try:
+            with contextlib.suppress(InvalidJobOperation):
                 send_stop_job_command(self.redis, gen_id, serializer=JSONSerializer)
-            except InvalidJobOperation:
-                pass
         return self._fetch(gen_id)
 
     async def cancel(self, gen_id: str) -> Generation | None:
@@ -251,8 +251,10 @@ class RedisBackend:
     async def events(self, gen_id: str, after: str | None = None) -> AsyncIterator[Event]:
         key, last, block = events_key(gen_id), after or "0-0", None  # the first read does not block
         while True:
+            answer: StreamReply | None
             try:
-                answer = await self.aredis.xread({key: last}, count=256, block=block)
+                # RESP2 and undecoded bytes (from_url above): the list form of redis-py's union
+                answer = cast(StreamReply, await self.aredis.xread({key: last}, count=256, block=block))
             except redis.RedisError as e:
                 log.warning("reading the events of %s: %s", gen_id, e)
                 answer = None

@@ -8,6 +8,7 @@ so every API process behind a load balancer shares it; in embedded mode it lives
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import threading
 import time
@@ -83,10 +84,8 @@ class RedisLimiter:
             raise NotReady(f"Redis error: {e}", retry_after=2) from None
 
     async def give_back(self, caller: str, n: int) -> None:
-        try:
+        with contextlib.suppress(redis.RedisError):
             await asyncio.to_thread(self._give_back, caller, n)
-        except redis.RedisError:
-            pass
 
 
 def _message(limit: int, used: int) -> str:

@@ -83,13 +83,13 @@ class GenerationRequest(BaseModel):
         description="solver steps (network evaluations = steps x stages). Omitted: about "
         f"{DEFAULT_NFE} network evaluations of the solver",
     )
-    solver: Solver = Field(  # type: ignore[assignment]
+    solver: Solver = Field(
         None,
         description=f"{SOLVER_HELP}. Omitted: the measured default "
         f"({DEFAULT_SOLVER}, {DEFAULT_STEPS} steps, {DEFAULT_SCHEDULE}; {FEW_STEPS_SOLVER} for at most "
         f"{FEW_STEPS_MAX} steps; see GET /v1/models)",
     )
-    schedule: Schedule = Field(  # type: ignore[assignment]
+    schedule: Schedule = Field(
         None,
         description="the time grid: uniform (in eta, the paper's), logsnr (uniform in log cot eta) or karras "
         f"(in tan eta; range and rho per step count). Omitted: the solver's own default, {GRID_DEFAULTS_HELP}",
@@ -113,7 +113,7 @@ class GenerationRequest(BaseModel):
         description="send previews on GET /v1/generations/{id}/events while it runs: each image's current "
         "x0_hat (the model's clean estimate, at no extra network evaluation) as a small PNG",
     )
-    priority: Priority = Field(  # type: ignore[assignment]
+    priority: Priority = Field(
         DEFAULT_PRIORITY,
         description="interactive (default): runs first, its network evaluations kept short; batch: fills the "
         "device time interactive images leave (on a CPU it pauses while they run)",
@@ -233,11 +233,11 @@ class EncodingRequest(BaseModel):
     model: str = Field(description="a model from GET /v1/models")
     image: str = Field(max_length=PNG_B64_MAX, description="the PNG (base64) to encode: the model's size and channels")
     steps: int = Field(DEFAULT_ENCODE_STEPS, strict=True, ge=1, le=MAX_STEPS, description="solver steps")
-    solver: EncodeSolver = Field(  # type: ignore[valid-type]
+    solver: EncodeSolver = Field(
         DEFAULT_ENCODE_SOLVER,
         description="a deterministic one-step solver: the ODE runs from eta = 0 up to pi/2 (ddim: DDIM inversion)",
     )
-    schedule: Schedule = Field("uniform", description="the time grid, read backwards")  # type: ignore[valid-type]
+    schedule: Schedule = Field("uniform", description="the time grid, read backwards")
     roundtrip: bool = Field(
         False,
         strict=True,
@@ -245,7 +245,7 @@ class EncodingRequest(BaseModel):
         "the input in grey levels (costs a second run of the same NFE)",
     )
     wait: bool = Field(True, strict=True, description="hold the request until done (else 202: poll its url)")
-    priority: Priority = Field(DEFAULT_PRIORITY)  # type: ignore[valid-type]
+    priority: Priority = Field(DEFAULT_PRIORITY)
 
 
 class RoundTripOut(BaseModel):
@@ -302,14 +302,14 @@ class InterpolationRequest(BaseModel):
     end: InterpolationEnd
     frames: int = Field(8, strict=True, ge=2, le=MAX_IMAGES_CAP, description="images from start to end, ends included")
     steps: int = Field(DEFAULT_ENCODE_STEPS, strict=True, ge=1, le=MAX_STEPS, description="solver steps")
-    solver: Solver = Field(  # type: ignore[valid-type]
+    solver: Solver = Field(
         DEFAULT_ENCODE_SOLVER,
         description="a deterministic solver (between two images one that encodes: "
         f"{', '.join(ENCODE_SOLVERS)}); frames are slerp(start, end, t) decoded",
     )
-    schedule: Schedule = Field("uniform", description="the time grid")  # type: ignore[valid-type]
+    schedule: Schedule = Field("uniform", description="the time grid")
     wait: bool = Field(False, strict=True, description="hold the request until done")
-    priority: Priority = Field(DEFAULT_PRIORITY)  # type: ignore[valid-type]
+    priority: Priority = Field(DEFAULT_PRIORITY)
 
 
 class ModelOut(BaseModel):

@@ -12,6 +12,7 @@ import io
 import pickle
 import struct
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -90,7 +91,7 @@ class _CifarUnpickler(pickle.Unpickler):
     plain dict of numpy arrays needs and refuses every other global, so a hostile file cannot run
     code. The binary version (data_batch_*.bin) needs no unpickling at all and is preferred."""
 
-    ALLOWED = {
+    ALLOWED: ClassVar[set[tuple[str, str]]] = {
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),

@@ -117,7 +117,7 @@ class DistillSettings:
     )
 
     def rounds(self) -> int:
-        return int(round(math.log2(self.teacher_steps / self.final_steps)))
+        return round(math.log2(self.teacher_steps / self.final_steps))
 
     def student_steps(self, round_index: int) -> int:
         return self.teacher_steps >> (round_index + 1)
@@ -144,10 +144,7 @@ def validate(s: DistillSettings) -> None:
 def load_teacher(spec: str) -> LoadedModel:
     """A model folder (a path holding config.json) or a model name in the registry."""
     try:
-        if (Path(spec) / "config.json").is_file():
-            model = load_model(spec)
-        else:
-            model = ModelRegistry().load(spec)
+        model = load_model(spec) if (Path(spec) / "config.json").is_file() else ModelRegistry().load(spec)
     except (KeyError, ModelFormatError) as e:
         raise TrainingError(f"teacher {spec!r}: {e.args[0] if e.args else e}") from None
     if model.config.get("prediction") != "x0_eps":

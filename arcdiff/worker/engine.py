@@ -21,6 +21,7 @@ One device thread runs the ticks (round robin over models); callers talk to it t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -252,10 +253,9 @@ class Engine:
         for t in tasks:
             self._close(t, error="engine stopped before the generation finished")
         if self._loop is not None:
-            try:
+            # a loop that died already logged why; a slow one is left behind
+            with contextlib.suppress(Exception):
                 self._loop.result(timeout)
-            except Exception:  # a loop that died already logged why; a slow one is left behind
-                pass
         self._device_thread.shutdown(timeout)
         self._encoder.close()
 

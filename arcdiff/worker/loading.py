@@ -3,7 +3,9 @@
 Per device, "auto" settings resolve to (see `resolve_speed`):
 - CUDA: autocast to bf16 (fp16 where the card lacks bf16) for the network only, channels-last,
   and torch.compile in "reduce-overhead" mode (inductor kernels + CUDA graphs);
-- CPU and MPS: eager float32, unless asked.
+- CPU: eager, under bf16 autocast where the CPU has native bf16 (AVX512-BF16 or AMX-BF16, see
+  `cpu_has_native_bf16`), float32 elsewhere (emulated bf16 is slower than float32);
+- MPS: eager float32, unless asked.
 
 A compiled forward is compiled once per batch bucket, with static shapes, during the warm-up
 (`warm_up`, which `Engine.start` runs on the engine's own thread: CUDA graphs are recorded per
@@ -18,6 +20,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,13 +61,34 @@ class SpeedSettings:
         return self.compile in ("reduce-overhead", "max-autotune")
 
 
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU runs bf16 matrix products natively (oneDNN's bf16 convolutions use
+    AVX512-BF16 or AMX-BF16); read from Linux's /proc/cpuinfo, False where it cannot be read."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return False
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return any(f in flags for f in CPU_BF16_FLAGS)
+
+
 def resolve_speed(
     device: torch.device, amp: str = "auto", compile_mode: str = "auto", channels_last: bool | None = None
 ) -> SpeedSettings:
     """Fill in the "auto" (None for channels_last) settings with the defaults for `device`."""
     cuda = device.type == "cuda"
     if amp == "auto":
-        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "none"
+        if cuda:
+            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            amp = "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "none"
     if compile_mode == "auto":
         compile_mode = "reduce-overhead" if cuda else "none"
     if channels_last is None:

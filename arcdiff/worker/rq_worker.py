@@ -31,6 +31,7 @@ teardown requeues what is held). Nothing is left in the started state.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -447,7 +448,5 @@ class BatchingWorker(SimpleWorker):
         m.BUSY.set(1 if busy else 0)
         wanted = WorkerStatus.BUSY if busy else WorkerStatus.IDLE
         if (force or self.get_state() != wanted) and not self._in_teardown:
-            try:
+            with contextlib.suppress(redis.exceptions.RedisError):
                 self.set_state(wanted)
-            except redis.exceptions.RedisError:
-                pass

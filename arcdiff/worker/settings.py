@@ -34,7 +34,7 @@ class EngineSettings(QueueSettings):
     amp: Amp = Field(
         "auto",
         description="autocast dtype for the network (solver state stays float32); auto: bf16 on CUDA "
-        "(fp16 without bf16 support), none elsewhere",
+        "(fp16 without bf16 support) and on CPUs with native bf16 (AVX512-BF16 or AMX), none elsewhere",
     )
     compile: CompileMode = Field(
         "auto",

@@ -70,7 +70,7 @@ def ok(url: str, timeout: float = 3.0) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
             return 200 <= r.status < 300
-    except Exception as e:  # noqa: BLE001 - any failure means unhealthy
+    except Exception as e:  # any failure means unhealthy
         print(f"{url}: {e}", file=sys.stderr)
         return False
 

@@ -10,8 +10,19 @@ from servicekit import REPO, child_env
 def test_api_start_reports_time_and_memory(model_dir, redis_url, tmp_path):
     out = tmp_path / "api-start.json"
     r = subprocess.run(
-        [sys.executable, "-m", "arcdiff.cli", "bench", "api-start", "--redis", redis_url, "--runs", "1"]
-        + ["--json", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "arcdiff.cli",
+            "bench",
+            "api-start",
+            "--redis",
+            redis_url,
+            "--runs",
+            "1",
+            "--json",
+            str(out),
+        ],
         cwd=REPO,
         env=child_env(model_dir),
         capture_output=True,

@@ -108,7 +108,7 @@ _ComposeLoader.add_multi_constructor("!", _tagged)
 
 def load_yaml(path: Path) -> Any:
     """YAML as compose reads it: its merge tags come back as Tagged values."""
-    return yaml.load(path.read_text(), Loader=_ComposeLoader)  # noqa: S506 - a SafeLoader subclass
+    return yaml.load(path.read_text(), Loader=_ComposeLoader)  # a SafeLoader subclass
 
 
 def load_yaml_docs(path: Path) -> list[dict]:
@@ -206,7 +206,7 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str, interval: fl
             last = check()
             if last:
                 return last
-        except Exception as e:  # noqa: BLE001 - keep polling, report the last failure
+        except Exception as e:  # keep polling, report the last failure
             last = e
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")

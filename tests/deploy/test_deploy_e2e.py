@@ -72,7 +72,7 @@ class Proc:
     def __init__(self, name: str, args: list[str], workdir: Path, env: dict[str, str]):
         self.name = name
         self.log_path = workdir / f"{name}.log"
-        self.log = open(self.log_path, "wb")
+        self.log = open(self.log_path, "wb")  # noqa: SIM115 - the process writes to it until stop() closes it
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
 
     def check_alive(self) -> None:

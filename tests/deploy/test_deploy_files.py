@@ -536,7 +536,7 @@ def test_grafana_dashboard_structure():
             assert p.get("targets"), f"{name}: panel {p['title']!r} has no query"
             assert p["datasource"]["uid"] == ds_uid, f"{name}: panel {p['title']!r} uses another datasource"
             g = p["gridPos"]
-            assert 0 <= g["x"] and g["x"] + g["w"] <= 24, f"{name}: panel {p['title']!r} overflows the grid"
+            assert g["x"] >= 0 and g["x"] + g["w"] <= 24, f"{name}: panel {p['title']!r} overflows the grid"
     titles = " ".join(p["title"].lower() for p in dashes["arcdiff.json"]["panels"])
     for topic in ("images / s", "latency", "queue depth", "batch size", "error", "device memory"):
         assert topic in titles, f"the dashboard has no panel about {topic!r}"

@@ -53,7 +53,7 @@ def test_core_manifests_match_the_kubernetes_schema(version):
 
 
 def test_strict_validation_catches_a_misspelt_field():
-    name, doc = next((n, d) for n, d in CORE if d["kind"] == "Deployment")
+    _name, doc = next((n, d) for n, d in CORE if d["kind"] == "Deployment")
     bad = {**doc, "spec": {**doc["spec"], "replica": 1}}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(bad, versions()[-1], strict=True)

@@ -2,6 +2,7 @@
 the per-key images-per-minute limit, CORS off unless configured, and request data that looks
 like a path never reaching the file system."""
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -150,10 +151,8 @@ def _open_fds() -> dict[str, str]:
     """fd -> what it points at, for this process."""
     fds = {}
     for fd in os.listdir("/proc/self/fd"):
-        try:
+        with contextlib.suppress(OSError):  # closed between listdir and readlink
             fds[fd] = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:  # closed between listdir and readlink
-            pass
     return fds
 
 

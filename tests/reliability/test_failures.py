@@ -262,7 +262,7 @@ def test_a_pickled_job_is_refused_never_unpickled(stack, tmp_path):
     wait_until(
         lambda: (
             conn.zscore("rq:failed:arcdiff:tiny", job.id) is not None
-            or b"failed" == conn.hget(f"rq:job:{job.id}", "status")
+            or conn.hget(f"rq:job:{job.id}", "status") == b"failed"
         ),
         60,
         "the worker to fail the job",

@@ -153,12 +153,14 @@ def test_a_client_that_reconnects_with_last_event_id_resumes(stack):
             if len(seen) == 3:
                 break  # drop the connection mid-stream
     rest = []
-    with httpx.Client(base_url=stack["bases"][-1], timeout=60) as h:
-        with connect_sse(h, "GET", f"{gen['url']}/events", headers={"Last-Event-ID": seen[-1]}) as source:
-            for sse in source.iter_sse():
-                rest.append(sse)
-                if sse.event in ("finished", "failed", "canceled"):
-                    break
+    with (
+        httpx.Client(base_url=stack["bases"][-1], timeout=60) as h,
+        connect_sse(h, "GET", f"{gen['url']}/events", headers={"Last-Event-ID": seen[-1]}) as source,
+    ):
+        for sse in source.iter_sse():
+            rest.append(sse)
+            if sse.event in ("finished", "failed", "canceled"):
+                break
     assert rest and rest[-1].event == "finished"
     assert seen[-1] not in [s.id for s in rest[:-1]], "resumed at or before the last event seen"
     assert all(s.event != "queued" for s in rest), "replayed from the start"

@@ -171,7 +171,7 @@ def test_playground_in_a_real_browser(service, browser, tmp_path):
     body = http.get(f"/v1/generations/{gen_id}", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert [i["src"].split(",", 1)[1] for i in imgs] == [im["png_base64"] for im in body["images"]]
     text = card.text
-    assert f"{body['nfe']} NFE" in text and "seeds 7–10" in text and "karras" in text
+    assert f"{body['nfe']} NFE" in text and "seeds 7\u201310" in text and "karras" in text
     assert (body["solver"], body["schedule"]) == ("ddim", "karras")
     for label in ("queue", "sampling", "encoding", "total"):
         assert label in text

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -180,7 +181,7 @@ def test_refusals(models, tmp_path):
     with pytest.raises(TrainingError, match="unknown model"):
         Distiller(settings(models, tmp_path, teacher="no-such-model"), images=blobs())
     distill(settings(models, tmp_path), progress=False, images=blobs(), stop_after=2)
-    with pytest.raises(TrainingError, match="lr: checkpoint 0.002, now 0.001"):
+    with pytest.raises(TrainingError, match=re.escape("lr: checkpoint 0.002, now 0.001")):
         distill(settings(models, tmp_path, lr=1e-3), resume=True, progress=False, images=blobs())
     with pytest.raises(TrainingError, match="already holds a checkpoint"):
         distill(settings(models, tmp_path), progress=False, images=blobs())

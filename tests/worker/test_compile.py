@@ -14,7 +14,7 @@ from arcdiff.contract import GenerationSpec
 from arcdiff.model.registry import ModelRegistry
 from arcdiff.model.solvers import SOLVERS
 from arcdiff.worker.engine import Engine, EngineConfig
-from arcdiff.worker.loading import SpeedSettings, prepare_models, resolve_speed
+from arcdiff.worker.loading import SpeedSettings, cpu_has_native_bf16, prepare_models, resolve_speed
 
 
 @pytest.fixture(autouse=True)
@@ -85,7 +85,7 @@ def test_a_recompile_after_warm_up_is_an_error_under_the_guard(model_dir):
         fwd(torch.zeros(2, 1, 8, 8), torch.full((2,), 0.5))
         torch.compiler.set_stance("fail_on_recompile")
         fwd(torch.zeros(2, 1, 8, 8), torch.full((2,), 0.7))  # same shape: no recompile
-        with pytest.raises(Exception, match="(?i)recompil"):
+        with pytest.raises(Exception, match=r"(?i)recompil"):
             fwd(torch.zeros(3, 1, 8, 8), torch.full((3,), 0.5))
 
 
@@ -113,11 +113,28 @@ def test_a_compiler_that_fails_leaves_the_model_served_eagerly(model_dir, caplog
 
 def test_auto_speed_settings_per_device():
     cpu = resolve_speed(torch.device("cpu"))
-    assert (cpu.amp, cpu.compile, cpu.channels_last) == ("none", "none", False)
+    # bf16 where this CPU has it natively (AVX512-BF16 / AMX), float32 elsewhere
+    assert (cpu.amp, cpu.compile, cpu.channels_last) == ("bf16" if cpu_has_native_bf16() else "none", "none", False)
     asked = resolve_speed(torch.device("cpu"), amp="bf16", compile_mode="default", channels_last=True)
     assert (asked.amp, asked.compile, asked.channels_last) == ("bf16", "default", True)
     with pytest.raises(ValueError, match="amp"):
         resolve_speed(torch.device("cpu"), amp="int8")
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+flags\t\t: fpu vme sse sse2 avx2 avx512f {extra}
+bugs\t\t: spectre_v1
+"""
+
+
+@pytest.mark.parametrize(
+    ("extra", "native"),
+    [("avx512_bf16", True), ("amx_tile amx_bf16", True), ("avx512_vnni", False), ("", False)],
+)
+def test_native_bf16_is_read_from_the_cpu_flags(extra, native):
+    assert cpu_has_native_bf16(CPUINFO.format(extra=extra)) is native
+    assert cpu_has_native_bf16("bugs\t: avx512_bf16\n") is False  # only the flags line counts
 
 
 def test_bf16_autocast_on_cpu_when_asked_keeps_the_solver_in_float32(model_dir):
@@ -137,7 +154,7 @@ def test_bf16_autocast_on_cpu_when_asked_keeps_the_solver_in_float32(model_dir):
 
 @pytest.mark.slow
 def test_inductor_compiled_engine_no_recompiles(model_dir):
-    eng, specs, results, sizes, n_graphs = run_mixed(model_dir, backend="inductor", mode="reduce-overhead")
+    _eng, specs, results, _sizes, _n_graphs = run_mixed(model_dir, backend="inductor", mode="reduce-overhead")
     for s, r in zip(specs, results, strict=True):
         want, _ = reference(model_dir, s.model, s.steps, s.solver, s.seed, s.n)
         assert torch.allclose(r.extra["samples"], want, atol=1e-4), s

@@ -82,7 +82,7 @@ def test_bad_specs_name_the_field(change, message):
 def test_spec_must_be_an_object_with_every_field():
     with pytest.raises(SpecError, match="object"):
         GenerationSpec.from_payload([1, 2])
-    with pytest.raises(SpecError, match="missing.*seed"):
+    with pytest.raises(SpecError, match=r"missing.*seed"):
         GenerationSpec.from_payload({k: v for k, v in GOOD.items() if k != "seed"})
 
 

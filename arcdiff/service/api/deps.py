@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 from fastapi import Depends, HTTPException, Request, status
 
@@ -67,7 +67,7 @@ def require_api_key(request: Request, settings: SettingsDep) -> None:
     request.state.client_id = "key:" + matched.hex()[:16]
 
 
-def _reject(request: Request, code: int, message: str) -> None:
+def _reject(request: Request, code: int, message: str) -> NoReturn:
     from arcdiff.service.metrics import REJECTED
 
     if request.method == "POST":

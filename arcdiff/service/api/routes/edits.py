@@ -23,6 +23,7 @@ from arcdiff.model.solver_names import ENCODE_SOLVERS
 from arcdiff.service.api.deps import BackendDep, SettingsDep, require_api_key
 from arcdiff.service.api.routes.generations import (
     _CREATE_RESPONSES,
+    Responses,
     _error,
     _json,
     _workers,
@@ -47,7 +48,7 @@ from arcdiff.service.schemas import (
 
 router = APIRouter(prefix="/v1", tags=["editing"], dependencies=[Depends(require_api_key)])
 
-_RESPONSES = {
+_RESPONSES: Responses = {
     401: {"model": ErrorOut, "description": "API keys are configured and the request has none"},
     403: {"model": ErrorOut, "description": "the API key matches none configured"},
     413: {"model": ErrorOut, "description": "the body is larger than the server's limit"},
@@ -160,11 +161,42 @@ async def create_encoding(
     return JSONResponse(out.model_dump(mode="json"), status_code=code, headers={"Location": out.url})
 
 
-def _end_kind(end: InterpolationEnd, which: str) -> str | JSONResponse:
+def _end_kind(end: InterpolationEnd, which: str) -> str:
     given = [k for k in ("seed", "noise", "image") if getattr(end, k) is not None]
     if len(given) != 1:
-        return invalid(SpecError(f"{which} needs exactly one of seed, noise, image; got {', '.join(given) or 'none'}"))
+        raise SpecError(f"{which} needs exactly one of seed, noise, image; got {', '.join(given) or 'none'}")
     return given[0]
+
+
+async def _encode_ends(
+    request: Request, backend: Backend, settings: SettingsDep, info: ModelInfo, body: InterpolationRequest
+) -> list[str] | JSONResponse:
+    """The latents of the two end images: two encodings, in the batch like any other rows, waited
+    for; or the error response."""
+    if body.solver not in ENCODE_SOLVERS:
+        return invalid(
+            SpecError(f"solver {body.solver!r} cannot encode the images; use one of {', '.join(ENCODE_SOLVERS)}")
+        )
+    common = {"steps": body.steps, "solver": body.solver, "schedule": body.schedule, "priority": body.priority}
+    encs = [_spec(request, body.model, n=1, kind="encode", image=e.image, **common) for e in (body.start, body.end)]
+    for e in encs:
+        refused = check_inputs(e, info) or await enqueue(request, backend, e)
+        if refused is not None:
+            return refused
+    done = await asyncio.gather(*(backend.wait(e.id, settings.wait_timeout_s) for e in encs))
+    latents = []
+    for g, which in zip(done, ("start", "end"), strict=True):
+        if g is None or not g.done:
+            return _error(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                f"the encoding of the {which} image did not finish within {settings.wait_timeout_s:g} s",
+                headers={"Retry-After": "5"},
+            )
+        latent = _latent(g)
+        if latent is None:
+            return _error(422, f"{which}.image: encoding failed: {g.error}")
+        latents.append(latent)
+    return latents
 
 
 async def create_interpolation(
@@ -176,52 +208,30 @@ async def create_interpolation(
     info = _model(backend, body.model)
     if isinstance(info, JSONResponse):
         return info
-    kinds = [_end_kind(body.start, "start"), _end_kind(body.end, "end")]
-    for k in kinds:
-        if isinstance(k, JSONResponse):
-            return k
-    if kinds[0] != kinds[1]:
-        return invalid(
-            SpecError(f"both ends must be of one kind (two seeds, noises or images), got {kinds[0]} and {kinds[1]}")
-        )
-    common = {"steps": body.steps, "solver": body.solver, "schedule": body.schedule, "priority": body.priority}
-    fields: dict[str, Any] = {**common, "n": body.frames, "kind": "interpolate"}
-    if kinds[0] == "seed":
+    try:
+        kind = _end_kind(body.start, "start")
+        if _end_kind(body.end, "end") != kind:
+            raise SpecError(f"both ends must be of one kind (two seeds, noises or images), got {kind} and another")
+    except SpecError as e:
+        return invalid(e)
+    fields: dict[str, Any] = {
+        "steps": body.steps, "solver": body.solver, "schedule": body.schedule, "priority": body.priority,
+        "n": body.frames, "kind": "interpolate",
+    }  # fmt: skip
+    if kind == "seed":
         fields.update(seed=body.start.seed, seed_to=body.end.seed)
     else:
-        latents: list[str] = []
-        if kinds[0] == "noise":
-            latents = [body.start.noise or "", body.end.noise or ""]
-        else:  # two images: encode both first (in the batch, like any other rows), then interpolate
-            if body.solver not in ENCODE_SOLVERS:
-                return invalid(
-                    SpecError(
-                        f"solver {body.solver!r} cannot encode the images; use one of {', '.join(ENCODE_SOLVERS)}"
-                    )
-                )
-            encs = [
-                _spec(request, body.model, n=1, kind="encode", image=e.image, **common) for e in (body.start, body.end)
-            ]
-            for e in encs:
-                refused = check_inputs(e, info) or await enqueue(request, backend, e)
-                if refused is not None:
-                    return refused
-            done = await asyncio.gather(*(backend.wait(e.id, settings.wait_timeout_s) for e in encs))
-            for g, which in zip(done, ("start", "end"), strict=True):
-                if g is None or not g.done:
-                    return _error(
-                        status.HTTP_503_SERVICE_UNAVAILABLE,
-                        f"the encoding of the {which} image did not finish within {settings.wait_timeout_s:g} s",
-                        headers={"Retry-After": "5"},
-                    )
-                if _latent(g) is None:
-                    return _error(422, f"{which}.image: encoding failed: {g.error}")
-            latents = [_latent(g) or "" for g in done]
-        try:
-            raw = b"".join(base64.b64decode(z, validate=True) for z in latents)
+        latents = (
+            [body.start.noise or "", body.end.noise or ""]
+            if kind == "noise"
+            else await _encode_ends(request, backend, settings, info, body)
+        )
+        if isinstance(latents, JSONResponse):
+            return latents
+        try:  # the two ends as one noise payload: n latents back to back
+            fields["noise"] = base64.b64encode(b"".join(base64.b64decode(z, validate=True) for z in latents)).decode()
         except ValueError:
             return invalid(SpecError("noise is not valid base64"))
-        fields["noise"] = base64.b64encode(raw).decode("ascii")
     spec = _spec(request, body.model, **fields)
     refused = check_inputs(spec, info) or await enqueue(request, backend, spec)
     if refused is not None:
@@ -242,7 +252,7 @@ router.add_api_route(
     create_encoding,
     methods=["POST"],
     response_model=EncodingOut,
-    responses={202: {"model": EncodingOut, "description": "not done in time: poll its url"}, **_RESPONSES},
+    responses={**_RESPONSES, 202: {"model": EncodingOut, "description": "not done in time: poll its url"}},
     summary="Encode an image to its noise latent",
 )
 router.add_api_route(
@@ -251,6 +261,6 @@ router.add_api_route(
     methods=["POST"],
     response_model=GenerationOut,
     status_code=status.HTTP_202_ACCEPTED,
-    responses={200: {"model": GenerationOut, "description": "wait=true and done in time"}, **_RESPONSES},
+    responses={**_RESPONSES, 200: {"model": GenerationOut, "description": "wait=true and done in time"}},
     summary="Frames between two seeds, noises or images",
 )

@@ -42,6 +42,8 @@ from arcdiff.service.schemas import (
     ValidationErrorOut,
 )
 
+# the `responses` of a route: status code -> its OpenAPI description (and model)
+Responses = dict[int | str, dict[str, Any]]
 ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 PREFIX = "/v1/generations"
 
@@ -53,6 +55,8 @@ def generation_url(gen_id: str) -> str:
 # the spec's fields a request carries straight through, and those an answer echoes
 SPEC_FIELDS = frozenset(GenerationSpec.__dataclass_fields__)
 ECHOED = frozenset(GenerationOut.model_fields) & SPEC_FIELDS
+# the spec's fields the route fills in (the defaults resolved, a seed drawn) rather than copies
+FILLED = frozenset({"steps", "solver", "schedule", "seed"})
 
 
 def to_out(gen: Generation) -> GenerationOut:
@@ -183,7 +187,7 @@ async def enqueue(request: Request, backend: Backend, spec: GenerationSpec) -> J
     return None
 
 
-_CREATE_RESPONSES = {
+_CREATE_RESPONSES: Responses = {
     200: {
         "description": "wait=true and done in time: the generation (status finished or failed); with "
         "'Accept: image/png' and n=1, the PNG itself with a Server-Timing header",
@@ -229,23 +233,28 @@ async def create_generation(
     # the measured defaults, or a distilled student's own (model.catalog.ModelInfo.resolve)
     solver, steps, schedule = backend.models[body.model].resolve(body.solver, body.steps, body.schedule)
     caller = getattr(request.state, "client_id", "anonymous")
-    filled = {"steps": steps, "solver": solver, "schedule": schedule, "seed": seed}
     # editing (issue 22): an input image makes it an edit; absent fields travel as the spec's defaults
-    edit = {
+    edit: dict[str, Any] = {
         "kind": "edit" if body.image is not None else "generate",
         "image": body.image or "",
         "mask": body.mask or "",
         "noise": body.noise or "",
         "strength": 1.0 if body.strength is None else float(body.strength),
     }
+    # every other request field the spec has travels as given (a new one needs no line here)
+    given: dict[str, Any] = {
+        k: v for k, v in body.model_dump().items() if k in SPEC_FIELDS and k not in FILLED and k not in edit
+    }
     spec = GenerationSpec(
         id=uuid.uuid4().hex,
         submitted_at=time.time(),
         client=caller[:CLIENT_MAX],  # no secret: a short hash of the key, or the address (for the per-key cap)
-        **filled,
+        steps=steps,
+        solver=solver,
+        schedule=schedule,
+        seed=seed,
         **edit,
-        # every other request field the spec has travels as given (a new one needs no line here)
-        **{k: v for k, v in body.model_dump().items() if k in SPEC_FIELDS and k not in filled and k not in edit},
+        **given,
     )
     bad = check_inputs(spec, backend.models[body.model])
     if bad is not None:
@@ -263,19 +272,20 @@ async def create_generation(
     if not gen.done:
         return _json(gen, status.HTTP_202_ACCEPTED, location, await _workers(backend, spec.model))
     if want_png:
-        if gen.status != "finished":
+        result = gen.result if gen.status == "finished" else None
+        if result is None:
             return _json(gen, status.HTTP_500_INTERNAL_SERVER_ERROR, location)
         headers = {
             **location,
-            "Server-Timing": server_timing(gen.result.metrics),
+            "Server-Timing": server_timing(result.metrics),
             "X-Generation-Id": spec.id,
-            "X-Seed": str(gen.result.images[0].seed),
+            "X-Seed": str(result.images[0].seed),
         }
-        return Response(gen.result.images[0].png, media_type="image/png", headers=headers)
+        return Response(result.images[0].png, media_type="image/png", headers=headers)
     return _json(gen, status.HTTP_200_OK, location)
 
 
-_READ_RESPONSES = {
+_READ_RESPONSES: Responses = {
     401: {"model": ErrorOut, "description": "API keys are configured and the request has none"},
     403: {"model": ErrorOut, "description": "the API key matches none configured"},
     404: {"model": ErrorOut, "description": "unknown or expired id"},
@@ -289,7 +299,7 @@ async def read_generation(gen_id: str, backend: BackendDep) -> Response:
     return gen if isinstance(gen, Response) else _json(gen, status.HTTP_200_OK)
 
 
-_IMAGE_RESPONSES = {
+_IMAGE_RESPONSES: Responses = {
     200: {"content": {"image/png": {}}, "description": "the PNG"},
     401: {"model": ErrorOut, "description": "API keys are configured and the request has none"},
     403: {"model": ErrorOut, "description": "the API key matches none configured"},
@@ -302,15 +312,16 @@ async def read_image(gen_id: str, k: int, backend: BackendDep) -> Response:
     gen = await _find(backend, gen_id)
     if isinstance(gen, Response):
         return gen
-    if gen.status != "finished":
+    result = gen.result if gen.status == "finished" else None
+    if result is None:
         return _error(status.HTTP_409_CONFLICT, f"generation {gen_id} is {gen.status}, not finished")
-    if not 0 <= k < len(gen.result.images):
-        return _error(status.HTTP_404_NOT_FOUND, f"generation {gen_id} has images 0..{len(gen.result.images) - 1}")
-    im = gen.result.images[k]
+    if not 0 <= k < len(result.images):
+        return _error(status.HTTP_404_NOT_FOUND, f"generation {gen_id} has images 0..{len(result.images) - 1}")
+    im = result.images[k]
     return Response(im.png, media_type="image/png", headers={"X-Seed": str(im.seed)})
 
 
-_CANCEL_RESPONSES = {
+_CANCEL_RESPONSES: Responses = {
     200: {"description": "canceled (now or before): the generation, status canceled"},
     202: {"description": "cancel sent, not yet confirmed by the worker: the generation as it is"},
     401: {"model": ErrorOut, "description": "API keys are configured and the request has none"},
@@ -340,7 +351,7 @@ async def cancel_generation(gen_id: str, backend: BackendDep) -> Response:
     return _json(after, status.HTTP_200_OK if after.status == "canceled" else status.HTTP_202_ACCEPTED)
 
 
-_EVENTS_RESPONSES = {
+_EVENTS_RESPONSES: Responses = {
     200: {
         "content": {"text/event-stream": {}},
         "description": "server-sent events: queued, progress {nfe_done, nfe_total, images_done}, preview "
@@ -440,7 +451,7 @@ def with_body_model(
     return bound
 
 
-async def _find(backend, gen_id: str):
+async def _find(backend: Backend, gen_id: str) -> Generation | JSONResponse:
     """The generation, or the error response (404 unknown, 503 queue unreachable)."""
     if not ID_PATTERN.match(gen_id):
         return _error(status.HTTP_404_NOT_FOUND, f"no generation {gen_id[:64]!r}: ids are 32 lowercase hex digits")

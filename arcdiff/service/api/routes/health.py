@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 
@@ -30,10 +32,8 @@ async def readyz(backend: BackendDep) -> JSONResponse:
     ready, reason = await backend.readiness()
     body = ReadyOut(status="ready" if ready else "not ready", mode=backend.mode, reason=reason)
     if ready:
-        try:
+        with contextlib.suppress(Rejected):
             body.workers = await backend.workers()
-        except Rejected:
-            pass
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 

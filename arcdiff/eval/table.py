@@ -1,7 +1,7 @@
 """The frontier: FID, sFID, precision/recall and confident-digit share against NFE per (solver,
 time grid) for the bundled MNIST models, plotted as FID against NFE.
 
-    python -m arcdiff.model.eval.table --ref MNIST_DIR --num-samples 500 --out eval/table
+    arcdiff eval table --ref MNIST_DIR --num-samples 500 --out eval/table
 
 Rows are (model, solver, schedule); columns NFE 5, 10, 20, 40 (and 80 for the paper's solvers
 euler, heun, rk4); a cell exists where the NFE is a whole number of steps (rk4 at 20/40/80 is 5,
@@ -53,7 +53,7 @@ def parse_rows(text: str) -> tuple[tuple, ...]:
         if len(parts) not in (2, 3):
             raise ValueError(f"a row is model:solver[:schedule][@nfe/nfe...], got {item!r}")
         row = (parts[0], parts[1], parts[2] if len(parts) == 3 else "uniform")
-        rows.append(row + (tuple(int(n) for n in nfes.split("/")),) if nfes else row)
+        rows.append((*row, tuple(int(n) for n in nfes.split("/"))) if nfes else row)
     return tuple(rows)
 
 
@@ -106,7 +106,7 @@ def _pivot(records: list[dict[str, Any]], fmt, title: str, nfes: list[int]) -> l
         lines.append(
             f"| {m} | {s} | " + " | ".join(fmt(by[(m, s, n)]) if (m, s, n) in by else "-" for n in nfes) + " |"
         )
-    return lines + [""]
+    return [*lines, ""]
 
 
 def markdown(records: list[dict[str, Any]], command: str) -> str:
@@ -196,12 +196,8 @@ def plot_frontier(records: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m arcdiff.model.eval.table",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The table's options, on its own parser (`python -m arcdiff.eval.table`) or on `arcdiff eval table`."""
     p.add_argument("--ref", required=True, help="real images (the MNIST IDX folder)")
     p.add_argument("--num-samples", type=int, default=DEFAULT_SAMPLES, help="samples per cell")
     p.add_argument("--out", default="eval/table", help="output folder")
@@ -228,13 +224,26 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="write the table from the records already in OUT/records, running nothing (missing cells: -)",
     )
-    args = p.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="arcdiff eval table",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(p)
+    argv = sys.argv[1:] if argv is None else argv
+    return run(p.parse_args(argv), argv)
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run the table's cells; `argv`, the table's own arguments, is recorded as the command."""
     import torch
 
-    from arcdiff.model.eval.evaluate import evaluate, write_record
-    from arcdiff.model.eval.features import get_extractor
-    from arcdiff.model.eval.reference import reference_features
+    from arcdiff.eval.evaluate import evaluate, write_record
+    from arcdiff.eval.features import get_extractor
+    from arcdiff.eval.reference import reference_features
     from arcdiff.model.images import save_grid
     from arcdiff.model.registry import ModelRegistry
     from arcdiff.model.solver_names import resolve
@@ -308,16 +317,21 @@ def main(argv: list[str] | None = None) -> int:
     if not records:
         print("no records: nothing to write")
         return 1
-    command = "python -m arcdiff.model.eval.table " + " ".join(shown_command(argv, args.ref))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.json").write_text(json.dumps({"command": command, "records": records}, indent=2) + "\n")
-    (out / "table.md").write_text(markdown(records, command))
-    plot_frontier(records, out / "frontier.png")
+    command = "arcdiff eval table " + " ".join(shown_command(argv, args.ref))
+    write_table(out, records, command)
     print(
         f"{len(todo)} cells in {(time.time() - t0) / 60:.1f} min; wrote {out / 'table.md'}, {out / 'table.json'} "
         f"and {out / 'frontier.png'}"
     )
     return 0
+
+
+def write_table(out: Path, records: list[dict[str, Any]], command: str) -> None:
+    """OUT/table.json (the records and the command), OUT/table.md and OUT/frontier.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.json").write_text(json.dumps({"command": command, "records": records}, indent=2) + "\n")
+    (out / "table.md").write_text(markdown(records, command))
+    plot_frontier(records, out / "frontier.png")
 
 
 if __name__ == "__main__":

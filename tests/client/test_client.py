@@ -55,7 +55,7 @@ def service(model_dir, tmp_path_factory):
 
 
 def check_images(result: GenerationResult, model_dir, steps, solver, seed, n):
-    _, want = reference(model_dir, "tiny", steps, solver, seed, n)
+    _, want = reference(model_dir, "tiny", steps, solver, seed, n, amp="auto")
     assert result.seeds == [(seed + k) % 2**32 for k in range(n)]
     for k, im in enumerate(result.images):
         assert im.index == k and im.image.size == (8, 8) and im.image.mode == "L"

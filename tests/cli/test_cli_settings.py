@@ -64,7 +64,7 @@ def test_generate_writes_the_same_images_as_the_service(model_dir, tmp_path, cap
             ]
         )
         assert code == 0
-        _, want = reference(model_dir, "tiny", 3, "ddpm", 5, 5)
+        _, want = reference(model_dir, "tiny", 3, "ddpm", 5, 5, amp="auto")
     assert "wrote" in capsys.readouterr().out
     grid = png_pixels(out.read_bytes())
     assert grid.shape == (2 + 2 * 10, 2 + 3 * 10)  # 3 per row, 2 rows of 8x8 tiles with 2-pixel padding
