@@ -1,6 +1,6 @@
 """Editing measured on real MNIST test digits: the encode-then-decode round trip, and inpainting.
 
-    arcdiff eval editing --data /work/shared/data/mnist --images 32 --out eval/editing
+    arcdiff eval editing --data MNIST_DIR/t10k-images-idx3-ubyte.gz --images 32 --out eval/editing
 
 Round trip: each digit is encoded (the ODE from eta = 0 up to pi/2, model/editing.encode) and the
 latent decoded again with the same solver, steps and grid; the table gives the RMS difference of

@@ -94,7 +94,9 @@ def test_encoding_round_trip_and_noise_as_a_seed(client):
 
 
 def test_interpolations_between_seeds_noises_and_images(client):
-    r = post(client, "/v1/interpolations", start={"seed": 1}, end={"seed": 2}, frames=4, steps=4, wait=True)
+    r = post(
+        client, "/v1/interpolations", start={"seed": 1}, end={"seed": 2}, frames=4, steps=4, solver="ddim", wait=True
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert (body["kind"], body["n"], body["seed"], body["seed_to"]) == ("interpolate", 4, 1, 2)
