@@ -180,6 +180,7 @@ class GenerationResult:
     retries: int = 0  # 429/503 answers retried before the generation was accepted
     schedule: str = "uniform"  # the time grid the images were sampled on
     priority: str = "interactive"  # interactive or batch
+    webhook: dict | None = None  # the request's webhook and its deliveries, as the server last said
 
     @property
     def pil_images(self) -> list[Image]:
@@ -208,6 +209,7 @@ class GenerationResult:
             retries=retries,
             schedule=body.get("schedule", "uniform"),
             priority=body.get("priority", "interactive"),
+            webhook=body.get("webhook"),
         )
 
 
@@ -342,10 +344,12 @@ class _Base:
         schedule: str | None,
         preview: bool = False,
         priority: str | None = None,
+        webhook: str | dict[str, Any] | None = None,
         edit: Edit | None = None,
     ) -> dict:
-        """The POST body; steps, solver, schedule and priority left out when None (the server's defaults);
-        `edit` adds an edit's fields (image-to-image, inpainting, given noise)."""
+        """The POST body; steps, solver, schedule, priority and webhook left out when None (the
+        server's defaults). `webhook`: a URL, or {"url": ..., "events": [...]}. `edit` adds an
+        edit's fields (image-to-image, inpainting, given noise)."""
         body: dict[str, Any] = {"model": model, "n": n, **(edit.fields() if edit else {})}
         for key, value in (("steps", steps), ("solver", solver), ("schedule", schedule), ("priority", priority)):
             if value is not None:
@@ -356,6 +360,8 @@ class _Base:
             body["wait"] = True
         if preview:
             body["preview"] = True
+        if webhook is not None:
+            body["webhook"] = {"url": webhook} if isinstance(webhook, str) else dict(webhook)
         return body
 
     @staticmethod
@@ -410,16 +416,21 @@ class _Base:
         r, _ = yield from self._request(method, path, time.monotonic() + self.max_retry_wait)
         return r.json()
 
-    def _submit(self, body: dict, timeout: float, path: str = "/v1/generations") -> _Flow[dict]:
-        """POST `body` (see `_body`) to `path`; with "wait" the read may last until the deadline."""
+    def _submit(
+        self, body: dict, timeout: float, idempotency_key: str | None = None, path: str = "/v1/generations"
+    ) -> _Flow[dict]:
+        """POST `body` (see `_body`) to `path`; with "wait" the read may last until the deadline. With
+        an `idempotency_key` a repeat (a retry after 429/503 included) makes no second generation."""
         wait = bool(body.get("wait"))
         deadline = time.monotonic() + timeout
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else {}
         try:
             r, retries = yield from self._request(
                 "POST",
                 path,
                 deadline,
                 json=body,
+                headers=headers,
                 timeout=self._post_timeout(wait, deadline),
             )
         except Unreachable as e:
@@ -461,6 +472,7 @@ class _Base:
         request: dict,
         timeout: float,
         on_event: Callable[[GenerationEvent], None] | None = None,
+        idempotency_key: str | None = None,
         path: str = "/v1/generations",
     ) -> _Flow[GenerationResult]:
         """Submit `request` (to `path`: generations, or interpolations) and follow it to its end:
@@ -468,7 +480,9 @@ class _Base:
         polling (without "preview")."""
         deadline = time.monotonic() + timeout
         if on_event is not None:
-            body = yield from self._submit({k: v for k, v in request.items() if k != "wait"}, timeout, path)
+            body = yield from self._submit(
+                {k: v for k, v in request.items() if k != "wait"}, timeout, idempotency_key, path
+            )
 
             def handle(ev: GenerationEvent) -> None:
                 if time.monotonic() > deadline:
@@ -478,7 +492,9 @@ class _Base:
             end = yield from self._events(body["id"], handle)
             if end is not None:
                 return self._result(end.data, body["retries"])
-        body = yield from self._submit({k: v for k, v in request.items() if k != "preview"}, timeout, path)
+        body = yield from self._submit(
+            {k: v for k, v in request.items() if k != "preview"}, timeout, idempotency_key, path
+        )
         retries, interval = body["retries"], self.poll_interval
         while body["status"] not in TERMINAL:
             left = deadline - time.monotonic()
@@ -509,7 +525,7 @@ class _Base:
             if value is not None:
                 body[key] = value
         deadline = time.monotonic() + timeout
-        out = yield from self._submit({**body, "wait": True}, timeout, "/v1/encodings")
+        out = yield from self._submit({**body, "wait": True}, timeout, path="/v1/encodings")
         if out["status"] not in TERMINAL:  # polled as the generation it is: its latent is in "latents"
             gen = yield from self._generate_poll(out["id"], deadline, timeout, out["retries"])
             out = {**out, "status": gen["status"], "latent_base64": (gen.get("latents") or [None])[0]}
@@ -697,15 +713,23 @@ class Client(_Base):
         preview: bool = False,
         schedule: str | None = None,
         priority: str | None = None,
+        webhook: str | dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
         edit: Edit | None = None,
     ) -> dict:
         """POST a generation; returns the API's body plus `retries`. With wait=True the server holds
         the request until done (up to its own wait timeout, then 202) and `timeout` bounds it here.
         preview=True: its events carry previews (see `events`). priority: "interactive" (the server's
-        default) or "batch" (fills the device time interactive generations leave). edit: an input
-        image with its strength and mask, or noise in place of the seed's (see `Edit`)."""
+        default) or "batch" (fills the device time interactive generations leave). webhook: a URL (or
+        {"url", "events"}) the server POSTs the generation's events to, signed (Standard Webhooks).
+        idempotency_key: the same key and body again answer the generation already made. edit: an
+        input image with its strength and mask, or noise in place of the seed's (see `Edit`)."""
         return self._call(
-            self._submit(self._body(model, steps, solver, seed, n, wait, schedule, preview, priority, edit), timeout)
+            self._submit(
+                self._body(model, steps, solver, seed, n, wait, schedule, preview, priority, webhook, edit),
+                timeout,
+                idempotency_key,
+            )
         )
 
     def events(self, gen_id: str) -> Iterator[GenerationEvent]:
@@ -732,6 +756,8 @@ class Client(_Base):
         preview: bool = False,
         schedule: str | None = None,
         priority: str | None = None,
+        webhook: str | dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
         edit: Edit | None = None,
     ) -> GenerationResult:
         """Generate `n` images and return them (at most `timeout` seconds, retries included).
@@ -739,14 +765,18 @@ class Client(_Base):
         wait=True (default) asks the server to answer when done (lowest latency) and polls only if it
         answers 202 first; wait=False submits and polls from the start. With `on_event` the
         generation is followed through its event stream instead, each event passed to it (progress
-        bars; previews too with preview=True). `edit`: image-to-image, inpainting or given noise:
+        bars; previews too with preview=True). webhook and idempotency_key: as for `submit`. `edit`:
+        image-to-image, inpainting or given noise:
 
             client.generate("mnist", seed=3, edit=Edit(image=png, strength=0.5))
             client.generate("mnist", edit=Edit(image=png, mask=mask_png))   # white = regenerate
         """
         return self._call(
             self._generate(
-                self._body(model, steps, solver, seed, n, wait, schedule, preview, priority, edit), timeout, on_event
+                self._body(model, steps, solver, seed, n, wait, schedule, preview, priority, webhook, edit),
+                timeout,
+                on_event,
+                idempotency_key,
             )
         )
 
@@ -779,7 +809,7 @@ class Client(_Base):
         """POST /v1/interpolations: `frames` images between two seeds (int), two latents (base64 str)
         or two PNGs (bytes), ends included."""
         body = self._interpolation(model, start, end, frames, steps, solver, schedule)
-        return self._call(self._generate(body, timeout, None, "/v1/interpolations"))
+        return self._call(self._generate(body, timeout, path="/v1/interpolations"))
 
 
 class AsyncClient(_Base):
@@ -868,10 +898,16 @@ class AsyncClient(_Base):
         preview: bool = False,
         schedule: str | None = None,
         priority: str | None = None,
+        webhook: str | dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
         edit: Edit | None = None,
     ) -> dict:
         return await self._call(
-            self._submit(self._body(model, steps, solver, seed, n, wait, schedule, preview, priority, edit), timeout)
+            self._submit(
+                self._body(model, steps, solver, seed, n, wait, schedule, preview, priority, webhook, edit),
+                timeout,
+                idempotency_key,
+            )
         )
 
     def events(self, gen_id: str) -> AsyncIterator[GenerationEvent]:
@@ -892,10 +928,16 @@ class AsyncClient(_Base):
         wait: bool = True,
         schedule: str | None = None,
         priority: str | None = None,
+        webhook: str | dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
         edit: Edit | None = None,
     ) -> GenerationResult:
         return await self._call(
-            self._generate(self._body(model, steps, solver, seed, n, wait, schedule, False, priority, edit), timeout)
+            self._generate(
+                self._body(model, steps, solver, seed, n, wait, schedule, False, priority, webhook, edit),
+                timeout,
+                idempotency_key=idempotency_key,
+            )
         )
 
     async def encode(
@@ -923,4 +965,4 @@ class AsyncClient(_Base):
         timeout: float = 300.0,
     ) -> GenerationResult:
         body = self._interpolation(model, start, end, frames, steps, solver, schedule)
-        return await self._call(self._generate(body, timeout, None, "/v1/interpolations"))
+        return await self._call(self._generate(body, timeout, path="/v1/interpolations"))

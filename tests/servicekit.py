@@ -453,3 +453,79 @@ def assert_images_match(
         got = png_pixels(im["png_base64"]).astype(int)
         diff = np.abs(got - want[k].astype(int)).max()
         assert diff <= 1, f"{solver} image {k}: differs from the reference by {diff} grey levels"
+
+
+def webhook_secret(fill: bytes = b"k") -> str:
+    """A Standard Webhooks secret ('whsec_' + base64 of 32 bytes)."""
+    return "whsec_" + base64.b64encode(fill * 32).decode()
+
+
+class WebhookReceiver:
+    """A real HTTP server on loopback, in a thread, that checks each POST's Standard Webhooks
+    signature with the `standardwebhooks` library's own Webhook class: verified deliveries are kept
+    in `deliveries` (answered `status`, 204), others in `rejected` (answered 401). It can be
+    started late, or stopped and started again on the same port (a receiver that is down)."""
+
+    def __init__(self, secret: str, port: int | None = None, status: int = 204):
+        import threading
+
+        self.secret, self.port, self.status = secret, port or free_port(), status
+        self.deliveries: list[dict] = []
+        self.rejected: list[dict] = []
+        self.changed = threading.Condition()
+        self.server: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    def start(self) -> WebhookReceiver:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from standardwebhooks import Webhook, WebhookVerificationError
+
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                record = {"headers": headers, "body": body, "path": self.path}
+                try:
+                    record["payload"] = Webhook(receiver.secret).verify(body, headers)
+                    code = receiver.status
+                except WebhookVerificationError as e:
+                    record["reason"] = str(e)
+                    code = 401
+                with receiver.changed:
+                    (receiver.deliveries if code != 401 else receiver.rejected).append(record)
+                    receiver.changed.notify_all()
+                self.send_response(code)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        ThreadingHTTPServer.allow_reuse_address = True
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+    def wait_for(self, check: Callable[[WebhookReceiver], Any], timeout: float, what: str) -> Any:
+        """Block until check(self) is true (evaluated whenever a POST arrives)."""
+        with self.changed:
+            if not self.changed.wait_for(lambda: check(self), timeout):
+                raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        return check(self)
+
+    def events(self, gen_id: str) -> list[str]:
+        """The verified deliveries' types for one generation, in arrival order."""
+        return [d["payload"]["type"] for d in self.deliveries if d["payload"]["data"]["id"] == gen_id]

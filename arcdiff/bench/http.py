@@ -440,7 +440,153 @@ async def scrape_nfe(http: Any, url: str) -> dict[str, float] | None:
     return out or None
 
 
-async def drive(  # noqa: C901, PLR0915 - one run: its loops, pacing and stop share state as closures
+class _Run:
+    """One run of the loops: the request plan, the pacing, the stop on ^C and the NFE window. The
+    loops share this state, so it is one object rather than closures in one long function."""
+
+    def __init__(
+        self, args: argparse.Namespace, entries: list[dict[str, Any]], client: Any, tally: Tally, progress: Any
+    ) -> None:
+        import asyncio
+        import random
+
+        self.args, self.entries, self.client, self.tally, self.progress = args, entries, client, tally, progress
+        self.rng = random.Random(args.seed)
+        self.shared = [i for i, e in enumerate(entries) if "loops" not in e]  # what the C shared loops pick from
+        self.weights = [entries[i]["weight"] for i in self.shared]
+        # an entry with loops of its own draws its seeds from its own stream (its loops' timing then
+        # does not change the shared loops' sequence)
+        self.own_rngs = {i: random.Random(f"{args.seed}/{i}") for i, e in enumerate(entries) if "loops" in e}
+        self.t0 = time.monotonic()
+        self.stop_at = self.t0 + args.duration
+        self.hard_stop = self.stop_at + args.timeout
+        tally.window_end = self.stop_at
+        self.started = 0
+        self.interrupted = False
+        self.stopping = asyncio.Event()
+        self.main: Any = None  # the task to cancel on a second ^C
+
+    def plan(self, own: int | None = None) -> tuple[int, int] | None:
+        """The next request (entry index, seed), or None when no more may start. Drawn in start order,
+        so the sequence depends only on --seed. `own`: an entry with loops of its own."""
+        if self.stopping.is_set() or time.monotonic() >= self.stop_at or self.started >= self.args.max_requests:
+            return None
+        self.started += 1
+        if own is not None:
+            return own, self.own_rngs[own].randint(0, SEED_MAX)
+        return self.shared[self.rng.choices(range(len(self.shared)), self.weights)[0]], self.rng.randint(0, SEED_MAX)
+
+    async def pause(self, seconds: float) -> None:
+        """Sleep, but not past DURATION nor past a stop request."""
+        import asyncio
+
+        seconds = min(seconds, self.stop_at - time.monotonic())
+        if seconds > 0:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), seconds)
+
+    async def request(self, i: int, seed: int) -> float | None:
+        """Run one request of entry `i` and count its outcome; returns when it started, or None when
+        it failed (a 429 or 503 has then been waited out)."""
+        import asyncio
+
+        from arcdiff.client import APIError
+
+        req = self.entries[i]["request"]
+        self.tally.started(i)
+        t = time.monotonic()
+        try:
+            result = await self.client.generate(
+                req["model"],
+                req["steps"],
+                req["solver"],
+                seed=seed,
+                n=req["n"],
+                timeout=max(0.01, self.hard_stop - t),
+                wait=True,
+                priority=req.get("priority"),
+            )
+        except asyncio.CancelledError:
+            self.tally.failed(i, "Cancelled", "still in flight when the run was stopped")
+            raise
+        except Exception as e:  # every failure is a figure, never a crash of the benchmark
+            kind, message, rejected = classify(e)
+            self.tally.failed(i, kind, message, rejected)
+            self.progress.update(1)
+            if isinstance(e, APIError) and e.status_code in (429, 503):
+                await self.pause(e.retry_after if e.retry_after is not None else 1.0)
+            return None
+        self.tally.finished(i, (time.monotonic() - t) * 1000.0, len(result.images), result.metrics)
+        self.progress.update(1)
+        return t
+
+    async def loop(self, own: int | None = None) -> None:
+        interval = self.entries[own].get("interval_s", 0.0) if own is not None else 0.0
+        while (nxt := self.plan(own)) is not None:
+            t = await self.request(*nxt)
+            if t is not None and interval:
+                await self.pause(t + interval - time.monotonic())
+
+    def on_sigint(self) -> None:
+        if not self.stopping.is_set():  # first ^C: start no more requests, let those in flight finish
+            self.interrupted = True
+            self.stopping.set()
+            print(
+                "\narcdiff bench http: interrupted; waiting for requests in flight (^C again to abandon them)",
+                file=sys.stderr,
+            )
+        elif self.main is not None:
+            self.main.cancel()
+
+    async def window_nfe(self, scrape: Any) -> dict[str, float] | None:
+        """Network evaluations per second, per model/solver, over DURATION (or until a stop)."""
+        import asyncio
+
+        if scrape is None:
+            return None
+        before, t_before = await scrape(), time.monotonic()
+        if before is None:
+            return None
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), max(0.0, self.stop_at - time.monotonic()))
+        after, t_after = await scrape(), time.monotonic()
+        if after is None:
+            return None
+        return {k: round((v - before.get(k, 0.0)) / max(1e-9, t_after - t_before), 3) for k, v in sorted(after.items())}
+
+    async def run_loops(self) -> None:
+        """Run every loop until each ends (or a second ^C); a bug in a loop is raised."""
+        import asyncio
+        import signal
+
+        loop_ = asyncio.get_running_loop()
+        self.main = asyncio.current_task()
+        try:
+            loop_.add_signal_handler(signal.SIGINT, self.on_sigint)
+            handler = True
+        except (NotImplementedError, RuntimeError, ValueError):
+            handler = False
+        tasks = [asyncio.create_task(self.loop()) for _ in range(self.args.concurrency if self.shared else 0)]
+        tasks += [asyncio.create_task(self.loop(i)) for i in self.own_rngs for _ in range(self.entries[i]["loops"])]
+        try:
+            # each request's own timeout ends at hard_stop; this bound is a backstop
+            _done, pending = await asyncio.wait(tasks, timeout=self.hard_stop - time.monotonic() + 5.0)
+        except asyncio.CancelledError:
+            self.interrupted = True
+            pending = {t for t in tasks if not t.done()}
+        finally:
+            if handler:
+                loop_.remove_signal_handler(signal.SIGINT)
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        for t in tasks:
+            if t.done() and not t.cancelled() and (exc := t.exception()) is not None:
+                raise exc  # a bug in the loop itself
+
+
+async def drive(
     args: argparse.Namespace,
     entries: list[dict[str, Any]],
     client: Any,
@@ -452,132 +598,15 @@ async def drive(  # noqa: C901, PLR0915 - one run: its loops, pacing and stop sh
     callable read at the start and at the end of DURATION (network evaluations done, see
     scrape_nfe)."""
     import asyncio
-    import random
-    import signal
 
-    from arcdiff.client import APIError
-
-    rng = random.Random(args.seed)
-    shared = [i for i, e in enumerate(entries) if "loops" not in e]  # what the C shared loops pick from
-    weights = [entries[i]["weight"] for i in shared]
-    # an entry with loops of its own draws its seeds from its own stream (its loops' timing then
-    # does not change the shared loops' sequence)
-    own_rngs = {i: random.Random(f"{args.seed}/{i}") for i, e in enumerate(entries) if "loops" in e}
-    t0 = time.monotonic()
-    stop_at = t0 + args.duration
-    hard_stop = stop_at + args.timeout
-    tally.window_end = stop_at
-    state = {"started": 0, "interrupted": False}
-    stopping = asyncio.Event()
-
-    def plan(own: int | None = None) -> tuple[int, int] | None:
-        """The next request (entry index, seed), or None when no more may start. Drawn in start order,
-        so the sequence depends only on --seed. `own`: an entry with loops of its own."""
-        if stopping.is_set() or time.monotonic() >= stop_at or state["started"] >= args.max_requests:
-            return None
-        state["started"] += 1
-        if own is not None:
-            return own, own_rngs[own].randint(0, SEED_MAX)
-        return shared[rng.choices(range(len(shared)), weights)[0]], rng.randint(0, SEED_MAX)
-
-    async def pause(seconds: float) -> None:
-        """Sleep, but not past DURATION nor past a stop request."""
-        seconds = min(seconds, stop_at - time.monotonic())
-        if seconds > 0:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stopping.wait(), seconds)
-
-    async def loop(own: int | None = None) -> None:
-        interval = entries[own].get("interval_s", 0.0) if own is not None else 0.0
-        while (nxt := plan(own)) is not None:
-            i, seed = nxt
-            req = entries[i]["request"]
-            tally.started(i)
-            t = time.monotonic()
-            try:
-                result = await client.generate(
-                    req["model"],
-                    req["steps"],
-                    req["solver"],
-                    seed=seed,
-                    n=req["n"],
-                    timeout=max(0.01, hard_stop - t),
-                    wait=True,
-                    priority=req.get("priority"),
-                )
-            except asyncio.CancelledError:
-                tally.failed(i, "Cancelled", "still in flight when the run was stopped")
-                raise
-            except Exception as e:  # every failure is a figure, never a crash of the benchmark
-                kind, message, rejected = classify(e)
-                tally.failed(i, kind, message, rejected)
-                progress.update(1)
-                if isinstance(e, APIError) and e.status_code in (429, 503):
-                    await pause(e.retry_after if e.retry_after is not None else 1.0)
-                continue
-            tally.finished(i, (time.monotonic() - t) * 1000.0, len(result.images), result.metrics)
-            progress.update(1)
-            if interval:
-                await pause(t + interval - time.monotonic())
-
-    loop_ = asyncio.get_running_loop()
-    main = asyncio.current_task()
-
-    def on_sigint() -> None:
-        if not stopping.is_set():  # first ^C: start no more requests, let those in flight finish
-            state["interrupted"] = True
-            stopping.set()
-            print(
-                "\narcdiff bench http: interrupted; waiting for requests in flight (^C again to abandon them)",
-                file=sys.stderr,
-            )
-        elif main is not None:
-            main.cancel()
-
-    try:
-        loop_.add_signal_handler(signal.SIGINT, on_sigint)
-        handler = True
-    except (NotImplementedError, RuntimeError, ValueError):
-        handler = False
-
-    async def window_nfe() -> dict[str, float] | None:
-        """Network evaluations per second, per model/solver, over DURATION (or until a stop)."""
-        if scrape is None:
-            return None
-        before, t_before = await scrape(), time.monotonic()
-        if before is None:
-            return None
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stopping.wait(), max(0.0, stop_at - time.monotonic()))
-        after, t_after = await scrape(), time.monotonic()
-        if after is None:
-            return None
-        return {k: round((v - before.get(k, 0.0)) / max(1e-9, t_after - t_before), 3) for k, v in sorted(after.items())}
-
-    nfe_task = asyncio.create_task(window_nfe())
-    tasks = [asyncio.create_task(loop()) for _ in range(args.concurrency if shared else 0)]
-    tasks += [asyncio.create_task(loop(i)) for i in own_rngs for _ in range(entries[i]["loops"])]
-    try:
-        # each request's own timeout ends at hard_stop; this bound is a backstop
-        _done, pending = await asyncio.wait(tasks, timeout=hard_stop - time.monotonic() + 5.0)
-    except asyncio.CancelledError:
-        state["interrupted"] = True
-        pending = {t for t in tasks if not t.done()}
-    finally:
-        if handler:
-            loop_.remove_signal_handler(signal.SIGINT)
-    for t in pending:
-        t.cancel()
-    if pending:
-        await asyncio.gather(*pending, return_exceptions=True)
-    for t in tasks:
-        if t.done() and not t.cancelled() and (exc := t.exception()) is not None:
-            raise exc  # a bug in the loop itself
+    run = _Run(args, entries, client, tally, progress)
+    nfe_task = asyncio.create_task(run.window_nfe(scrape))
+    await run.run_loops()
     try:
         nfe_per_s = await asyncio.wait_for(nfe_task, 15.0)
     except (asyncio.TimeoutError, asyncio.CancelledError):
         nfe_per_s = None
-    return {"t0": t0, "interrupted": state["interrupted"], "nfe_per_s": nfe_per_s}
+    return {"t0": run.t0, "interrupted": run.interrupted, "nfe_per_s": nfe_per_s}
 
 
 async def _main(

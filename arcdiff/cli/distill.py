@@ -44,7 +44,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--teacher-steps",
         type=int,
         default=64,
-        help="the teacher's DDIM steps the first round distils from (FINAL_STEPS times a power of 2; default 64)",
+        help="the teacher's DDIM steps the first round distils from (FINAL_STEPS x FIRST_SUBSTEPS x a power of 2; "
+        "default 64)",
+    )
+    p.add_argument(
+        "--first-substeps",
+        type=int,
+        default=2,
+        help="teacher DDIM steps per student step in the first round (a power of 2; default 2, the paper's): 8 "
+        "starts from a 64-step teacher with an 8-step student, skipping the rounds in between",
     )
     p.add_argument("--final-steps", type=int, default=1, help="the last round's student steps (default 1)")
     p.add_argument(
@@ -92,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         out=args.out,
         name=args.name,
         teacher_steps=args.teacher_steps,
+        first_substeps=args.first_substeps,
         final_steps=args.final_steps,
         schedule=args.schedule,
         round_steps=args.round_steps,

@@ -31,7 +31,8 @@ CONFIGS: dict[str, UNetConfig] = {
         dropout=0.0,
     ),
     # 28x28 grayscale, 28 -> 14 -> 7 with 16/32/64 channels, attention at 7 (and in the middle
-    # block): about 0.7M parameters, ~0.3 s per training step at batch 32 on 2 CPU cores.
+    # block): about 0.7M parameters, small enough to train on a CPU (cost per step:
+    # docs/performance.md#figures-behind-the-defaults).
     "mnist": UNetConfig(
         image_size=28,
         channels=1,

@@ -67,9 +67,9 @@ def with_fixed_dtype(unet: nn.Module) -> nn.Module:
     """The same UNet, whose `dtype` is computed when it is loaded or moved instead of per call.
 
     diffusers' ModelMixin.dtype walks every submodule and parameter, and UNet2DModel.forward reads
-    it once per call: about 1 ms of Python per network evaluation on a CPU, a tenth of a small
-    UNet's forward at batch 1. The value can only change through .to()/.half()/..., which all go
-    through _apply, so it is recomputed there."""
+    it once per call: Python time per network evaluation that is a visible share of a small UNet's
+    forward at batch 1 (figures: docs/performance.md#figures-behind-the-defaults). The value can
+    only change through .to()/.half()/..., which all go through _apply, so it is recomputed there."""
     base = type(unet)
     if getattr(base, "_arcdiff_fixed_dtype", False):
         return unet

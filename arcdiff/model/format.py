@@ -12,7 +12,7 @@ config.json:
     distilled       optional, a few-step student only (`arcdiff distill`): {"teacher": the model it
                     was distilled from, "teacher_steps": that model's DDIM steps it started from,
                     "steps": the step count it was distilled for, "solver": "ddim", "schedule": the
-                    time grid, "rounds": halvings from teacher_steps to steps}; sample it with that
+                    time grid, "rounds": distillation rounds it took}; sample it with that
                     solver, grid and step count
 
 Weights are read with safetensors only (never pickle). Every failure names the file and what is

@@ -132,8 +132,8 @@ def uniform_eta_grid(steps: int, dtype: torch.dtype = torch.float64) -> torch.Te
 # steps keep shrinking, so every ODE solver converges to the ODE's solution. The first step's
 # share of the angle (pi/2 - atan(sigma_max), about 1/sigma_max) has to shrink as fast as the
 # others for the eps-only model, whose clipped x0 near pure noise makes that stretch the hardest
-# (with sigma_max held at 20 from 10 to 40 steps its solvers' error stalled near .3); on `mnist`
-# the FID at 20 and 40 steps moved within the noise of the measurement.
+# (with sigma_max held fixed its solvers' error stalled: docs/evaluation.md, "Time grids"); on
+# `mnist` the FID at 20 and 40 steps moved within the noise of the measurement.
 TUNED_KNOTS: tuple[tuple[float, float, float, float], ...] = (
     # steps, sigma_max, sigma_min, rho; log-log interpolation between knots, constant below the first
     (5, 8.0, 0.2, 1.5),

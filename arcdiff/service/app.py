@@ -23,6 +23,7 @@ from arcdiff.service.limits import BodyLimitMiddleware
 from arcdiff.service.metrics import REJECTED, MetricsMiddleware, init_generation_series, init_route_series
 from arcdiff.service.schemas import generation_request
 from arcdiff.service.settings import ApiSettings, Settings
+from arcdiff.service.webhooks import WebhookDispatcher
 
 log = logging.getLogger("arcdiff.api")
 
@@ -140,18 +141,32 @@ def make_limiter(settings: ApiSettings, backend: Backend) -> Limiter | None:
     return backend.rate_limiter(settings.rate_limit_images_per_min)
 
 
+def make_webhooks(settings: ApiSettings, backend: Backend) -> WebhookDispatcher | None:
+    """The webhook deliverer of this process (None without ARCDIFF_WEBHOOK_SECRET: webhooks off).
+    Its state lives where the backend keeps state, as long as a failed generation is kept."""
+    if settings.webhook_secret is None:
+        return None
+    ttl = max(settings.result_ttl_s, settings.failure_ttl_s)
+    return WebhookDispatcher(settings, backend.webhook_store(ttl), backend.get, generations.webhook_data)
+
+
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
     settings = settings or Settings()
     served = served_models(settings)
     backend = make_backend(settings, served)
+    webhooks = make_webhooks(settings, backend)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("arcdiff API (%s mode) serving %s", backend.mode, ", ".join(served) or "no models")
         await backend.start()
+        if webhooks is not None:
+            await webhooks.start()
         try:
             yield
         finally:
+            if webhooks is not None:
+                await webhooks.close()
             await backend.close()
 
     # /docs (Swagger UI) and /redoc load their scripts from this server (the files ship in the
@@ -169,6 +184,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.state.backend = backend
     app.state.key_digests = key_digests(settings.api_keys)
     app.state.limiter = make_limiter(settings, backend)
+    app.state.idempotency = backend.idempotency_store(settings.idempotency_ttl_s)
+    app.state.webhooks = webhooks
     # outermost last: metrics see every answer, the body guard's 413/415 included
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     if settings.cors_origins:
@@ -176,8 +193,15 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["Authorization", "Content-Type", "X-API-Key", "Accept", "Last-Event-ID"],
-            expose_headers=["Location", "Retry-After", "Server-Timing", "X-Generation-Id", "X-Seed"],
+            allow_headers=["Authorization", "Content-Type", "X-API-Key", "Accept", "Last-Event-ID", "Idempotency-Key"],
+            expose_headers=[
+                "Location",
+                "Retry-After",
+                "Server-Timing",
+                "X-Generation-Id",
+                "X-Seed",
+                "Idempotent-Replayed",
+            ],
         )
     app.add_middleware(MetricsMiddleware)
     # the decorator form: add_exception_handler's type wants handlers of any Exception

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from arcdiff.contract import TERMINAL_EVENTS, GenerationSpec, JobResult
 from arcdiff.model.catalog import ModelInfo
+
+if TYPE_CHECKING:
+    from arcdiff.service.idempotency import IdempotencyStore
+    from arcdiff.service.webhook_store import WebhookStore
 
 
 class Rejected(Exception):
@@ -106,3 +110,9 @@ class Backend(Protocol):
     def rate_limiter(self, images_per_min: int) -> Limiter:
         """The per-caller limit, shared by every API process where the backend is (Redis: a counter
         there; embedded: in this process's memory)."""
+
+    def idempotency_store(self, ttl_s: int) -> IdempotencyStore:
+        """Idempotency-Key claims, kept where the backend keeps state (Redis, or this process's memory)."""
+
+    def webhook_store(self, ttl_s: int) -> WebhookStore:
+        """Webhook configs, deliveries and their schedules, kept where the backend keeps state."""

@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 from arcdiff.contract import EVENTS_MAXLEN, TERMINAL_EVENTS, GenerationSpec, JobResult
 from arcdiff.model.catalog import ModelInfo
 from arcdiff.service.backend import Event, Generation, NotReady, QueueFull
+from arcdiff.service.idempotency import MemoryIdempotency
 from arcdiff.service.metrics import QUEUE_DEPTH
 from arcdiff.service.ratelimit import MemoryLimiter
 from arcdiff.service.settings import Settings
+from arcdiff.service.webhook_store import MemoryWebhookStore
 from arcdiff.worker.engine import Engine, GenerationCanceled
 
 log = logging.getLogger("arcdiff.embedded")
@@ -71,6 +73,12 @@ class EmbeddedBackend:
 
     def rate_limiter(self, images_per_min: int) -> MemoryLimiter:
         return MemoryLimiter(images_per_min)
+
+    def idempotency_store(self, ttl_s: int) -> MemoryIdempotency:
+        return MemoryIdempotency(ttl_s)
+
+    def webhook_store(self, ttl_s: int) -> MemoryWebhookStore:
+        return MemoryWebhookStore(ttl_s)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()

@@ -41,9 +41,11 @@ from arcdiff.contract import (
 )
 from arcdiff.model.catalog import ModelInfo
 from arcdiff.service.backend import Event, Generation, NotReady, QueueFull
+from arcdiff.service.idempotency import RedisIdempotency
 from arcdiff.service.metrics import QUEUE_DEPTH
 from arcdiff.service.ratelimit import RedisLimiter
 from arcdiff.service.settings import ApiSettings
+from arcdiff.service.webhook_store import RedisWebhookStore
 
 log = logging.getLogger("arcdiff.queue")
 # XREAD's answer (bytes, the client does not decode): [(stream key, [(entry id, {field: value})])]
@@ -83,6 +85,12 @@ class RedisBackend:
 
     def rate_limiter(self, images_per_min: int) -> RedisLimiter:
         return RedisLimiter(images_per_min, self.redis)
+
+    def idempotency_store(self, ttl_s: int) -> RedisIdempotency:
+        return RedisIdempotency(self.aredis, ttl_s)
+
+    def webhook_store(self, ttl_s: int) -> RedisWebhookStore:
+        return RedisWebhookStore(self.aredis, ttl_s)
 
     async def close(self) -> None:
         await self.aredis.aclose()

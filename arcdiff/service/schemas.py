@@ -37,6 +37,7 @@ from arcdiff.model.solver_names import (
     nfe_by_solver,
     solvers_with_grid,
 )
+from arcdiff.service.webhook_targets import MAX_URL_LENGTH, check_url
 
 Solver = Literal[SOLVERS]  # type: ignore[valid-type]  # the names of model.solver_names
 Schedule = Literal[GRIDS]  # type: ignore[valid-type]
@@ -44,12 +45,49 @@ Priority = Literal[PRIORITIES]  # type: ignore[valid-type]
 EncodeSolver = Literal[ENCODE_SOLVERS]  # type: ignore[valid-type]
 Status = Literal["queued", "running", "finished", "failed", "canceled"]
 MAX_IMAGES_CAP = 256
+WEBHOOK_EVENTS = ("queued", "finished", "failed", "canceled")
+DEFAULT_WEBHOOK_EVENTS = ("finished", "failed", "canceled")
+WebhookEvent = Literal[WEBHOOK_EVENTS]  # type: ignore[valid-type]
 PNG_B64_MAX = 4 * (MAX_INPUT_PNG_BYTES + 2) // 3 + 4  # base64 of the largest input PNG
 LATENT_B64_MAX = 4 * (MAX_IMAGES_CAP * 3 * 64 * 64 * 4) // 3 + 4  # a bound only: the body limit applies first
 
 # help texts written from solver_names.SOLVER_TABLE, so they name every solver and its default grid
 SOLVER_HELP = "; ".join(f"{s.name}: {s.summary}" for s in SOLVER_TABLE)
 GRID_DEFAULTS_HELP = "; ".join(f"{g} for {', '.join(solvers_with_grid(g))}" for g in GRIDS if solvers_with_grid(g))
+
+
+class WebhookIn(BaseModel):
+    """Where to POST a generation's events (signed with Standard Webhooks), and which ones."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(
+        strict=True,
+        min_length=1,
+        max_length=MAX_URL_LENGTH,
+        description="http or https URL the events are POSTed to; private, loopback and link-local hosts are "
+        "refused unless the server allows them",
+        json_schema_extra={"format": "uri"},
+    )
+    events: list[WebhookEvent] = Field(
+        list(DEFAULT_WEBHOOK_EVENTS),
+        min_length=1,
+        max_length=len(WEBHOOK_EVENTS),
+        description="the events to send, among queued, finished, failed and canceled (default: the last three)",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url_form(cls, v: str) -> str:
+        check_url(v)  # ValueError names the problem; the host's addresses are checked by the route
+        return v
+
+    @field_validator("events")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("each event at most once")
+        return v
 
 
 class GenerationRequest(BaseModel):
@@ -117,6 +155,12 @@ class GenerationRequest(BaseModel):
         DEFAULT_PRIORITY,
         description="interactive (default): runs first, its network evaluations kept short; batch: fills the "
         "device time interactive images leave (on a CPU it pauses while they run)",
+    )
+    webhook: WebhookIn = Field(  # type: ignore[assignment]
+        None,
+        description="POST the generation's events to this URL, signed with Standard Webhooks (webhook-id, "
+        "webhook-timestamp, webhook-signature); retried with backoff, each attempt shown in the generation's "
+        "`webhook`",
     )
     # ---- editing (issue 22): all optional; without them a request is a plain generation ----------
     image: str = Field(  # type: ignore[assignment]
@@ -188,6 +232,32 @@ class LatencyOut(BaseModel):
     worker: str
 
 
+class WebhookAttemptOut(BaseModel):
+    at: str = Field(description="when the attempt started (ISO 8601, UTC)")
+    status_code: int | None = Field(None, description="the receiver's HTTP status (2xx: delivered)")
+    error: str | None = Field(None, description="why no answer came (connection refused, timeout, refused host)")
+    duration_ms: float = Field(description="how long the attempt took")
+
+
+class WebhookDeliveryOut(BaseModel):
+    event: WebhookEvent
+    message_id: str = Field(description="the webhook-id header: the same on every attempt of this delivery")
+    state: Literal["pending", "delivered", "failed"] = Field(
+        description="pending: not yet answered with 2xx and attempts left; delivered; failed: out of attempts "
+        "(or the host was refused)"
+    )
+    attempts: list[WebhookAttemptOut] = Field(default_factory=list)
+    next_attempt_at: str | None = Field(None, description="when a pending delivery is tried next (ISO 8601, UTC)")
+
+
+class WebhookOut(BaseModel):
+    url: str
+    events: list[WebhookEvent]
+    deliveries: list[WebhookDeliveryOut] = Field(
+        default_factory=list, description="one per event that has happened and was asked for"
+    )
+
+
 class GenerationOut(BaseModel):
     id: str
     status: Status
@@ -208,6 +278,7 @@ class GenerationOut(BaseModel):
         description="in the answer to a POST that is not done: live workers serving the model (0: the generation "
         "waits in the queue until one starts)",
     )
+    webhook: WebhookOut | None = Field(None, description="the request's webhook and each delivery's attempts")
     # ---- editing (issue 22) ----
     kind: Literal["generate", "edit", "encode", "interpolate"] = Field(
         "generate",

@@ -8,16 +8,35 @@ flags override them. Nothing here imports torch.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import ipaddress
 import re
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode
 
 from arcdiff.settings import QueueSettings, split_list
 from arcdiff.worker.settings import EngineSettings
 
 HASHED_KEY = re.compile(r"^sha256:[0-9a-fA-F]{64}$", re.IGNORECASE)
+WEBHOOK_SECRET_PREFIX = "whsec_"
+WEBHOOK_SECRET_BYTES = (24, 64)  # what the Standard Webhooks spec asks of a secret
+
+
+def webhook_secret_bytes(secret: str) -> bytes:
+    """The key of a 'whsec_<base64>' secret; ValueError naming what is wrong."""
+    if not secret.startswith(WEBHOOK_SECRET_PREFIX):
+        raise ValueError("a webhook secret is 'whsec_' followed by base64 (Standard Webhooks)")
+    try:
+        key = base64.b64decode(secret[len(WEBHOOK_SECRET_PREFIX) :], validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("the webhook secret after 'whsec_' is not valid base64") from None
+    low, high = WEBHOOK_SECRET_BYTES
+    if not low <= len(key) <= high:
+        raise ValueError(f"the webhook secret must decode to {low}..{high} bytes, got {len(key)}")
+    return key
 
 
 class ApiSettings(QueueSettings):
@@ -50,11 +69,54 @@ class ApiSettings(QueueSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated origins allowed by CORS ('*' for any); empty: CORS off"
     )
+    idempotency_ttl_s: int = Field(
+        86400, ge=1, description="seconds an Idempotency-Key is remembered (per API key) after its first request"
+    )
+    # webhooks (service/webhooks.py): signed with Standard Webhooks, sent by the API processes
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="'whsec_<base64>' (24..64 bytes): the Standard Webhooks secret deliveries are signed with; "
+        "unset: a request with a webhook is refused (422)",
+    )
+    webhook_attempts: int = Field(6, ge=1, le=20, description="attempts per webhook delivery before it fails")
+    webhook_backoff_s: float = Field(
+        2.0, gt=0, description="seconds before the second attempt; each further wait doubles"
+    )
+    webhook_backoff_max_s: float = Field(600.0, gt=0, description="longest wait between two attempts")
+    webhook_timeout_s: float = Field(10.0, gt=0, le=120, description="seconds one attempt may take")
+    webhook_poll_s: float = Field(
+        0.5, gt=0, le=60, description="how often the API looks for ended generations and due deliveries"
+    )
+    webhook_allow_private: bool = Field(
+        False,
+        description="allow webhooks to private, loopback, link-local and other non-global addresses (off: refused)",
+    )
+    webhook_allow_networks: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated CIDRs (e.g. 10.1.2.0/24, 127.0.0.1/32) webhooks may reach although not global",
+    )
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "cors_origins", "webhook_allow_networks", mode="before")
     @classmethod
     def _split_keys(cls, v: object) -> object:
         return split_list(v)
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_webhook_secret(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            webhook_secret_bytes(v.get_secret_value())
+        return v
+
+    @field_validator("webhook_allow_networks")
+    @classmethod
+    def _check_networks(cls, v: list[str]) -> list[str]:
+        for net in v:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"{net!r} is not an address or CIDR network (e.g. 10.0.0.0/8)") from None
+        return v
 
     @field_validator("api_keys")
     @classmethod

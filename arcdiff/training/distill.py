@@ -40,6 +40,7 @@ settings continues bit for bit.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -82,6 +83,7 @@ class DistillSettings:
     out: str
     name: str = ""  # the students are <name>-<N>step; default: the teacher's name
     teacher_steps: int = 64  # the teacher's DDIM steps the first round distils from
+    first_substeps: int = 2  # teacher steps per student step in the first round (later rounds: 2)
     final_steps: int = 1  # the last round's student steps
     schedule: str = "uniform"
     round_steps: int = 4000  # optimizer steps per round
@@ -103,6 +105,7 @@ class DistillSettings:
     TRAJECTORY = (
         "teacher",
         "teacher_steps",
+        "first_substeps",
         "final_steps",
         "schedule",
         "round_steps",
@@ -117,18 +120,29 @@ class DistillSettings:
     )
 
     def rounds(self) -> int:
-        return round(math.log2(self.teacher_steps / self.final_steps))
+        return round(math.log2(self.teacher_steps / self.final_steps / self.first_substeps)) + 1
 
     def student_steps(self, round_index: int) -> int:
-        return self.teacher_steps >> (round_index + 1)
+        return (self.teacher_steps // self.first_substeps) >> round_index
+
+    def substeps(self, round_index: int) -> int:
+        """Teacher DDIM steps per student step: the first round's teacher may take more."""
+        return self.first_substeps if round_index == 0 else 2
 
 
 def validate(s: DistillSettings) -> None:
-    if s.final_steps < 1 or s.teacher_steps <= s.final_steps:
-        raise TrainingError(f"--teacher-steps ({s.teacher_steps}) must exceed --final-steps ({s.final_steps})")
-    if s.final_steps << s.rounds() != s.teacher_steps:
+    k = s.first_substeps
+    if k < 2 or k & (k - 1):
+        raise TrainingError(f"--first-substeps ({k}) must be a power of 2, at least 2 (nested grids)")
+    if s.final_steps < 1 or s.teacher_steps < s.final_steps * k:
         raise TrainingError(
-            f"--teacher-steps ({s.teacher_steps}) must be --final-steps ({s.final_steps}) times a power of 2"
+            f"--teacher-steps ({s.teacher_steps}) must be at least --final-steps ({s.final_steps}) times "
+            f"--first-substeps ({k})"
+        )
+    if (s.final_steps * k) << (s.rounds() - 1) != s.teacher_steps:
+        raise TrainingError(
+            f"--teacher-steps ({s.teacher_steps}) must be --final-steps ({s.final_steps}) times --first-substeps "
+            f"({k}) times a power of 2"
         )
     if s.schedule not in SCHEDULES:
         raise TrainingError(
@@ -206,23 +220,26 @@ def make_targets(
     i: torch.Tensor,
     student_steps: int,
     schedule: str = "uniform",
+    substeps: int = 2,
 ) -> DistillBatch:
     """Phases 2-4 of the module docstring for a batch: x_t on the student's grid at step i, the
-    teacher's two DDIM steps on the grid of 2N, and the closed-form student targets."""
-    grid_n, grid_2n = grid_etas(student_steps, schedule), grid_etas(2 * student_steps, schedule)
+    teacher's `substeps` DDIM steps on the grid of substeps * N (two, except where a first round
+    starts from more), and the closed-form student targets."""
+    grid_n, grid_k = grid_etas(student_steps, schedule), grid_etas(substeps * student_steps, schedule)
     i_cpu = i.cpu()
-    eta_t, eta_s = grid_n[i_cpu], grid_n[i_cpu + 1]
-    eta_mid = grid_2n[2 * i_cpu + 1]
-    if not torch.equal(grid_2n[2 * i_cpu], eta_t):  # guards SCHEDULES: the teacher starts on the student's point
+    # guards SCHEDULES: the teacher's grid passes through the student's points
+    if not torch.allclose(grid_k[::substeps], grid_n, rtol=0, atol=1e-12):
         raise TrainingError(f"grid {schedule!r} is not nested")
-    # the angles in x0's dtype (float32 in training); the network sees them as the solvers pass them
-    eta_t, eta_mid, eta_s = (e.to(device=x0.device, dtype=x0.dtype) for e in (eta_t, eta_mid, eta_s))
+    # the student's own points at both ends; the angles in x0's dtype, as the solvers pass them
+    etas = [grid_n[i_cpu]] + [grid_k[substeps * i_cpu + j] for j in range(1, substeps)] + [grid_n[i_cpu + 1]]
+    etas = [e.to(device=x0.device, dtype=x0.dtype) for e in etas]
+    eta_t, eta_s = etas[0], etas[-1]
     x_t = expand_like(torch.cos(eta_t), x0) * x0 + expand_like(torch.sin(eta_t), x0) * eps
-    x0_hat, eps_hat = teacher(x_t, eta_t)
-    x_mid = ddim_step(x_t, x0_hat.to(x0.dtype), eps_hat.to(x0.dtype), eta_t, eta_mid)
-    x0_hat, eps_hat = teacher(x_mid, eta_mid)
-    x_target = ddim_step(x_mid, x0_hat.to(x0.dtype), eps_hat.to(x0.dtype), eta_mid, eta_s)
-    x0_tgt, eps_tgt = student_targets(x_t, x_target, eta_t, eta_s)
+    x = x_t
+    for eta, eta_next in itertools.pairwise(etas):
+        x0_hat, eps_hat = teacher(x, eta)
+        x = ddim_step(x, x0_hat.to(x0.dtype), eps_hat.to(x0.dtype), eta, eta_next)
+    x0_tgt, eps_tgt = student_targets(x_t, x, eta_t, eta_s)
     return DistillBatch(x_t, eta_t, x0_tgt, eps_tgt, snr_weight(eta_t).to(x0.dtype))
 
 
@@ -314,7 +331,9 @@ class Distiller:
             group["lr"] = lr_schedule(
                 self.local_step, self.s.lr, self.s.warmup, self.s.round_steps, self.s.lr_schedule, self.s.lr_min_ratio
             )
-        b = make_targets(self.teacher_fn, x0, eps, i, self.student_steps(), self.s.schedule)
+        b = make_targets(
+            self.teacher_fn, x0, eps, i, self.student_steps(), self.s.schedule, self.s.substeps(self.round_index)
+        )
         self.net.train()
         loss = distill_loss(self.student_fn, b).mean()
         value = optimizer_step(loss, self.net, self.opt, self.s.grad_clip, "lower --lr", self.step)
@@ -373,6 +392,7 @@ class Distiller:
             "num_images": int(self.images.shape[0]),
             "round": r + 1,
             "round_steps": self.s.round_steps,
+            "first_substeps": self.s.first_substeps,
             "steps": self.step - r * self.s.round_steps,
             "batch": self.s.batch,
             "lr": self.s.lr,

@@ -4,9 +4,8 @@ Why one: on a CPU, torch's intra-op parallelism is OpenMP (libgomp), which keeps
 worker threads per thread that starts parallel work. While the pool threads fit the cores they
 spin between parallel regions and pick up the next one at once; once a second thread has its own
 pool (say, the main thread that loaded the model) there are more pool threads than cores and
-libgomp makes them sleep instead, so every region pays a wake-up. Measured on 2 cores: the mnist
-network at batch 1 took 4.7 ms per forward on a thread alone and 14 ms on a thread next to a
-main thread that had loaded it (`arcdiff bench engine` shows the effect end to end).
+libgomp makes them sleep instead, so every region pays a wake-up, which at small batches can cost more
+than the forward itself (figures: docs/performance.md#figures-behind-the-defaults).
 """
 
 from __future__ import annotations

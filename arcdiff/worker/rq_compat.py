@@ -76,9 +76,9 @@ def stop_command_thread(worker: BaseWorker) -> None:
 
     RQ sends UNSUBSCRIBE, then stops the thread (redis-py 8's stop() joins it). When the reply to
     UNSUBSCRIBE wakes the thread before its flag is cleared, it blocks again in
-    get_message(timeout=60) and the join waits for that: a worker that had drained in 5 s took
-    40 s to exit in a container and was SIGKILLed at the end of its grace period. With the flag
-    cleared first, the thread ends on that reply."""
+    get_message(timeout=60) and the join waits for that: a drained worker then outlived its grace
+    period and was SIGKILLed (seen in the container smoke test: docs/performance.md#figures-behind-the-defaults).
+    With the flag cleared first, the thread ends on that reply."""
     thread = getattr(worker, "pubsub_thread", None)
     if thread is None:
         return

@@ -45,9 +45,8 @@ class EngineSettings(QueueSettings):
         None, description="run the network in channels-last memory format; unset: on for CUDA, off elsewhere"
     )
     # One intra-op thread on a CPU by default: a CPU is usually shared (the API, PNG encoding, other
-    # processes), and torch's default of one OpenMP thread per core collapses when the cores are busy:
-    # on a 2-core machine under load, embedded mnist served 5.7 images/s with 1 thread and 0.09 with
-    # 2 (docs/performance.md#cpu-threads). Give a CPU host the service has to itself more threads.
+    # processes), and torch's default of one OpenMP thread per core collapses when the cores are busy
+    # (figures: docs/performance.md#cpu-threads). Give a CPU host the service has to itself more threads.
     torch_threads: int | None = Field(
         None,
         ge=1,

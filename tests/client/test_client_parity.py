@@ -232,3 +232,38 @@ def test_api_error_fields_are_unchanged():
     with Client("http://svc", transport=scripted(answers, [])) as client, pytest.raises(APIError) as e:
         client.submit("m", n=0)
     assert e.value.fields == {"n": "x"}
+
+
+def test_idempotency_key_and_webhook_go_with_every_try_of_a_submit():
+    """`idempotency_key=` is the Idempotency-Key header of the POST, resent unchanged when a 503 is
+    retried (the server makes one generation); `webhook=` (a URL, or url and events) is the body's
+    "webhook" object. Both drivers send the same."""
+    hook = {"url": "https://hooks.example/x", "events": ["failed"]}
+    calls = [
+        ("submit", ("m",), {"webhook": "https://hooks.example/x", "idempotency_key": "order-1"}),
+        ("generate", ("m",), {"webhook": hook, "idempotency_key": "order-2", "timeout": 10}),
+    ]
+    for run in (run_sync, run_async):
+        seen_headers: list = []
+        answers = [RETRY, (202, {}, {**BODY, "status": "queued"}), RETRY, (200, {}, BODY)]
+
+        def handler(request, answers=answers, seen=seen_headers):
+            seen.append((request.headers.get("idempotency-key"), json.loads(request.content)))
+            code, headers, body = answers.pop(0)
+            return httpx.Response(code, headers=headers, json=body)
+
+        if run is run_sync:
+            with Client("http://svc", transport=httpx.MockTransport(handler), **OPTS) as client:
+                client.submit(*calls[0][1], **calls[0][2])
+                client.generate(*calls[1][1], **calls[1][2])
+        else:
+
+            async def main(handler=handler):
+                async with AsyncClient("http://svc", transport=httpx.MockTransport(handler), **OPTS) as client:
+                    await client.submit(*calls[0][1], **calls[0][2])
+                    await client.generate(*calls[1][1], **calls[1][2])
+
+            asyncio.run(main())
+        assert [k for k, _ in seen_headers] == ["order-1", "order-1", "order-2", "order-2"], run
+        assert [b["webhook"] for _, b in seen_headers] == [{"url": "https://hooks.example/x"}] * 2 + [hook] * 2
+        assert seen_headers[0][1] == seen_headers[1][1] and seen_headers[2][1] == seen_headers[3][1]

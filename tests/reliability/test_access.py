@@ -63,7 +63,9 @@ def test_hashed_and_plain_keys_401_without_403_wrong(api):
     r = c.post("/v1/generations", json={**BODY, "wait": True}, headers=bearer(SECRET))
     assert r.status_code == 200 and r.json()["status"] == "finished"
     assert c.get(r.json()["images"][0]["url"]).status_code == 401
-    assert c.get(r.json()["images"][0]["url"], headers=bearer(PLAIN)).status_code == 200
+    assert c.get(r.json()["images"][0]["url"], headers=bearer(SECRET)).status_code == 200
+    # a generation belongs to the key that made it: another key gets what an unknown id gets
+    assert c.get(r.json()["images"][0]["url"], headers=bearer(PLAIN)).status_code == 404
     assert SECRET not in api.log.read_text()
 
 

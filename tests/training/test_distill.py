@@ -171,6 +171,38 @@ def test_resume_is_bit_exact_and_the_students_are_models(models, tmp_path):
         assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
 
 
+def test_a_first_round_from_more_teacher_steps_lands_on_all_of_them(models):
+    """With substeps K the targets take x_t in one student step to where K teacher ddim steps on the
+    grid of K * N take it: a first round can start from a many-step teacher."""
+    teacher = load_model(models / "tiny").denoiser
+    n, k = 2, 8
+    x0 = to_model_range(blobs(2 * n)).double()
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    i = torch.arange(n).repeat(2)
+    tw = lambda x, e: tuple(h.double() for h in teacher(x.float(), e.float()))  # noqa: E731
+    with torch.no_grad():
+        b = make_targets(tw, x0, eps, i, n, substeps=k)
+        grid_k = grid_etas(k * n)
+        path = torch.stack([grid_k[k * i + j] for j in range(k + 1)], 1)
+        many = sample(tw, b.x_t, k, "ddim", etas=path)
+        one = sample(constant(b.x0_tgt, b.eps_tgt), b.x_t, 1, "ddim", etas=path[:, [0, -1]])
+        two = sample(tw, b.x_t, 2, "ddim", etas=path[:, [0, k // 2, -1]])
+    assert torch.allclose(one, many, atol=1e-6, rtol=0), (one - many).abs().max()
+    assert (two - many).abs().max() > 1e-4  # two teacher steps are not eight (the check can fail)
+
+
+def test_rounds_and_student_steps_with_a_first_round_of_many_substeps(models, tmp_path):
+    s = settings(models, tmp_path, teacher_steps=64, first_substeps=8, final_steps=1)
+    assert s.rounds() == 4 and [s.student_steps(r) for r in range(4)] == [8, 4, 2, 1]
+    assert [s.substeps(r) for r in range(4)] == [8, 2, 2, 2]
+    paper = settings(models, tmp_path, teacher_steps=64, final_steps=1)
+    assert paper.rounds() == 6 and [paper.student_steps(r) for r in range(6)] == [32, 16, 8, 4, 2, 1]
+    with pytest.raises(TrainingError, match="first-substeps"):
+        Distiller(settings(models, tmp_path, first_substeps=3), images=blobs())
+    with pytest.raises(TrainingError, match="at least"):
+        Distiller(settings(models, tmp_path, teacher_steps=4, first_substeps=8), images=blobs())
+
+
 def test_refusals(models, tmp_path):
     with pytest.raises(TrainingError, match="power of 2"):
         Distiller(settings(models, tmp_path, teacher_steps=6), images=blobs())

@@ -8,6 +8,7 @@ from typing import Annotated, NoReturn
 
 from fastapi import Depends, HTTPException, Request, status
 
+from arcdiff.contract import GenerationSpec
 from arcdiff.service.backend import Backend
 from arcdiff.service.settings import ApiSettings
 
@@ -65,6 +66,23 @@ def require_api_key(request: Request, settings: SettingsDep) -> None:
     if matched is None:
         _reject(request, status.HTTP_403_FORBIDDEN, "the API key is not valid")
     request.state.client_id = "key:" + matched.hex()[:16]
+
+
+def keys_configured(request: Request) -> bool:
+    return bool(request.app.state.key_digests)
+
+
+def owns(request: Request, spec: GenerationSpec) -> bool:
+    """With keys set, a generation belongs to the key that made it: its spec's `client` (a short
+    hash of that key, never the key) is the caller's. Without keys every caller owns everything."""
+    if not keys_configured(request):
+        return True
+    return bool(spec.client) and spec.client == getattr(request.state, "client_id", None)
+
+
+def idempotency_scope(request: Request) -> str:
+    """Whose Idempotency-Keys a request's is among: its API key's (by hash); one scope without keys."""
+    return request.state.client_id if keys_configured(request) else ""
 
 
 def _reject(request: Request, code: int, message: str) -> NoReturn:

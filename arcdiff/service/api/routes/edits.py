@@ -24,9 +24,8 @@ from arcdiff.service.api.deps import BackendDep, SettingsDep, require_api_key
 from arcdiff.service.api.routes.generations import (
     _CREATE_RESPONSES,
     Responses,
+    _answer,
     _error,
-    _json,
-    _workers,
     check_inputs,
     enqueue,
     generation_url,
@@ -236,15 +235,7 @@ async def create_interpolation(
     refused = check_inputs(spec, info) or await enqueue(request, backend, spec)
     if refused is not None:
         return refused
-    location = {"Location": generation_url(spec.id)}
-    if not body.wait:
-        GENERATIONS.labels(spec.model, spec.solver, "queued").inc()
-        return _json(
-            Generation(spec, "queued"), status.HTTP_202_ACCEPTED, location, await _workers(backend, spec.model)
-        )
-    gen = await backend.wait(spec.id, settings.wait_timeout_s) or Generation(spec, "queued")
-    GENERATIONS.labels(spec.model, spec.solver, gen.status if gen.done else "queued").inc()
-    return _json(gen, status.HTTP_200_OK if gen.done else status.HTTP_202_ACCEPTED, location)
+    return await _answer(request, backend, settings, spec, body.wait, want_png=False)
 
 
 router.add_api_route(

@@ -5,6 +5,7 @@ import base64
 import functools
 import inspect
 import json
+import logging
 import re
 import secrets
 import time
@@ -28,8 +29,9 @@ from arcdiff.contract import (
     spec_nfe,
 )
 from arcdiff.model.catalog import ModelInfo
-from arcdiff.service.api.deps import BackendDep, SettingsDep, require_api_key
+from arcdiff.service.api.deps import BackendDep, SettingsDep, idempotency_scope, owns, require_api_key
 from arcdiff.service.backend import Backend, Generation, Rejected
+from arcdiff.service.idempotency import KEY_PATTERN, MAX_KEY_LENGTH, Claim, Expired, InProgress, fingerprint, settle
 from arcdiff.service.metrics import GENERATIONS, REJECTED
 from arcdiff.service.ratelimit import RateLimited
 from arcdiff.service.schemas import (
@@ -40,7 +42,12 @@ from arcdiff.service.schemas import (
     ImageOut,
     LatencyOut,
     ValidationErrorOut,
+    WebhookIn,
 )
+from arcdiff.service.webhook_targets import TargetRefused, Unresolvable
+from arcdiff.service.webhooks import WebhookDispatcher
+
+log = logging.getLogger("arcdiff.api")
 
 # the `responses` of a route: status code -> its OpenAPI description (and model)
 Responses = dict[int | str, dict[str, Any]]
@@ -116,8 +123,35 @@ def accept_weights(accept: str) -> tuple[float, float]:
     return png, json
 
 
-def _json(gen: Generation, code: int, headers: dict | None = None, workers: int | None = None) -> JSONResponse:
+def webhook_data(gen: Generation) -> dict[str, Any]:
+    """A generation as a webhook delivery's `data`: the GET body without the PNGs (fetch them from
+    each image's url) and without the webhook object."""
+    data = to_out(gen).model_dump(mode="json", exclude={"workers", "webhook"})
+    for im in data["images"]:
+        im.pop("png_base64", None)
+    return data
+
+
+def _dispatcher(request: Request) -> WebhookDispatcher | None:
+    return request.app.state.webhooks
+
+
+async def _body(request: Request, gen: Generation) -> dict[str, Any]:
+    """The generation's JSON body as GET answers it, its webhook's deliveries included."""
     body = to_out(gen).model_dump(mode="json", exclude={"workers"})
+    webhooks = _dispatcher(request)
+    if webhooks is not None:
+        body["webhook"] = await webhooks.describe(gen.spec.id)
+    return body
+
+
+async def _json(
+    request: Request, gen: Generation, code: int, headers: dict | None = None, workers: int | None = None
+) -> JSONResponse:
+    try:
+        body = await _body(request, gen)
+    except Rejected as e:
+        return _error(e.status_code, str(e), headers={"Retry-After": str(e.retry_after)})
     if workers is not None:  # only answers to a POST that is not done say how many workers wait for it
         body["workers"] = workers
     return JSONResponse(body, status_code=code, headers=headers)
@@ -166,25 +200,49 @@ def check_inputs(spec: GenerationSpec, info: ModelInfo) -> JSONResponse | None:
 
 
 async def enqueue(request: Request, backend: Backend, spec: GenerationSpec) -> JSONResponse | None:
-    """Queue `spec` within the caller's rate limit; the error response (429, 503), or None."""
-    limiter = request.app.state.limiter
-    caller = getattr(request.state, "client_id", "anonymous")
+    """Queue `spec` (an encoding's, an interpolation's) as create_generation does: within the
+    caller's rate limit; the error response (429, 503), or None."""
+    return await _submit(request, backend, spec, getattr(request.state, "client_id", "anonymous"))
+
+
+def _invalid(loc: tuple[str, ...], kind: str, msg: str, value: Any = None) -> JSONResponse:
+    """A 422 shaped as FastAPI's own: `message` naming the field, `detail` a list of one error."""
+    REJECTED.labels("invalid").inc()
+    field = ".".join(p for p in loc if p not in ("body", "header"))
+    detail = [{"type": kind, "loc": list(loc), "msg": msg, "input": value}]
+    return JSONResponse({"message": f"{field}: {msg}", "detail": detail}, status_code=422)
+
+
+async def _check_webhook(request: Request, hook: WebhookIn) -> Response | None:
+    """422 for a webhook this server cannot send: none configured, or a host it may not reach."""
+    webhooks = _dispatcher(request)
+    if webhooks is None:
+        return _invalid(
+            ("body", "webhook"),
+            "webhooks_off",
+            "this server sends no webhooks (the operator has set no ARCDIFF_WEBHOOK_SECRET)",
+        )
     try:
-        if limiter is not None:
-            await limiter.take(caller, spec.n)
-        try:
-            await backend.submit(spec)
-        except Rejected:
-            if limiter is not None:
-                await limiter.give_back(caller, spec.n)
-            raise
-    except Rejected as e:
-        REJECTED.labels(e.reason).inc()
-        return _error(e.status_code, str(e), headers={"Retry-After": str(e.retry_after)})
-    except RateLimited as e:
-        REJECTED.labels("rate_limited").inc()
-        return _error(status.HTTP_429_TOO_MANY_REQUESTS, str(e), headers={"Retry-After": str(e.retry_after)})
+        await webhooks.check_target(hook.url)
+    except TargetRefused as e:
+        return _invalid(("body", "webhook", "url"), "webhook_refused", f"refused: {e}", hook.url)
+    except Unresolvable as e:
+        return _invalid(("body", "webhook", "url"), "webhook_unresolvable", str(e), hook.url)
     return None
+
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=MAX_KEY_LENGTH,
+        pattern=KEY_PATTERN,
+        description="make the generation at most once: a repeat with the same key and body (within the server's "
+        "idempotency TTL, per API key) answers the generation already made (Idempotent-Replayed: true); the same "
+        "key with another body is 422",
+    ),
+]
 
 
 _CREATE_RESPONSES: Responses = {
@@ -197,9 +255,18 @@ _CREATE_RESPONSES: Responses = {
     401: {"model": ErrorOut, "description": "API keys are configured and the request has none"},
     403: {"model": ErrorOut, "description": "the API key matches none configured"},
     406: {"model": ErrorOut, "description": "only image/png accepted, but the request is not wait=true with n=1"},
+    409: {
+        "model": ErrorOut,
+        "description": "Idempotency-Key: the first request with this key is still being submitted (retry), or "
+        "the generation made with it has expired",
+    },
     413: {"model": ErrorOut, "description": "the body is larger than the server's limit"},
     415: {"model": ErrorOut, "description": "the body is not JSON (Content-Type: application/json)"},
-    422: {"model": ValidationErrorOut, "description": "an invalid field; the message names it"},
+    422: {
+        "model": ValidationErrorOut,
+        "description": "an invalid field (the message names it), a webhook this server may not send, or an "
+        "Idempotency-Key already used with another body",
+    },
     429: {
         "model": ErrorOut,
         "description": "the model's queue is full, or the key's images-per-minute limit is "
@@ -215,7 +282,11 @@ _CREATE_RESPONSES: Responses = {
 
 
 async def create_generation(
-    body: GenerationRequest, request: Request, backend: BackendDep, settings: SettingsDep
+    body: GenerationRequest,
+    request: Request,
+    backend: BackendDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """Queue a generation; with wait=true hold the request until it is done (or the server's wait
     timeout passes, then 202). Image k has seed (seed + k) mod 2^32."""
@@ -229,6 +300,18 @@ async def create_generation(
                 f"{PREFIX}/{{id}}/images/{{k}}.png, or accept application/json",
             )
         want_png = False
+    if body.webhook is not None and (refused := await _check_webhook(request, body.webhook)) is not None:
+        return refused
+    gen_id = uuid.uuid4().hex
+    claim: tuple[str, str, Claim] | None = None
+    if idempotency_key is not None:
+        scope, mine = idempotency_scope(request), Claim(fingerprint(body.model_dump(mode="json")), gen_id)
+        held = await _claim_key(request, backend, scope, idempotency_key, mine)
+        if isinstance(held, Response):
+            return held
+        if held is not None:  # made before, with the same body: answer that generation
+            return await _replay(request, backend, settings, held.gen_id, body.wait, want_png)
+        claim = (scope, idempotency_key, mine)
     seed = body.seed if body.seed is not None else secrets.randbelow(SEED_MAX + 1)
     # the measured defaults, or a distilled student's own (model.catalog.ModelInfo.resolve)
     solver, steps, schedule = backend.models[body.model].resolve(body.solver, body.steps, body.schedule)
@@ -246,9 +329,10 @@ async def create_generation(
         k: v for k, v in body.model_dump().items() if k in SPEC_FIELDS and k not in FILLED and k not in edit
     }
     spec = GenerationSpec(
-        id=uuid.uuid4().hex,
+        id=gen_id,
         submitted_at=time.time(),
-        client=caller[:CLIENT_MAX],  # no secret: a short hash of the key, or the address (for the per-key cap)
+        # no secret: a short hash of the key, or the address; the per-key cap, and with keys the owner
+        client=caller[:CLIENT_MAX],
         steps=steps,
         solver=solver,
         schedule=schedule,
@@ -256,33 +340,128 @@ async def create_generation(
         **edit,
         **given,
     )
-    bad = check_inputs(spec, backend.models[body.model])
-    if bad is not None:
-        return bad
-    refused = await enqueue(request, backend, spec)
+    refused = check_inputs(spec, backend.models[body.model]) or await _submit(request, backend, spec, caller)
+    idem = request.app.state.idempotency
+    if claim is not None:  # a refused request frees its key; an accepted one keeps it for the TTL
+        await (idem.release(*claim) if refused is not None else idem.made(*claim))
     if refused is not None:
         return refused
-    location = {"Location": generation_url(spec.id)}
-    if not body.wait:
-        GENERATIONS.labels(spec.model, spec.solver, "queued").inc()
-        workers = await _workers(backend, spec.model)
-        return _json(Generation(spec, "queued"), status.HTTP_202_ACCEPTED, location, workers)
-    gen = await backend.wait(spec.id, settings.wait_timeout_s) or Generation(spec, "queued")
-    GENERATIONS.labels(spec.model, spec.solver, gen.status if gen.done else "queued").inc()
+    webhooks = _dispatcher(request)
+    if body.webhook is not None and webhooks is not None:
+        try:
+            await webhooks.register(Generation(spec, "queued"), body.webhook.url, body.webhook.events)
+        except Exception:  # the generation is accepted: answer it; the log says the webhook is lost
+            log.exception("registering the webhook of %s failed", spec.id)
+    return await _answer(request, backend, settings, spec, body.wait, want_png)
+
+
+async def _submit(request: Request, backend: Backend, spec: GenerationSpec, caller: str) -> JSONResponse | None:
+    """Count the images against the caller's limit and hand the generation to the backend; the
+    error answer if either refuses (nothing counted then)."""
+    limiter = request.app.state.limiter
+    try:
+        if limiter is not None:
+            await limiter.take(caller, spec.n)
+        try:
+            await backend.submit(spec)
+        except Rejected:
+            if limiter is not None:
+                await limiter.give_back(caller, spec.n)
+            raise
+    except RateLimited as e:
+        REJECTED.labels("rate_limited").inc()
+        return _error(status.HTTP_429_TOO_MANY_REQUESTS, str(e), headers={"Retry-After": str(e.retry_after)})
+    except Rejected as e:
+        REJECTED.labels(e.reason).inc()
+        return _error(e.status_code, str(e), headers={"Retry-After": str(e.retry_after)})
+    return None
+
+
+async def _claim_key(request: Request, backend: Backend, scope: str, key: str, mine: Claim) -> Claim | Response | None:
+    """Claim an Idempotency-Key: None (this request makes the generation), the claim of the
+    generation made with it, or the error answer."""
+
+    async def exists(gen_id: str) -> bool:
+        return await backend.get(gen_id) is not None
+
+    try:
+        held = await settle(request.app.state.idempotency, scope, key, mine, exists)
+    except InProgress:
+        return _error(
+            status.HTTP_409_CONFLICT,
+            "a request with this Idempotency-Key is still being submitted; retry in a moment",
+            headers={"Retry-After": "1"},
+        )
+    except Expired as e:
+        return _error(
+            status.HTTP_409_CONFLICT,
+            f"the generation made with this Idempotency-Key ({e}) has expired; use a new key",
+        )
+    except Rejected as e:
+        return _error(e.status_code, str(e), headers={"Retry-After": str(e.retry_after)})
+    if held is not None and held.fingerprint != mine.fingerprint:
+        return _invalid(
+            ("header", "Idempotency-Key"),
+            "idempotency_key_reused",
+            "this key was already used with a different request body; use a new key for a new request",
+            key,
+        )
+    return held
+
+
+async def _replay(
+    request: Request, backend: Backend, settings: SettingsDep, gen_id: str, wait: bool, want_png: bool
+) -> Response:
+    """The answer to a repeat of an idempotent request: the generation made by the first."""
+    try:
+        gen = await backend.get(gen_id)
+    except Rejected as e:
+        return _error(e.status_code, str(e), headers={"Retry-After": str(e.retry_after)})
+    if gen is None:
+        return _error(status.HTTP_409_CONFLICT, f"the generation made with this Idempotency-Key ({gen_id}) has expired")
+    return await _answer(request, backend, settings, gen.spec, wait, want_png, replayed=gen)
+
+
+async def _answer(
+    request: Request,
+    backend: Backend,
+    settings: SettingsDep,
+    spec: GenerationSpec,
+    wait: bool,
+    want_png: bool,
+    replayed: Generation | None = None,
+) -> Response:
+    """The answer to a POST: 202 queued, or with wait=true the generation once done (200; as a
+    PNG when asked for) or as it is after the wait timeout (202). A replayed generation answers as
+    it is now (200 once done) and says so in Idempotent-Replayed."""
+    headers = {"Location": generation_url(spec.id)}
+    if replayed is not None:
+        headers["Idempotent-Replayed"] = "true"
+    if not wait:
+        if replayed is None:
+            GENERATIONS.labels(spec.model, spec.solver, "queued").inc()
+        gen = replayed or Generation(spec, "queued")
+        if gen.done:
+            return await _json(request, gen, status.HTTP_200_OK, headers)
+        return await _json(request, gen, status.HTTP_202_ACCEPTED, headers, await _workers(backend, spec.model))
+    gen = await backend.wait(spec.id, settings.wait_timeout_s) or replayed or Generation(spec, "queued")
+    if replayed is None:
+        GENERATIONS.labels(spec.model, spec.solver, gen.status if gen.done else "queued").inc()
     if not gen.done:
-        return _json(gen, status.HTTP_202_ACCEPTED, location, await _workers(backend, spec.model))
+        return await _json(request, gen, status.HTTP_202_ACCEPTED, headers, await _workers(backend, spec.model))
     if want_png:
         result = gen.result if gen.status == "finished" else None
         if result is None:
-            return _json(gen, status.HTTP_500_INTERNAL_SERVER_ERROR, location)
-        headers = {
-            **location,
-            "Server-Timing": server_timing(result.metrics),
-            "X-Generation-Id": spec.id,
-            "X-Seed": str(result.images[0].seed),
-        }
+            return await _json(request, gen, status.HTTP_500_INTERNAL_SERVER_ERROR, headers)
+        headers.update(
+            {
+                "Server-Timing": server_timing(result.metrics),
+                "X-Generation-Id": spec.id,
+                "X-Seed": str(result.images[0].seed),
+            }
+        )
         return Response(result.images[0].png, media_type="image/png", headers=headers)
-    return _json(gen, status.HTTP_200_OK, location)
+    return await _json(request, gen, status.HTTP_200_OK, headers)
 
 
 _READ_RESPONSES: Responses = {
@@ -293,10 +472,10 @@ _READ_RESPONSES: Responses = {
 }
 
 
-async def read_generation(gen_id: str, backend: BackendDep) -> Response:
+async def read_generation(gen_id: str, request: Request, backend: BackendDep) -> Response:
     """Status (queued, running, finished, failed); when finished its images and latency record."""
-    gen = await _find(backend, gen_id)
-    return gen if isinstance(gen, Response) else _json(gen, status.HTTP_200_OK)
+    gen = await _find(request, backend, gen_id)
+    return gen if isinstance(gen, Response) else await _json(request, gen, status.HTTP_200_OK)
 
 
 _IMAGE_RESPONSES: Responses = {
@@ -308,8 +487,8 @@ _IMAGE_RESPONSES: Responses = {
 }
 
 
-async def read_image(gen_id: str, k: int, backend: BackendDep) -> Response:
-    gen = await _find(backend, gen_id)
+async def read_image(gen_id: str, k: int, request: Request, backend: BackendDep) -> Response:
+    gen = await _find(request, backend, gen_id)
     if isinstance(gen, Response):
         return gen
     result = gen.result if gen.status == "finished" else None
@@ -332,10 +511,10 @@ _CANCEL_RESPONSES: Responses = {
 }
 
 
-async def cancel_generation(gen_id: str, backend: BackendDep) -> Response:
+async def cancel_generation(gen_id: str, request: Request, backend: BackendDep) -> Response:
     """Cancel a generation: a queued one never runs, a running one's images leave the batch at the
     next network evaluation. Idempotent: canceling a canceled generation answers it again."""
-    gen = await _find(backend, gen_id)
+    gen = await _find(request, backend, gen_id)
     if isinstance(gen, Response):
         return gen
     if gen.status in ("finished", "failed"):
@@ -348,7 +527,7 @@ async def cancel_generation(gen_id: str, backend: BackendDep) -> Response:
         return _error(status.HTTP_404_NOT_FOUND, f"no generation {gen_id} (unknown or expired)")
     if after.status in ("finished", "failed"):  # it ended before the cancel reached it
         return _error(status.HTTP_409_CONFLICT, f"generation {gen_id} is already {after.status}", status=after.status)
-    return _json(after, status.HTTP_200_OK if after.status == "canceled" else status.HTTP_202_ACCEPTED)
+    return await _json(request, after, status.HTTP_200_OK if after.status == "canceled" else status.HTTP_202_ACCEPTED)
 
 
 _EVENTS_RESPONSES: Responses = {
@@ -370,7 +549,7 @@ async def generation_events(
     last_event_id: Annotated[str | None, Header(description="resume after this event id")] = None,
 ) -> Response:
     """Follow a generation as server-sent events, until it ends."""
-    gen = await _find(backend, gen_id)
+    gen = await _find(request, backend, gen_id)
     if isinstance(gen, Response):
         return gen
 
@@ -379,7 +558,10 @@ async def generation_events(
             if ev.terminal:
                 final = await backend.get(gen_id)
                 # the body GET answers (workers is only in a POST's answer)
-                data = to_out(final).model_dump(mode="json", exclude={"workers"}) if final else {"id": gen_id}
+                try:
+                    data = await _body(request, final) if final else {"id": gen_id}
+                except Rejected:  # the webhook's state is unreadable now: the generation without it
+                    data = to_out(final).model_dump(mode="json", exclude={"workers"}) if final else {"id": gen_id}
                 yield ServerSentEvent(data=json.dumps(data), event=final.status if final else ev.event, id=ev.id)
                 return
             yield ServerSentEvent(data=json.dumps(ev.data), event=ev.event, id=ev.id)
@@ -451,14 +633,14 @@ def with_body_model(
     return bound
 
 
-async def _find(backend: Backend, gen_id: str) -> Generation | JSONResponse:
-    """The generation, or the error response (404 unknown, 503 queue unreachable)."""
+async def _find(request: Request, backend: Backend, gen_id: str) -> Generation | JSONResponse:
+    """The generation, or the error response (404 unknown, or another API key's; 503 queue unreachable)."""
     if not ID_PATTERN.match(gen_id):
         return _error(status.HTTP_404_NOT_FOUND, f"no generation {gen_id[:64]!r}: ids are 32 lowercase hex digits")
     try:
         gen = await backend.get(gen_id)
     except Rejected as e:
         return _error(e.status_code, str(e), headers={"Retry-After": str(e.retry_after)})
-    if gen is None:
+    if gen is None or not owns(request, gen.spec):  # another key's answers as an unknown id does
         return _error(status.HTTP_404_NOT_FOUND, f"no generation {gen_id} (unknown or expired)")
     return gen
