@@ -34,8 +34,10 @@ def run(args: argparse.Namespace) -> int:
     args.solver = args.solver or DEFAULT_ENCODE_SOLVER
     args.steps = args.steps or DEFAULT_ENCODE_STEPS
     args.schedule = args.schedule or "uniform"
-    if args.frames < 2:
-        print("arcdiff interpolate: --frames must be at least 2", file=sys.stderr)
+    from arcdiff.model.solver_names import SOLVER_INFO
+
+    if args.frames < 2 or SOLVER_INFO[args.solver].stochastic:
+        print("arcdiff interpolate: --frames must be at least 2 and the solver deterministic", file=sys.stderr)
         return 2
     if args.url:
         return run_remote(args)
