@@ -6,6 +6,7 @@ import multiprocessing.process
 import os
 import re
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -138,6 +139,26 @@ def _fast_tests_start_no_process():
     yield
     if _GUARD.test is not None and _GUARD.started:
         pytest.fail(f"{_GUARD.test} is marked fast but started: {'; '.join(_GUARD.started)}", pytrace=False)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torch_on_one_thread():
+    """Torch in the test process runs one intra-op thread (session-wide, so that module fixtures
+    such as the solver tests' reference trajectory run on it too). The networks here are tiny, and on a
+    busy 2-core machine two OpenMP threads spin against a core someone else holds: beside a
+    training run, 40 distillation steps of the tiny model took over 300 s on two threads and the
+    solver convergence tests minutes; on one thread, seconds. Services the tests start set their
+    own threads."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
 
 
 @pytest.fixture(scope="session")
