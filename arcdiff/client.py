@@ -52,6 +52,8 @@ __all__ = [
     "ArcdiffError",
     "AsyncClient",
     "Client",
+    "Edit",
+    "Encoding",
     "GeneratedImage",
     "GenerationCanceled",
     "GenerationEvent",
@@ -343,10 +345,12 @@ class _Base:
         preview: bool = False,
         priority: str | None = None,
         webhook: str | dict[str, Any] | None = None,
+        edit: Edit | None = None,
     ) -> dict:
         """The POST body; steps, solver, schedule, priority and webhook left out when None (the
-        server's defaults). `webhook`: a URL, or {"url": ..., "events": [...]}."""
-        body: dict[str, Any] = {"model": model, "n": n}
+        server's defaults). `webhook`: a URL, or {"url": ..., "events": [...]}. `edit` adds an
+        edit's fields (image-to-image, inpainting, given noise)."""
+        body: dict[str, Any] = {"model": model, "n": n, **(edit.fields() if edit else {})}
         for key, value in (("steps", steps), ("solver", solver), ("schedule", schedule), ("priority", priority)):
             if value is not None:
                 body[key] = value
@@ -412,16 +416,18 @@ class _Base:
         r, _ = yield from self._request(method, path, time.monotonic() + self.max_retry_wait)
         return r.json()
 
-    def _submit(self, body: dict, timeout: float, idempotency_key: str | None = None) -> _Flow[dict]:
-        """POST `body` (see `_body`); with "wait" the read may last until the deadline. With an
-        `idempotency_key` a repeat (a retry after 429/503 included) makes no second generation."""
+    def _submit(
+        self, body: dict, timeout: float, idempotency_key: str | None = None, path: str = "/v1/generations"
+    ) -> _Flow[dict]:
+        """POST `body` (see `_body`) to `path`; with "wait" the read may last until the deadline. With
+        an `idempotency_key` a repeat (a retry after 429/503 included) makes no second generation."""
         wait = bool(body.get("wait"))
         deadline = time.monotonic() + timeout
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else {}
         try:
             r, retries = yield from self._request(
                 "POST",
-                "/v1/generations",
+                path,
                 deadline,
                 json=body,
                 headers=headers,
@@ -467,12 +473,16 @@ class _Base:
         timeout: float,
         on_event: Callable[[GenerationEvent], None] | None = None,
         idempotency_key: str | None = None,
+        path: str = "/v1/generations",
     ) -> _Flow[GenerationResult]:
-        """Submit `request` and follow it to its end: through its events when `on_event` is given
-        (submitted without "wait"), else by waiting and polling (without "preview")."""
+        """Submit `request` (to `path`: generations, or interpolations) and follow it to its end:
+        through its events when `on_event` is given (submitted without "wait"), else by waiting and
+        polling (without "preview")."""
         deadline = time.monotonic() + timeout
         if on_event is not None:
-            body = yield from self._submit({k: v for k, v in request.items() if k != "wait"}, timeout, idempotency_key)
+            body = yield from self._submit(
+                {k: v for k, v in request.items() if k != "wait"}, timeout, idempotency_key, path
+            )
 
             def handle(ev: GenerationEvent) -> None:
                 if time.monotonic() > deadline:
@@ -482,7 +492,9 @@ class _Base:
             end = yield from self._events(body["id"], handle)
             if end is not None:
                 return self._result(end.data, body["retries"])
-        body = yield from self._submit({k: v for k, v in request.items() if k != "preview"}, timeout, idempotency_key)
+        body = yield from self._submit(
+            {k: v for k, v in request.items() if k != "preview"}, timeout, idempotency_key, path
+        )
         retries, interval = body["retries"], self.poll_interval
         while body["status"] not in TERMINAL:
             left = deadline - time.monotonic()
@@ -492,6 +504,121 @@ class _Base:
             interval = self._next_poll(interval)
             body = (yield from self._request("GET", f"/v1/generations/{body['id']}", deadline))[0].json()
         return self._result(body, retries)
+
+    @staticmethod
+    def _interpolation(
+        model: str, start: End, end: End, frames: int, steps: int | None, solver: str | None, schedule: str | None
+    ) -> dict:
+        """The POST /v1/interpolations body (wait=true)."""
+        body: dict[str, Any] = {"model": model, "start": _end(start), "end": _end(end), "frames": frames, "wait": True}
+        for key, value in (("steps", steps), ("solver", solver), ("schedule", schedule)):
+            if value is not None:
+                body[key] = value
+        return body
+
+    def _encode(
+        self, model: str, image: bytes, steps: int | None, solver: str | None, roundtrip: bool, timeout: float
+    ) -> _Flow[Encoding]:
+        """POST /v1/encodings (wait=true); an answer not done in time is polled as a generation."""
+        body: dict[str, Any] = {"model": model, "image": _b64(image), "roundtrip": roundtrip}
+        for key, value in (("steps", steps), ("solver", solver)):
+            if value is not None:
+                body[key] = value
+        deadline = time.monotonic() + timeout
+        out = yield from self._submit({**body, "wait": True}, timeout, path="/v1/encodings")
+        if out["status"] not in TERMINAL:  # polled as the generation it is: its latent is in "latents"
+            gen = yield from self._generate_poll(out["id"], deadline, timeout, out["retries"])
+            out = {**out, "status": gen["status"], "latent_base64": (gen.get("latents") or [None])[0]}
+        if out["status"] != "finished":
+            raise GenerationFailed(out["id"], out.get("error"))
+        return Encoding.from_body(out)
+
+    def _generate_poll(self, gen_id: str, deadline: float, timeout: float, retries: int) -> _Flow[dict]:
+        interval, body = self.poll_interval, {"status": "queued"}
+        while body["status"] not in TERMINAL:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise GenerationTimeout(gen_id, timeout, body["status"])
+            yield _Sleep(min(interval, left))
+            interval = self._next_poll(interval)
+            body = (yield from self._request("GET", f"/v1/generations/{gen_id}", deadline))[0].json()
+        return body
+
+
+# ---- editing (issue 22): the inputs as the API takes them ----------------------------------------
+
+End = int | str | bytes  # an interpolation end: a seed, a latent (base64, as Encoding.latent_base64), a PNG
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _end(value: End) -> dict[str, Any]:
+    if isinstance(value, bool) or not isinstance(value, (int, str, bytes)):
+        raise TypeError(f"an interpolation end is a seed (int), a latent (base64 str) or a PNG (bytes), got {value!r}")
+    if isinstance(value, int):
+        return {"seed": value}
+    return {"noise": value} if isinstance(value, str) else {"image": _b64(value)}
+
+
+@dataclass
+class Edit:
+    """What turns a generation into an edit: `image` (PNG bytes) to vary with `strength` in (0, 1]
+    (None: the server's 1), `mask` (PNG bytes, white = regenerate) to inpaint; or `noise` (base64
+    float32 latents, n of them, e.g. Encoding.latent_base64) in place of the seed's."""
+
+    image: bytes | None = None
+    strength: float | None = None
+    mask: bytes | None = None
+    noise: str | None = None
+
+    def fields(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.image is not None:
+            out["image"] = _b64(self.image)
+        if self.strength is not None:
+            out["strength"] = self.strength
+        if self.mask is not None:
+            out["mask"] = _b64(self.mask)
+        if self.noise is not None:
+            out["noise"] = self.noise
+        return out
+
+
+@dataclass
+class Encoding:
+    """An image's noise latent (POST /v1/encodings): `latent_base64` float32 little-endian of `shape`;
+    `roundtrip` (when asked for) the decoded image's error in grey levels and its PNG."""
+
+    id: str
+    model: str
+    steps: int
+    solver: str
+    nfe: int
+    shape: list[int]
+    latent_base64: str
+    roundtrip: dict[str, Any] | None = None
+
+    @property
+    def latent(self) -> Any:
+        """The latent as a numpy array (C, H, W), float32."""
+        import numpy as np
+
+        return np.frombuffer(base64.b64decode(self.latent_base64), dtype="<f4").reshape(self.shape)
+
+    @classmethod
+    def from_body(cls, body: dict) -> Encoding:
+        return cls(
+            id=body["id"],
+            model=body["model"],
+            steps=body["steps"],
+            solver=body["solver"],
+            nfe=body["nfe"],
+            shape=list(body["shape"]),
+            latent_base64=body["latent_base64"],
+            roundtrip=body.get("roundtrip"),
+        )
 
 
 # ---- the transports: drivers of the core ---------------------------------------------------------
@@ -588,16 +715,18 @@ class Client(_Base):
         priority: str | None = None,
         webhook: str | dict[str, Any] | None = None,
         idempotency_key: str | None = None,
+        edit: Edit | None = None,
     ) -> dict:
         """POST a generation; returns the API's body plus `retries`. With wait=True the server holds
         the request until done (up to its own wait timeout, then 202) and `timeout` bounds it here.
         preview=True: its events carry previews (see `events`). priority: "interactive" (the server's
         default) or "batch" (fills the device time interactive generations leave). webhook: a URL (or
         {"url", "events"}) the server POSTs the generation's events to, signed (Standard Webhooks).
-        idempotency_key: the same key and body again answer the generation already made."""
+        idempotency_key: the same key and body again answer the generation already made. edit: an
+        input image with its strength and mask, or noise in place of the seed's (see `Edit`)."""
         return self._call(
             self._submit(
-                self._body(model, steps, solver, seed, n, wait, schedule, preview, priority, webhook),
+                self._body(model, steps, solver, seed, n, wait, schedule, preview, priority, webhook, edit),
                 timeout,
                 idempotency_key,
             )
@@ -629,21 +758,58 @@ class Client(_Base):
         priority: str | None = None,
         webhook: str | dict[str, Any] | None = None,
         idempotency_key: str | None = None,
+        edit: Edit | None = None,
     ) -> GenerationResult:
         """Generate `n` images and return them (at most `timeout` seconds, retries included).
 
         wait=True (default) asks the server to answer when done (lowest latency) and polls only if it
         answers 202 first; wait=False submits and polls from the start. With `on_event` the
         generation is followed through its event stream instead, each event passed to it (progress
-        bars; previews too with preview=True). webhook and idempotency_key: as for `submit`."""
+        bars; previews too with preview=True). webhook and idempotency_key: as for `submit`. `edit`:
+        image-to-image, inpainting or given noise:
+
+            client.generate("mnist", seed=3, edit=Edit(image=png, strength=0.5))
+            client.generate("mnist", edit=Edit(image=png, mask=mask_png))   # white = regenerate
+        """
         return self._call(
             self._generate(
-                self._body(model, steps, solver, seed, n, wait, schedule, preview, priority, webhook),
+                self._body(model, steps, solver, seed, n, wait, schedule, preview, priority, webhook, edit),
                 timeout,
                 on_event,
                 idempotency_key,
             )
         )
+
+    def encode(
+        self,
+        model: str,
+        image: bytes,
+        steps: int | None = None,
+        solver: str | None = None,
+        *,
+        roundtrip: bool = False,
+        timeout: float = 300.0,
+    ) -> Encoding:
+        """POST /v1/encodings: the noise latent that generates the PNG `image` (the ODE run towards
+        noise); roundtrip=True also decodes it and reports the error (Encoding.roundtrip)."""
+        return self._call(self._encode(model, image, steps, solver, roundtrip, timeout))
+
+    def interpolate(
+        self,
+        model: str,
+        start: End,
+        end: End,
+        frames: int = 8,
+        steps: int | None = None,
+        solver: str | None = None,
+        *,
+        schedule: str | None = None,
+        timeout: float = 300.0,
+    ) -> GenerationResult:
+        """POST /v1/interpolations: `frames` images between two seeds (int), two latents (base64 str)
+        or two PNGs (bytes), ends included."""
+        body = self._interpolation(model, start, end, frames, steps, solver, schedule)
+        return self._call(self._generate(body, timeout, path="/v1/interpolations"))
 
 
 class AsyncClient(_Base):
@@ -734,10 +900,11 @@ class AsyncClient(_Base):
         priority: str | None = None,
         webhook: str | dict[str, Any] | None = None,
         idempotency_key: str | None = None,
+        edit: Edit | None = None,
     ) -> dict:
         return await self._call(
             self._submit(
-                self._body(model, steps, solver, seed, n, wait, schedule, preview, priority, webhook),
+                self._body(model, steps, solver, seed, n, wait, schedule, preview, priority, webhook, edit),
                 timeout,
                 idempotency_key,
             )
@@ -763,11 +930,39 @@ class AsyncClient(_Base):
         priority: str | None = None,
         webhook: str | dict[str, Any] | None = None,
         idempotency_key: str | None = None,
+        edit: Edit | None = None,
     ) -> GenerationResult:
         return await self._call(
             self._generate(
-                self._body(model, steps, solver, seed, n, wait, schedule, False, priority, webhook),
+                self._body(model, steps, solver, seed, n, wait, schedule, False, priority, webhook, edit),
                 timeout,
                 idempotency_key=idempotency_key,
             )
         )
+
+    async def encode(
+        self,
+        model: str,
+        image: bytes,
+        steps: int | None = None,
+        solver: str | None = None,
+        *,
+        roundtrip: bool = False,
+        timeout: float = 300.0,
+    ) -> Encoding:
+        return await self._call(self._encode(model, image, steps, solver, roundtrip, timeout))
+
+    async def interpolate(
+        self,
+        model: str,
+        start: End,
+        end: End,
+        frames: int = 8,
+        steps: int | None = None,
+        solver: str | None = None,
+        *,
+        schedule: str | None = None,
+        timeout: float = 300.0,
+    ) -> GenerationResult:
+        body = self._interpolation(model, start, end, frames, steps, solver, schedule)
+        return await self._call(self._generate(body, timeout, path="/v1/interpolations"))

@@ -53,6 +53,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "after the other so the running batch is --batch (default: M = --batch, one bucket, rounds queued at once)",
     )
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    p.add_argument(
+        "--edit-share",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="share of each generation's images run as inpainting edits instead (strength 1, bottom half masked: "
+        "the same NFE per image, so NFE/s compares the editing path with plain generation; default 0)",
+    )
     add_run_arguments(p)
 
 
@@ -62,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
     problems = []
     if args.steps < 1 or args.batch < 1 or args.rounds < 1:
         problems.append("--steps, --batch and --rounds must be at least 1")
+    if not 0 <= args.edit_share <= 1:
+        problems.append("--edit-share must be in [0, 1]")
     if args.max_batch is not None and args.max_batch < args.batch:
         problems.append("--max-batch must be at least --batch")
     from arcdiff.model.solvers import SOLVERS
@@ -94,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         amp=args.amp,
         channels_last=args.channels_last,
         device_thread=device_thread,
+        edit_share=args.edit_share,
     )
     print(summary(record), file=sys.stderr)
     if args.json:
@@ -187,6 +198,7 @@ def measure_engine(  # noqa: PLR0913 - one keyword per speed option that the ben
     channels_last: bool = False,
     backend: str = "inductor",
     device_thread: Any = None,
+    edit_share: float = 0.0,
 ) -> dict[str, Any]:
     """Run `rounds` full batches through a fresh engine; returns the JSON record.
 
@@ -227,21 +239,29 @@ def measure_engine(  # noqa: PLR0913 - one keyword per speed option that the ben
     warm_up_s = time.perf_counter() - t0
 
     mix = round_specs(solver, steps, batch)
+    edit = inpainting_fields(loaded.image_shape)
 
     def round_of(i: int) -> list[GenerationSpec]:
-        return [
-            GenerationSpec(
-                id=f"bench-{i}-{j}",
-                model="m",
-                steps=st,
-                solver=sv,
-                seed=1000 * i + 100 * j,
-                n=n,
-                submitted_at=time.time(),
-                schedule=grid,
-            )
-            for j, (sv, st, n, grid) in enumerate(mix)
-        ]
+        specs = []
+        for j, (sv, st, n, grid) in enumerate(mix):
+            # with edit_share, part of each generation's images come as an inpainting edit instead
+            edits = round(n * edit_share)
+            for kind, count in (("generate", n - edits), ("edit", edits)):
+                if count:
+                    specs.append(
+                        GenerationSpec(
+                            id=f"bench-{i}-{j}-{kind}",
+                            model="m",
+                            steps=st,
+                            solver=sv,
+                            seed=1000 * i + 100 * j,
+                            n=count,
+                            submitted_at=time.time(),
+                            schedule=grid,
+                            **(edit if kind == "edit" else {}),
+                        )
+                    )
+        return specs
 
     try:
         for s in round_of(-1):  # one unmeasured round: allocator, thread pool, caches
@@ -271,6 +291,7 @@ def measure_engine(  # noqa: PLR0913 - one keyword per speed option that the ben
         "device": str(device),
         "solver": solver,
         "steps": steps,
+        "edit_share": edit_share,
         "nfe_per_image": per_image_nfe,
         "batch": batch,
         "max_batch": max_batch or batch,
@@ -299,6 +320,25 @@ def measure_engine(  # noqa: PLR0913 - one keyword per speed option that the ben
         record["peak_device_memory_bytes"] = torch.cuda.max_memory_allocated(device)
     record["peak_rss_bytes"] = _peak_rss_bytes()
     return record
+
+
+def inpainting_fields(shape: tuple[int, int, int]) -> dict[str, Any]:
+    """A spec's fields for an inpainting edit at strength 1 (the NFE of a generation): a mid-grey
+    input with its bottom half masked."""
+    import base64
+
+    import numpy as np
+
+    from arcdiff.model.images import png_bytes
+
+    c, h, w = shape
+    mask = np.zeros((1, h, w), np.uint8)
+    mask[:, h // 2 :] = 255
+
+    def b64(arr: np.ndarray) -> str:
+        return base64.b64encode(png_bytes(arr)).decode("ascii")
+
+    return {"kind": "edit", "image": b64(np.full((c, h, w), 128, np.uint8)), "mask": b64(mask), "strength": 1.0}
 
 
 def round_specs(solver: str, steps: int, batch: int) -> list[tuple[str, int, int, str]]:

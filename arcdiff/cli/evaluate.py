@@ -98,13 +98,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def register_tables(p: argparse.ArgumentParser) -> None:
     """`arcdiff eval table` and `arcdiff eval convergence`: the same options as `python -m
     arcdiff.eval.table` and `python -m arcdiff.eval.convergence`, from the modules themselves."""
-    from arcdiff.eval import convergence, sets, table
+    from arcdiff.eval import convergence, editing, sets, table
 
-    tables = p.add_subparsers(dest="eval_command", metavar="{table,sets,convergence}")
+    tables = p.add_subparsers(dest="eval_command", metavar="{table,sets,convergence,editing}")
     for name, module, summary in (
         ("table", table, "the frontier table: FID and more against NFE per solver and grid (docs/evaluation.md)"),
         ("sets", sets, "samplers compared over disjoint sample sets, paired on the same noise, in two feature spaces"),
         ("convergence", convergence, "each ODE solver's error against an exact solution of the sampling ODE"),
+        ("editing", editing, "encode-decode round trip of MNIST digits per solver and steps; inpainting judged"),
     ):
         sp = tables.add_parser(
             name, help=summary, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

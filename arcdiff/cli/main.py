@@ -17,6 +17,8 @@ COMMANDS: dict[str, str] = {
     "serve": "serve",
     "worker": "worker",
     "generate": "generate",
+    "edit": "edit",
+    "interpolate": "interpolate",
     "train": "train",
     "distill": "distill",
     "train-features": "train_features",

@@ -100,17 +100,32 @@ class Solver:
         steps: torch.Tensor,
         schedule: str | Sequence[str] | torch.Tensor | None = None,
         etas: torch.Tensor | None = None,
+        start: torch.Tensor | None = None,
+        reverse: torch.Tensor | None = None,
     ) -> State:
         """A state for samples starting at x_T; `steps` is one step count per sample, `schedule`
         the time grid's name (solver_names.GRIDS; or one per sample, or grid ids). `etas`
         (B, steps + 1), decreasing, replaces the named grid with explicit points (tests against
-        other implementations; all rows the same length)."""
+        other implementations; all rows the same length).
+
+        Editing (arcdiff/model/editing.py): `start`, per sample, the grid index to start at (an
+        image-to-image edit runs the grid's tail from eta = grid[start], x_T the noised input
+        there); `reverse`, per sample, reads the grid backwards, from eta = 0 up to pi/2 (encoding:
+        x_T is the image, the result its noise latent). Only solvers whose update holds in both
+        directions take `reverse` (solver_names.ENCODE_SOLVERS)."""
         b = x_T.shape[0]
-        i = torch.zeros(b, dtype=torch.long, device=x_T.device)
+        if start is None:
+            i = torch.zeros(b, dtype=torch.long, device=x_T.device)
+        else:
+            i = start.to(device=x_T.device, dtype=torch.long).expand(b).clone()
         n = steps.to(device=x_T.device, dtype=torch.long).expand(b).clone()
         st: State = {"x": x_T.clone(), "i": i, "n": n, "grid": grid_ids(schedule, b, x_T.device)}
         if etas is not None:
             st["etas"] = etas.to(device=x_T.device, dtype=torch.float64).expand(b, -1).clone()
+        if reverse is not None:
+            if etas is not None:
+                raise ValueError("reverse reads a named grid backwards; pass explicit etas increasing instead")
+            st["rev"] = reverse.to(device=x_T.device, dtype=torch.bool).expand(b).clone()
         # the current step's ends are kept in the state rather than recomputed at every call
         st.update(eta0=self._grid(st, i), eta1=self._grid(st, i + 1))
         return st
@@ -119,6 +134,8 @@ class Solver:
     def _grid(st: State, i: torch.Tensor) -> torch.Tensor:
         if "etas" in st:
             return st["etas"].gather(1, i.clamp(max=st["etas"].shape[1] - 1)[:, None])[:, 0]
+        if "rev" in st:  # encoding: index i of a reversed grid is point n - i of the grid
+            i = torch.where(st["rev"], st["n"] - i, i)
         return grid_eta(i, st["n"], st["grid"])
 
     def _etas(self, st: State) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,8 +199,8 @@ class RungeKutta(Solver):
             t = self._on_device[device] = (self.a.to(device), self.b.to(device), self.c.to(device))
         return t
 
-    def init(self, x_T, steps, schedule=None, etas=None) -> State:  # same arguments as Solver.init
-        st = super().init(x_T, steps, schedule, etas)
+    def init(self, x_T, steps, schedule=None, etas=None, start=None, reverse=None) -> State:  # as Solver.init
+        st = super().init(x_T, steps, schedule, etas, start, reverse)
         st["k"] = x_T.new_zeros((x_T.shape[0], self.nfe_per_step, *x_T.shape[1:]))
         st["stage"] = torch.zeros_like(st["i"])
         return st
@@ -301,27 +318,38 @@ class StepTables:
     def __init__(self, build: Callable[[torch.Tensor], torch.Tensor]):
         self._build = build  # (R, n + 1) grids of eta, float64 -> (R, n, C) coefficient rows, float64
         self._lock = threading.Lock()  # the engine's thread and an embedded caller may both add blocks
-        self._offsets: dict[tuple[torch.device, torch.dtype], dict[tuple[int, int], int]] = {}
+        self._offsets: dict[tuple[torch.device, torch.dtype], dict[tuple[int, int, int], int]] = {}
         self._data: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def offsets(
-        self, grid: Sequence[int], steps: Sequence[int], device: torch.device, dtype: torch.dtype
+        self,
+        grid: Sequence[int],
+        steps: Sequence[int],
+        device: torch.device,
+        dtype: torch.dtype,
+        start: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """Where each sample's block starts (long, on `device`), building the blocks not there yet."""
+        """Where each sample's block starts (long, on `device`), building the blocks not there yet,
+        less the sample's start index, so that row + i is the row of its step i. A sample that starts
+        at grid index s > 0 (an edit) has a block of its own: the grid's tail from s is a grid of
+        n - s steps with no history before it, whose coefficients (warm-up order, lower-order end)
+        differ from those of the full grid's rows."""
         key = (device, dtype)
+        starts = list(start) if start is not None else [0] * len(grid)
+        wanted = list(zip(grid, steps, starts, strict=True))
         with self._lock:
             known = self._offsets.setdefault(key, {})
-            missing = sorted(set(zip(grid, steps, strict=True)) - known.keys())
+            missing = sorted(set(wanted) - known.keys())
             if missing:
                 old = self._data.get(key)
                 size = 0 if old is None else len(old)
                 blocks = [] if old is None else [old]
-                for g, n in missing:
-                    blocks.append(self._build(grid_etas(n, g)[None])[0].to(device=device, dtype=dtype))
-                    known[(g, n)] = size
-                    size += n
+                for g, n, s in missing:
+                    blocks.append(self._build(grid_etas(n, g)[s:][None])[0].to(device=device, dtype=dtype))
+                    known[(g, n, s)] = size
+                    size += n - s
                 self._data[key] = torch.cat(blocks)
-            rows = [known[p] for p in zip(grid, steps, strict=True)]
+            rows = [known[p] - p[2] for p in wanted]
         return torch.tensor(rows, dtype=torch.long).to(device)
 
     def data(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -350,15 +378,20 @@ class Multistep(Solver):
     def __init__(self) -> None:
         self.tables = StepTables(self._coefficient_rows)
 
-    def init(self, x_T, steps, schedule=None, etas=None) -> State:  # same arguments as Solver.init
-        st = super().init(x_T, steps, schedule, etas)
+    def init(self, x_T, steps, schedule=None, etas=None, start=None, reverse=None) -> State:  # as Solver.init
+        st = super().init(x_T, steps, schedule, etas, start, reverse)
         b = x_T.shape[0]
         st["m"] = x_T.new_zeros((b, self.history, *x_T.shape[1:]))
+        if reverse is not None:
+            raise ValueError(f"{self.name} cannot integrate towards eta = pi/2 (encoding): see ENCODE_SOLVERS")
         if etas is None:
             # from the host-side arguments: no device sync at admission
             grid = grid_ids(schedule, b, torch.device("cpu")).tolist()
             n = steps.cpu().long().expand(b).tolist()
-            st["row"] = self.tables.offsets(grid, n, x_T.device, x_T.dtype)
+            s0 = None if start is None else start.cpu().long().expand(b).tolist()
+            st["row"] = self.tables.offsets(grid, n, x_T.device, x_T.dtype, s0)
+        elif start is not None:
+            raise ValueError("start with explicit etas: pass the tail of the grid as etas instead")
         else:
             st["coef"] = self._coefficient_rows(st["etas"]).to(x_T.dtype)
         return st
@@ -539,8 +572,8 @@ class UniPC(Multistep):
         self.name, self.order, self.history = name, order, order
         super().__init__()
 
-    def init(self, x_T, steps, schedule=None, etas=None) -> State:  # same arguments as Solver.init
-        st = super().init(x_T, steps, schedule, etas)
+    def init(self, x_T, steps, schedule=None, etas=None, start=None, reverse=None) -> State:  # as Solver.init
+        st = super().init(x_T, steps, schedule, etas, start, reverse)
         st["x_last"] = x_T.clone()
         return st
 

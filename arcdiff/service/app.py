@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from arcdiff.model.catalog import ModelCatalog, ModelInfo
 from arcdiff.service.api.deps import key_digests
-from arcdiff.service.api.routes import generations, health, models, playground, redoc
+from arcdiff.service.api.routes import edits, generations, health, models, playground, redoc
 from arcdiff.service.backend import Backend, Limiter
 from arcdiff.service.limits import BodyLimitMiddleware
 from arcdiff.service.metrics import REJECTED, MetricsMiddleware, init_generation_series, init_route_series
@@ -208,6 +208,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.exception_handler(RequestValidationError)(_validation_error)
     app.exception_handler(StarletteHTTPException)(_http_error)
     app.include_router(generations.build_router(generation_request(list(served), settings.max_images)))
+    app.include_router(edits.router)
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(playground.router)

@@ -12,12 +12,23 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from arcdiff.contract import DEFAULT_PRIORITY, MAX_STEPS, PRIORITIES, SEED_MAX, SOLVER_NAMES
+from arcdiff.contract import (
+    DEFAULT_PRIORITY,
+    LATENT_DTYPE,
+    MAX_INPUT_PNG_BYTES,
+    MAX_STEPS,
+    PRIORITIES,
+    SEED_MAX,
+    SOLVER_NAMES,
+)
 from arcdiff.model.solver_names import (
+    DEFAULT_ENCODE_SOLVER,
+    DEFAULT_ENCODE_STEPS,
     DEFAULT_NFE,
     DEFAULT_SCHEDULE,
     DEFAULT_SOLVER,
     DEFAULT_STEPS,
+    ENCODE_SOLVERS,
     FEW_STEPS_MAX,
     FEW_STEPS_SOLVER,
     GRIDS,
@@ -31,11 +42,14 @@ from arcdiff.service.webhook_targets import MAX_URL_LENGTH, check_url
 Solver = Literal[SOLVERS]  # type: ignore[valid-type]  # the names of model.solver_names
 Schedule = Literal[GRIDS]  # type: ignore[valid-type]
 Priority = Literal[PRIORITIES]  # type: ignore[valid-type]
+EncodeSolver = Literal[ENCODE_SOLVERS]  # type: ignore[valid-type]
 Status = Literal["queued", "running", "finished", "failed", "canceled"]
 MAX_IMAGES_CAP = 256
 WEBHOOK_EVENTS = ("queued", "finished", "failed", "canceled")
 DEFAULT_WEBHOOK_EVENTS = ("finished", "failed", "canceled")
 WebhookEvent = Literal[WEBHOOK_EVENTS]  # type: ignore[valid-type]
+PNG_B64_MAX = 4 * (MAX_INPUT_PNG_BYTES + 2) // 3 + 4  # base64 of the largest input PNG
+LATENT_B64_MAX = 4 * (MAX_IMAGES_CAP * 3 * 64 * 64 * 4) // 3 + 4  # a bound only: the body limit applies first
 
 # help texts written from solver_names.SOLVER_TABLE, so they name every solver and its default grid
 SOLVER_HELP = "; ".join(f"{s.name}: {s.summary}" for s in SOLVER_TABLE)
@@ -148,6 +162,36 @@ class GenerationRequest(BaseModel):
         "webhook-timestamp, webhook-signature); retried with backoff, each attempt shown in the generation's "
         "`webhook`",
     )
+    # ---- editing (issue 22): all optional; without them a request is a plain generation ----------
+    image: str = Field(  # type: ignore[assignment]
+        None,
+        max_length=PNG_B64_MAX,
+        description="image-to-image: a PNG (base64) of the model's size and channels (L for 1 channel, RGB for 3), "
+        "in place of pure noise. Each image k starts from it noised with its own seed's noise",
+    )
+    strength: float = Field(  # type: ignore[assignment]
+        None,
+        strict=True,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="with image: how much to change it, in (0, 1] (default 1: a new image from the input's noised "
+        "end). The edit runs the last floor(strength x steps) steps of the grid (at least 1), from the grid point "
+        "there (uniform grid: eta0 = strength x pi/2 rounded down to a step); nfe counts only those",
+    )
+    mask: str = Field(  # type: ignore[assignment]
+        None,
+        max_length=PNG_B64_MAX,
+        description="with image: inpainting. A greyscale PNG (base64) of the image's size: white (255) regenerate, "
+        "black keep (grey: blend). The kept pixels come back exactly",
+    )
+    noise: str = Field(  # type: ignore[assignment]
+        None,
+        max_length=LATENT_B64_MAX,
+        description="the start noise of each image in place of the seed's: n latents of the model's shape (C, H, W), "
+        "float32 little-endian, C order, concatenated and base64-encoded (e.g. an encoding's latent_base64); "
+        "not with image",
+    )
 
 
 def generation_request(models: Sequence[str], max_images: int) -> type[GenerationRequest]:
@@ -235,6 +279,108 @@ class GenerationOut(BaseModel):
         "waits in the queue until one starts)",
     )
     webhook: WebhookOut | None = Field(None, description="the request's webhook and each delivery's attempts")
+    # ---- editing (issue 22) ----
+    kind: Literal["generate", "edit", "encode", "interpolate"] = Field(
+        "generate",
+        description="generate (from noise), edit (image-to-image or inpainting), encode (POST /v1/encodings: the "
+        "image's noise latent), interpolate (POST /v1/interpolations: n frames between two ends)",
+    )
+    strength: float = Field(1.0, description="an edit's strength (1 otherwise)")
+    seed_to: int | None = Field(None, description="an interpolation between two seeds: the second seed")
+    latents: list[str] | None = Field(
+        None,
+        description="an encoding's latent: float32 little-endian (C, H, W), base64 (its images[0] is a picture of it, "
+        "grey = 0, black/white = -3/+3)",
+    )
+
+
+class EncodingRequest(BaseModel):
+    """POST /v1/encodings."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"model": "mnist", "image": "<PNG base64>", "roundtrip": True}]}
+    )
+
+    model: str = Field(description="a model from GET /v1/models")
+    image: str = Field(max_length=PNG_B64_MAX, description="the PNG (base64) to encode: the model's size and channels")
+    steps: int = Field(DEFAULT_ENCODE_STEPS, strict=True, ge=1, le=MAX_STEPS, description="solver steps")
+    solver: EncodeSolver = Field(
+        DEFAULT_ENCODE_SOLVER,
+        description="a deterministic one-step solver: the ODE runs from eta = 0 up to pi/2 (ddim: DDIM inversion)",
+    )
+    schedule: Schedule = Field("uniform", description="the time grid, read backwards")
+    roundtrip: bool = Field(
+        False,
+        strict=True,
+        description="also decode the latent with the same solver, steps and grid, and report the RMS error against "
+        "the input in grey levels (costs a second run of the same NFE)",
+    )
+    wait: bool = Field(True, strict=True, description="hold the request until done (else 202: poll its url)")
+    priority: Priority = Field(DEFAULT_PRIORITY)
+
+
+class RoundTripOut(BaseModel):
+    rms_grey: float = Field(description="RMS difference of the decoded image from the input, grey levels (0-255)")
+    max_grey: int = Field(description="largest difference of one pixel, grey levels")
+    png_base64: str = Field(description="the decoded image")
+    id: str = Field(description="the decoding generation")
+
+
+class EncodingOut(BaseModel):
+    id: str
+    status: Status
+    url: str = Field(description="the encoding as a generation (GET it: its latents)")
+    model: str
+    steps: int
+    solver: str
+    schedule: str
+    nfe: int = Field(description="network evaluations of the encoding")
+    shape: list[int] = Field(description="the latent's shape (C, H, W)")
+    dtype: str = Field(LATENT_DTYPE, description="numpy dtype of latent_base64: float32 little-endian")
+    latent_base64: str | None = Field(
+        None, description="the latent, float32 little-endian C order, base64: the noise that decodes to the image"
+    )
+    png_base64: str | None = Field(None, description="a picture of the latent (grey 0, black/white -3/+3)")
+    roundtrip: RoundTripOut | None = Field(None, description="with roundtrip=true, when the decoding finished in time")
+    error: str | None = None
+    metrics: LatencyOut | None = None
+
+
+class InterpolationEnd(BaseModel):
+    """One end of an interpolation: exactly one of seed, noise, image (both ends the same kind)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int | None = Field(None, strict=True, ge=0, le=SEED_MAX, description="a seed's noise")
+    noise: str | None = Field(
+        None, max_length=LATENT_B64_MAX, description="a latent: float32 little-endian (C, H, W), base64"
+    )
+    image: str | None = Field(None, max_length=PNG_B64_MAX, description="a PNG (base64), encoded first")
+
+
+class InterpolationRequest(BaseModel):
+    """POST /v1/interpolations."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"model": "mnist", "start": {"seed": 1}, "end": {"seed": 2}, "frames": 8, "wait": True}]
+        },
+    )
+
+    model: str = Field(description="a model from GET /v1/models")
+    start: InterpolationEnd
+    end: InterpolationEnd
+    frames: int = Field(8, strict=True, ge=2, le=MAX_IMAGES_CAP, description="images from start to end, ends included")
+    steps: int = Field(DEFAULT_ENCODE_STEPS, strict=True, ge=1, le=MAX_STEPS, description="solver steps")
+    solver: Solver = Field(
+        DEFAULT_ENCODE_SOLVER,
+        description="a deterministic solver (between two images one that encodes: "
+        f"{', '.join(ENCODE_SOLVERS)}); frames are slerp(start, end, t) decoded",
+    )
+    schedule: Schedule = Field("uniform", description="the time grid")
+    wait: bool = Field(False, strict=True, description="hold the request until done")
+    priority: Priority = Field(DEFAULT_PRIORITY)
 
 
 class ModelOut(BaseModel):

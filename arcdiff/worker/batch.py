@@ -26,7 +26,10 @@ from typing import Any
 
 import torch
 
+from arcdiff.contract import EditInputs
+from arcdiff.model import editing
 from arcdiff.model.rng import image_generator, image_seed, initial_noise
+from arcdiff.model.schedule import GRID_IDS, grid_eta
 from arcdiff.model.solvers import State, draw_noise, get_solver
 from arcdiff.worker.loading import PAD_ETA
 from arcdiff.worker.scheduler import GroupKey
@@ -52,16 +55,25 @@ class SolverGroup:
         slots: Sequence[Any],
         generators: Sequence[torch.Generator],
         schedules: Sequence[str] | None = None,
+        start: torch.Tensor | None = None,
+        reverse: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        known: torch.Tensor | None = None,
     ) -> None:
         """Join: a fresh state for the new rows (each with its own step count and time grid),
-        concatenated after the running ones."""
-        fresh = self.impl.init(x_T, steps, schedules)
+        concatenated after the running ones. Edits (model/editing.py): `start` the grid index each
+        row starts at, `reverse` rows that encode, `mask`/`known` the inpainting mask and known
+        image (all on the host; None: no row needs them)."""
+        fresh = self.impl.init(x_T, steps, schedules, start=start, reverse=reverse)
+        if mask is not None and known is not None:
+            fresh["mask"], fresh["x0_known"] = mask.to(x_T.device), known.to(x_T.device)
         if self.state is None or not self.slots:
             self.state = fresh
         else:
-            self.state = {k: torch.cat([self.state[k], fresh[k]]) for k in self.state}
+            self.state = _concat(self.state, fresh)
         self.slots.extend(slots)
-        self.remaining.extend(self.impl.nfe(int(n)) for n in steps.tolist())
+        first = [0] * len(slots) if start is None else start.tolist()
+        self.remaining.extend(self.impl.nfe(int(n) - s) for n, s in zip(steps.tolist(), first, strict=True))
         if self.impl.stochastic:
             self.generators.extend(generators)
 
@@ -92,7 +104,7 @@ class SolverGroup:
         head = self._head(m)
         views = dict(head)
         noise = draw_noise(head["x"], self.generators[:m]) if self.impl.stochastic else None
-        self.impl.advance(head, x0_hat, eps_hat, noise)
+        editing.advance(self.impl, head, x0_hat, eps_hat, noise)  # with the inpainting mask, if any row has one
         if head is not state:
             # in-place updates went through the views; entries the solver replaced are copied back,
             # each first cloned if it is itself a view of the state (eta0 <- eta1 and the like)
@@ -127,7 +139,8 @@ class SolverGroup:
         gone = set(rows)
         kept = [i for i in range(len(self.slots)) if i not in gone]
         device = state["x"].device
-        x = state["x"][_index(rows, device)]
+        idx = _index(rows, device)
+        x = editing.composite(state, state["x"][idx], idx)  # inpainted rows: the known pixels exactly
         keep = _index(kept, device)
         self.state = {k: v[keep] for k, v in state.items()}
         owners = [self.slots[i] for i in rows]
@@ -142,25 +155,83 @@ class RunningBatch:
     """The solver groups of one model's batch, by (solver, priority). Rows are owned by
     (generation, image index) pairs; a generation is anything with a GenerationSpec as `.spec`."""
 
-    def __init__(self, image_shape: Sequence[int], device: torch.device):
+    def __init__(self, image_shape: Sequence[int], device: torch.device, data_range: Sequence[float] = (-1.0, 1.0)):
         self.shape = tuple(image_shape)
         self.device = device
+        self.data_range = (float(data_range[0]), float(data_range[1]))
         self.groups: dict[GroupKey, SolverGroup] = {}
 
     def join(self, admitted: Sequence[tuple[Any, int]]) -> None:
         """Admitted images enter, each at the end of its group with a fresh state: its own
-        generator seeded from (request seed, image index), its start noise, its step grid."""
+        generator seeded from (request seed, image index), its start point, its step grid. The
+        start point depends on the kind (model/editing.py): a generation starts from the seed's
+        noise (or the noise it brought) at pi/2, an interpolation frame from the slerp of its ends,
+        an edit from its noised input at its grid's start index (with its mask, if any), an
+        encoding from its image at eta = 0 with the grid reversed."""
         by_group: dict[GroupKey, list[tuple[Any, int]]] = {}
         for item in admitted:
             by_group.setdefault((item[0].spec.solver, item[0].spec.priority), []).append(item)
         for key, items in by_group.items():
             gens = [image_generator(image_seed(t.spec.seed, k)) for t, k in items]
-            x_T = torch.stack([initial_noise(self.shape, g) for g in gens]).to(self.device)
+            rows = [self._start(t, k, g) for (t, k), g in zip(items, gens, strict=True)]
+            x_T = torch.stack([r[0] for r in rows]).to(self.device)
             steps = torch.tensor([t.spec.steps for t, _ in items])  # on the host: the group counts down there
+            starts = [r[1] for r in rows]
+            start = torch.tensor(starts) if any(starts) else None
+            reverse = torch.tensor([t.spec.kind == "encode" for t, _ in items])
+            masks = [r[2] for r in rows]
+            mask = known = None
+            if any(mk is not None for mk in masks):
+                mask = torch.stack([mk if mk is not None else torch.ones(self.shape) for mk in masks])
+                known = torch.stack([r[3] if r[3] is not None else torch.zeros(self.shape) for r in rows])
             group = self.groups.get(key)
             if group is None:
                 group = self.groups[key] = SolverGroup(key[0])
-            group.add(x_T, steps, items, gens, [t.spec.schedule for t, _ in items])
+            group.add(
+                x_T,
+                steps,
+                items,
+                gens,
+                [t.spec.schedule for t, _ in items],
+                start=start,
+                reverse=reverse if bool(reverse.any()) else None,
+                mask=mask,
+                known=known,
+            )
+
+    def _pixels(self, image: Any) -> torch.Tensor:
+        """uint8 (C, H, W) pixels -> floats in the model's data range."""
+        lo, hi = self.data_range
+        return torch.tensor(image, dtype=torch.float32) * ((hi - lo) / 255.0) + lo
+
+    def _start(
+        self, task: Any, k: int, gen: torch.Generator
+    ) -> tuple[torch.Tensor, int, torch.Tensor | None, torch.Tensor | None]:
+        """One image's (x at its start, start grid index, mask, known image) on the host; its noise
+        from its own generator, so it depends on its request only."""
+        spec = task.spec
+        inputs: EditInputs = getattr(task, "inputs", None) or EditInputs()  # decoded by the engine at submit
+        if spec.kind == "encode":
+            return self._pixels(inputs.image), 0, None, None
+        if spec.kind == "interpolate":
+            if inputs.latents is not None:
+                z0, z1 = (torch.tensor(z) for z in inputs.latents)
+            else:
+                z0, z1 = (initial_noise(self.shape, image_generator(s)) for s in (spec.seed, spec.seed_to))
+            t = editing.frames(spec.n)[k]
+            return editing.slerp(z0[None], z1[None], t)[0], 0, None, None
+        eps = initial_noise(self.shape, gen)
+        if spec.kind == "generate":
+            if inputs.latents is not None:
+                return torch.tensor(inputs.latents[k]), 0, None, None
+            return eps, 0, None, None
+        # an edit: the input noised to the start of the grid's tail
+        s0 = editing.start_index(spec.steps, spec.strength)
+        eta0 = grid_eta(torch.tensor([s0]), torch.tensor([spec.steps]), torch.tensor([GRID_IDS[spec.schedule]]))
+        x0_in = self._pixels(inputs.image)
+        x = editing.noised(x0_in[None], eps[None], eta0)[0]
+        mask = torch.tensor(inputs.mask) if inputs.mask is not None else None
+        return x, s0, mask, x0_in if mask is not None else None
 
     def gather(self, run: Sequence[tuple[GroupKey, int]], size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The next points (x, eta) of the rows that run ((group, its first rows), in this order),
@@ -209,6 +280,24 @@ class RunningBatch:
     def clear(self) -> None:
         """Empty the batch."""
         self.groups.clear()
+
+
+def _concat(a: State, b: State) -> State:
+    """Two solver states as one: an entry only one of them has (an edit's) is given its neutral
+    value for the other's rows (model/editing.py), so edits and generations share a group."""
+    out = {}
+    for k in a.keys() | b.keys():
+        if k in a and k in b:
+            out[k] = torch.cat([a[k], b[k]])
+        else:
+            lack = b if k in a else a
+            fill = (
+                torch.zeros(len(lack["x"]), dtype=torch.bool, device=lack["x"].device)
+                if k == "rev"
+                else editing.neutral(k, lack["x"])
+            )
+            out[k] = torch.cat([a[k], fill] if k in a else [fill, b[k]])
+    return out
 
 
 def _index(rows: list[int], device: torch.device) -> torch.Tensor:

@@ -31,7 +31,7 @@ from concurrent.futures import Future
 
 import torch
 
-from arcdiff.contract import GenerationSpec, JobResult, queue_expiry
+from arcdiff.contract import LATENT_RANGE, GenerationSpec, JobResult, SpecError, decode_inputs, queue_expiry
 from arcdiff.model.format import LoadedModel
 from arcdiff.model.images import to_uint8
 from arcdiff.worker import metrics as m
@@ -59,7 +59,7 @@ class _Runner:
         self.forward: Forward = prepared.forward
         self.data_range = prepared.loaded.config.get("data_range", [-1.0, 1.0])
         self.sched: Scheduler[Generation] = Scheduler(config.scheduling)  # read and changed under the lock
-        self.batch = RunningBatch(prepared.loaded.image_shape, device)  # the device thread's alone
+        self.batch = RunningBatch(prepared.loaded.image_shape, device, self.data_range)  # the device thread's alone
         self.active: dict[str, Generation] = {}  # generations with rows in the batch, by id
         self.dirty = False  # a generation with rows in the batch was closed: drop its rows
         self.clock = ForwardClock(device)
@@ -139,9 +139,18 @@ class Engine:
             m.JOBS.labels(spec.model, "failed").inc()
             fut.set_exception(GenerationFailed(expired))
             return fut
+        # an edit's inputs are checked against the model here, before they can reach a tick (where a
+        # bad one would fail the whole batch); the API checked them too, a queue payload may not have
+        try:
+            inputs = decode_inputs(spec, self._runners[spec.model].prepared.loaded.image_shape)
+        except SpecError as e:
+            log.warning("generation %s failed: %s", spec.id, e)
+            m.JOBS.labels(spec.model, "failed").inc()
+            fut.set_exception(GenerationFailed(str(e)))
+            return fut
         timeout_s = timeout_s if timeout_s is not None else self.config.job_timeout_s
         deadline = time.monotonic() + timeout_s if timeout_s else None
-        task = Generation(spec, fut, deadline, timeout_s, listener=listener)
+        task = Generation(spec, fut, deadline, timeout_s, listener=listener, inputs=inputs)
         with self._cond:
             if self._closing:
                 raise RuntimeError("engine is closed")
@@ -407,8 +416,10 @@ class Engine:
                 if not ok:
                     failed.append((task, task.non_finite(k)))
                     continue
-                task.image_done(k, now, xs[row].float().cpu() if self.config.keep_samples else None)
-                encodes.append((task, k, px))
+                encoding = task.spec.kind == "encode"  # its result is the float latent, its PNG a picture of it
+                keep = self.config.keep_samples or encoding
+                task.image_done(k, now, xs[row].float().cpu() if keep else None)
+                encodes.append((task, k, to_uint8(xs[row : row + 1], LATENT_RANGE)[0] if encoding else px))
             m.RUNNING.labels(r.name).set(r.sched.running())
             self._cond.notify_all()
         # the progress that counts these images goes out before their encoding can end the generation

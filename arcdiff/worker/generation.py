@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from arcdiff.contract import GenerationSpec, JobResult, queue_expiry
+from arcdiff.contract import EditInputs, GenerationSpec, JobResult, queue_expiry, spec_nfe
 from arcdiff.model.rng import image_seed
-from arcdiff.model.solvers import nfe as solver_nfe
 from arcdiff.worker import metrics as m
 from arcdiff.worker.results import Collected
 
@@ -56,10 +55,11 @@ class Generation:
     reported_images: int = -1  # images_done at the last progress event
     next_progress: float = 0.0  # time.monotonic() of the next progress event due
     next_preview: float = 0.0
+    inputs: EditInputs | None = None  # an edit's, encoding's or interpolation's decoded inputs
 
     @property
     def nfe_per_image(self) -> int:
-        return solver_nfe(self.spec.solver, self.spec.steps)
+        return spec_nfe(self.spec)
 
     def admit(self, now: float) -> None:
         """One of its images entered the batch (now: time.time())."""

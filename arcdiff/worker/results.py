@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from arcdiff.contract import GenerationSpec, ImageResult, JobMetrics, JobResult
+from arcdiff.contract import GenerationSpec, ImageResult, JobMetrics, JobResult, encode_latents, spec_nfe
 from arcdiff.model.rng import image_seed
-from arcdiff.model.solvers import nfe as solver_nfe
 from arcdiff.worker import metrics as m
 
 
@@ -39,7 +38,7 @@ def job_result(
     first = collected.first_admit or now
     last = collected.last_leave or now
     m.SAMPLE.labels(spec.model).observe(max(0.0, last - first))
-    per_image = solver_nfe(spec.solver, spec.steps)
+    per_image = spec_nfe(spec)
     images = [ImageResult(k, image_seed(spec.seed, k), collected.pngs[k]) for k in range(spec.n)]
     metrics = JobMetrics(
         queue_ms=round(max(0.0, first - spec.submitted_at) * 1000, 3),
@@ -52,4 +51,8 @@ def job_result(
         worker=worker,
     )
     extra = {"samples": torch.stack([collected.samples[k] for k in range(spec.n)])} if keep_samples else {}
-    return JobResult(images=images, nfe=per_image, metrics=metrics, extra=extra)
+    # an encoding's answer is its latent (kept as floats: its PNG is only a picture of it)
+    latents = []
+    if spec.kind == "encode":
+        latents = [encode_latents(collected.samples[k][None].numpy()) for k in range(spec.n)]
+    return JobResult(images=images, nfe=per_image, metrics=metrics, extra=extra, latents=latents)

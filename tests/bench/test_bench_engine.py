@@ -57,6 +57,19 @@ def test_bench_engine_record(tmp_path, model_dir):
     assert "of wall time in the forward" in r.stderr
 
 
+def test_bench_engine_edit_share_mixes_inpainting_edits_at_the_same_nfe(tmp_path, model_dir):
+    out = tmp_path / "engine.json"
+    r = cli(
+        "bench", "engine", "--model", "tiny", "--model-dir", str(model_dir), "--solver", "heun", "--steps", "3",
+        "--batch", "4", "--rounds", "2", "--device", "cpu", "--edit-share", "0.5", "--json", str(out),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(out.read_text())
+    assert rec["edit_share"] == 0.5 and rec["images"] == 8 and rec["nfe_per_image"] == 6
+    assert rec["forward_calls"] == 12 and rec["batch_sizes"] == [4]  # edits and generations share each forward
+    assert cli("bench", "engine", "--model", "tiny", "--edit-share", "2").returncode == 2
+
+
 def test_bench_engine_below_max_batch_runs_the_exact_batch_eagerly(model_dir):
     """--max-batch: the worker's buckets (1, 2, 4, 8) and a running batch of 3 rows; the eager
     network sees 3 rows per call, not the bucket of 4."""

@@ -10,8 +10,9 @@ import os
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
-from servicekit import REPO, free_port, headless_chromium, start_api, stop, wait_api_ready, wait_until
+from servicekit import REPO, free_port, headless_chromium, png_pixels, start_api, stop, wait_api_ready, wait_until
 
 from arcdiff.model.solver_names import DEFAULT_SCHEDULE, GRIDS, SOLVERS, resolve
 
@@ -111,6 +112,55 @@ def test_page_is_static_and_needs_no_key(service):
     assert http.get("/static/index.htm").status_code == 404
     assert http.get("/v1/models").status_code == 401  # the API itself still needs the key
     assert "/" not in http.get("/openapi.json").json()["paths"]
+
+
+def test_playground_edits_inpaints_and_interpolates(service, browser):
+    """Pick a generated image, paint over part of it with the mouse and inpaint (the unpainted
+    pixels come back exactly); then a strip of frames between two seeds."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    driver, model, http = browser, service["model"], service["http"]
+    auth = {"Authorization": f"Bearer {KEY}"}
+    driver.get(service["base"] + "/")
+    js(driver, f"sessionStorage.setItem('arcdiff-api-key', '{KEY}')")
+    driver.refresh()
+    wait_for(driver, "return document.getElementById('model').options.length > 0", "the model list", 30)
+    card = generate(driver, model, 3, "ddim", 11, 1)
+    source = http.get(f"/v1/generations/{card.get_attribute('data-id')}", headers=auth).json()
+    card.find_element("css selector", "button.use-input").click()
+    wait_for(driver, "return !document.getElementById('edit-box').hidden", "the edit panel", 10)
+    driver.find_element("id", "inpaint").click()
+    canvas = driver.find_element("id", "edit-canvas")
+    w = canvas.size["width"]
+    # a stroke across the lower half of the image
+    ActionChains(driver).move_to_element_with_offset(canvas, -w // 3, w // 4).click_and_hold().move_by_offset(
+        2 * w // 3, 0
+    ).release().perform()
+    painted = js(driver, "return Array.from(edit.mask)")
+    assert 0 < sum(v > 0 for v in painted) < len(painted) // 2
+    js(driver, "const s = document.getElementById('strength'); s.value = '1'; s.dispatchEvent(new Event('input'))")
+    edited = generate(driver, model, 3, "ddim", 12, 1)
+    assert edited.get_attribute("data-kind") == "edit"
+    body = http.get(f"/v1/generations/{edited.get_attribute('data-id')}", headers=auth).json()
+    assert (body["kind"], body["strength"]) == ("edit", 1.0)
+    before, after = (png_pixels(b["images"][0]["png_base64"]).reshape(-1) for b in (source, body))
+    kept = np.array(painted) == 0
+    assert np.array_equal(before[kept], after[kept])  # the unpainted pixels come back exactly
+    assert not np.array_equal(before, after)
+    driver.find_element("id", "edit-clear").click()
+
+    # the strip between two seeds
+    set_value(driver, "seed", 1)
+    set_value(driver, "seed-to", 2)
+    set_value(driver, "n", 3)
+    runs = js(driver, "return document.querySelectorAll('article.run').length")
+    driver.find_element("id", "interpolate").click()
+    wait_for(driver, "return document.querySelectorAll('article.run').length > arguments[0]", "a card", 10, runs)
+    strip = driver.find_element("css selector", "article.run")
+    wait_until(lambda: strip.get_attribute("data-status") == "finished", 60, "the strip", interval=0.1)
+    assert strip.get_attribute("data-kind") == "interpolate"
+    wait_for(driver, "return arguments[0].querySelectorAll('img.sample').length === 3", "3 frames", 10, strip)
+    js(driver, "sessionStorage.clear()")  # the next test starts without a key, as a first visit does
 
 
 def test_playground_in_a_real_browser(service, browser, tmp_path):

@@ -6,7 +6,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const FIELDS = ["model", "steps", "solver", "schedule", "seed", "n"];
+const FIELDS = ["model", "steps", "solver", "schedule", "seed", "n", "image", "mask", "strength"];
 // network evaluations per step of each solver (one RK4 step costs 4) until /v1/models says; the API's nfe is the truth
 let STAGES = { euler: 1, heun: 2, rk4: 4, ddim: 1, ddpm: 1, dpmpp2m: 1, unipc2: 1, unipc3: 1, dpmpp3m: 1, dpmpp2m_sde: 1 };
 const GRIDS = ["uniform", "logsnr", "karras"];
@@ -59,7 +59,7 @@ async function api(method, path, body) {
 function clearErrors() {
   for (const f of FIELDS) {
     $(`err-${f}`).textContent = "";
-    $(f).removeAttribute("aria-invalid");
+    if ($(f)) $(f).removeAttribute("aria-invalid");
   }
   $("err-form").textContent = "";
 }
@@ -85,11 +85,11 @@ function showError(err) {
       if (f && FIELDS.includes(f)) {
         const slot = $(`err-${f}`);
         slot.textContent = slot.textContent ? `${slot.textContent}; ${d.msg}` : d.msg;
-        $(f).setAttribute("aria-invalid", "true");
+        if ($(f)) $(f).setAttribute("aria-invalid", "true");
       }
     }
     form.textContent = `The API rejected the request: ${err.message}`;
-    const first = FIELDS.find((f) => $(f).getAttribute("aria-invalid") === "true");
+    const first = FIELDS.find((f) => $(f) && $(f).getAttribute("aria-invalid") === "true");
     if (first) $(first).focus();
     return;
   }
@@ -244,7 +244,142 @@ function requestBody() {
   if (seed !== undefined) body.seed = seed;
   const n = intOrRaw($("n").value);
   if (n !== undefined) body.n = n;
+  if (edit.image) {  // image-to-image; with painted pixels, inpainting
+    body.image = edit.image;
+    body.strength = Number($("strength").value);
+    if ($("inpaint").checked && edit.mask.some((v) => v > 0)) body.mask = greyPng(edit.mask, edit.size, edit.size);
+  }
   return body;
+}
+
+// ---- editing: an input image, a painted mask, a strip between two seeds ------------------------
+
+const edit = { image: null, mask: new Uint8Array(0), size: 0, picture: null, painting: false };
+
+function crc32(bytes) {
+  let crc = 0xffffffff;
+  for (const b of bytes) {
+    let c = (crc ^ b) & 0xff;
+    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+    crc = (crc >>> 8) ^ c;
+  }
+  return (crc ^ 0xffffffff) >>> 0;
+}
+
+function greyPng(pixels, w, h) {
+  // the mask as an 8-bit greyscale PNG, base64 (a canvas only exports RGBA, which the API refuses
+  // for a mask): zlib "stored" blocks need no compressor, and masks are small
+  const raw = new Uint8Array(h * (w + 1));
+  for (let y = 0; y < h; y++) raw.set(pixels.subarray(y * w, (y + 1) * w), y * (w + 1) + 1);
+  const parts = [Uint8Array.of(0x78, 0x01)];
+  for (let i = 0; i < raw.length || i === 0; i += 65535) {
+    const chunk = raw.subarray(i, i + 65535);
+    const len = chunk.length;
+    parts.push(Uint8Array.of(i + 65535 >= raw.length ? 1 : 0, len & 255, len >> 8, ~len & 255, (~len >> 8) & 255), chunk);
+  }
+  let a = 1, b = 0;
+  for (const v of raw) { a = (a + v) % 65521; b = (b + a) % 65521; }
+  const be32 = (v) => Uint8Array.of(v >>> 24, (v >>> 16) & 255, (v >>> 8) & 255, v & 255);
+  parts.push(be32(((b << 16) | a) >>> 0));
+  const cat = (list) => {
+    const out = new Uint8Array(list.reduce((s, p) => s + p.length, 0));
+    let o = 0;
+    for (const p of list) { out.set(p, o); o += p.length; }
+    return out;
+  };
+  const chunk = (type, data) => {
+    const body = cat([new TextEncoder().encode(type), data]);
+    return cat([be32(data.length), body, be32(crc32(body))]);
+  };
+  const ihdr = cat([be32(w), be32(h), Uint8Array.of(8, 0, 0, 0, 0)]);
+  const png = cat([Uint8Array.of(137, 80, 78, 71, 13, 10, 26, 10), chunk("IHDR", ihdr), chunk("IDAT", cat(parts)), chunk("IEND", new Uint8Array(0))]);
+  return btoa(String.fromCharCode(...png));
+}
+
+function drawEdit() {
+  const canvas = $("edit-canvas");
+  const ctx = canvas.getContext("2d");
+  ctx.imageSmoothingEnabled = false;
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  if (edit.picture) ctx.drawImage(edit.picture, 0, 0, edit.size, edit.size);
+  ctx.fillStyle = "rgba(255, 60, 60, 0.6)";  // the painted mask, over the image
+  for (let i = 0; i < edit.mask.length; i++) {
+    if (edit.mask[i]) ctx.fillRect(i % edit.size, Math.floor(i / edit.size), 1, 1);
+  }
+}
+
+function setInput(b64) {
+  const model = state.models.find((m) => m.name === $("model").value);
+  const size = model ? model.image_size : 28;
+  edit.image = b64;
+  edit.size = size;
+  edit.mask = new Uint8Array(size * size);
+  const canvas = $("edit-canvas");
+  canvas.width = canvas.height = size;
+  canvas.style.width = canvas.style.height = `${size * Math.max(4, Math.floor(224 / size))}px`;
+  const picture = new Image();
+  picture.onload = () => { edit.picture = picture; drawEdit(); };
+  picture.src = `data:image/png;base64,${b64}`;
+  $("edit-box").hidden = false;
+  document.body.classList.add("editing");
+}
+
+function clearInput() {
+  edit.image = null;
+  edit.picture = null;
+  $("edit-box").hidden = true;
+  $("edit-file").value = "";
+  document.body.classList.remove("editing");
+}
+
+function paint(event) {
+  if (!edit.painting || !$("inpaint").checked) return;
+  const canvas = $("edit-canvas");
+  const r = canvas.getBoundingClientRect();
+  const x = Math.floor(((event.clientX - r.left) / r.width) * edit.size);
+  const y = Math.floor(((event.clientY - r.top) / r.height) * edit.size);
+  const brush = Math.max(1, Math.round(edit.size / 14));
+  for (let dy = -brush; dy <= brush; dy++) {
+    for (let dx = -brush; dx <= brush; dx++) {
+      const px = x + dx, py = y + dy;
+      if (px >= 0 && py >= 0 && px < edit.size && py < edit.size && dx * dx + dy * dy <= brush * brush) {
+        edit.mask[py * edit.size + px] = 255;
+      }
+    }
+  }
+  drawEdit();
+}
+
+async function readFile() {
+  const file = $("edit-file").files[0];
+  if (!file) return;
+  const bytes = new Uint8Array(await file.arrayBuffer());
+  let s = "";
+  for (const b of bytes) s += String.fromCharCode(b);
+  setInput(btoa(s));  // the API checks it (size, mode) and says what is wrong
+}
+
+async function interpolate() {
+  clearErrors();
+  const model = state.models.find((m) => m.name === $("model").value);
+  const body = {
+    model: $("model").value || undefined,
+    start: { seed: intOrRaw($("seed").value) ?? 0 },
+    end: { seed: intOrRaw($("seed-to").value) ?? 1 },
+    frames: Math.max(2, intOrRaw($("n").value) || 8),
+    steps: intOrRaw($("steps").value),
+  };
+  const solver = $("solver").value;
+  if (solver && !["ddpm", "dpmpp2m_sde"].includes(solver)) body.solver = solver;
+  let gen;
+  try {
+    gen = (await api("POST", "v1/interpolations", body)).data;
+  } catch (err) {
+    showError(err);
+    return;
+  }
+  const card = newCard(gen, model);
+  follow(card, gen, model);
 }
 
 function el(tag, cls, text) {
@@ -271,7 +406,8 @@ function newCard(gen, model) {
   card.dataset.id = gen.id;
   card.dataset.status = gen.status;
   const head = el("header");
-  head.append(el("span", "title", gen.model));
+  head.append(el("span", "title", gen.kind && gen.kind !== "generate" ? `${gen.model} · ${gen.kind}` : gen.model));
+  card.dataset.kind = gen.kind || "generate";
   const last = (gen.seed + gen.n - 1) % 4294967296;
   const seeds = gen.n > 1 ? `seeds ${gen.seed}–${last}` : `seed ${gen.seed}`;
   head.append(el("span", "facts", `${gen.solver} · ${gen.schedule || "uniform"} · ${gen.steps} steps · ${gen.nfe} NFE per image · ${seeds}`));
@@ -342,7 +478,11 @@ function renderImages(card, gen, model) {
       updateHint();
     });
     img.src = `data:image/png;base64,${im.png_base64}`;
-    fig.append(img, el("figcaption", null, `seed ${im.seed}`));
+    const use = el("button", "secondary use-input", "edit");
+    use.type = "button";
+    use.title = "use this image as the input of an edit (strength, inpainting)";
+    use.addEventListener("click", () => setInput(im.png_base64));
+    fig.append(img, el("figcaption", null, `seed ${im.seed}`), use);
     return fig;
   });
   grid.replaceChildren(...figs);
@@ -541,6 +681,14 @@ function start() {
   $("steps").addEventListener("input", updateHint);
   $("solver").addEventListener("change", updateHint);
   $("key-use").addEventListener("click", useKey);
+  $("edit-file").addEventListener("change", readFile);
+  $("edit-clear").addEventListener("click", clearInput);
+  $("strength").addEventListener("input", () => { $("strength-out").textContent = $("strength").value; });
+  $("interpolate").addEventListener("click", interpolate);
+  const canvas = $("edit-canvas");
+  canvas.addEventListener("pointerdown", (e) => { edit.painting = true; paint(e); });
+  canvas.addEventListener("pointermove", paint);
+  window.addEventListener("pointerup", () => { edit.painting = false; });
   $("api-key").addEventListener("keydown", (e) => {
     if (e.key === "Enter") {
       e.preventDefault();

@@ -18,8 +18,17 @@ from fastapi import APIRouter, Depends, Header, Request, Response, status
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from arcdiff.contract import CLIENT_MAX, SEED_MAX, GenerationSpec, JobMetrics
-from arcdiff.model.solver_names import nfe as solver_nfe
+from arcdiff.contract import (
+    CLIENT_MAX,
+    SEED_MAX,
+    GenerationSpec,
+    JobMetrics,
+    SpecError,
+    check_kind,
+    decode_inputs,
+    spec_nfe,
+)
+from arcdiff.model.catalog import ModelInfo
 from arcdiff.service.api.deps import BackendDep, SettingsDep, idempotency_scope, owns, require_api_key
 from arcdiff.service.backend import Backend, Generation, Rejected
 from arcdiff.service.idempotency import KEY_PATTERN, MAX_KEY_LENGTH, Claim, Expired, InProgress, fingerprint, settle
@@ -62,7 +71,7 @@ def to_out(gen: Generation) -> GenerationOut:
     out = GenerationOut(
         status=gen.status,
         url=url,
-        nfe=solver_nfe(spec.solver, spec.steps),
+        nfe=spec_nfe(spec),
         error=gen.error,
         **{k: v for k, v in asdict(spec).items() if k in ECHOED},  # id, model, steps, solver, schedule, ...
     )
@@ -77,6 +86,7 @@ def to_out(gen: Generation) -> GenerationOut:
             for im in gen.result.images
         ]
         out.metrics = LatencyOut(**asdict(gen.result.metrics))
+        out.latents = list(gen.result.latents) or None
     return out
 
 
@@ -157,6 +167,42 @@ async def _workers(backend: Backend, model: str) -> int | None:
 
 def _error(code: int, detail: str, headers: dict | None = None, **extra: Any) -> JSONResponse:
     return JSONResponse({"message": detail, "detail": detail, **extra}, status_code=code, headers=headers)
+
+
+EDIT_FIELDS = ("image", "mask", "noise", "strength", "seed_to", "solver", "n", "steps")
+
+
+def invalid(e: SpecError, prefix: str = "") -> JSONResponse:
+    """422 for an input the schema could not judge (an image against the model, a combination of
+    fields), shaped as the schema's own 422s: a message naming the field, and a detail list."""
+    msg = str(e)
+    first = msg.split(" ", 1)[0]
+    field = prefix + (first if first in EDIT_FIELDS else "body")
+    REJECTED.labels("invalid").inc()
+    return JSONResponse(
+        {
+            "message": f"{field}: {msg}",
+            "detail": [{"loc": ["body", *field.split(".")], "msg": msg, "type": "value_error"}],
+        },
+        status_code=422,
+    )
+
+
+def check_inputs(spec: GenerationSpec, info: ModelInfo) -> JSONResponse | None:
+    """The kind's rules and the inputs against the model, before anything is queued (the worker
+    checks again); a 422 naming the field, or None. Nothing is written anywhere."""
+    try:
+        check_kind(spec)
+        decode_inputs(spec, (info.channels, info.image_size, info.image_size), info.name)
+    except SpecError as e:
+        return invalid(e)
+    return None
+
+
+async def enqueue(request: Request, backend: Backend, spec: GenerationSpec) -> JSONResponse | None:
+    """Queue `spec` (an encoding's, an interpolation's) as create_generation does: within the
+    caller's rate limit; the error response (429, 503), or None."""
+    return await _submit(request, backend, spec, getattr(request.state, "client_id", "anonymous"))
 
 
 def _invalid(loc: tuple[str, ...], kind: str, msg: str, value: Any = None) -> JSONResponse:
@@ -270,8 +316,18 @@ async def create_generation(
     # the measured defaults, or a distilled student's own (model.catalog.ModelInfo.resolve)
     solver, steps, schedule = backend.models[body.model].resolve(body.solver, body.steps, body.schedule)
     caller = getattr(request.state, "client_id", "anonymous")
+    # editing (issue 22): an input image makes it an edit; absent fields travel as the spec's defaults
+    edit: dict[str, Any] = {
+        "kind": "edit" if body.image is not None else "generate",
+        "image": body.image or "",
+        "mask": body.mask or "",
+        "noise": body.noise or "",
+        "strength": 1.0 if body.strength is None else float(body.strength),
+    }
     # every other request field the spec has travels as given (a new one needs no line here)
-    given: dict[str, Any] = {k: v for k, v in body.model_dump().items() if k in SPEC_FIELDS and k not in FILLED}
+    given: dict[str, Any] = {
+        k: v for k, v in body.model_dump().items() if k in SPEC_FIELDS and k not in FILLED and k not in edit
+    }
     spec = GenerationSpec(
         id=gen_id,
         submitted_at=time.time(),
@@ -281,9 +337,10 @@ async def create_generation(
         solver=solver,
         schedule=schedule,
         seed=seed,
+        **edit,
         **given,
     )
-    refused = await _submit(request, backend, spec, caller)
+    refused = check_inputs(spec, backend.models[body.model]) or await _submit(request, backend, spec, caller)
     idem = request.app.state.idempotency
     if claim is not None:  # a refused request frees its key; an accepted one keeps it for the TTL
         await (idem.release(*claim) if refused is not None else idem.made(*claim))
