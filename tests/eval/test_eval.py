@@ -383,7 +383,7 @@ def test_table_runs_and_keeps_finished_cells(tiny_models, blob_folder, tmp_path,
         (["eval", "table", "--help"], "--existing-only"),
         (["eval", "convergence", "--help"], "--pairs"),
         (["eval", "sets", "--help"], "--set-size"),
-        (["eval", "--help"], "{table,sets,convergence}"),
+        (["eval", "--help"], "{table,sets,convergence,editing}"),
     ],
 )
 def test_every_evaluation_entry_is_an_arcdiff_subcommand(argv, expected, capsys):

@@ -181,3 +181,15 @@ def test_a_distilled_model_defaults_a_request_to_what_it_was_distilled_for(tmp_p
     assert student.resolve(None, 4, None) == ("ddim", 4, "uniform")  # a step count it names is kept
     assert student.resolve("rk4", None, None) == resolve("rk4", None, None)  # another solver: its defaults
     assert teacher.resolve(None, None, None) == resolve(None, None, None)
+
+
+def test_a_distilled_quality_must_be_an_object():
+    from arcdiff.model.catalog import read_distilled
+    from arcdiff.model.format import ModelFormatError
+
+    base = {"teacher": "tiny", "steps": 2, "solver": "ddim", "schedule": "uniform"}
+    measured = read_distilled({"distilled": {**base, "quality": {"fd": {"mnist": {"student": 18.0}}}}})
+    assert measured is not None and measured.to_dict()["quality"] == {"fd": {"mnist": {"student": 18.0}}}
+    assert "quality" not in read_distilled({"distilled": base}).to_dict()  # absent stays absent
+    with pytest.raises(ModelFormatError, match=r"distilled\.quality"):
+        read_distilled({"distilled": {**base, "quality": 18.0}})

@@ -331,7 +331,8 @@ def test_a_distilled_model_gets_its_own_defaults(model_dir, tmp_path):
     shutil.copytree(model_dir / "tiny", models / "tiny-2step")
     cfg_path = models / "tiny-2step" / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["distilled"] = {"teacher": "tiny", "steps": 2, "solver": "ddim", "schedule": "logsnr"}
+    quality = {"sets": 5, "set_size": 1000, "fd": {"judge": {"student": 10.43, "teacher_best_at_10": 4.82}}}
+    cfg["distilled"] = {"teacher": "tiny", "steps": 2, "solver": "ddim", "schedule": "logsnr", "quality": quality}
     cfg_path.write_text(json.dumps(cfg))
     with one_thread(), make_client(models) as c:
         (info,) = c.get("/v1/models").json()

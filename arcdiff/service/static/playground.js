@@ -150,7 +150,14 @@ async function loadLimits() {
 function describe(m) {
   const params = m.parameters >= 1e6 ? `${(m.parameters / 1e6).toFixed(2)}M` : `${Math.round(m.parameters / 1e3)}k`;
   const head = m.prediction === "x0_eps" ? "dual head (x0 + eps)" : `${m.prediction} prediction`;
-  return `${m.image_size}×${m.image_size}×${m.channels} · ${head} · ${params} parameters`;
+  const card = `${m.image_size}×${m.image_size}×${m.channels} · ${head} · ${params} parameters`;
+  const d = m.distilled;
+  if (!d) return card;
+  // a few-step student: what it was distilled from, for how many steps, and how it measured
+  let out = `${card} · distilled from ${d.teacher} for ${d.steps} ${d.solver} step${d.steps === 1 ? "" : "s"}`;
+  const q = d.quality && d.quality.fd;
+  if (q) out += " · FD " + Object.entries(q).map(([space, v]) => `${space} ${v.student} (teacher ${v.teacher_best_at_10} at 10 NFE)`).join(", ");
+  return out;
 }
 
 async function loadModels() {
