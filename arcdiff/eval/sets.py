@@ -220,6 +220,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
         floor = result["floor"][feat]
         ax.axhline(floor["mean"], color="grey", lw=1, ls=":", label=f"real data ({floor['mean']:.2f})")
         ax.set_xscale("log")
+        ax.set_yscale("log")  # a 1-NFE teacher and a good sampler differ a hundredfold
         ticks = sorted({c["nfe"] for c in cells})
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.xaxis.set_minor_formatter(NullFormatter())
