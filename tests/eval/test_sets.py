@@ -10,14 +10,6 @@ import torch
 from arcdiff.eval.sets import Cell, paired, parse_cell, split_real
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 def test_cells_parse_with_the_solvers_own_grid_and_cost():
     assert parse_cell("mnist:dpmpp2m_sde@10") == Cell("mnist", "dpmpp2m_sde", "karras", 10)
     rk4 = parse_cell("mnist:rk4@80")
