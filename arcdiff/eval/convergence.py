@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from arcdiff.eval.entry import module_main
+
 STEPS = (5, 10, 20, 40, 80)
 ODE_SOLVERS = ("euler", "heun", "rk4", "ddim", "dpmpp2m", "unipc2", "unipc3", "dpmpp3m")
 
@@ -74,14 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="arcdiff eval convergence",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(p)
-    argv = sys.argv[1:] if argv is None else argv
-    return run(p.parse_args(argv), argv)
+    return module_main("arcdiff eval convergence", __doc__, add_arguments, run, argv)
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:

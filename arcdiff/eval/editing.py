@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from arcdiff.eval.entry import module_main
+
 STEPS = (5, 10, 20, 50, 100)
 SOLVERS = ("ddim", "euler", "heun")
 
@@ -48,12 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="arcdiff eval editing", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_arguments(p)
-    argv = sys.argv[1:] if argv is None else argv
-    return run(p.parse_args(argv), argv)
+    return module_main("arcdiff eval editing", __doc__, add_arguments, run, argv)
 
 
 def round_trip(den: Any, x0: Any, solvers: list[str], steps: list[int], schedule: str) -> list[dict[str, Any]]:

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from arcdiff.eval.entry import module_main
+
 DEFAULT_FEATURES = ("mnist", "judge")
 SPLIT_SEED = 0  # the fixed permutation of the real images into reference and floor halves
 
@@ -337,12 +339,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="arcdiff eval sets", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_arguments(p)
-    argv = sys.argv[1:] if argv is None else argv
-    return run(p.parse_args(argv), argv)
+    return module_main("arcdiff eval sets", __doc__, add_arguments, run, argv)
 
 
 def shown_command(argv: list[str], args: argparse.Namespace) -> list[str]:

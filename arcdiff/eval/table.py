@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from arcdiff.eval.entry import module_main
+
 NFES = (5, 10, 20, 40)
 PAPER_NFES = (5, 10, 20, 40, 80)  # the paper's solvers get one more column
 PAPER_SOLVERS = ("euler", "heun", "rk4")
@@ -227,14 +229,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="arcdiff eval table",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(p)
-    argv = sys.argv[1:] if argv is None else argv
-    return run(p.parse_args(argv), argv)
+    return module_main("arcdiff eval table", __doc__, add_arguments, run, argv)
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
