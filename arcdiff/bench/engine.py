@@ -269,12 +269,12 @@ def measure_engine(  # noqa: PLR0913 - one keyword per speed option that the ben
         timed.active = True
         t0, cpu0 = time.perf_counter(), time.process_time()
         if buckets:
-            futures = [engine.submit(s) for i in range(rounds) for s in round_of(i)]
+            futures = engine.submit_many(s for i in range(rounds) for s in round_of(i))
             results = [f.result() for f in futures]
         else:
             results = []
             for i in range(rounds):
-                futures = [engine.submit(s) for s in round_of(i)]
+                futures = engine.submit_many(round_of(i))
                 results += [f.result() for f in futures]
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     finally:

@@ -163,6 +163,12 @@ class Engine:
             self._cond.notify_all()
         return fut
 
+    def submit_many(self, specs: Iterable[GenerationSpec]) -> list[Future]:
+        """Queue several generations under one lock, so that the device thread plans its next tick
+        with all of them (one submit() after another may straddle a tick)."""
+        with self._cond:  # re-entrant: each submit() takes it again
+            return [self.submit(spec) for spec in specs]
+
     def status(self, job_id: str) -> str | None:
         """'queued' or 'running' for a generation held here, None otherwise."""
         with self._cond:
