@@ -248,3 +248,36 @@ def test_engine_ticks_on_the_device_thread_it_was_given(loaded):
         assert seen == {dt.name}  # (dt.call would wait behind the engine's loop, which holds the thread)
     finally:
         eng.close()
+
+
+def test_submit_many_queues_a_round_that_shares_its_first_tick(loaded):
+    """submit_many holds the engine's lock while it queues: the device thread cannot plan a tick
+    with part of the round (one submit() after another can, and the rest then runs a step behind)."""
+    shapes = []
+    base = loaded["tiny"].denoiser
+
+    def forward(x, eta):
+        shapes.append(x.shape[0])
+        return base(x, eta)
+
+    eng = make_engine(loaded, max_batch=4, forwards={"tiny": forward})
+    started_alone = threading.Event()
+
+    def round_of_two():
+        yield spec("a", n=2)
+        # an idle device thread would take `a` alone within this second if the lock were free
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and not started_alone.is_set():
+            if eng.status("a") == "running" or shapes:
+                started_alone.set()
+            time.sleep(0.01)
+        yield spec("b", n=2, seed=1)
+
+    try:
+        futs = eng.submit_many(round_of_two())
+        a, b = (f.result(60) for f in futs)
+        assert not started_alone.is_set()
+        assert a.metrics.batch_sizes == b.metrics.batch_sizes == [4]
+        assert shapes == [4] * 4  # four DDIM steps, both requests in every forward
+    finally:
+        eng.close()
