@@ -11,7 +11,7 @@
 #   --no-gpu-image  skip the GPU image build and the tests inside it
 #
 # Needs podman with netavark and aardvark-dns (Debian: podman buildah runc fuse-overlayfs slirp4netns
-# uidmap netavark aardvark-dns) and debootstrap, as root; where podman is missing or cannot run it
+# uidmap netavark aardvark-dns iptables) and debootstrap, as root; where podman is missing or cannot run it
 # says so in one line and exits 0. Base images are cached as tarballs in ARCDIFF_SMOKE_CACHE
 # (default /var/cache/arcdiff-smoke), with a venv holding podman-compose and the checker's packages. Times and sizes: docs/deployment.md.
 set -euo pipefail
@@ -30,8 +30,8 @@ for arg in "$@"; do
 done
 
 skip() { echo "container smoke test skipped: $*"; exit 0; }
-packages="podman buildah runc fuse-overlayfs slirp4netns uidmap netavark aardvark-dns debootstrap"
-for need in podman debootstrap /usr/lib/podman/netavark /usr/lib/podman/aardvark-dns; do
+packages="podman buildah runc fuse-overlayfs slirp4netns uidmap netavark aardvark-dns iptables debootstrap"
+for need in podman debootstrap iptables /usr/lib/podman/netavark /usr/lib/podman/aardvark-dns; do
   command -v "$need" >/dev/null || skip "$need is missing (Debian: apt-get install $packages)"
 done
 export CONTAINERS_CONF=${CONTAINERS_CONF:-$repo/deploy/podman/containers.conf}
