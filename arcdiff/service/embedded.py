@@ -25,6 +25,7 @@ from arcdiff.service.metrics import QUEUE_DEPTH
 from arcdiff.service.ratelimit import MemoryLimiter
 from arcdiff.service.settings import Settings
 from arcdiff.service.webhook_store import MemoryWebhookStore
+from arcdiff.worker import metrics as worker_metrics
 from arcdiff.worker.engine import Engine, GenerationCanceled
 
 log = logging.getLogger("arcdiff.embedded")
@@ -234,4 +235,6 @@ class EmbeddedBackend:
         for model, depth in (await self.queue_depths()).items():
             QUEUE_DEPTH.labels(model).set(depth)
         if self.engine is not None:  # until it exists, its worker gauges read 0
-            self.engine.report_as_worker()
+            # the in-process engine is the deployment's one worker, and no RQ worker sets these
+            worker_metrics.UP.set(1 if self.engine.alive else 0)
+            worker_metrics.BUSY.set(1 if self.engine.held() else 0)

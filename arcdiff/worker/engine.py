@@ -42,7 +42,7 @@ from arcdiff.worker.encoding import Encoder
 from arcdiff.worker.generation import Generation, GenerationCanceled, GenerationFailed, Listener
 from arcdiff.worker.loading import Forward, Prepared, WarmUpFailed, warm_up
 from arcdiff.worker.results import job_result
-from arcdiff.worker.scheduler import GroupKey, Scheduler, TickPlan
+from arcdiff.worker.scheduler import GroupKey, Occupancy, Scheduler, TickPlan
 from arcdiff.worker.timing import ForwardClock
 
 __all__ = ["Engine", "EngineConfig", "GenerationCanceled", "GenerationFailed", "Listener"]
@@ -99,7 +99,7 @@ class Engine:
         self._device_thread = device_thread or DeviceThread("arcdiff-engine")
         self._loop: Future | None = None
         self._next_deadline_check = 0.0
-        self._next_memory_sample = 0.0
+        self._sample_memory = m.MemorySampler(self.device)
         self._ready = threading.Event()
         self.warm_up_s: dict[str, float] = {}  # model -> seconds its warm-up took
 
@@ -133,15 +133,12 @@ class Engine:
         if spec.model not in self._runners:
             raise ValueError(f"model {spec.model!r} is not loaded here; loaded: {', '.join(self._runners)}")
         fut: Future = Future()
-        expired = queue_expiry(spec, self.config.queue_timeout_s, time.time())
-        if expired:
-            log.warning("generation %s failed: %s", spec.id, expired)
-            m.JOBS.labels(spec.model, "failed").inc()
-            fut.set_exception(GenerationFailed(expired))
-            return fut
-        # an edit's inputs are checked against the model here, before they can reach a tick (where a
-        # bad one would fail the whole batch); the API checked them too, a queue payload may not have
+        # an expired spec never runs; an edit's inputs are checked against the model here, before
+        # they can reach a tick (where a bad one would fail the whole batch): the API checked them
+        # too, a queue payload may not have
         try:
+            if expired := queue_expiry(spec, self.config.queue_timeout_s, time.time()):
+                raise SpecError(expired)
             inputs = decode_inputs(spec, self._runners[spec.model].prepared.loaded.image_shape)
         except SpecError as e:
             log.warning("generation %s failed: %s", spec.id, e)
@@ -175,34 +172,14 @@ class Engine:
             task = self._tasks.get(job_id)
             return task.state if task else None
 
-    def report_as_worker(self) -> None:
-        """Set the worker gauges (up, busy) from this engine's state: in embedded mode the
-        in-process engine is the deployment's one worker and no RQ worker sets them."""
-        m.UP.set(1 if self.alive else 0)
-        m.BUSY.set(1 if self.held() else 0)
-
     def held(self) -> int:
         with self._cond:
             return len(self._tasks)
 
-    def waiting_images(self, model: str) -> int:
+    def occupancy(self, model: str) -> Occupancy:
+        """A snapshot of `model`'s queue and batch: waiting, running, paused images, per client."""
         with self._cond:
-            return self._runners[model].sched.n_waiting()
-
-    def running_images(self, model: str, priority: str | None = None) -> int:
-        """Images in the batch (running or paused), of one priority or all."""
-        with self._cond:
-            return self._runners[model].sched.running(priority)
-
-    def clients(self, model: str) -> dict[str, int]:
-        """Images in the batch per client (spec.client), for the per-client cap."""
-        with self._cond:
-            return dict(self._runners[model].sched.client_rows)
-
-    def paused_images(self, model: str) -> int:
-        """Batch images in the batch that sat out the last tick beside interactive ones."""
-        with self._cond:
-            return self._runners[model].sched.paused
+            return self._runners[model].sched.occupancy()
 
     def has_room(self, model: str, priority: str = "interactive") -> bool:
         """Whether taking another generation for `model` would not just sit behind a full batch."""
@@ -350,12 +327,6 @@ class Engine:
             overdue = [(t, why) for t in self._tasks.values() if (why := t.overdue(now, wall, limit))]
         for t, why in overdue:
             self._close(t, error=why)
-
-    def _sample_memory(self) -> None:
-        now = time.monotonic()
-        if now >= self._next_memory_sample:  # once a second
-            self._next_memory_sample = now + 1.0
-            m.sample_device_memory(self.device)
 
     def _tick(self, r: _Runner) -> None:
         # 1. the plan: the scheduler admits images and picks the rows that run, with the forward

@@ -8,6 +8,7 @@ and appear on its /metrics.
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 from prometheus_client import Counter, Gauge, Histogram
@@ -97,3 +98,16 @@ def sample_device_memory(device: torch.device) -> None:
             used = None
     if used is not None:
         DEVICE_MEMORY.labels(str(device)).set(used)
+
+
+class MemorySampler:
+    """Sets the device memory gauge at most once per `every_s` (the engine calls it every tick)."""
+
+    def __init__(self, device: torch.device, every_s: float = 1.0):
+        self.device, self.every_s, self._next = device, every_s, 0.0
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now >= self._next:
+            self._next = now + self.every_s
+            sample_device_memory(self.device)

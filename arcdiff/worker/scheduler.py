@@ -122,6 +122,17 @@ class TickPlan(Generic[R]):
     paused: int = 0  # batch rows in the batch that sit this tick out
 
 
+@dataclass(frozen=True)
+class Occupancy:
+    """One model's queue and batch at an instant, for diagnostics and tests."""
+
+    waiting: int  # images not yet admitted
+    running: int  # images in the batch, running or paused
+    interactive: int  # of those, interactive ones
+    paused: int  # batch rows that sat out the last tick
+    clients: dict[str, int]  # images in the batch per client (spec.client)
+
+
 class ForwardTimes:
     """A running estimate of the network's forward time per batch size (rows the network ran,
     padded), from the engine's own measurements: per size the median of its last few (robust to
@@ -205,6 +216,10 @@ class Scheduler(Generic[R]):
     def running(self, priority: str | None = None) -> int:
         """Rows in the batch (running or paused), of one priority or all."""
         return sum(self.rows.values()) if priority is None else self.rows[priority]
+
+    def occupancy(self) -> Occupancy:
+        rows = (self.n_waiting(), self.running(), self.running("interactive"), self.paused)
+        return Occupancy(*rows, dict(self.client_rows))
 
     def has_work(self) -> bool:
         return any(self.waiting.values()) or any(self.rows.values())

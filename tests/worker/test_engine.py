@@ -143,7 +143,7 @@ def test_non_finite_sample_fails_its_job_not_the_batch(loaded, model_dir):
         res = good.result(60)
         want, _ = reference(model_dir, "tiny", 5, "ddim", 9, 2)
         assert torch.allclose(res.extra["samples"], want, atol=1e-5)
-        assert eng.held() == 0 and eng.running_images("tiny") == 0
+        assert eng.held() == 0 and eng.occupancy("tiny").running == 0
     finally:
         eng.close()
 
@@ -174,9 +174,9 @@ def test_take_back_unstarted_and_running(loaded):
         assert running.cancelled()
         assert eng.wait_idle(5)
         deadline = time.monotonic() + 10
-        while eng.running_images("tiny") and time.monotonic() < deadline:  # rows dropped at the next tick
+        while eng.occupancy("tiny").running and time.monotonic() < deadline:  # rows dropped at the next tick
             time.sleep(0.01)
-        assert eng.running_images("tiny") == 0 and eng.has_room("tiny")
+        assert eng.occupancy("tiny").running == 0 and eng.has_room("tiny")
     finally:
         eng.close()
 

@@ -105,14 +105,14 @@ def test_cancel_waiting_and_running_generations_frees_their_slots(loaded):
     long_rec, queued_rec = Recorder(), Recorder()
     try:
         long = eng.submit(spec("long", steps=1000, n=2), listener=long_rec)
-        wait_until(lambda: eng.running_images("tiny") == 2, 60, "the long generation to fill the batch", 0.01)
+        wait_until(lambda: eng.occupancy("tiny").running == 2, 60, "the long generation to fill the batch", 0.01)
         queued = eng.submit(spec("queued", steps=5, solver="ddim"), listener=queued_rec)
         short = eng.submit(spec("short", steps=5, solver="ddim", seed=3))
-        assert eng.status("queued") == "queued" and eng.waiting_images("tiny") == 2
+        assert eng.status("queued") == "queued" and eng.occupancy("tiny").waiting == 2
         assert eng.cancel("queued")
         with pytest.raises(GenerationCanceled, match="canceled on request"):
             queued.result(5)
-        assert eng.waiting_images("tiny") == 1 and eng.status("queued") is None
+        assert eng.occupancy("tiny").waiting == 1 and eng.status("queued") is None
         assert not eng.cancel("queued") and not eng.cancel("unknown")
         wait_until(lambda: long_rec.of("progress"), 60, "the long generation's progress", 0.01)
         assert eng.cancel("long")
@@ -120,7 +120,7 @@ def test_cancel_waiting_and_running_generations_frees_their_slots(loaded):
             long.result(5)
         result = short.result(60)  # took a freed slot
         assert result.metrics.batch_sizes == [1], "the canceled rows stayed in the batch"
-        wait_until(lambda: eng.running_images("tiny") == 0 and eng.held() == 0, 10, "an empty engine", 0.01)
+        wait_until(lambda: eng.occupancy("tiny").running == 0 and eng.held() == 0, 10, "an empty engine", 0.01)
     finally:
         eng.close()
     assert queued_rec.events == []  # it never ran

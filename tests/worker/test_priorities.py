@@ -75,7 +75,7 @@ def test_batch_rows_pause_for_an_interactive_image_and_resume_unchanged(loaded):
 
         def on_event(event, data):  # called on the engine's thread, inside the tick
             if event == "progress":
-                seen.append((eng.paused_images("tiny"), gauge("arcdiff_worker_paused_images")))
+                seen.append((eng.occupancy("tiny").paused, gauge("arcdiff_worker_paused_images")))
 
         count = len(sizes)
         wait_until(lambda: sizes[count:].count(2) >= 3, 60, "the batch rows to run")
@@ -87,7 +87,7 @@ def test_batch_rows_pause_for_an_interactive_image_and_resume_unchanged(loaded):
         assert resumed.metrics.batch_sizes == [2]  # never ran beside the interactive image
         assert torch.equal(resumed.extra["samples"], alone.extra["samples"])
         assert [im.png for im in resumed.images] == [im.png for im in alone.images]
-        assert eng.paused_images("tiny") == 0 and gauge("arcdiff_worker_paused_images") == 0
+        assert eng.occupancy("tiny").paused == 0 and gauge("arcdiff_worker_paused_images") == 0
     finally:
         eng.close()
 
@@ -100,7 +100,7 @@ def test_batch_rows_run_beside_interactive_ones_within_the_budget(loaded, model_
         wait_until(lambda: eng.status("batch") == "running", 60, "the batch generation to start", 0.005)
         paused = []
         inter = eng.submit(
-            spec("inter", 20, solver="euler", seed=9), listener=lambda e, d: paused.append(eng.paused_images("tiny"))
+            spec("inter", 20, solver="euler", seed=9), listener=lambda e, d: paused.append(eng.occupancy("tiny").paused)
         ).result(60)
         # beside them, but alone once per REFRESH_AFTER forwards (to keep its own time current)
         assert inter.metrics.batch_sizes == [1, 3] and set(paused) == {0, 2}
@@ -121,7 +121,7 @@ def test_every_image_is_its_seeds_whatever_rows_the_budget_runs(loaded, model_di
     ticks = []  # (rows, interactive rows, paused rows)
 
     def forward(x, eta):  # row by row: the cost grows with the rows
-        ticks.append((x.shape[0], eng.running_images("tiny", "interactive"), eng.paused_images("tiny")))
+        ticks.append((x.shape[0], eng.occupancy("tiny").interactive, eng.occupancy("tiny").paused))
         outs = [base(x[i : i + 1], eta[i : i + 1]) for i in range(x.shape[0])]
         return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
@@ -130,7 +130,7 @@ def test_every_image_is_its_seeds_whatever_rows_the_budget_runs(loaded, model_di
         solvers = ("ddpm", "rk4", "dpmpp2m", "unipc3", "dpmpp2m_sde", "heun")
         batch = [spec(f"b{i}", 8, solver=s, seed=50 + 10 * i, priority="batch") for i, s in enumerate(solvers)]
         futures = [eng.submit(s) for s in batch]
-        wait_until(lambda: eng.running_images("tiny") == 4, 60, "batch rows to fill the batch", 0.005)
+        wait_until(lambda: eng.occupancy("tiny").running == 4, 60, "batch rows to fill the batch", 0.005)
         inter = [spec(f"i{k}", 30, solver="euler", seed=500 + k) for k in range(2)]
         futures += [eng.submit(s) for s in inter]
         for s, f in zip(batch + inter, futures, strict=True):
@@ -145,7 +145,7 @@ def test_an_interactive_image_gets_in_beside_a_full_batch_of_batch_images(loaded
     eng = make_engine(loaded, max_batch=2, **STRICT)
     try:
         batch = eng.submit(spec("batch", 1000, n=2, priority="batch"))
-        wait_until(lambda: eng.running_images("tiny") == 2, 60, "the batch images to fill the batch", 0.005)
+        wait_until(lambda: eng.occupancy("tiny").running == 2, 60, "the batch images to fill the batch", 0.005)
         assert not eng.has_room("tiny", "batch") and eng.has_room("tiny", "interactive")
         inter = eng.submit(spec("inter", 4, solver="heun", seed=11)).result(60)
         assert inter.metrics.batch_sizes == [1] and not batch.done()
@@ -153,8 +153,8 @@ def test_an_interactive_image_gets_in_beside_a_full_batch_of_batch_images(loaded
         assert torch.allclose(inter.extra["samples"], want, atol=1e-5)
         # interactive images take a batch's worth at most: then a third one waits
         more = [eng.submit(spec(f"i{k}", 1000, solver="euler")) for k in range(2)]
-        wait_until(lambda: eng.running_images("tiny", "interactive") == 2, 60, "two interactive images", 0.005)
-        assert not eng.has_room("tiny", "interactive") and eng.running_images("tiny") == 4
+        wait_until(lambda: eng.occupancy("tiny").interactive == 2, 60, "two interactive images", 0.005)
+        assert not eng.has_room("tiny", "interactive") and eng.occupancy("tiny").running == 4
         for k in range(len(more)):
             eng.cancel(f"i{k}")
         eng.cancel("batch")
@@ -178,7 +178,7 @@ def test_interactive_images_are_admitted_before_batch_images_waiting_longer(load
             eng.submit(spec("i1", 2)),
         ]
         eng.start()  # the first tick admits i1, then b1 (FIFO within a priority); b2 waits
-        wait_until(lambda: eng.running_images("tiny") == 2, 30, "the first admission")
+        wait_until(lambda: eng.occupancy("tiny").running == 2, 30, "the first admission")
         assert [eng.status(s) for s in ("i1", "b1", "b2")] == ["running", "running", "queued"]
         gate.set()
         for f in futures:
@@ -198,7 +198,7 @@ def test_per_client_cap_lets_others_go_first_and_loses_nothing(loaded, model_dir
 
     def forward(x, eta):
         gate.wait(60)
-        for client, n in eng.clients("tiny").items():
+        for client, n in eng.occupancy("tiny").clients.items():
             peaks[client] = max(peaks.get(client, 0), n)
         return base(x, eta)
 
@@ -212,15 +212,15 @@ def test_per_client_cap_lets_others_go_first_and_loses_nothing(loaded, model_dir
         ]
         futures = [eng.submit(s) for s in specs]
         eng.start()
-        wait_until(lambda: eng.running_images("tiny") == 4, 30, "the first admission")
-        assert eng.clients("tiny") == {"a": 2, "b": 1, "c": 1}
+        wait_until(lambda: eng.occupancy("tiny").running == 4, 30, "the first admission")
+        assert eng.occupancy("tiny").clients == {"a": 2, "b": 1, "c": 1}
         assert [eng.status(s.id) for s in specs] == ["running", "running", "queued", "running"]
-        assert eng.waiting_images("tiny") == 3 and eng.has_room("tiny", "batch")  # the 3 held back take none
+        assert eng.occupancy("tiny").waiting == 3 and eng.has_room("tiny", "batch")  # the 3 held back take none
         gate.set()
         for s, f in zip(specs, futures, strict=True):
             want, _ = reference(model_dir, "tiny", 3, "ddim", s.seed, s.n)
             assert torch.allclose(f.result(60).extra["samples"], want, atol=1e-5), s.id
-        assert peaks["a"] == 2 and eng.clients("tiny") == {}
+        assert peaks["a"] == 2 and eng.occupancy("tiny").clients == {}
     finally:
         gate.set()
         eng.close()

@@ -14,6 +14,7 @@ from arcdiff.contract import GenerationSpec
 from arcdiff.worker.scheduler import (
     REFRESH_AFTER,
     ForwardTimes,
+    Occupancy,
     Scheduler,
     SchedulerConfig,
     TickPlan,
@@ -169,7 +170,9 @@ def test_rows_that_leave_free_their_slots_and_clients():
     assert dict(s.client_rows) == {"x": 1, "y": 1} and s.running() == 2
     s.update_from_output(left=[(("ddim", "interactive"), [(a, 0)])])
     assert dict(s.client_rows) == {"y": 1} and s.running() == 1 and s.groups[("ddim", "interactive")] == 1
+    assert s.occupancy() == Occupancy(waiting=1, running=1, interactive=1, paused=0, clients={"y": 1})
     assert ids(s.schedule().admitted) == ["b"]
+    assert s.occupancy() == Occupancy(waiting=0, running=2, interactive=2, paused=0, clients={"x": 1, "y": 1})
 
 
 def test_a_discarded_generation_leaves_the_queue_and_others_keep_their_order():
