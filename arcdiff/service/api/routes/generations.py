@@ -151,7 +151,7 @@ async def _json(
     try:
         body = await _body(request, gen)
     except Rejected as e:
-        return _error(e.status_code, str(e), headers={"Retry-After": str(e.retry_after)})
+        return _rejected(e)
     if workers is not None:  # only answers to a POST that is not done say how many workers wait for it
         body["workers"] = workers
     return JSONResponse(body, status_code=code, headers=headers)
@@ -167,6 +167,11 @@ async def _workers(backend: Backend, model: str) -> int | None:
 
 def _error(code: int, detail: str, headers: dict | None = None, **extra: Any) -> JSONResponse:
     return JSONResponse({"message": detail, "detail": detail, **extra}, status_code=code, headers=headers)
+
+
+def _rejected(e: Rejected) -> JSONResponse:
+    """The backend said not now (not ready, queue full): its status, and when to try again."""
+    return _error(e.status_code, str(e), headers={"Retry-After": str(e.retry_after)})
 
 
 EDIT_FIELDS = ("image", "mask", "noise", "strength", "seed_to", "solver", "n", "steps")
@@ -373,7 +378,7 @@ async def _submit(request: Request, backend: Backend, spec: GenerationSpec, call
         return _error(status.HTTP_429_TOO_MANY_REQUESTS, str(e), headers={"Retry-After": str(e.retry_after)})
     except Rejected as e:
         REJECTED.labels(e.reason).inc()
-        return _error(e.status_code, str(e), headers={"Retry-After": str(e.retry_after)})
+        return _rejected(e)
     return None
 
 
@@ -398,7 +403,7 @@ async def _claim_key(request: Request, backend: Backend, scope: str, key: str, m
             f"the generation made with this Idempotency-Key ({e}) has expired; use a new key",
         )
     except Rejected as e:
-        return _error(e.status_code, str(e), headers={"Retry-After": str(e.retry_after)})
+        return _rejected(e)
     if held is not None and held.fingerprint != mine.fingerprint:
         return _invalid(
             ("header", "Idempotency-Key"),
@@ -416,7 +421,7 @@ async def _replay(
     try:
         gen = await backend.get(gen_id)
     except Rejected as e:
-        return _error(e.status_code, str(e), headers={"Retry-After": str(e.retry_after)})
+        return _rejected(e)
     if gen is None:
         return _error(status.HTTP_409_CONFLICT, f"the generation made with this Idempotency-Key ({gen_id}) has expired")
     return await _answer(request, backend, settings, gen.spec, wait, want_png, replayed=gen)
@@ -522,7 +527,7 @@ async def cancel_generation(gen_id: str, request: Request, backend: BackendDep) 
     try:
         after = await backend.cancel(gen_id)
     except Rejected as e:
-        return _error(e.status_code, str(e), headers={"Retry-After": str(e.retry_after)})
+        return _rejected(e)
     if after is None:
         return _error(status.HTTP_404_NOT_FOUND, f"no generation {gen_id} (unknown or expired)")
     if after.status in ("finished", "failed"):  # it ended before the cancel reached it
@@ -640,7 +645,7 @@ async def _find(request: Request, backend: Backend, gen_id: str) -> Generation |
     try:
         gen = await backend.get(gen_id)
     except Rejected as e:
-        return _error(e.status_code, str(e), headers={"Retry-After": str(e.retry_after)})
+        return _rejected(e)
     if gen is None or not owns(request, gen.spec):  # another key's answers as an unknown id does
         return _error(status.HTTP_404_NOT_FOUND, f"no generation {gen_id} (unknown or expired)")
     return gen
