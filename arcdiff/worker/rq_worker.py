@@ -39,6 +39,7 @@ import queue as queue_mod
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +60,16 @@ from arcdiff.worker import rq_compat as rq_internal
 from arcdiff.worker.engine import Engine, GenerationCanceled
 
 log = logging.getLogger("arcdiff.worker")
+
+
+@contextlib.contextmanager
+def _outage_passes(worker: str) -> Iterator[None]:
+    """Let a lost Redis connection pass (logged), for the worker's dequeue to wait out."""
+    try:
+        yield
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+        log.warning("worker %s: Redis unreachable (%s); the dequeue waits for it", worker, e)
+
 
 POLL_S = 1  # seconds a blocking pop (or a wait for room) lasts before the loop looks again
 
@@ -214,6 +225,21 @@ class BatchingWorker(SimpleWorker):
                 self.reorder_queues(reference_queue=queue)
                 log.info("worker %s: %s: took job %s", self.name, queue.name, job.id)
                 return job, queue
+
+    # RQ's loop quits on any error outside its dequeue, and a Redis restart that lands while it
+    # checks for suspension, runs maintenance or beats the heart would end the worker. Those steps
+    # let the outage pass: the dequeue above meets it next and waits it out with backoff.
+    def check_for_suspension(self, burst: bool) -> None:
+        with _outage_passes(self.name):
+            super().check_for_suspension(burst)
+
+    def run_maintenance_tasks(self) -> None:
+        with _outage_passes(self.name):
+            super().run_maintenance_tasks()
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        with _outage_passes(self.name):
+            super().heartbeat(timeout, pipeline)
 
     def _ensure_registered(self) -> None:
         """Register again if Redis lost this worker (restarted without persistence, or flushed):
